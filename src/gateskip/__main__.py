@@ -1,0 +1,5 @@
+import sys
+
+from gateskip.cli import main
+
+sys.exit(main())

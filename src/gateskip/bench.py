@@ -1,0 +1,275 @@
+"""``gateskip bench``: how much faster the gated model runs when it skips, against the dense model.
+
+One process, settings interleaved (every repeat runs every setting once, so drift and neighbours'
+load hit all settings alike), medians over repeats after warm-up. Settings: the dense model (gates
+removed) and, for each gate kind, the gated model at each skip ratio. Per setting and phase:
+
+- prefill: a batch of random-token prompts, run as ``generate`` runs it (KV cache on, logits for
+  the last position only), in tokens/s;
+- decode: ``generate`` greedy with exactly ``new_tokens`` new tokens at each batch size; the time of
+  a 1-token ``generate`` (its prefill) is subtracted, tokens/s = batch * (new_tokens - 1) / time;
+- compute saved (FLOP-weighted, gates and LM head included: ``gateskip.stats``), speed-up against
+  dense, and efficiency = speed-up / (1 / (1 - compute saved)): 1.0 means the wall clock falls as
+  much as the FLOPs do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json as jsonlib
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from gateskip.config import GateSkipConfig
+from gateskip.core import add_gates, calibrate, gate_modules, gate_state, is_gated, remove_gates, skipping
+from gateskip.core import stats as gate_stats
+from gateskip.errors import GateSkipError
+
+PHASES = ("prefill",)  # decode phases are added per batch size: "decode_b1", "decode_b8", ...
+
+
+def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: bool = False,
+          gate: str = "vector", rank: int = 16, ratios: str = "0,0.25,0.5", policy: str = "threshold",
+          kv: str = "copy", path: str = "auto", prefill_batch: int = 4, prefill_len: int = 512,
+          decode_batches: str = "1,8", prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3,
+          warmup: int = 1, threads: int = 2, seed: int = 0, json: str | None = None) -> dict:
+    """Measure prefill and decode speed of the dense and the gated model at several skip ratios.
+
+    Args:
+        model: model alias, hub id or folder (``tiny-<family>`` for a tiny random model).
+        gates: folder of trained gates (``gateskip train`` output); or use --random-gates.
+        random_gates: attach untrained gates with diverse random importances (no trained run needed).
+        gate: gate kind(s) for --random-gates, comma-separated: vector, lowrank, scalar, mlp.
+        rank: inner size of lowrank gates.
+        ratios: comma-separated skip ratios (each branch skips this fraction of tokens).
+        policy: skip policy; ``threshold`` (calibrated per token) is what skips at decode batch 1.
+        kv: what skipped tokens leave in the KV cache: copy or compute.
+        path: auto / physical / masked (masked computes every token: no speed-up expected).
+        prefill_batch: prompts per prefill batch.
+        prefill_len: tokens per prefill prompt.
+        decode_batches: comma-separated batch sizes for decode.
+        prompt_len: prompt tokens before decoding.
+        new_tokens: tokens generated per decode run.
+        repeats: timed repeats per setting (medians reported).
+        warmup: untimed rounds before the timed ones.
+        threads: torch CPU threads.
+        seed: seed of the random prompts and random gates.
+        json: write the results to this JSON file.
+    """
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    ratio_list = _floats(ratios, "ratios")
+    batch_list = [int(b) for b in _floats(decode_batches, "decode-batches")]
+    kinds = [k.strip() for k in gate.split(",") if k.strip()]
+    if gates is None and not random_gates:
+        raise GateSkipError("bench needs gates: pass --gates DIR (a trained run) or --random-gates")
+    if gates is not None and random_gates:
+        raise GateSkipError("--gates and --random-gates exclude each other: pass one of them")
+    if min(repeats, prefill_batch, prefill_len, prompt_len) < 1 or new_tokens < 2 or warmup < 0:
+        raise GateSkipError("repeats, prefill sizes and prompt-len must be >= 1, new-tokens >= 2, warmup >= 0")
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()
+    m = _load(model)
+    vocab = m.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    rand_ids = lambda b, t: torch.randint(min(10, vocab - 1), vocab, (b, t), generator=gen)  # noqa: E731
+    prefill_ids = rand_ids(prefill_batch, prefill_len)
+    prompts = {b: rand_ids(b, prompt_len) for b in batch_list}
+    variants = _variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy)
+    settings = [("dense", None, 0.0)] + [(f"{k}@{r:g}", k, r) for k in variants for r in ratio_list]
+    phases = list(PHASES) + [f"decode_b{b}" for b in batch_list]
+    times = {name: {p: [] for p in phases} for name, _, _ in settings}
+    saved, skipped = {name: {} for name, _, _ in settings}, {name: {} for name, _, _ in settings}
+    pad = getattr(m.generation_config, "pad_token_id", None) or 0
+    with tqdm(total=(warmup + repeats) * len(settings), desc="bench", unit="setting") as bar:
+        for rnd in range(warmup + repeats):
+            for name, kind, ratio in settings:
+                _install(m, variants.get(kind))
+                ctx = {} if kind is None else dict(ratio=ratio, policy=policy, kv=kv, path=path)
+                t, s = _measure(m, ctx, prefill_ids, prompts, new_tokens, pad)
+                if rnd >= warmup:
+                    for p in phases:
+                        times[name][p].append(t[p])
+                    saved[name], skipped[name] = {p: s[p][0] for p in phases}, {p: s[p][1] for p in phases}
+                bar.update(1)
+    _install(m, None)
+    results = _summarise(settings, phases, times, saved, skipped, prefill_batch * prefill_len, batch_list,
+                         new_tokens)
+    report = {"command": _command(locals()), "machine": _machine(threads), "results": results}
+    print(format_table(results, phases))
+    if json:
+        Path(json).write_text(jsonlib.dumps(report, indent=2))
+    return report
+
+
+# ---- setting up ----------------------------------------------------------------------------------
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise GateSkipError(f"--{what} {text!r} is not a comma-separated list of numbers: e.g. 0,0.25,0.5") from None
+
+
+def _load(name: str):
+    if name.startswith("tiny-"):
+        from gateskip.models import tiny_model
+
+        return tiny_model(name[len("tiny-"):])
+    from gateskip.models import load_model
+
+    return load_model(name)[0]
+
+
+def _variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy) -> dict:
+    """Per gate kind: how to install it (a folder to load, or random gate weights + calibration)."""
+    if gates is not None:
+        from gateskip.checkpoint import load_gates
+
+        load_gates(m, gates)
+        kind = gate_state(m).cfg.gate
+        variant = {"dir": gates, "calibration": gate_state(m).calibration}
+        if variant["calibration"] is None and policy == "threshold":  # calibrate once on random tokens
+            _calibrate(m, rand_ids, calib_len)
+            variant["calibration"] = gate_state(m).calibration
+        remove_gates(m)
+        return {kind: variant}
+    out = {}
+    for k in kinds:
+        cfg = GateSkipConfig(gate=k, rank=rank)
+        add_gates(m, cfg)
+        _randomise(m, seed)
+        _calibrate(m, rand_ids, calib_len)
+        out[k] = {"cfg": cfg, "weights": {n: {p: t.clone() for p, t in g.state_dict().items()}
+                                          for n, g in gate_modules(m).items()},
+                  "calibration": gate_state(m).calibration}
+        remove_gates(m)
+    return out
+
+
+@torch.no_grad()
+def _randomise(m, seed: int) -> None:
+    """Gate weights ~ N(0, 1/fan_in), bias 2: gates mostly open, importances differ from token to token."""
+    g = torch.Generator().manual_seed(seed)
+    for gate in gate_modules(m).values():
+        linears = [x for x in gate.modules() if isinstance(x, torch.nn.Linear)]
+        for lin in linears:
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / math.sqrt(lin.in_features))
+        linears[-1].bias.fill_(2.0)
+
+
+def _calibrate(m, rand_ids, length: int) -> None:
+    calibrate(m, [rand_ids(2, length) for _ in range(4)], ratio=0.25)
+
+
+def _install(m, variant) -> None:
+    """Put the model in a setting's state: no gates (dense) or one gate kind's gates."""
+    current = getattr(m, "_bench_variant", None)
+    if current is variant and (variant is None) != is_gated(m):
+        return
+    if is_gated(m):
+        remove_gates(m)
+    m._bench_variant = variant
+    if variant is None:
+        return
+    if "dir" in variant:
+        from gateskip.checkpoint import load_gates
+
+        load_gates(m, variant["dir"])
+    else:
+        add_gates(m, variant["cfg"])
+        for name, g in gate_modules(m).items():
+            g.load_state_dict(variant["weights"][name])
+    gate_state(m).calibration = variant["calibration"]
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _measure(m, ctx: dict, prefill_ids, prompts: dict, new_tokens: int, pad: int):
+    """Seconds per phase and (compute saved, tokens skipped) per phase for one setting."""
+    times, saved = {}, {}
+
+    def timed(fn, **kw):
+        with skipping(m, **ctx) if ctx else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            fn(**kw)
+            dt = time.perf_counter() - t0
+            s = gate_stats(m) if ctx else None
+        return dt, s
+
+    ones = torch.ones_like(prefill_ids)
+    dt, s = timed(m, input_ids=prefill_ids, attention_mask=ones, use_cache=True, logits_to_keep=1)
+    times["prefill"], saved["prefill"] = dt, _saved(s)
+    for b, ids in prompts.items():
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad)
+        t1, s1 = timed(m.generate, **kw, max_new_tokens=1, min_new_tokens=1)
+        tn, sn = timed(m.generate, **kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        times[f"decode_b{b}"], saved[f"decode_b{b}"] = tn - t1, _saved(sn, s1)
+    return times, saved
+
+
+def _saved(s, minus=None) -> tuple[float, float]:
+    """(compute saved, tokens skipped) of a run, or of the part of ``s`` not in ``minus``."""
+    if s is None:
+        return 0.0, 0.0
+    if minus is None:
+        return s["compute_saved"], s["tokens_skipped"]
+    dense = s["flops_dense"] - minus["flops_dense"]
+    done = s["flops_executed"] - minus["flops_executed"]
+    return (1.0 - done / dense if dense else 0.0), s["tokens_skipped"]
+
+
+def _summarise(settings, phases, times, saved, skipped, prefill_tokens, batch_list, new_tokens) -> list[dict]:
+    tokens = {"prefill": prefill_tokens} | {f"decode_b{b}": b * (new_tokens - 1) for b in batch_list}
+    rate = {name: {p: tokens[p] / statistics.median(times[name][p]) for p in phases} for name, _, _ in settings}
+    rows = []
+    for name, kind, ratio in settings:
+        row = {"setting": name, "gate": kind, "ratio": ratio}
+        for p in phases:
+            speedup = rate[name][p] / rate["dense"][p]
+            cs = saved[name][p]
+            row[p] = {"tokens_per_s": rate[name][p], "speedup": speedup, "compute_saved": cs,
+                      "tokens_skipped": skipped[name][p], "efficiency": speedup * (1.0 - cs),
+                      "seconds": times[name][p]}
+        rows.append(row)
+    return rows
+
+
+def format_table(results: list[dict], phases: list[str]) -> str:
+    head = f"{'setting':<14}" + "".join(f" | {p:^38}" for p in phases)
+    sub = f"{'':<14}" + " | {:>8} {:>6} {:>6} {:>6} {:>6}".format("tok/s", "x", "skip", "saved", "eff") * len(phases)
+    lines = [head, sub, "-" * len(sub)]
+    for r in results:
+        cells = "".join(" | {tokens_per_s:8.1f} {speedup:6.2f} {tokens_skipped:6.2f} {compute_saved:6.2f} "
+                        "{efficiency:6.2f}".format(**r[p]) for p in phases)
+        lines.append(f"{r['setting']:<14}{cells}")
+    return "\n".join(lines)
+
+
+def _command(args: dict) -> str:
+    keys = ["model", "gates", "random_gates", "gate", "rank", "ratios", "policy", "kv", "path", "prefill_batch",
+            "prefill_len", "decode_batches", "prompt_len", "new_tokens", "repeats", "warmup", "threads", "seed"]
+    flag = lambda k, v: f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k} {v}"  # noqa: E731
+    return "gateskip bench " + " ".join(flag(k.replace("_", "-"), args[k]) for k in keys if args.get(k) is not None)
+
+
+def _machine(threads: int) -> dict:
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "load_avg_at_end": os.getloadavg()}

@@ -1,0 +1,181 @@
+"""Gates folders: what a trained run leaves behind, and how it is loaded back safely.
+
+A gates folder holds
+- ``gates.safetensors``: gate weights (``gates.<branch>.<param>``), calibration quantiles
+  (``calibration.grid``) and, for LoRA runs, the low-rank backbone deltas (``lora.<module>.A/B``);
+- ``gateskip.json``: the gate config, the base model it was trained on (so ``--model`` can be
+  left out), calibration and training facts;
+- ``backbone.safetensors`` only for full fine-tuning (the changed backbone weights).
+
+Only safetensors is ever read (no pickle, so no code execution from a file). Every file is
+written to a temporary name and renamed, so a crash never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gateskip.arch import decoder_layers, text_config
+from gateskip.config import GateSkipConfig
+from gateskip.core import add_gates, gate_modules, gate_state, is_gated, remove_gates
+from gateskip.errors import GateSkipError
+from gateskip.version import __version__
+
+GATES_FILE, META_FILE, BACKBONE_FILE = "gates.safetensors", "gateskip.json", "backbone.safetensors"
+FORMAT = 1
+
+
+def model_identity(model: nn.Module) -> dict:
+    c = text_config(model)
+    return {
+        "source": getattr(model, "gateskip_source", None) or getattr(model.config, "_name_or_path", None),
+        "model_type": model.config.model_type,
+        "hidden_size": c.hidden_size,
+        "num_layers": len(decoder_layers(model)),
+        "vocab_size": c.vocab_size,
+    }
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path`` (same folder, so the rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_gates(model: nn.Module, directory: str | os.PathLike, *, extra_tensors: dict | None = None,
+               extra_meta: dict | None = None) -> Path:
+    """Write gates, calibration and config to ``directory`` (created if needed)."""
+    st = gate_state(model)
+    d = Path(directory)
+    tensors = {f"gates.{name}.{k}": v.detach().float().cpu().contiguous()
+               for name, g in gate_modules(model).items() for k, v in g.state_dict().items()}
+    meta = {"format": FORMAT, "gateskip_version": __version__, "config": st.cfg.to_dict(),
+            "base_model": model_identity(model), "backbone": "frozen"}
+    if st.calibration is not None:
+        tensors["calibration.grid"] = st.calibration["grid"].float().cpu().contiguous()
+        meta["calibration"] = {"ratio": st.calibration["ratio"], "tokens": st.calibration["tokens"]}
+    for k, v in (extra_tensors or {}).items():
+        tensors[k] = v.detach().float().cpu().contiguous()
+    meta.update(extra_meta or {})
+    atomic_write(d / GATES_FILE, lambda p: save_file(tensors, p, metadata={"format": "gateskip"}))
+    atomic_write(d / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    return d
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    d = Path(directory)
+    f = d / META_FILE
+    if not d.is_dir():
+        raise GateSkipError(f"gates folder {str(d)!r} does not exist: pass the --out folder of `gateskip train`")
+    if not f.is_file():
+        raise GateSkipError(f"{str(d)!r} is not a gates folder (no {META_FILE}): pass the --out folder of `gateskip train`")
+    try:
+        meta = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise GateSkipError(f"{f} is corrupt (not JSON): re-create the gates folder") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
+        raise GateSkipError(f"{f} is not a gateskip v{FORMAT} gates config: re-create the gates folder")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise GateSkipError(f"{path} is corrupt or not a safetensors file ({str(e).splitlines()[0][:80]}): "
+                            "re-create the gates folder") from None
+
+
+def load_gates(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Attach the gates stored in ``directory`` to ``model`` (which must be the same base model)."""
+    d = Path(directory)
+    meta = read_meta(d)
+    want, have = meta.get("base_model", {}), model_identity(model)
+    for key in ("model_type", "hidden_size", "num_layers", "vocab_size"):
+        if key in want and want[key] != have[key]:
+            raise GateSkipError(
+                f"gates in {str(d)!r} were trained for another model ({key} {want[key]} vs {have[key]} here; "
+                f"trained on {want.get('source')!r}): load that model or train gates for this one")
+    cfg = GateSkipConfig.from_dict(meta["config"])
+    tensors = _read_tensors(d / GATES_FILE)
+    if is_gated(model):
+        remove_gates(model)
+    add_gates(model, cfg)
+    try:
+        _load_gate_tensors(model, tensors, d)
+        if "calibration.grid" in tensors:
+            grid = tensors["calibration.grid"]
+            if grid.shape[0] != len(gate_state(model).branches):
+                raise GateSkipError(f"calibration in {str(d)!r} has {grid.shape[0]} branches, the model "
+                                    f"{len(gate_state(model).branches)}: re-run calibration")
+            cal = meta.get("calibration", {})
+            gate_state(model).calibration = {"grid": grid, "ratio": cal.get("ratio"), "tokens": cal.get("tokens")}
+        _apply_backbone(model, tensors, d, meta)
+    except BaseException:
+        remove_gates(model)
+        raise
+    gate_state(model).meta = meta
+    return model
+
+
+def _load_gate_tensors(model: nn.Module, tensors: dict, d: Path) -> None:
+    for name, g in gate_modules(model).items():
+        sd = {}
+        for k, ref in g.state_dict().items():
+            key = f"gates.{name}.{k}"
+            if key not in tensors:
+                raise GateSkipError(f"{d / GATES_FILE} lacks {key}: the file does not match its config; re-create it")
+            t = tensors[key]
+            if t.shape != ref.shape or not t.is_floating_point():
+                raise GateSkipError(f"{d / GATES_FILE}: {key} has shape {tuple(t.shape)} {t.dtype}, expected "
+                                    f"{tuple(ref.shape)} float: gates for another model or config")
+            sd[k] = t
+        g.load_state_dict(sd)
+    expected = {f"gates.{n}.{k}" for n, g in gate_modules(model).items() for k in g.state_dict()}
+    extra = {k for k in tensors if k.startswith("gates.")} - expected
+    if extra:
+        raise GateSkipError(f"{d / GATES_FILE} has unexpected gate tensors ({sorted(extra)[:2]}...): "
+                            "gates for another model or config")
+
+
+@torch.no_grad()
+def _apply_backbone(model: nn.Module, tensors: dict, d: Path, meta: dict) -> None:
+    """Backbone changes from training: merge LoRA deltas, or load full fine-tuned weights."""
+    mods = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    backup = gate_state(model).backup  # originals, so that remove_gates restores the base model exactly
+    for key in [k for k in tensors if k.startswith("lora.") and k.endswith(".A")]:
+        name = key[len("lora."):-len(".A")]
+        a, b = tensors[key], tensors.get(f"lora.{name}.B")
+        target = mods.get(name)
+        if b is None or target is None or not hasattr(target, "weight") or \
+                tuple(target.weight.shape) != (b.shape[0], a.shape[1]):
+            raise GateSkipError(f"{d / GATES_FILE}: LoRA delta for {name!r} does not fit this model: "
+                                "gates for another model")
+        backup.setdefault(f"{name}.weight", target.weight.detach().clone())
+        target.weight += (b @ a).to(target.weight.dtype)
+    if meta.get("backbone") == "full":
+        f = d / BACKBONE_FILE
+        if not f.is_file():
+            raise GateSkipError(f"{str(d)!r} was trained with a full backbone but {BACKBONE_FILE} is missing")
+        weights = _read_tensors(f)
+        for k, v in weights.items():
+            if k not in params or params[k].shape != v.shape:
+                raise GateSkipError(f"{f}: {k} does not fit this model: weights for another model")
+            backup.setdefault(k, params[k].detach().clone())
+            params[k].copy_(v.to(params[k].dtype))

@@ -1,0 +1,128 @@
+"""One entry point; each sub-command is a plain function whose signature and docstring make its flags.
+
+``gateskip train --steps 200 --out runs/s`` calls ``gateskip.train.train(steps=200, out="runs/s")``.
+Parameters without a default become positional arguments; ``bool`` parameters become
+``--flag / --no-flag``; ``--config file.yaml`` supplies values for any flags (flags given on the
+command line win). Any ``GateSkipError`` is printed as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+
+from gateskip.errors import GateSkipError
+
+
+def _commands() -> dict[str, Callable]:
+    from gateskip.bench import bench
+    from gateskip.demo import demo
+    from gateskip.eval import evaluate
+    from gateskip.generate import generate
+    from gateskip.train import train
+
+    return {"train": train, "generate": generate, "demo": demo, "eval": evaluate, "bench": bench}
+
+
+def _doc_args(fn: Callable) -> tuple[str, dict[str, str]]:
+    """Summary line and per-argument help from a Google-style docstring."""
+    doc = inspect.getdoc(fn) or ""
+    summary = doc.split("\n\n")[0].replace("\n", " ")
+    helps, current = {}, None
+    in_args = False
+    for line in doc.splitlines():
+        if line.strip() == "Args:":
+            in_args = True
+            continue
+        if in_args:
+            m = re.match(r"^\s{4}(\w+):\s*(.*)$", line)
+            if m:
+                current = m.group(1)
+                helps[current] = m.group(2)
+            elif line.startswith("        ") and current:
+                helps[current] += " " + line.strip()
+            elif line.strip() and not line.startswith(" "):
+                in_args = False
+    return summary, helps
+
+
+def _base_type(annotation):
+    """int / float / str / bool from an annotation such as ``int | None``."""
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation.split("|")[0].strip(), str)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0]) if args else str
+    return annotation if annotation in (int, float, str, bool) else str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateskip", description="GateSkip: learned token-wise layer skipping.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in _commands().items():
+        summary, helps = _doc_args(fn)
+        p = sub.add_parser(name, help=summary, description=summary)
+        p.add_argument("--config", help="YAML file whose keys supply values for this command's flags")
+        hints = typing.get_type_hints(fn)
+        for pname, param in inspect.signature(fn).parameters.items():
+            typ = _base_type(hints.get(pname, str))
+            flag = "--" + pname.replace("_", "-")
+            h = helps.get(pname, "")
+            if param.default is inspect.Parameter.empty:
+                p.add_argument(pname, type=typ, help=h)
+            elif typ is bool:
+                p.add_argument(flag, dest=pname, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{h} (default: {param.default})")
+            else:
+                p.add_argument(flag, dest=pname, type=typ, default=None, help=f"{h} (default: {param.default})")
+        p.set_defaults(_fn=fn)
+    return parser
+
+
+def _load_yaml(path: str, fn: Callable) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise GateSkipError(f"cannot read config {path!r}: {e.strerror}") from None
+    except yaml.YAMLError:
+        raise GateSkipError(f"config {path!r} is not valid YAML: fix its syntax") from None
+    if not isinstance(values, dict):
+        raise GateSkipError(f"config {path!r} must be a mapping of flag names to values")
+    known = set(inspect.signature(fn).parameters)
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = set(values) - known
+    if unknown:
+        raise GateSkipError(f"config {path!r} has unknown keys {sorted(unknown)}: valid keys are {sorted(known)}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    fn = args.pop("_fn")
+    args.pop("command")
+    config = args.pop("config")
+    kwargs = _load_yaml(config, fn) if config else {}
+    kwargs.update({k: v for k, v in args.items() if v is not None})
+    try:
+        fn(**kwargs)
+    except GateSkipError as e:
+        print(f"gateskip: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gateskip: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

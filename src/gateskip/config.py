@@ -1,0 +1,78 @@
+"""GateSkipConfig: every choice that shapes the gates, validated once, on construction.
+
+Defaults are the paper's: one vector gate per attention and per MLP branch, placed after the
+module, initialised almost open (bias 5 -> sigmoid 0.993, weights N(0, 0.01)), fed the module's
+own (pre-normed, detached) input. See ``../shared/METHOD.md`` / docs for the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from gateskip.errors import GateSkipError
+
+GATE_KINDS = ("vector", "scalar", "lowrank", "mlp")
+PLACEMENTS = ("after", "before")
+MODULE_KINDS = ("attn", "mlp")
+KV_MODES = ("copy", "compute")
+
+
+@dataclass
+class GateSkipConfig:
+    """How gates are built and attached.
+
+    Args:
+        gate: ``vector`` (H -> H, the paper's default), ``scalar`` (H -> 1), ``lowrank``
+            (H -> rank -> H: ~2 * rank / H of a vector gate's FLOPs) or ``mlp`` (H -> 2H -> H).
+        rank: inner size of a ``lowrank`` gate.
+        placement: ``after`` multiplies the branch output (paper); ``before`` multiplies the
+            branch input (the paper's much worse ablation).
+        shared: one gate per module kind shared by all layers instead of one per layer.
+        init_bias: gate bias at init; 5.0 keeps every gate ~open so the model starts unchanged.
+        init_std: std of the gate's weight init.
+        modules: which branches get gates (``attn``, ``mlp``).
+        detach_input: feed the gate a detached copy of the branch input (as the authors'
+            code does): gate gradients then do not flow into the backbone through the gate input.
+        kv: what a skipped token leaves in the KV cache: ``copy`` (its K/V of the layer below,
+            the paper) or ``compute`` (its own K/V, computed as if not skipped).
+    """
+
+    gate: str = "vector"
+    rank: int = 16
+    placement: str = "after"
+    shared: bool = False
+    init_bias: float = 5.0
+    init_std: float = 0.01
+    modules: tuple[str, ...] = ("attn", "mlp")
+    detach_input: bool = True
+    kv: str = "copy"
+
+    def __post_init__(self) -> None:
+        self.modules = tuple(self.modules)
+        _choice("gate", self.gate, GATE_KINDS)
+        _choice("placement", self.placement, PLACEMENTS)
+        _choice("kv", self.kv, KV_MODES)
+        if not self.modules or any(m not in MODULE_KINDS for m in self.modules):
+            raise GateSkipError(f"modules={self.modules!r} is invalid: use a non-empty subset of {MODULE_KINDS}")
+        if int(self.rank) != self.rank or self.rank < 1:
+            raise GateSkipError(f"rank={self.rank!r} is invalid: use a positive integer")
+        if self.init_std < 0:
+            raise GateSkipError(f"init_std={self.init_std} is invalid: use a value >= 0")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["modules"] = list(self.modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GateSkipConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise GateSkipError(f"gate config has unknown keys {sorted(unknown)}: it was written by a newer gateskip")
+        return cls(**d)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise GateSkipError(f"{name}={value!r} is not supported: choose one of {', '.join(allowed)}")

@@ -1,0 +1,309 @@
+"""The model-level tuner: attach gates, remove them exactly, run with a skipping budget, report.
+
+``add_gates`` wraps every attention and MLP branch (peft-style: the original modules are kept
+inside the wrappers), registers one pre-hook on the model that records which tokens of each call
+are real (not padding), and one hook on the LM head that counts the logits rows computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from gateskip.arch import arch_spec, decoder_layers, text_config
+from gateskip.config import GateSkipConfig
+from gateskip.errors import GateSkipError
+from gateskip.flops import model_flops
+from gateskip.gates import Gate
+from gateskip.policies import check_policy, check_ratio, threshold_from_grid
+from gateskip.state import GateState, Plan
+from gateskip.wrap import GatedBranch
+
+CALIBRATION_POINTS = 1001  # importance quantiles kept per branch: any ratio can be served afterwards
+
+
+def gate_state(model: nn.Module) -> GateState:
+    st = getattr(model, "gateskip_state", None)
+    if st is None:
+        raise GateSkipError("this model has no gates: call gateskip.add_gates(model) or load_gates(model, dir) first")
+    return st
+
+
+def is_gated(model: nn.Module) -> bool:
+    return getattr(model, "gateskip_state", None) is not None
+
+
+def add_gates(model: nn.Module, cfg: GateSkipConfig | None = None) -> nn.Module:
+    """Attach one gate to every attention and MLP branch (in place); returns ``model``."""
+    cfg = cfg or GateSkipConfig()
+    if is_gated(model):
+        raise GateSkipError("this model already has gates: call gateskip.remove_gates(model) first")
+    spec = arch_spec(model)
+    hidden = text_config(model).hidden_size
+    flops = model_flops(model, cfg)
+    state = GateState(cfg=cfg, flops=flops)
+    device = next(model.parameters()).device
+    shared = {kind: Gate(hidden, cfg).to(device) for kind in cfg.modules} if cfg.shared else {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for kind in cfg.modules:
+            attr = spec.attn if kind == "attn" else spec.mlp
+            post_attr = spec.attn_post_norm if kind == "attn" else spec.mlp_post_norm
+            post = getattr(layer, post_attr) if post_attr else None
+            gate = shared[kind] if cfg.shared else Gate(hidden, cfg).to(device)
+            branch = GatedBranch(getattr(layer, attr), gate, kind=kind, layer=i, index=len(state.branches),
+                                 post_norm=post, placement=cfg.placement, detach_input=cfg.detach_input,
+                                 window=flops.windows[i] if i < len(flops.windows) else None, state=state)
+            branch.post_attr = post_attr
+            setattr(layer, attr, branch)
+            if post_attr:  # the norm now runs inside the branch, before the gate (see arch.py)
+                setattr(layer, post_attr, nn.Identity())
+            state.branches.append(branch)
+    handles = [model.register_forward_pre_hook(_begin_call, with_kwargs=True)]
+    head = model.get_output_embeddings()
+    if head is not None:
+        handles.append(head.register_forward_hook(lambda _m, _a, out: _count_lm_rows(state, out)))
+    state.handles = handles
+    model.gateskip_state = state
+    return model
+
+
+def remove_gates(model: nn.Module) -> nn.Module:
+    """Put the original modules back (bit-identical outputs); returns ``model``."""
+    st = gate_state(model)
+    spec = arch_spec(model)
+    layers = decoder_layers(model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, original in st.backup.items():  # undo backbone changes made by load_gates
+            params[name].copy_(original)
+    for b in st.branches:
+        layer = layers[b.layer]
+        setattr(layer, spec.attn if b.kind == "attn" else spec.mlp, b.module)
+        if b.post_attr:
+            setattr(layer, b.post_attr, b.post_norm)
+    for h in st.handles:
+        h.remove()
+    del model.gateskip_state
+    return model
+
+
+def gate_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Gate modules by stable name (``layers.{i}.{kind}`` or ``shared.{kind}``)."""
+    st = gate_state(model)
+    if st.cfg.shared:
+        return {f"shared.{b.kind}": b.gate for b in st.branches if b.layer == 0}
+    return {b.name: b.gate for b in st.branches}
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for g in gate_modules(model).values() for p in g.parameters()]
+
+
+@contextlib.contextmanager
+def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy: str = "quantile",
+             modules: Iterable[str] = ("attn", "mlp"), kv: str | None = None, seed: int = 0, path: str = "auto"):
+    """Run ``model`` with a per-layer skip budget inside the ``with`` block.
+
+    Args:
+        ratio: fraction of tokens each branch skips; a float for all branches, or a mapping from
+            ``"attn"`` / ``"mlp"`` / a branch name (``"layers.3.mlp"``) to a ratio (most specific wins).
+        policy: ``quantile`` (paper), ``threshold`` (needs ``calibrate``), or ``random``.
+        modules: branch kinds that skip; the others are gated but never skipped.
+        kv: ``copy`` / ``compute`` for skipped attention tokens; default: the gate config's.
+        seed: seed of the ``random`` policy.
+        path: ``auto`` (physical unless gradients are needed), ``physical`` (skipped tokens are not
+            computed), or ``masked`` (every token computed, skipped outputs zeroed: training, checks).
+    """
+    st = gate_state(model)
+    check_policy(policy)
+    modules = tuple(modules)
+    for m in modules:
+        if m not in ("attn", "mlp"):
+            raise GateSkipError(f"modules={modules!r} is invalid: use 'attn' and/or 'mlp'")
+    kv = kv or st.cfg.kv
+    if kv not in ("copy", "compute"):
+        raise GateSkipError(f"kv={kv!r} is not supported: choose copy or compute")
+    if path not in ("auto", "physical", "masked"):
+        raise GateSkipError(f"path={path!r} is not supported: choose auto, physical or masked")
+    ratios = [(_ratio_for(b, ratio) if b.kind in modules else 0.0) for b in st.branches]
+    thresholds = None
+    if policy == "threshold":
+        if st.calibration is None:
+            raise GateSkipError("policy 'threshold' needs calibrated thresholds: run gateskip.calibrate(model, batches) "
+                                "or load a gates folder that has them")
+        grid = st.calibration["grid"]
+        thresholds = [threshold_from_grid(grid[b.index], r) for b, r in zip(st.branches, ratios)]
+    gen = None
+    if policy == "random":
+        gen = torch.Generator().manual_seed(seed)
+    previous = st.plan
+    st.plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=thresholds, generator=gen, path=path)
+    st.reset_stats()
+    try:
+        yield st.plan
+    finally:
+        st.plan = previous
+
+
+def _ratio_for(branch: GatedBranch, ratio) -> float:
+    if isinstance(ratio, Mapping):
+        for key in (branch.name, branch.kind):
+            if key in ratio:
+                return check_ratio(ratio[key], f"skip ratio for {key}")
+        return 0.0
+    return check_ratio(ratio)
+
+
+def stats(model: nn.Module) -> dict:
+    """Statistics of the forward calls since the current (or last) ``skipping`` context began.
+
+    ``tokens_skipped`` is the paper's measure: the fraction of (token, branch) pairs skipped,
+    attention and MLP weighted equally. ``compute_saved`` is FLOP-weighted: 1 - FLOPs a physical
+    run executes (kept tokens' branches, K/V of skipped tokens in ``kv="compute"`` mode, attention
+    over the context, every gate, the LM head rows computed) / FLOPs of the dense model without
+    gates on the same calls. With vector gates on a small model it can be negative at low ratios.
+    """
+    st = gate_state(model)
+    if st.counts is None:
+        raise GateSkipError("no statistics yet: run the model inside `with gateskip.skipping(model, ...)` first")
+    f = st.flops
+    c = st.counts.double().cpu()
+    skipped, valid, kept_ctx, valid_ctx = c.unbind(-1)
+    kv = st.plan.kv if st.plan is not None else st.cfg.kv
+    dense = executed = 0.0
+    per_module, frac_by_kind = {}, {"attn": [], "mlp": []}
+    for b in st.branches:
+        i = b.index
+        n, s = float(valid[i]), float(skipped[i])
+        kept = n - s
+        if b.kind == "attn":
+            d = n * (f.attn_qo + f.attn_kv) + f.attn_ctx * float(valid_ctx[i])
+            e = kept * f.attn_qo + (kept if kv == "copy" else n) * f.attn_kv + f.attn_ctx * float(kept_ctx[i])
+        else:
+            d, e = n * f.mlp, kept * f.mlp
+        e += n * f.gate
+        dense += d
+        executed += e
+        frac = s / n if n else 0.0
+        per_module[b.name] = {"skipped": frac, "tokens": int(n)}
+        frac_by_kind[b.kind].append(frac)
+    # Branches without a gate (cfg.modules a subset) run densely: same cost on both sides.
+    lm = st.lm_rows * f.lm_head
+    dense += lm
+    executed += lm
+    all_fracs = frac_by_kind["attn"] + frac_by_kind["mlp"]
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    return {
+        "tokens_skipped": mean(all_fracs),
+        "compute_saved": 1.0 - executed / dense if dense else 0.0,
+        "attn_skipped": mean(frac_by_kind["attn"]),
+        "mlp_skipped": mean(frac_by_kind["mlp"]),
+        "flops_dense": dense,
+        "flops_executed": executed,
+        "gate_flops": float(valid.sum()) * f.gate,
+        "forward_calls": st.calls,
+        "policy": st.plan.policy if st.plan is not None else None,
+        "path": _path_summary(st.path_calls),  # physical / masked / mixed / dense (nothing was skipped)
+        "path_calls": dict(st.path_calls),  # branch calls per path
+        "per_module": per_module,
+    }
+
+
+def _path_summary(calls: dict) -> str:
+    used = [p for p in ("physical", "masked") if calls.get(p)]
+    return used[0] if len(used) == 1 else ("mixed" if used else "dense")
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, ratio: float = 0.3, policy: str = "quantile",
+              modules: Iterable[str] = ("attn", "mlp"), max_tokens_per_branch: int = 2_000_000) -> dict:
+    """Fit per-branch importance quantiles so that ``policy="threshold"`` skips ``ratio`` on average.
+
+    The sample runs under ``policy`` (quantile by default) at ``ratio``, so that each branch sees
+    the hidden states it will see when skipping upstream is active. We keep 1001 importance
+    quantiles per branch: any ratio can be served later (best near the calibration ratio).
+    ``batches``: ``input_ids`` tensors or tokenizer outputs (dicts with ``input_ids`` and
+    optionally ``attention_mask``). Returns a summary dict.
+    """
+    st = gate_state(model)
+    check_ratio(ratio)
+    st.record = [[] for _ in st.branches]
+    device = next(model.parameters()).device
+    n_batches = 0
+    try:
+        with skipping(model, ratio=ratio, policy=policy, modules=modules):
+            for batch in batches:
+                model(**_as_inputs(batch, device), use_cache=False)
+                n_batches += 1
+        if n_batches == 0:
+            raise GateSkipError("calibrate got no batches: pass an iterable of input_ids tensors or tokenizer outputs")
+        qs = torch.linspace(0, 1, CALIBRATION_POINTS, dtype=torch.float64)
+        grids = []
+        for rec in st.record:
+            imp = torch.cat(rec).double()
+            if imp.numel() > max_tokens_per_branch:
+                imp = imp[torch.randperm(imp.numel(), generator=torch.Generator().manual_seed(0))[:max_tokens_per_branch]]
+            grids.append(torch.quantile(imp, qs).float())
+        tokens = int(sum(r.numel() for r in st.record[0]))
+    finally:
+        st.record = None
+    st.calibration = {"grid": torch.stack(grids), "ratio": float(ratio), "tokens": tokens}
+    return {"ratio": float(ratio), "tokens": tokens, "batches": n_batches}
+
+
+def _as_inputs(batch, device) -> dict:
+    if isinstance(batch, torch.Tensor):
+        ids = batch if batch.dim() == 2 else batch.unsqueeze(0)
+        inputs = {"input_ids": ids}
+    elif isinstance(batch, Mapping) and "input_ids" in batch:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch and batch[k] is not None}
+        inputs = {k: (v if isinstance(v, torch.Tensor) else torch.tensor(v)) for k, v in inputs.items()}
+    else:
+        raise GateSkipError(f"cannot use a batch of type {type(batch).__name__}: pass input_ids tensors or "
+                            "tokenizer outputs (dicts with input_ids)")
+    if inputs["input_ids"].numel() == 0:
+        raise GateSkipError("empty input: a batch has no tokens")
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+# ---- hooks ---------------------------------------------------------------------------------------
+
+def _begin_call(model, args, kwargs):
+    """Model-level pre-hook: which tokens of this call are real, and how much context each sees."""
+    st = model.gateskip_state
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    emb = kwargs.get("inputs_embeds")
+    ref = ids if ids is not None else emb
+    if ref is None:
+        return
+    b, t = ref.shape[:2]
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= t:
+        m = mask.bool()
+        ctx = m.long().cumsum(-1)[:, -t:].float()
+        valid = m[:, -t:]
+    else:
+        past = kwargs.get("past_key_values")
+        p = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        ctx = (torch.arange(t, device=ref.device, dtype=torch.float) + 1 + p).expand(b, t)
+        valid = torch.ones(b, t, dtype=torch.bool, device=ref.device)
+    st.begin_call(valid, ctx)
+
+
+def _count_lm_rows(st: GateState, output: torch.Tensor) -> None:
+    if st.counts is not None and st.plan is not None:
+        st.lm_rows += output.shape[:-1].numel()
+
+
+@contextlib.contextmanager
+def gates_bypassed(model: nn.Module):
+    """Run the gated model as if it had no gates (the dense teacher for self-distillation)."""
+    st = gate_state(model)
+    previous, st.bypass = st.bypass, True
+    try:
+        yield
+    finally:
+        st.bypass = previous

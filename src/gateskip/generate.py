@@ -1,0 +1,111 @@
+"""Text generation with skipping (``gateskip generate``), as a plain function."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from gateskip.errors import GateSkipError
+
+
+def load_for_inference(model: str | None, gates: str | None, dtype: str = "float32"):
+    """Base model (from ``model``, or the one a gates folder records) with those gates attached."""
+    from gateskip.checkpoint import load_gates, read_meta
+    from gateskip.models import load_model
+
+    if model is None:
+        model = read_meta(gates)["base_model"].get("source") if gates else "smollm2-135m"
+        if not model:
+            raise GateSkipError(f"{gates!r} does not record its base model: pass --model")
+    net, tok = load_model(model, dtype=dtype)
+    if gates:
+        load_gates(net, gates)
+    return net, tok
+
+
+def encode_prompt(tok, prompt: str, chat: bool, max_positions: int | None, max_new_tokens: int) -> dict:
+    if chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tok(prompt, return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    if max_positions and n + max_new_tokens > max_positions:
+        raise GateSkipError(f"prompt has {n} tokens; with {max_new_tokens} new tokens it exceeds the model's "
+                            f"context of {max_positions}: shorten the prompt or lower --max-new-tokens")
+    return enc
+
+
+def generate(prompt: str, model: str | None = None, gates: str | None = None, skip: float = 0.0,
+             policy: str = "threshold", modules: str = "attn,mlp", kv: str | None = None,
+             max_new_tokens: int = 64, chat: bool = True, sample: bool = False, temperature: float = 0.7,
+             top_p: float = 0.9, seed: int = 0) -> str:
+    """Generate a completion with token-wise skipping; prints it on stdout and statistics on stderr.
+
+    Args:
+        prompt: the text (or user message, with --chat) to continue.
+        model: base model; default: the one recorded in --gates, else smollm2-135m.
+        gates: a gates folder written by ``gateskip train``.
+        skip: fraction of tokens each gated branch skips (0 = none).
+        policy: threshold (calibrated, per token), quantile (paper, per call) or random.
+        modules: branch kinds that skip: attn, mlp or attn,mlp.
+        kv: K/V of skipped attention tokens: copy (from the layer below) or compute.
+        max_new_tokens: tokens to generate.
+        chat: wrap the prompt in the tokenizer's chat template when it has one.
+        sample: sample instead of greedy decoding.
+        temperature: sampling temperature.
+        top_p: nucleus sampling mass.
+        seed: random seed for sampling and the random policy.
+    """
+    from gateskip.core import add_gates
+    from gateskip.policies import check_policy, check_ratio
+
+    if not prompt or not prompt.strip():
+        raise GateSkipError("empty prompt: give the text to continue, e.g. gateskip generate \"Explain photosynthesis.\"")
+    check_ratio(skip)
+    check_policy(policy)
+    if max_new_tokens < 1:
+        raise GateSkipError(f"max_new_tokens={max_new_tokens} is invalid: use a positive integer")
+    if gates is None and skip > 0 and policy != "random":
+        raise GateSkipError("skipping by importance needs trained gates: pass --gates DIR (or --policy random "
+                            "for the untrained baseline)")
+    net, tok = load_for_inference(model, gates)
+    if gates is None:
+        add_gates(net)  # ~open gates: only the random policy or skip 0 make sense without training
+    mods = tuple(m.strip() for m in modules.split(",") if m.strip())
+    text, s, seconds, n_new = complete(net, tok, prompt, skip=skip, policy=policy, modules=mods, kv=kv,
+                                       max_new_tokens=max_new_tokens, chat=chat, sample=sample,
+                                       temperature=temperature, top_p=top_p, seed=seed)
+    print(text)
+    print(f"[gateskip] {summary_line(s, policy, skip)} new_tokens={n_new} tokens/s={n_new / seconds:.1f}",
+          file=sys.stderr)
+    return text
+
+
+def summary_line(s: dict, policy: str, skip: float) -> str:
+    return (f"policy={policy} skip={skip:g} tokens_skipped={s['tokens_skipped']:.3f} "
+            f"compute_saved={s['compute_saved']:.3f} (FLOP-weighted, gates counted; path={s['path']})")
+
+
+def complete(net, tok, prompt: str, skip: float = 0.0, policy: str = "threshold", modules=("attn", "mlp"),
+             kv: str | None = None, max_new_tokens: int = 64, chat: bool = True, sample: bool = False,
+             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> tuple[str, dict, float, int]:
+    """Generate with an already-loaded gated model: (completion, stats, seconds, new tokens)."""
+    from gateskip.core import skipping, stats
+
+    enc = encode_prompt(tok, prompt, chat, getattr(net.config, "max_position_embeddings", None), max_new_tokens)
+    torch.manual_seed(seed)
+    gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sample, "pad_token_id": tok.pad_token_id}
+    if sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    t0 = time.perf_counter()
+    with torch.no_grad(), skipping(net, ratio=skip, policy=policy, modules=modules, kv=kv, seed=seed):
+        out = net.generate(**enc, **gen_kwargs)
+        s = stats(net)
+    seconds = time.perf_counter() - t0
+    new = out[0, enc["input_ids"].shape[1]:]
+    return tok.decode(new, skip_special_tokens=True), s, seconds, len(new)

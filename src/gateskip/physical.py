@@ -1,0 +1,133 @@
+"""Physical skipping: a branch computes its kept tokens only.
+
+The masked path (wrap.py) runs a branch on every token and zeroes the skipped outputs. Here the kept
+tokens are gathered, the untouched original module runs on them, and their gated outputs are
+scattered back into zeros, so a skipped token's hidden state passes unchanged through the residual
+add. Same results as the masked path, less compute.
+
+- MLP: token-wise, so the kept tokens of the whole batch are flattened into one row.
+- Attention: queries for the kept tokens only. Each row is padded to the largest kept count; the
+  padding slots hold skipped tokens of that row and their outputs are dropped. The original
+  attention gets the gathered hidden states, the gathered rotary cos/sin, and the rows of the
+  attention mask for those queries (always an explicit mask: sdpa's ``is_causal`` would align a
+  shortened query block wrongly). Keys/values must exist for every token so the cache stays
+  complete: the attention computes them for its gathered tokens and calls ``cache.update``, which
+  ``kv.GatheredKV`` intercepts to fill in the skipped tokens (see kv.py). Rows without any kept
+  token (decode, batch > 1) are left out of the call.
+- A branch that skips every token of the call (decode at batch 1) is not called at all; attention
+  then only writes the skipped token's K/V into the cache.
+
+When only a few tokens skip, gather/scatter costs more than it saves: ``MIN_SKIP`` (measured, see
+BENCHMARKS.md) sends such calls down the masked path instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gateskip.kv import GatheredKV, skipped_kv
+
+# Below this fraction of skipped tokens in a call, the masked path is faster (measured on SmolLM2-135M,
+# 2 CPU cores, prefill 4 x 512: see BENCHMARKS.md). At decode (one token per row) there is no gather
+# for batch 1, so the rule only matters for prefill and batched decode.
+MIN_SKIP = {"attn": 0.0, "mlp": 0.0}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # others (flash, flex) take the masked path
+
+
+def supports(branch) -> bool:
+    if branch.kind == "mlp":
+        return True
+    return getattr(getattr(branch.module, "config", None), "_attn_implementation", None) in ATTN_IMPLEMENTATIONS
+
+
+def run(branch, x: torch.Tensor, g: torch.Tensor | None, skip: torch.Tensor, n_skip: int, args, kwargs):
+    """The branch output for every token, computed for the kept tokens only (``g``: gate to apply, or None)."""
+    if branch.kind == "mlp":
+        return _mlp(branch, x, g, skip, n_skip, args, kwargs)
+    return _attention(branch, x, g, skip, n_skip, kwargs)
+
+
+def _gated(out, g):
+    return out if g is None else out * g
+
+
+def _mlp(branch, x, g, skip, n_skip, args, kwargs):
+    b, t, h = x.shape
+    if n_skip == b * t:
+        return x.new_zeros(x.shape)
+    idx = (~skip).reshape(-1).nonzero().squeeze(1)
+    o = branch._run(x.reshape(b * t, h).index_select(0, idx).unsqueeze(0), args, kwargs)[0]
+    if g is not None:
+        o = o * g.reshape(b * t, -1).index_select(0, idx)
+    return x.new_zeros(b * t, h).index_copy_(0, idx, o).view(b, t, h)
+
+
+def _attention(branch, x, g, skip, n_skip, kwargs):
+    attn, st = branch.module, branch.state
+    b, t, h = x.shape
+    kwargs = dict(kwargs)
+    cache = kwargs.pop("past_key_values", None)
+    cos, sin = kwargs.pop("position_embeddings")
+    mask = kwargs.pop("attention_mask", None)
+    layer = attn.layer_idx
+    if mask is None and n_skip < b * t:  # built before the cache grows: its sizes describe this call
+        mask = causal_mask(attn, cache, t, branch.window, x.device, x.dtype)
+    base_k, base_v = skipped_kv(st, attn, layer, x, cos, sin, skip)
+    if n_skip == b * t:  # nothing to compute but the skipped tokens' K/V
+        st.prev_kv = (layer, base_k, base_v)
+        if cache is not None:
+            cache.update(base_k, base_v, layer)
+        return x.new_zeros(x.shape), None
+    per_row = (~skip).sum(1)
+    n = int(per_row.max())
+    order = torch.argsort(skip.to(torch.uint8), dim=1, stable=True)  # per row: kept positions first, in order
+    idx = order[:, :n]
+    slot_kept = torch.arange(n, device=x.device) < per_row[:, None]
+    rows = None
+    if b > 1 and n_skip >= t:  # some rows may have no kept token at all: leave them out of the call
+        has = per_row > 0
+        if not bool(has.all()):
+            rows = has.nonzero().squeeze(1)
+    mask = mask.expand(b, -1, -1, -1)
+    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+    pos = kwargs.get("position_ids")
+    pos = pos.expand(b, -1) if isinstance(pos, torch.Tensor) and pos.shape[-1] == t else None
+    if rows is not None:
+        x, g, mask, cos, sin = x[rows], (g[rows] if g is not None else None), mask[rows], cos[rows], sin[rows]
+        pos = pos[rows] if pos is not None else None
+        idx_r, slot_r = idx[rows], slot_kept[rows]
+    else:
+        idx_r, slot_r = idx, slot_kept
+    take = lambda z: z.gather(1, idx_r[..., None].expand(-1, -1, z.shape[-1]))  # noqa: E731
+    kwargs["position_embeddings"] = (take(cos), take(sin))
+    kwargs["attention_mask"] = mask.gather(2, idx_r[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
+    if pos is not None:
+        kwargs["position_ids"] = pos.gather(1, idx_r)
+    kwargs["past_key_values"] = GatheredKV(cache, st, base_k, base_v, idx, slot_kept, rows)
+    o = branch._run(take(x), (), kwargs)[0]
+    if g is not None:
+        o = o * take(g)
+    o = o.masked_fill(~slot_r[..., None], 0.0)  # padding slots hold skipped tokens: their output is zero
+    out = o.new_zeros(len(idx_r), t, h).scatter_(1, idx_r[..., None].expand(-1, -1, h), o)
+    if rows is not None:
+        out = o.new_zeros(b, t, h).index_copy_(0, rows, out)
+    return out, None
+
+
+def causal_mask(attn, cache, t: int, window: int | None, device, dtype) -> torch.Tensor:
+    """The mask the model left implicit (``None``: causal, no padding) for ``t`` new tokens: [1, 1, t, K].
+
+    Key positions come from the cache layer's own mask sizes (a sliding layer returns only its window).
+    Boolean for sdpa, additive float for eager.
+    """
+    layers = getattr(cache, "layers", None)
+    kv_len, offset = layers[attn.layer_idx].get_mask_sizes(t) if layers is not None else (t, 0)
+    q = torch.arange(kv_len - t, kv_len, device=device)[:, None] + offset
+    k = torch.arange(kv_len, device=device)[None, :] + offset
+    allowed = k <= q
+    if window is not None:
+        allowed &= k > q - window
+    allowed = allowed[None, None]
+    if attn.config._attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)

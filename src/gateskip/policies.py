@@ -1,0 +1,74 @@
+"""Skip policies: which tokens a branch skips, given their importance.
+
+Every policy maps ``importance [B, T]`` and ``valid [B, T]`` (False for padding) to a boolean
+``skip [B, T]``; padding is never skipped and never counted. Everything stays on the device: no
+``.item()`` on the hot path.
+
+- ``quantile`` (paper parity): per branch and per forward call, the ``round(r * n_valid)``
+  least important valid tokens of the whole call (batch x sequence) are skipped. A token's fate
+  depends on its neighbours, and at decode with batch 1 nothing is skipped when r < 0.5.
+- ``threshold``: per-branch thresholds fitted by ``gateskip.calibrate``: a token is skipped when
+  its importance is below the branch's calibrated r-quantile. Each decision depends on that token
+  alone, so batching does not change it and decode at batch 1 really skips.
+- ``random``: each valid token skipped with probability r (the baseline at matched ratio).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gateskip.errors import GateSkipError
+
+POLICIES = ("quantile", "threshold", "random")
+
+
+def quantile_skip(imp: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Skip exactly ``round(ratio * n_valid)`` lowest-importance valid tokens (ties by position)."""
+    flat = imp.masked_fill(~valid, float("inf")).flatten()
+    order = flat.argsort(stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    k = torch.round(valid.sum() * ratio)
+    return (ranks.view_as(imp) < k) & valid
+
+
+def threshold_skip(imp: torch.Tensor, valid: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    return (imp < threshold) & valid
+
+
+def random_skip(imp: torch.Tensor, valid: torch.Tensor, ratio: float, generator: torch.Generator | None
+                ) -> torch.Tensor:
+    u = torch.rand(imp.shape, generator=generator, device="cpu" if generator is None else generator.device)
+    return (u.to(imp.device) < ratio) & valid
+
+
+def threshold_from_grid(grid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Importance value below which a fraction ``ratio`` of calibration tokens fell.
+
+    ``grid`` holds the calibration importances' quantiles at ``linspace(0, 1, len(grid))``;
+    we interpolate linearly between grid points. Ratio 0 gives -inf (nothing skipped), 1 +inf.
+    """
+    if ratio <= 0.0:
+        return torch.tensor(float("-inf"))
+    if ratio >= 1.0:
+        return torch.tensor(float("inf"))
+    pos = ratio * (grid.numel() - 1)
+    lo = int(pos)
+    frac = pos - lo
+    hi = min(lo + 1, grid.numel() - 1)
+    return grid[lo] * (1 - frac) + grid[hi] * frac
+
+
+def check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise GateSkipError(f"policy={policy!r} is not supported: choose one of {', '.join(POLICIES)}")
+
+
+def check_ratio(ratio: float, what: str = "skip ratio") -> float:
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise GateSkipError(f"{what} {ratio!r} is not a number: use a value in [0, 1]") from None
+    if not 0.0 <= r <= 1.0:
+        raise GateSkipError(f"{what} {r} is out of range: use a value in [0, 1]")
+    return r

@@ -1,0 +1,101 @@
+"""GatedBranch: where a token is gated and, when the plan says so, skipped.
+
+A branch (a layer's attention or MLP) is wrapped, never rewritten: the original module is kept
+untouched as ``.module`` so ``remove_gates`` restores it exactly. Path of one call:
+
+    x (branch input, after the pre-norm)
+      -> g = gate(x)                              gates.py
+      -> skip = plan.decide(importance(g))        state.py / policies.py
+      -> out = module(x) with K/V handled         kv.py (skipped tokens' K/V from the layer below)
+      -> out = post_norm(out)   (Gemma only)      arch.py explains why the gate goes after it
+      -> out = g * out, and 0 where skipped       (the hidden state of a skipped token passes unchanged)
+
+Two ways to run a branch that skips tokens. The *masked* path runs the module on every token and
+zeroes the skipped outputs: what training uses and the reference. The *physical* path (physical.py)
+runs the module on the kept tokens only: what inference uses by default (``skipping(path=...)``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gateskip import physical
+from gateskip.kv import KVProxy
+
+
+class GatedBranch(nn.Module):
+    def __init__(self, module: nn.Module, gate: nn.Module, *, kind: str, layer: int, index: int,
+                 post_norm: nn.Module | None, placement: str, detach_input: bool, window: int | None,
+                 state):
+        super().__init__()
+        self.module = module
+        self.gate = gate
+        self.post_norm = post_norm
+        self.kind, self.layer, self.index = kind, layer, index
+        self.name = f"layers.{layer}.{kind}"
+        self.placement, self.detach_input, self.window = placement, detach_input, window
+        object.__setattr__(self, "state", state)  # plain attribute: not a submodule, not in state_dict
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # transformers may read attributes of the wrapped module (layer_idx, ...)
+            return getattr(self._modules["module"], name)
+
+    def forward(self, *args, **kwargs):
+        if args:
+            x, args = args[0], args[1:]
+        else:
+            x = kwargs.pop("hidden_states")
+        st = self.state
+        if st.bypass:
+            return self._run(x, args, kwargs)
+        g = self.gate(x.detach() if self.detach_input else x).to(x.dtype)
+        skip = st.on_gate(self, x, g)
+        if self.placement == "before":
+            x = x * g
+        plan = st.plan
+        if skip is None:
+            st.count_path("dense")
+        elif self._physical(plan, x):
+            n_skip = int(skip.sum())  # host read: the gathered size (free on CPU; a sync on GPU)
+            if n_skip == 0 or n_skip >= physical.MIN_SKIP[self.kind] * skip.numel():
+                st.count_path("physical")
+                if n_skip == 0:
+                    skip = None  # nothing skipped: the plain (masked-path) call below is the fastest
+                else:
+                    return physical.run(self, x, g if self.placement == "after" else None, skip, n_skip, args,
+                                        kwargs)
+            else:
+                st.count_path("masked")
+        else:
+            st.count_path("masked")
+        if self.kind == "attn" and plan is not None and plan.copy_kv:
+            kwargs["past_key_values"] = KVProxy(kwargs.get("past_key_values"), st, skip)
+        out = self._run(x, args, kwargs)
+        o = out[0] if isinstance(out, tuple) else out
+        if self.placement == "after":
+            o = o * g
+        if skip is not None:
+            o = o.masked_fill(skip.unsqueeze(-1), 0.0)
+        return (o, *out[1:]) if isinstance(out, tuple) else o
+
+    def _physical(self, plan, x) -> bool:
+        if plan.path == "masked" or not physical.supports(self):
+            return False
+        return plan.path == "physical" or not (torch.is_grad_enabled() and x.requires_grad)
+
+    def _run(self, x, args, kwargs):
+        """The original branch, followed by its post-norm where the family has one."""
+        out = self.module(x, *args, **kwargs)
+        if self.post_norm is None:
+            return out
+        if isinstance(out, tuple):
+            return (self.post_norm(out[0]), *out[1:])
+        return self.post_norm(out)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, placement={self.placement}"
+
+

@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from gateskip.models import tiny_model
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"]
+VOCAB = 128
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def left_padded(lengths, vocab=VOCAB, seed=0):
+    """A left-padded batch of random token sequences with the given lengths (pad id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.zeros(len(lengths), t, dtype=torch.long)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, t - n:] = torch.randint(1, vocab, (n,), generator=g)
+        mask[i, t - n:] = 1
+    return ids, mask
+
+
+def positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.fixture
+def make_tiny():
+    return tiny_model

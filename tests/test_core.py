@@ -1,0 +1,268 @@
+"""Core behaviour on tiny random models of every supported family (CPU, seconds)."""
+
+import pytest
+import torch
+from conftest import FAMILIES, VOCAB, left_padded, positions
+
+import gateskip
+from gateskip import GateSkipConfig, GateSkipError
+from gateskip.core import gate_state
+from gateskip.models import tiny_model
+
+DIVERSE = GateSkipConfig(init_std=0.3, init_bias=0.0)  # untrained but varied importances
+
+
+def logits(model, ids, mask=None):
+    with torch.no_grad():
+        kw = {} if mask is None else {"attention_mask": mask, "position_ids": positions(mask)}
+        return model(input_ids=ids, use_cache=False, **kw).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_open_gates_reproduce_base_and_remove_is_exact(family):
+    m = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    ref = logits(m, ids)
+    gateskip.add_gates(m, GateSkipConfig(init_bias=50.0, init_std=0.0))
+    assert (logits(m, ids) - ref).abs().max() < 1e-5
+    gateskip.remove_gates(m)
+    m2 = gateskip.add_gates(m, DIVERSE)  # gates that do change the output, and skipping
+    with gateskip.skipping(m2, ratio=0.4):
+        assert (logits(m2, ids) - ref).abs().max() > 1e-3
+    gateskip.remove_gates(m)
+    assert torch.equal(logits(m, ids), ref)
+    assert not gateskip.is_gated(m)
+
+
+def test_gemma_gate_sits_after_post_norm():
+    m = tiny_model("gemma2")
+    gateskip.add_gates(m, DIVERSE)
+    layer = m.model.layers[0]
+    assert isinstance(layer.post_attention_layernorm, torch.nn.Identity)
+    assert layer.self_attn.post_norm is not None
+    gateskip.remove_gates(m)
+    assert not isinstance(layer.post_attention_layernorm, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.9])
+def test_quantile_skips_exact_count_per_module(ratio):
+    m = gateskip.add_gates(tiny_model("llama"), DIVERSE)
+    ids, mask = left_padded([12, 7, 10])
+    with gateskip.skipping(m, ratio=ratio, policy="quantile"):
+        logits(m, ids, mask)
+        counts = gate_state(m).counts
+    n_valid = int(mask.sum())
+    assert torch.all(counts[:, 1] == n_valid)  # padding is never counted
+    assert torch.all(counts[:, 0] == round(ratio * n_valid))
+
+
+def test_padding_never_skipped():
+    from gateskip.policies import quantile_skip, random_skip, threshold_skip
+
+    imp = torch.tensor([[0.0, 0.0, 0.5, 0.6, 0.7, 0.8]])
+    valid = torch.tensor([[False, False, True, True, True, True]])
+    assert not quantile_skip(imp, valid, 0.9)[~valid].any()
+    assert not threshold_skip(imp, valid, torch.tensor(0.65))[~valid].any()
+    assert not random_skip(imp, valid, 1.0, None)[~valid].any()
+    assert quantile_skip(imp, valid, 0.5).sum() == 2
+
+
+def _calibrated(family="llama", ratio=0.3, cfg=DIVERSE):
+    m = gateskip.add_gates(tiny_model(family), cfg)
+    g = torch.Generator().manual_seed(1)
+    gateskip.calibrate(m, [torch.randint(1, VOCAB, (4, 32), generator=g) for _ in range(4)], ratio=ratio)
+    return m
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.3, 0.5])
+def test_threshold_hits_ratio_on_heldout(ratio):
+    m = _calibrated(ratio=0.3)
+    g = torch.Generator().manual_seed(99)  # held-out tokens, not seen by calibration
+    with gateskip.skipping(m, ratio=ratio, policy="threshold"):
+        for _ in range(3):
+            logits(m, torch.randint(1, VOCAB, (4, 32), generator=g))
+        s = gateskip.stats(m)
+    assert abs(s["tokens_skipped"] - ratio) < 0.05
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_threshold_is_batch_independent(family):
+    m = _calibrated(family)
+    lengths = [11, 6, 9]
+    ids, mask = left_padded(lengths)
+    with gateskip.skipping(m, ratio=0.4, policy="threshold"):
+        batched = logits(m, ids, mask)
+        batched_counts = gate_state(m).counts.clone()
+    alone_counts = torch.zeros_like(batched_counts)
+    for i, n in enumerate(lengths):
+        row = ids[i:i + 1, -n:]
+        with gateskip.skipping(m, ratio=0.4, policy="threshold"):
+            alone = logits(m, row)
+            alone_counts += gate_state(m).counts
+        assert (alone[0] - batched[i, -n:]).abs().max() < 1e-4
+    assert torch.equal(alone_counts[:, :2], batched_counts[:, :2])  # same tokens skipped, same counted
+    assert batched_counts[:, 0].sum() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kv", ["copy", "compute"])
+def test_cached_generation_equals_recompute(family, kv):
+    m = _calibrated(family)
+    ids, mask = left_padded([9, 5])
+    with torch.no_grad(), gateskip.skipping(m, ratio=0.4, policy="threshold", kv=kv):
+        out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        assert gate_state(m).counts[:, 0].sum() > 0
+        seq = out.sequences
+        full_mask = torch.cat([mask, torch.ones(2, seq.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+        recomputed = logits(m, seq, full_mask)
+    t0 = ids.shape[1]
+    for step, step_logits in enumerate(out.logits):
+        assert (step_logits - recomputed[:, t0 - 1 + step]).abs().max() < 1e-4
+    # Greedy tokens are the recomputed argmax, up to and including a row's first EOS (then padding).
+    new = seq[:, t0:]
+    live = (new == 2).long().cumsum(-1).roll(1, -1)
+    live[:, 0] = 0
+    live = live == 0
+    assert torch.equal(recomputed[:, t0 - 1:-1].argmax(-1)[live], new[live])
+
+
+def test_copy_kv_uses_layer_below():
+    """With kv=copy a skipped token's K/V at layer l equal its K/V at layer l-1 in the cache."""
+    m = _calibrated("llama")
+    ids = torch.randint(1, VOCAB, (1, 12))
+    with torch.no_grad(), gateskip.skipping(m, ratio=0.5, policy="quantile", kv="copy"):
+        out = m(input_ids=ids, use_cache=True)
+    cache = out.past_key_values
+    k1, k0 = cache.layers[1].keys, cache.layers[0].keys
+    same = (k1 - k0).abs().amax(dim=(1, 3)) == 0  # [B, T]: tokens whose keys were copied
+    assert 0 < same.sum() < 12
+
+
+def test_random_policy_ratio_and_seed():
+    m = gateskip.add_gates(tiny_model("llama"))
+    ids = torch.randint(1, VOCAB, (4, 64))
+    with gateskip.skipping(m, ratio=0.3, policy="random", seed=3):
+        a = logits(m, ids)
+        s = gateskip.stats(m)
+    with gateskip.skipping(m, ratio=0.3, policy="random", seed=3):
+        b = logits(m, ids)
+    assert torch.equal(a, b)
+    assert abs(s["tokens_skipped"] - 0.3) < 0.05
+
+
+def test_per_module_ratios_and_modules():
+    m = gateskip.add_gates(tiny_model("llama"), DIVERSE)
+    ids = torch.randint(1, VOCAB, (2, 20))
+    with gateskip.skipping(m, ratio={"attn": 0.5, "layers.1.mlp": 0.25}):
+        logits(m, ids)
+        s = gateskip.stats(m)
+    assert s["attn_skipped"] == 0.5
+    assert s["per_module"]["layers.1.mlp"]["skipped"] == 0.25
+    assert s["per_module"]["layers.0.mlp"]["skipped"] == 0.0
+    with gateskip.skipping(m, ratio=0.5, modules=("mlp",)):
+        logits(m, ids)
+        s = gateskip.stats(m)
+    assert s["attn_skipped"] == 0.0 and s["mlp_skipped"] == 0.5
+
+
+def test_compute_accounting_counts_gates_and_skips():
+    m = gateskip.add_gates(tiny_model("llama"), DIVERSE)
+    ids = torch.randint(1, VOCAB, (2, 16))
+    with gateskip.skipping(m, ratio=0.0):
+        logits(m, ids)
+        s0 = gateskip.stats(m)
+    assert s0["flops_executed"] - s0["flops_dense"] == pytest.approx(s0["gate_flops"])
+    assert s0["compute_saved"] < 0  # vector gates cost compute; nothing skipped
+    f = gate_state(m).flops
+    with gateskip.skipping(m, ratio={"mlp": 0.5}):
+        logits(m, ids)
+        s1 = gateskip.stats(m)
+    saved_mlp = 0.5 * 32 * f.mlp * 3  # half of 32 tokens skip the MLP in each of 3 layers
+    assert s1["flops_dense"] - s1["flops_executed"] == pytest.approx(saved_mlp - s1["gate_flops"])
+    assert s1["tokens_skipped"] == pytest.approx(0.25)
+
+
+def test_save_load_roundtrip(tmp_path):
+    m = _calibrated("qwen2")
+    ids = torch.randint(1, VOCAB, (2, 16))
+    with gateskip.skipping(m, ratio=0.3, policy="threshold"):
+        ref = logits(m, ids)
+    gateskip.save_gates(m, tmp_path / "g")
+    fresh = tiny_model("qwen2")
+    gateskip.load_gates(fresh, tmp_path / "g")
+    with gateskip.skipping(fresh, ratio=0.3, policy="threshold"):
+        assert torch.equal(logits(fresh, ids), ref)
+
+
+@pytest.mark.parametrize("other", [{"hidden_size": 96}, {"num_hidden_layers": 2}])
+def test_load_for_another_model_fails_clearly(tmp_path, other):
+    m = gateskip.add_gates(tiny_model("llama"))
+    gateskip.save_gates(m, tmp_path / "g")
+    with pytest.raises(GateSkipError, match="another model"):
+        gateskip.load_gates(tiny_model("llama", **other), tmp_path / "g")
+
+
+def test_corrupt_and_missing_gate_files(tmp_path):
+    m = gateskip.add_gates(tiny_model("llama"))
+    gateskip.save_gates(m, tmp_path / "g")
+    (tmp_path / "g" / "gates.safetensors").write_bytes(b"\x80\x04\x95 not a safetensors file" * 4)
+    with pytest.raises(GateSkipError, match="corrupt"):
+        gateskip.load_gates(tiny_model("llama"), tmp_path / "g")
+    with pytest.raises(GateSkipError, match="does not exist"):
+        gateskip.load_gates(tiny_model("llama"), tmp_path / "nothing")
+
+
+def test_bad_inputs_fail_clearly():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(GateSkipError, match="unsupported architecture 'gpt2'"):
+        gateskip.add_gates(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
+    m = gateskip.add_gates(tiny_model("llama"))
+    with pytest.raises(GateSkipError, match="already has gates"):
+        gateskip.add_gates(m)
+    for bad in (-0.1, 1.5, "x"):
+        with pytest.raises(GateSkipError, match="skip ratio"):
+            with gateskip.skipping(m, ratio=bad):
+                pass
+    with pytest.raises(GateSkipError, match="policy"):
+        with gateskip.skipping(m, ratio=0.2, policy="best"):
+            pass
+    with pytest.raises(GateSkipError, match="calibrate"):
+        with gateskip.skipping(m, ratio=0.2, policy="threshold"):
+            pass
+    with pytest.raises(GateSkipError, match="empty input"):
+        gateskip.calibrate(m, [torch.zeros(1, 0, dtype=torch.long)])
+    with pytest.raises(GateSkipError, match="no batches"):
+        gateskip.calibrate(m, [])
+    with pytest.raises(GateSkipError, match="gate="):
+        GateSkipConfig(gate="huge")
+
+
+@pytest.mark.parametrize("kind", ["scalar", "lowrank", "mlp"])
+def test_gate_kinds_and_shared(kind):
+    m = gateskip.add_gates(tiny_model("mistral"), GateSkipConfig(gate=kind, rank=4))
+    ids = torch.randint(1, VOCAB, (2, 8))
+    with gateskip.skipping(m, ratio=0.25):
+        logits(m, ids)
+        assert gateskip.stats(m)["tokens_skipped"] == pytest.approx(0.25)
+    shared = gateskip.add_gates(tiny_model("llama"), GateSkipConfig(shared=True))
+    assert len(gateskip.gate_parameters(shared)) == 4  # one vector gate (W, b) per module kind
+
+
+def test_sampled_generation_with_cache_equals_recompute():
+    m = _calibrated("qwen3")
+    ids, mask = left_padded([8, 4])
+    with torch.no_grad(), gateskip.skipping(m, ratio=0.4, policy="threshold", kv="copy"):
+        torch.manual_seed(5)
+        out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=0,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+        torch.manual_seed(5)
+        again = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=0,
+                           pad_token_id=0, eos_token_id=None)
+        seq = out.sequences
+        full_mask = torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], 1)
+        recomputed = logits(m, seq, full_mask)
+    assert torch.equal(again, seq)
+    for step, step_logits in enumerate(out.logits):
+        assert (step_logits - recomputed[:, ids.shape[1] - 1 + step]).abs().max() < 1e-4

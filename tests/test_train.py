@@ -1,0 +1,167 @@
+"""Training on tiny models: the loss and the gates move the right way, resume is exact, train() end to end."""
+
+import json
+
+import pytest
+import torch
+
+import gateskip
+from gateskip.core import gate_state
+from gateskip.errors import GateSkipError
+from gateskip.models import tiny_model, tiny_tokenizer
+from gateskip.train import fit, lr_at, ramp_ratio
+
+TEXT = ("the cat sat on the mat. the dog sat on the log. a bird sang in the tree. "
+        "the sun rose over the hill and the day began. ")
+
+
+def _stream(n_batches=200, seed=0):
+    from gateskip.data import pack
+
+    texts = [TEXT * 3 + f"line {i}." for i in range(60)]
+    return pack(tiny_tokenizer(), texts, seq_len=48, batch_size=4, seed=seed)
+
+
+def _gate_mean(model, ids):
+    st = gate_state(model)
+    st.collect = True
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        return float(torch.stack([g.mean() for g, _ in st.gate_log]).mean())
+    finally:
+        st.collect = False
+
+
+def _train(lam, steps=40, backbone="full", objective="ce", out=None, **kw):
+    m = gateskip.add_gates(tiny_model("llama"), gateskip.GateSkipConfig(init_bias=2.0))
+    stream = _stream()
+    probe = next(_stream(seed=1))
+    before = _gate_mean(m, probe)
+    fit(m, stream, steps=steps, lr=3e-2, backbone=backbone, backbone_lr=3e-3, objective=objective, lam=lam,
+        max_ratio=0.2, warmup=2, out=out, **kw)
+    return m, before, _gate_mean(m, probe), out
+
+
+def test_training_lowers_loss_and_gates(tmp_path):
+    m, before, after, out = _train(lam=1.0, out=tmp_path / "a")
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 40 and log[-1]["ratio"] == pytest.approx(0.2)
+    first = sum(r["task"] for r in log[:5]) / 5
+    last = sum(r["task"] for r in log[-5:]) / 5
+    assert last < 0.7 * first  # the model learns the text while skipping ramps up
+    assert after < before - 0.05  # the sparsity penalty closes gates ...
+    _, before0, after0, _ = _train(lam=0.0)
+    assert after < after0  # ... more than training without it
+
+
+def test_frozen_backbone_trains_only_gates():
+    m = gateskip.add_gates(tiny_model("qwen2"), gateskip.GateSkipConfig(init_bias=2.0))
+    ref = {k: v.clone() for k, v in m.named_parameters() if ".gate." not in k}
+    gates_before = [p.clone() for p in gateskip.gate_parameters(m)]
+    fit(m, _stream(), steps=5, lr=1e-2, objective="distill", lam=0.5, warmup=1)
+    assert all(torch.equal(v, dict(m.named_parameters())[k]) for k, v in ref.items())
+    assert any(not torch.equal(a, b) for a, b in zip(gates_before, gateskip.gate_parameters(m)))
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crashing(stream, after):
+    class S:
+        def __init__(self):
+            self.n = 0
+
+        def __next__(self):
+            self.n += 1
+            if self.n > after:
+                raise _Crash
+            return next(stream)
+
+        def state_dict(self):
+            return stream.state_dict()
+
+        def load_state_dict(self, s):
+            stream.load_state_dict(s)
+    return S()
+
+
+def test_resume_after_crash_matches_uninterrupted(tmp_path):
+    def run(out, crash_after=None):
+        torch.manual_seed(0)
+        m = gateskip.add_gates(tiny_model("llama"), gateskip.GateSkipConfig(init_bias=2.0))
+        s = _stream()
+        kw = dict(steps=8, lr=1e-2, lam=0.5, objective="ce", warmup=2, save_every=3, out=out)
+        if crash_after is not None:
+            with pytest.raises(_Crash):
+                fit(m, _crashing(s, crash_after), **kw)
+            m = gateskip.add_gates(tiny_model("llama"), gateskip.GateSkipConfig(init_bias=5.0))  # fresh process
+            s = _stream()
+        fit(m, s, **kw)
+        return [p.detach().clone() for p in gateskip.gate_parameters(m)]
+
+    straight = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", crash_after=5)  # dies during step 6; the step-3 checkpoint is reloaded
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(straight, resumed))
+
+
+def test_schedules():
+    assert ramp_ratio(0, 10, 0.2) == 0.0 and ramp_ratio(5, 10, 0.2) == pytest.approx(0.1)
+    assert ramp_ratio(50, 10, 0.2) == pytest.approx(0.2)
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.1)
+
+
+def test_fit_rejects_bad_settings():
+    m = tiny_model("llama")
+    with pytest.raises(GateSkipError, match="add_gates"):
+        fit(m, _stream(), steps=1)
+    gateskip.add_gates(m)
+    with pytest.raises(GateSkipError, match="backbone"):
+        fit(m, _stream(), steps=1, backbone="half")
+
+
+def _tiny_folder(tmp_path):
+    d = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    data = tmp_path / "text.txt"
+    data.write_text("\n\n".join(TEXT * 2 + f"paragraph {i}." for i in range(400)))
+    return d, data
+
+
+def test_train_cli_then_generate_cli(tmp_path, capsys):
+    from gateskip.cli import main
+
+    d, data = _tiny_folder(tmp_path)
+    out = tmp_path / "gates"
+    assert main(["train", "--model", str(d), "--data", str(data), "--steps", "3", "--seq-len", "32",
+                 "--batch-size", "2", "--gate", "lowrank", "--calibrate-batches", "2", "--out", str(out)]) == 0
+    assert {"gates.safetensors", "gateskip.json", "train_log.jsonl"} <= {p.name for p in out.iterdir()}
+    meta = json.loads((out / "gateskip.json").read_text())
+    assert meta["base_model"]["source"] == str(d) and meta["config"]["gate"] == "lowrank"
+    capsys.readouterr()
+    # --model is left out: the gates folder records its base model.
+    assert main(["generate", "--gates", str(out), "--skip", "0.3", "--max-new-tokens", "5", "--no-chat",
+                 "the cat"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip()
+    assert "tokens_skipped=" in captured.err and "compute_saved=" in captured.err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["generate", "  "], "empty prompt"),
+    (["generate", "--skip", "1.5", "hi"], "out of range"),
+    (["generate", "--skip", "0.3", "hi"], "needs trained gates"),
+    (["generate", "--gates", "/nonexistent/dir", "hi"], "does not exist"),
+    (["generate", "--model", "no/such-model!", "hi"], "not an alias"),
+    (["train", "--backbone", "half"], "backbone"),
+])
+def test_cli_errors_are_one_line(argv, match, capsys):
+    from gateskip.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gateskip: error:") and match in err and "\n" not in err
