@@ -8,8 +8,11 @@ VOCAB = 128
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads(request):
     torch.manual_seed(0)
+    # Tiny models are latency-bound: one thread avoids thread hand-offs that cost 10x on a busy
+    # 2-core machine. Tests of the real model (marked `real`) use both cores.
+    torch.set_num_threads(2 if request.node.get_closest_marker("real") else 1)
 
 
 def left_padded(lengths, vocab=VOCAB, seed=0):

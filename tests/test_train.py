@@ -165,3 +165,25 @@ def test_cli_errors_are_one_line(argv, match, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("gateskip: error:") and match in err and "\n" not in err
+
+
+@pytest.mark.parametrize("backbone", ["lora", "full"])
+def test_trained_backbone_roundtrips_through_gates_folder(tmp_path, backbone):
+    from gateskip.cli import main
+
+    d, data = _tiny_folder(tmp_path)
+    out = tmp_path / backbone
+    assert main(["train", "--model", str(d), "--data", str(data), "--steps", "3", "--seq-len", "32",
+                 "--batch-size", "2", "--backbone", backbone, "--backbone-lr", "0.05", "--lam", "0.1",
+                 "--calibrate-batches", "2", "--out", str(out)]) == 0
+    ids = torch.randint(4, 100, (2, 12))
+    base, _ = gateskip.load_model(str(d))
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits
+    gateskip.load_gates(base, out)
+    with torch.no_grad(), gateskip.skipping(base, ratio=0.0):
+        tuned = base(input_ids=ids).logits
+    assert (tuned - ref).abs().max() > 1e-4  # the backbone change came back with the gates
+    gateskip.remove_gates(base)
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=ids).logits, ref)  # and is undone exactly

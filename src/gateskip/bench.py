@@ -6,8 +6,8 @@ removed) and, for each gate kind, the gated model at each skip ratio. Per settin
 
 - prefill: a batch of random-token prompts, run as ``generate`` runs it (KV cache on, logits for
   the last position only), in tokens/s;
-- decode: ``generate`` greedy with exactly ``new_tokens`` new tokens at each batch size; the time of
-  a 1-token ``generate`` (its prefill) is subtracted, tokens/s = batch * (new_tokens - 1) / time;
+- decode: ``generate`` greedy with exactly ``new_tokens`` new tokens at each batch size, timed from
+  the first new token to the last (prefill excluded), tokens/s = batch * (new_tokens - 1) / time;
 - compute saved (FLOP-weighted, gates and LM head included: ``gateskip.stats``), speed-up against
   dense, and efficiency = speed-up / (1 / (1 - compute saved)): 1.0 means the wall clock falls as
   much as the FLOPs do.
@@ -57,7 +57,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         prompt_len: prompt tokens before decoding.
         new_tokens: tokens generated per decode run.
         repeats: timed repeats per setting (medians reported).
-        warmup: untimed rounds before the timed ones.
+        warmup: untimed rounds before the timed ones (same shapes, 8 decode steps).
         threads: torch CPU threads.
         seed: seed of the random prompts and random gates.
         json: write the results to this JSON file.
@@ -93,7 +93,8 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
             for name, kind, ratio in settings:
                 _install(m, variants.get(kind))
                 ctx = {} if kind is None else dict(ratio=ratio, policy=policy, kv=kv, path=path)
-                t, s = _measure(m, ctx, prefill_ids, prompts, new_tokens, pad)
+                warm = rnd < warmup  # warm-up rounds: same shapes, fewer decode steps
+                t, s = _measure(m, ctx, prefill_ids, prompts, min(new_tokens, 8) if warm else new_tokens, pad)
                 if rnd >= warmup:
                     for p in phases:
                         times[name][p].append(t[p])
@@ -209,11 +210,28 @@ def _measure(m, ctx: dict, prefill_ids, prompts: dict, new_tokens: int, pad: int
     dt, s = timed(m, input_ids=prefill_ids, attention_mask=ones, use_cache=True, logits_to_keep=1)
     times["prefill"], saved["prefill"] = dt, _saved(s)
     for b, ids in prompts.items():
-        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad)
-        t1, s1 = timed(m.generate, **kw, max_new_tokens=1, min_new_tokens=1)
-        tn, sn = timed(m.generate, **kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        times[f"decode_b{b}"], saved[f"decode_b{b}"] = tn - t1, _saved(sn, s1)
+        clock = _StepClock(m, bool(ctx))
+        dt, s = timed(m.generate, input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad,
+                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, stopping_criteria=[clock])
+        times[f"decode_b{b}"], saved[f"decode_b{b}"] = clock.marks[-1] - clock.marks[0], _saved(s, clock.first)
     return times, saved
+
+
+class _StepClock:
+    """A generate stopping criterion that never stops: it timestamps each new token.
+
+    The first call comes right after the prefill, so the decode time is last - first mark, for
+    ``new_tokens - 1`` steps; the statistics at that point are the prefill's (subtracted later).
+    """
+
+    def __init__(self, m, gated: bool):
+        self.m, self.gated, self.marks, self.first = m, gated, [], None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if not self.marks and self.gated:
+            self.first = gate_stats(self.m)
+        self.marks.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def _saved(s, minus=None) -> tuple[float, float]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from gateskip.arch import arch_spec, decoder_layers, text_config
+from gateskip.budget import check_allocation, global_ratios
 from gateskip.config import GateSkipConfig
 from gateskip.errors import GateSkipError
 from gateskip.flops import model_flops
@@ -104,7 +105,8 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @contextlib.contextmanager
 def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy: str = "quantile",
-             modules: Iterable[str] = ("attn", "mlp"), kv: str | None = None, seed: int = 0, path: str = "auto"):
+             modules: Iterable[str] = ("attn", "mlp"), kv: str | None = None, seed: int = 0, path: str = "auto",
+             allocation: str = "uniform"):
     """Run ``model`` with a per-layer skip budget inside the ``with`` block.
 
     Args:
@@ -116,6 +118,8 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         seed: seed of the ``random`` policy.
         path: ``auto`` (physical unless gradients are needed), ``physical`` (skipped tokens are not
             computed), or ``masked`` (every token computed, skipped outputs zeroed: training, checks).
+        allocation: ``uniform`` (paper: every branch skips ``ratio``) or ``global`` (one calibrated
+            importance threshold for all branches, FLOP-weighted total ``ratio``; see budget.py).
     """
     st = gate_state(model)
     check_policy(policy)
@@ -128,7 +132,11 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         raise GateSkipError(f"kv={kv!r} is not supported: choose copy or compute")
     if path not in ("auto", "physical", "masked"):
         raise GateSkipError(f"path={path!r} is not supported: choose auto, physical or masked")
-    ratios = [(_ratio_for(b, ratio) if b.kind in modules else 0.0) for b in st.branches]
+    check_allocation(allocation)
+    if allocation == "global":
+        ratios = _global_ratios(st, ratio, modules)
+    else:
+        ratios = [(_ratio_for(b, ratio) if b.kind in modules else 0.0) for b in st.branches]
     thresholds = None
     if policy == "threshold":
         if st.calibration is None:
@@ -146,6 +154,19 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         yield st.plan
     finally:
         st.plan = previous
+
+
+def _global_ratios(st: GateState, ratio, modules: tuple[str, ...]) -> list[float]:
+    if isinstance(ratio, Mapping):
+        raise GateSkipError("allocation='global' takes one overall ratio, not a mapping: pass a float")
+    r = check_ratio(ratio)
+    if st.calibration is None:
+        raise GateSkipError("allocation='global' needs calibrated importances: run gateskip.calibrate(model, batches) "
+                            "or load a gates folder that has them")
+    f = st.flops
+    per_token = {"attn": f.attn_qo + f.attn_kv, "mlp": f.mlp}  # what a skipped token saves (kv="copy")
+    weights = [per_token[b.kind] if b.kind in modules else 0.0 for b in st.branches]
+    return global_ratios(st.calibration["grid"], weights, r)
 
 
 def _ratio_for(branch: GatedBranch, ratio) -> float:

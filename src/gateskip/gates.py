@@ -24,8 +24,6 @@ class Gate(nn.Module):
         elif cfg.gate == "scalar":
             self.proj = nn.Linear(hidden, 1)
         elif cfg.gate == "lowrank":
-            # down: random so that `up` gets a gradient at step 0; up: zero so the gate starts
-            # exactly at sigmoid(bias), like the full-rank init.
             self.proj = nn.Sequential(nn.Linear(hidden, cfg.rank, bias=False), nn.Linear(cfg.rank, hidden))
         else:  # "mlp": H -> 2H -> ReLU -> H (the paper's MLP-gate ablation)
             self.proj = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, hidden))
@@ -42,8 +40,13 @@ class Gate(nn.Module):
         last = linears[-1]
         last.bias.fill_(cfg.init_bias)
         if self.kind == "lowrank":
-            nn.init.normal_(linears[0].weight, 0.0, linears[0].in_features ** -0.5)
-            nn.init.zeros_(last.weight)
+            # down ~ N(0, 1/H) keeps |down x| ~ |x|; up ~ N(0, std^2 H / rank) then gives the gate
+            # logits the same spread as a vector gate with weights N(0, std^2). An all-zero `up` would
+            # make every token's importance equal at the start, and ties are broken by position, so
+            # the first tokens (the attention sink) would be the ones skipped.
+            h, r = linears[0].in_features, linears[0].out_features
+            nn.init.normal_(linears[0].weight, 0.0, h ** -0.5)
+            nn.init.normal_(last.weight, 0.0, cfg.init_std * (h / r) ** 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gate values in (0, 1), shape ``x.shape[:-1] + (H or 1,)``, float32."""

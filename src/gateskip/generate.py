@@ -41,7 +41,7 @@ def encode_prompt(tok, prompt: str, chat: bool, max_positions: int | None, max_n
 def generate(prompt: str, model: str | None = None, gates: str | None = None, skip: float = 0.0,
              policy: str = "threshold", modules: str = "attn,mlp", kv: str | None = None,
              max_new_tokens: int = 64, chat: bool = True, sample: bool = False, temperature: float = 0.7,
-             top_p: float = 0.9, seed: int = 0) -> str:
+             top_p: float = 0.9, seed: int = 0, allocation: str = "uniform") -> str:
     """Generate a completion with token-wise skipping; prints it on stdout and statistics on stderr.
 
     Args:
@@ -58,6 +58,8 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
         temperature: sampling temperature.
         top_p: nucleus sampling mass.
         seed: random seed for sampling and the random policy.
+        allocation: uniform (every branch skips --skip) or global (one calibrated threshold for all
+            branches, FLOP-weighted total --skip).
     """
     from gateskip.core import add_gates
     from gateskip.policies import check_policy, check_ratio
@@ -77,7 +79,7 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
     mods = tuple(m.strip() for m in modules.split(",") if m.strip())
     text, s, seconds, n_new = complete(net, tok, prompt, skip=skip, policy=policy, modules=mods, kv=kv,
                                        max_new_tokens=max_new_tokens, chat=chat, sample=sample,
-                                       temperature=temperature, top_p=top_p, seed=seed)
+                                       temperature=temperature, top_p=top_p, seed=seed, allocation=allocation)
     print(text)
     print(f"[gateskip] {summary_line(s, policy, skip)} new_tokens={n_new} tokens/s={n_new / seconds:.1f}",
           file=sys.stderr)
@@ -91,7 +93,8 @@ def summary_line(s: dict, policy: str, skip: float) -> str:
 
 def complete(net, tok, prompt: str, skip: float = 0.0, policy: str = "threshold", modules=("attn", "mlp"),
              kv: str | None = None, max_new_tokens: int = 64, chat: bool = True, sample: bool = False,
-             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> tuple[str, dict, float, int]:
+             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
+             allocation: str = "uniform") -> tuple[str, dict, float, int]:
     """Generate with an already-loaded gated model: (completion, stats, seconds, new tokens)."""
     from gateskip.core import skipping, stats
 
@@ -103,7 +106,8 @@ def complete(net, tok, prompt: str, skip: float = 0.0, policy: str = "threshold"
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     t0 = time.perf_counter()
-    with torch.no_grad(), skipping(net, ratio=skip, policy=policy, modules=modules, kv=kv, seed=seed):
+    with torch.no_grad(), skipping(net, ratio=skip, policy=policy, modules=modules, kv=kv, seed=seed,
+                                          allocation=allocation):
         out = net.generate(**enc, **gen_kwargs)
         s = stats(net)
     seconds = time.perf_counter() - t0

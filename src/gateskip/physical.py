@@ -27,10 +27,12 @@ import torch
 
 from gateskip.kv import GatheredKV, skipped_kv
 
-# Below this fraction of skipped tokens in a call, the masked path is faster (measured on SmolLM2-135M,
-# 2 CPU cores, prefill 4 x 512: see BENCHMARKS.md). At decode (one token per row) there is no gather
-# for batch 1, so the rule only matters for prefill and batched decode.
-MIN_SKIP = {"attn": 0.0, "mlp": 0.0}
+# Below this fraction of skipped tokens in a call, the masked path is faster. Measured per module on
+# SmolLM2-135M shapes (4 x 512 tokens, 1 CPU thread, CPU time): attention at 1-3% skipped took ~112 ms
+# physical vs ~102 ms dense (gather, explicit mask and the skipped tokens' K/V projected separately),
+# ~91 ms at 10%; the MLP was already faster at 1% (157 vs 175 ms). See BENCHMARKS.md. Decode at
+# batch 1 skips all or nothing, so the rule only matters for prefill and batched decode.
+MIN_SKIP = {"attn": 0.05, "mlp": 0.01}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # others (flash, flex) take the masked path
 
 

@@ -57,7 +57,10 @@ class GateState:
     ctx: torch.Tensor | None = None  # [B, T] float: context length each token attends to
     prev_kv: tuple | None = None  # (layer_idx, k, v) of the last attention layer run in this call
     # statistics since the current plan was installed: per branch [skipped, valid, kept_ctx, valid_ctx]
-    counts: torch.Tensor | None = None
+    # (read ``counts``). Decisions are queued per call and counted in one go when the call is over:
+    # a handful of tensor ops per call instead of per branch (decode at batch 1 is overhead-bound).
+    tally: torch.Tensor | None = None
+    pending: list = field(default_factory=list)  # (branch index, attention window or 0 for MLP, skip, valid)
     lm_rows: int = 0
     calls: int = 0
     path_calls: dict = field(default_factory=dict)  # branch calls per path: physical / masked / dense (nothing to skip)
@@ -71,18 +74,25 @@ class GateState:
     handles: list = field(default_factory=list)
 
     def begin_call(self, valid: torch.Tensor, ctx: torch.Tensor) -> None:
+        self._count_pending()
         self.valid, self.ctx, self.prev_kv = valid, ctx, None
         self.gate_log = []
-        if self.counts is not None:
+        if self.tally is not None:
             self.calls += 1
 
+    @property
+    def counts(self) -> torch.Tensor | None:
+        self._count_pending()
+        return self.tally
+
     def reset_stats(self) -> None:
-        self.counts = torch.zeros(len(self.branches), 4, dtype=torch.float64)
+        self.pending = []
+        self.tally = torch.zeros(len(self.branches), 4, dtype=torch.float64)
         self.lm_rows, self.calls = 0, 0
         self.path_calls = {"physical": 0, "masked": 0, "dense": 0}
 
     def count_path(self, path: str) -> None:
-        if self.counts is not None:
+        if self.tally is not None:
             self.path_calls[path] += 1
 
     def valid_for(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,18 +101,15 @@ class GateState:
             v = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return v
 
-    def ctx_for(self, x: torch.Tensor, window: int | None) -> torch.Tensor:
-        c = self.ctx
-        if c is None or c.shape != x.shape[:2]:
-            c = torch.ones(x.shape[:2], device=x.device)
-        return c if window is None else c.clamp(max=window)
-
     def on_gate(self, branch, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
         """Decide which tokens of this call skip ``branch``; log for training/calibration/stats."""
         valid = self.valid_for(x)
         if self.collect:
             self.gate_log.append((g, valid))
-        if self.record is None and self.plan is None:
+        if self.record is None and (self.plan is None or self.plan.ratios[branch.index] <= 0.0):
+            # nothing to decide: skip the importance computation too (decode is overhead-bound)
+            if self.plan is not None:
+                self._queue(branch, None, valid)
             return None
         imp = importance(g.detach())
         if self.record is not None:
@@ -110,17 +117,39 @@ class GateState:
         if self.plan is None:
             return None
         skip = self.plan.decide(branch.index, imp, valid)
-        if self.counts is not None:
-            with torch.no_grad():
-                ctx = self.ctx_for(x, branch.window).masked_fill(~valid, 0) if branch.kind == "attn" else None
-                n_valid = valid.sum()
-                if skip is None:
-                    n_skip, kept_ctx = torch.zeros((), device=x.device), (ctx.sum() if ctx is not None else 0 * n_valid)
-                else:
-                    n_skip = skip.sum()
-                    kept_ctx = ctx.masked_fill(skip, 0).sum() if ctx is not None else 0 * n_valid
-                vctx = ctx.sum() if ctx is not None else 0 * n_valid
-                if self.counts.device != x.device:  # stays on the model's device: no host sync per module
-                    self.counts = self.counts.to(x.device)
-                self.counts[branch.index] += torch.stack([n_skip, n_valid, kept_ctx, vctx]).to(self.counts.dtype)
+        self._queue(branch, skip, valid)
         return skip
+
+    def _queue(self, branch, skip: torch.Tensor | None, valid: torch.Tensor) -> None:
+        if self.tally is not None:
+            window = 0 if branch.kind == "mlp" else (branch.window or -1)
+            self.pending.append((branch.index, window, skip, valid))
+
+    @torch.no_grad()
+    def _count_pending(self) -> None:
+        """Add the queued decisions of the last call to the statistics (stays on device: no host sync)."""
+        if not self.pending or self.tally is None:
+            self.pending = []
+            return
+        entries, self.pending = self.pending, []
+        groups = {}  # calls normally share one valid mask; group by it to be safe
+        for e in entries:
+            groups.setdefault(id(e[3]), []).append(e)
+        for group in groups.values():
+            valid = group[0][3]
+            ctx = self.ctx if self.ctx is not None and self.ctx.shape == valid.shape else torch.ones(
+                valid.shape, device=valid.device)
+            ctx = ctx.masked_fill(~valid, 0)
+            by_window = {0: torch.zeros_like(ctx), -1: ctx}
+            for _, w, _, _ in group:
+                if w not in by_window:
+                    by_window[w] = ctx.clamp(max=w)
+            no_skip = torch.zeros_like(valid)
+            skips = torch.stack([no_skip if e[2] is None else e[2] for e in group]).flatten(1)
+            ctxs = torch.stack([by_window[e[1]] for e in group]).flatten(1)
+            rows = torch.stack([skips.sum(1).to(ctxs.dtype), valid.sum().to(ctxs.dtype).expand(len(group)),
+                                ctxs.masked_fill(skips, 0).sum(1), ctxs.sum(1)], 1)
+            if self.tally.device != rows.device:
+                self.tally = self.tally.to(rows.device)
+            index = torch.tensor([e[0] for e in group], device=rows.device)
+            self.tally.index_add_(0, index, rows.to(self.tally.dtype))

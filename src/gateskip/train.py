@@ -56,7 +56,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           backbone: str = "frozen", backbone_lr: float = 1e-4, lora_rank: int = 8,
           objective: str = "distill", sparsity_kind: str = "l2", lam: float = 0.1, kl_target: float = 0.5,
           max_ratio: float = 0.2, ramp_steps: int | None = None, modules: str = "attn,mlp", warmup: int = 20,
-          gate: str = "vector", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01,
+          gate: str = "vector", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
           calibrate_ratio: float = 0.3, calibrate_batches: int = 8, save_every: int = 50, seed: int = 0,
           dtype: str = "float32", resume: bool = True, limit_texts: int | None = None) -> Path:
     """Train gates on offline text and write a gates folder.
@@ -85,6 +85,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         rank: rank of lowrank gates.
         init_bias: gate bias at init.
         init_std: gate weight init std.
+        kv: K/V of skipped attention tokens, in training and (recorded in the gates folder) at inference:
+            compute (their own K/V; default, see docs) or copy (from the layer below, the paper's).
         calibrate_ratio: ratio at which thresholds are calibrated after training (on held-out text).
         calibrate_batches: batches of held-out text for calibration.
         save_every: checkpoint interval in steps.
@@ -110,7 +112,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     _seed_all(seed)
 
     net, tok = load_model(model, dtype=dtype)
-    add_gates(net, GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std))
+    add_gates(net, GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv))
     stream = pack(tok, load_texts(data, split="train", limit=limit_texts), seq_len=seq_len, batch_size=batch_size,
                   seed=seed)
     peft_model = fit(net, stream, steps=steps, out=out_dir, grad_accum=grad_accum, lr=lr, backbone=backbone,

@@ -58,7 +58,7 @@ class GatedBranch(nn.Module):
         plan = st.plan
         if skip is None:
             st.count_path("dense")
-        elif self._physical(plan, x):
+        elif self._physical(plan, x) and not (args and self.kind == "attn"):  # attention args come as keywords
             n_skip = int(skip.sum())  # host read: the gathered size (free on CPU; a sync on GPU)
             if n_skip == 0 or n_skip >= physical.MIN_SKIP[self.kind] * skip.numel():
                 st.count_path("physical")

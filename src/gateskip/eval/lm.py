@@ -1,0 +1,98 @@
+"""``gateskip``: lm-eval's Hugging Face model wrapper with token-wise skipping switched on.
+
+We subclass ``HFLM`` and change nothing about how it tokenises, batches or scores: each request
+method runs inside ``gateskip.skipping(...)``, so skipping applies to every forward pass, including
+every greedy decode step (``generate`` runs with the KV cache on). The statistics of each request
+call are read inside its ``skipping`` block (they depend on the active KV mode) and pooled over the
+whole run by ``stats()``.
+
+Log-likelihood batches are right-padded by lm-eval without an attention mask, so padding would
+count as tokens (and, under the ``quantile`` policy, change which real tokens skip): keep
+``batch_size=1`` (the default here) for exact statistics. Generation batches carry a mask and
+are exact at any batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from gateskip.core import is_gated, skipping, stats
+from gateskip.errors import GateSkipError
+from gateskip.eval.flopcount import merge_stats
+from gateskip.policies import check_policy
+
+
+@register_model("gateskip")
+class GateSkipLM(HFLM):
+    """HFLM over a (gated) causal LM.
+
+    Args:
+        pretrained: a model name for ``gateskip.load_model`` or an already-loaded model object.
+        gates: a gates folder to attach (``gateskip.load_gates``); a model object that already has
+            gates can be passed with ``gates=None``.
+        ratio, policy, modules, kv, seed: passed to ``gateskip.skipping``.
+        uncounted_gates: branch names (or "all") whose gate FLOPs are left out of ``compute_saved``:
+            gates a real implementation would not compute (always-skipped branches, open stand-ins).
+        tokenizer: needed with a model object; loaded with the model for a name.
+    """
+
+    def __init__(self, pretrained="smollm2-135m", gates: str | None = None, ratio: float | Mapping = 0.0,
+                 policy: str = "threshold", modules="attn,mlp", kv: str | None = None, seed: int = 0,
+                 uncounted_gates=None, tokenizer=None, batch_size=1, **kwargs):
+        if isinstance(pretrained, str):
+            from gateskip.models import load_model
+
+            pretrained, loaded_tok = load_model(pretrained)
+            tokenizer = tokenizer or loaded_tok
+        if tokenizer is None:
+            raise GateSkipError("a model object needs its tokenizer: pass tokenizer=<the model's tokenizer>")
+        if gates:
+            from gateskip.checkpoint import load_gates
+
+            load_gates(pretrained, gates)
+        mods = tuple(m.strip() for m in modules.split(",")) if isinstance(modules, str) else tuple(modules)
+        # ratio: a float, or a mapping from branch names / kinds to ratios (as gateskip.skipping takes)
+        ratio = dict(ratio) if isinstance(ratio, Mapping) else float(ratio)
+        skips = any(r > 0 for r in ratio.values()) if isinstance(ratio, dict) else ratio > 0
+        check_policy(policy)  # fail at construction, not at the first request
+        if not skips:  # nothing is skipped, so no policy applies (and uncalibrated gates are fine)
+            policy = "quantile"
+        self.plan = {"ratio": ratio, "policy": policy, "modules": mods, "kv": kv, "seed": int(seed)}
+        if not is_gated(pretrained) and skips:
+            raise GateSkipError(f"ratio={ratio} needs gates: pass gates=<gates folder> or use ratio=0 (dense)")
+        self.uncounted_gates = uncounted_gates
+        self._runs: list[dict] = []
+        super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
+
+    @contextlib.contextmanager
+    def _measured(self):
+        if not is_gated(self.model):  # dense: nothing to skip, nothing to count here
+            yield
+            return
+        with skipping(self.model, **self.plan):
+            yield
+            if self.model.gateskip_state.counts is not None and self.model.gateskip_state.calls:
+                self._runs.append(stats(self.model))
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        with self._measured():
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        with self._measured():
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        with self._measured():
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    def stats(self) -> dict | None:
+        """``gateskip.stats`` pooled over every request call since creation or ``reset_stats``."""
+        return merge_stats(self._runs, self.uncounted_gates) if self._runs else None
+
+    def reset_stats(self) -> None:
+        self._runs = []

@@ -1,0 +1,71 @@
+"""One row of a sweep: a (method, setting) evaluated on every task through the ``gateskip`` lm-eval model.
+
+Each task runs in its own ``simple_evaluate`` call, so that its statistics (tokens skipped, FLOPs)
+are its own; the same first ``limit`` items are scored for every row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+
+from gateskip.eval.taskconfigs import TASKS
+
+
+class Runner:
+    """Evaluates one (method, setting) on every task through the ``gateskip`` lm-eval model."""
+
+    def __init__(self, net, tok, tasks, limit, batch_size, seed, tm, total):
+        from tqdm.auto import tqdm
+
+        self.net, self.tok, self.tasks, self.limit = net, tok, tasks, limit
+        self.batch_size, self.seed, self.tm = batch_size, seed, tm
+        self.chat = bool(getattr(tok, "chat_template", None))
+        self.bar = tqdm(total=total, desc="gateskip eval", unit="run")
+
+    def point(self, method, ratio, setting, plan, counters=None, removed=(), uncounted_gates=None) -> dict:
+        import lm_eval
+
+        from gateskip.eval.lm import GateSkipLM
+
+        lm = GateSkipLM(pretrained=self.net, tokenizer=self.tok, batch_size=self.batch_size,
+                        uncounted_gates=uncounted_gates, **plan)
+        per_task = {}
+        for task in self.tasks:
+            self.bar.set_postfix_str(f"{method} {ratio:g} {task}")
+            lm.reset_stats()
+            t0 = time.perf_counter()
+            with counters[task] if counters else contextlib.nullcontext():
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=[task], limit=self.limit, task_manager=self.tm, log_samples=False,
+                    bootstrap_iters=100, apply_chat_template=TASKS[task].chat and self.chat, random_seed=self.seed)
+            s = counters[task].stats(removed) if counters else lm.stats()
+            r, metric = out["results"][task], TASKS[task].metric
+            stderr = r.get(metric.replace(",", "_stderr,", 1))
+            per_task[task] = {
+                "acc": float(r[metric]), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                "n": int(out["n-samples"][task]["effective"]), "metric": metric,
+                "tokens_skipped": s["tokens_skipped"], "compute_saved": s["compute_saved"],
+                "flops_dense": s["flops_dense"], "flops_executed": s["flops_executed"],
+                "seconds": round(time.perf_counter() - t0, 1),
+                "all_metrics": {k: v for k, v in r.items() if isinstance(v, (int, float)) and "stderr" not in k},
+            }
+            self.bar.update(1)
+        dense = sum(p["flops_dense"] for p in per_task.values())
+        executed = sum(p["flops_executed"] for p in per_task.values())
+        return {"ratio": ratio, "setting": setting,
+                "mean_acc": sum(p["acc"] for p in per_task.values()) / len(per_task),
+                "tokens_skipped": sum(p["tokens_skipped"] for p in per_task.values()) / len(per_task),
+                "compute_saved": 1.0 - executed / dense if dense else 0.0, "tasks": per_task}
+
+    def copy(self, point: dict, ratio: float, same_as: str, setting: dict | None = None) -> dict:
+        """A row identical to an earlier run (same model, same skipping): not run again."""
+        self.bar.update(len(self.tasks))
+        new = {**copy.deepcopy(point), "ratio": ratio, "same_as": same_as}
+        if setting is not None:
+            new["setting"] = setting
+        return new
+
+    def close(self):
+        self.bar.close()

@@ -1,0 +1,314 @@
+"""``gateskip eval``: quality vs FLOP-weighted compute for GateSkip and its baselines, on one set of items.
+
+Order of a sweep (each method reuses what an earlier one measured):
+1. dense: the original model without gates, the reference row (tokens counted for the FLOP model);
+2. gateskip: the gates folder at every ratio with the chosen policy;
+3. random: the same gates, ``policy="random"`` at the same ratios;
+4. static: whole branches with the lowest mean gate value skipped for all tokens, as many as
+   match gateskip's measured compute saved at each ratio;
+5. gatefree_random: the gates folder's backbone (LoRA / full fine-tune; none for frozen gates)
+   with the gates fully open, random skipping, gates not counted;
+6. shortgpt: the original model with the layers of lowest Block Influence removed, as many as
+   match gateskip's measured compute saved at each ratio.
+Rows that would repeat an earlier run exactly (ratio 0, or a budget that rounds to nothing) are
+copied from it, marked ``same_as``. Block Influence and mean gate values are measured on the
+*train* split of the ``mix`` text (BoolQ passages + Shakespeare): the held-out split holds the
+BoolQ passages that evaluation uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+
+import torch
+
+from gateskip.errors import GateSkipError
+from gateskip.eval.runner import Runner
+from gateskip.eval.taskconfigs import TASKS, parse_tasks, task_manager
+
+METHODS = ("gateskip", "random", "static", "gatefree_random", "shortgpt")
+DEFAULT_TASKS = "hellaswag,piqa,arc_easy,winogrande,boolq"
+DEFAULT_METHODS = ",".join(METHODS)
+CALIB_SEQ_LEN, CALIB_BATCH = 256, 4
+
+
+def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
+             ratios: str | list[float] = "0,0.1,0.2,0.3,0.4,0.5,0.6", policy: str = "threshold",
+             methods: str | list[str] = DEFAULT_METHODS, modules: str = "attn,mlp", kv: str | None = None,
+             limit: int | None = 50, out: str = "runs/eval", model: str | None = None, tokenizer=None,
+             batch_size: int = 1, calib_batches: int = 4, seed: int = 0, threads: int = 0) -> dict:
+    """Sweep skip ratios on offline benchmarks; writes results.json, report.md and curve.png to --out.
+
+    Args:
+        gates: a gates folder (``gateskip train --out``); needed by every method but shortgpt.
+        tasks: comma-separated tasks: hellaswag, piqa, arc_easy, arc_challenge, winogrande, boolq,
+            openbookqa, commonsense_qa, mmlu, lambada, lambada_gen, gsm8k.
+        ratios: comma-separated skip ratios per branch, e.g. 0,0.1,0.2,0.3,0.4,0.5,0.6.
+        policy: how GateSkip picks tokens: threshold (calibrated, per token), quantile (paper) or random.
+        methods: comma-separated methods besides the dense reference: gateskip, random, static,
+            gatefree_random, shortgpt.
+        modules: branch kinds that skip: attn, mlp or attn,mlp.
+        kv: K/V of skipped attention tokens: copy or compute; default: the gates' config.
+        limit: items per task (the first N, same for every row); 0 for all.
+        out: output folder.
+        model: base model name or folder (a loaded model object from Python); default: the one
+            recorded in the gates folder.
+        tokenizer: with a model object: its tokenizer.
+        batch_size: requests per forward pass (1 keeps log-likelihood statistics exact).
+        calib_batches: batches of 4 x 256 tokens for Block Influence and mean gate values (train
+            split of the mix text: BoolQ passages + Shakespeare, never evaluation items).
+        seed: seed of random skipping.
+        threads: torch CPU threads (0: leave as is).
+    """
+    _require_lm_eval()
+    from gateskip.policies import check_policy
+
+    task_names = parse_tasks(tasks)
+    ratio_list = _parse_ratios(ratios)
+    method_list = _parse_methods(methods)
+    check_policy(policy)
+    if limit is not None and limit < 0:
+        raise GateSkipError(f"limit={limit} is invalid: give a number of items per task, or 0 for all")
+    try:  # fail now, not after an hour of evaluation
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise GateSkipError(f"cannot create output folder {out!r} ({e.strerror}): pass a writable --out") from None
+    if threads:
+        torch.set_num_threads(threads)
+    net, tok, model_name = _resolve_model(model, tokenizer, gates)
+    mods = tuple(m.strip() for m in modules.split(",") if m.strip()) if isinstance(modules, str) else tuple(modules)
+    lm_log = logging.getLogger("lm_eval")
+    level = lm_log.level
+    lm_log.setLevel(logging.ERROR)  # lm-eval warns on every model object and default metric setting
+    with tempfile.TemporaryDirectory(prefix="gateskip-eval-") as tmp, _gates_restored(net, gates, tmp) as gates_dir:
+        if gates_dir is None and set(method_list) - {"shortgpt", "gatefree_random"}:
+            raise GateSkipError("methods gateskip/random/static need trained gates: pass --gates DIR "
+                                "(or --methods shortgpt,gatefree_random)")
+        runner = Runner(net, tok, task_names, limit or None, batch_size, seed, task_manager(f"{tmp}/tasks"),
+                         total=(1 + len(ratio_list) * len(method_list)) * len(task_names))
+        t0 = time.perf_counter()
+        try:
+            results = _sweep(runner, gates_dir, ratio_list, method_list, policy, mods, kv, calib_batches)
+        finally:
+            runner.close()
+            lm_log.setLevel(level)
+    results["config"].update(model=model_name, gates=gates, tasks=task_names, limit=limit, policy=policy,
+                             modules=list(mods), kv=kv, seed=seed, batch_size=batch_size,
+                             seconds=round(time.perf_counter() - t0, 1))
+    from gateskip.eval.report import write_report
+
+    print(write_report(results, out))
+    print(f"[gateskip] wrote {out}/results.json, report.md, curve.png")
+    return results
+
+
+# ---- the sweep ---------------------------------------------------------------------------------
+
+def _sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches) -> dict:
+    from gateskip.checkpoint import load_gates
+    from gateskip.core import gate_state, remove_gates
+    from gateskip.eval.flopcount import TokenCounter
+
+    res = {"config": {"ratios": ratios, "methods": methods}, "tasks": run.tasks,
+           "metrics": {t: TASKS[t].metric for t in run.tasks}, "methods": {}}
+    counters = {t: TokenCounter(run.net) for t in run.tasks}  # dense tokens: the FLOPs of any layer or branch
+    res["methods"]["dense"] = [run.point("dense", 0.0, {}, {}, counters=counters)]
+    calib = _calibration_batches(run.tok, calib_batches) if {"static", "shortgpt"} & set(methods) else None
+    skip = {"modules": mods, "kv": kv, "seed": run.seed}
+    if gates and {"gateskip", "random", "static"} & set(methods):
+        load_gates(run.net, gates)
+        if policy == "threshold" and gate_state(run.net).calibration is None:
+            raise GateSkipError(f"gates in {gates!r} have no calibration for policy 'threshold': "
+                                "run gateskip.calibrate and save them again, or pass --policy quantile")
+        if "gateskip" in methods:
+            res["methods"]["gateskip"] = [run.point("gateskip", r, {}, {"ratio": r, "policy": policy, **skip})
+                                          for r in ratios]
+        if "random" in methods:
+            res["methods"]["random"] = [
+                run.copy(_at(res, "gateskip", 0.0), r, "gateskip@0") if r == 0 and _at(res, "gateskip", 0.0)
+                else run.point("random", r, {}, {"ratio": r, "policy": "random", **skip}) for r in ratios]
+        if "static" in methods:
+            res["methods"]["static"] = _static(run, res, counters, ratios, calib, mods, kv)
+        remove_gates(run.net)
+    if "gatefree_random" in methods:
+        res["methods"]["gatefree_random"] = _gatefree(run, res, gates, ratios, skip)
+    if "shortgpt" in methods:
+        res["methods"]["shortgpt"] = _shortgpt(run, res, counters, ratios, calib)
+    return res
+
+
+def _at(res: dict, method: str, ratio: float) -> dict | None:
+    return next((p for p in res["methods"].get(method, []) if p["ratio"] == ratio), None)
+
+
+def _target(res: dict, ratio: float) -> float:
+    """The FLOP fraction a matched baseline must save at ``ratio``: what gateskip measured there."""
+    g = _at(res, "gateskip", ratio)
+    return g["compute_saved"] if g else ratio
+
+
+def _dense_flops(res: dict) -> float:
+    return sum(p["flops_dense"] for p in res["methods"]["dense"][0]["tasks"].values())
+
+
+def _static(run: Runner, res, counters, ratios, calib, mods, kv) -> list[dict]:
+    """Whole branches (of the kinds in ``mods``) with the lowest mean gate, as many as match gateskip's compute."""
+    from gateskip.baselines import match_prefix
+    from gateskip.baselines.static import lowest_first, mean_gate_values, static_plan
+    from gateskip.core import gate_state
+
+    means = mean_gate_values(run.net, calib)
+    res["config"]["mean_gate_values"] = means
+    st = gate_state(run.net)
+    kinds = {b.name: b.kind for b in st.branches}
+    order = [b for b in lowest_first(means) if kinds[b] in mods]
+    g = sum(c.tokens for c in counters.values()) * st.flops.gate  # one gate over all dense tokens
+    cost = {b.name: sum((c.attn_flops if b.kind == "attn" else c.mlp_flops)(b.layer) for c in counters.values())
+            for b in st.branches}
+    points, done = [], {}
+    if _at(res, "gateskip", 0.0):
+        done[0] = (_at(res, "gateskip", 0.0), "gateskip@0")  # nothing skipped: the gated model at ratio 0
+    for r in ratios:
+        # Skipping a branch saves its FLOPs and its gate's; every other gate still runs.
+        n = match_prefix([cost[b] + g for b in order], _target(res, r) * _dense_flops(res), offset=-len(st.branches) * g)
+        setting = {"branches_skipped": order[:n]}
+        if n in done:
+            points.append(run.copy(done[n][0], r, done[n][1], setting))
+            continue
+        plan = {**static_plan(order[:n]), "modules": ("attn", "mlp"), "kv": kv}
+        points.append(run.point("static", r, setting, plan, uncounted_gates=order[:n]))
+        done[n] = (points[-1], f"static@{r:g}")
+    return points
+
+
+def _gatefree(run: Runner, res, gates, ratios, skip) -> list[dict]:
+    """The gates folder's backbone with its gates fully open, random skipping, gates not counted."""
+    from gateskip.baselines.gatefree import open_gates
+    from gateskip.checkpoint import load_gates
+    from gateskip.config import GateSkipConfig
+    from gateskip.core import add_gates, gate_state, remove_gates
+
+    if gates:
+        load_gates(run.net, gates)
+    else:
+        add_gates(run.net, GateSkipConfig())
+    frozen = not gate_state(run.net).backup  # no LoRA / full deltas: the original model
+    open_gates(run.net)
+    res["config"]["gatefree_backbone"] = "original (frozen-backbone gates)" if frozen else "fine-tuned"
+    dense = res["methods"]["dense"][0]
+    try:
+        return [run.copy(dense, r, "dense") if r == 0 and frozen
+                else run.point("gatefree_random", r, {}, {"ratio": r, "policy": "random", **skip}, uncounted_gates="all")
+                for r in ratios]
+    finally:
+        remove_gates(run.net)
+
+
+def _shortgpt(run: Runner, res, counters, ratios, calib) -> list[dict]:
+    """The original model without its lowest-Block-Influence layers, as many as match gateskip's compute."""
+    from gateskip.baselines import match_prefix
+    from gateskip.baselines.shortgpt import block_influence, least_influential, pruned
+    from gateskip.eval.flopcount import TokenCounter
+
+    n_layers = next(iter(counters.values())).n_layers
+    bi = block_influence(run.net, calib)
+    res["config"]["block_influence"] = bi
+    order = least_influential(bi, n_layers)  # all layers, lowest Block Influence first
+    layer_cost = [sum(c.layer_flops(i) for c in counters.values()) for i in range(n_layers)]
+    points, done = [], {0: (res["methods"]["dense"][0], "dense")}
+    for r in ratios:
+        n = min(match_prefix([layer_cost[i] for i in order], _target(res, r) * _dense_flops(res)), n_layers - 1)
+        setting = {"layers_dropped": sorted(order[:n])}
+        if n in done:
+            points.append(run.copy(done[n][0], r, done[n][1], setting))
+            continue
+        fresh = {t: TokenCounter(run.net) for t in run.tasks}  # made on the full model: FLOPs of all layers
+        with pruned(run.net, setting["layers_dropped"]):
+            points.append(run.point("shortgpt", r, setting, {}, counters=fresh, removed=setting["layers_dropped"]))
+        done[n] = (points[-1], f"shortgpt@{r:g}")
+    return points
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+def _require_lm_eval() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise GateSkipError("gateskip eval needs lm-evaluation-harness: run `pip install 'gateskip[eval]'`") from None
+
+
+def _parse_ratios(ratios) -> list[float]:
+    from gateskip.policies import check_ratio
+
+    items = ratios.split(",") if isinstance(ratios, str) else ratios
+    out = sorted({check_ratio(r) for r in items if str(r).strip()})
+    if not out:
+        raise GateSkipError("no ratios given: pass e.g. --ratios 0,0.1,0.2,0.3")
+    return out
+
+
+def _parse_methods(methods) -> list[str]:
+    items = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    unknown = [m for m in items if m not in METHODS]
+    if unknown:
+        raise GateSkipError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)} "
+                            "(dense is always included)")
+    return [m for m in METHODS if m in items]  # fixed order: baselines match gateskip's measured compute
+
+
+def _resolve_model(model, tokenizer, gates):
+    from gateskip.checkpoint import read_meta
+    from gateskip.models import load_model
+
+    if model is None or isinstance(model, str):
+        name = model or (read_meta(gates)["base_model"].get("source") if gates else "smollm2-135m")
+        if not name:
+            raise GateSkipError(f"{gates!r} does not record its base model: pass --model")
+        net, tok = load_model(name)
+        return net, tok, name
+    folder = getattr(model.config, "_name_or_path", "")
+    if tokenizer is None and folder and os.path.isdir(folder):
+        tokenizer = folder  # load_model reads aliases from a local cache folder that holds the tokenizer
+    if tokenizer is None:
+        raise GateSkipError("a model object needs its tokenizer: pass tokenizer=<the model's tokenizer>")
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, getattr(model, "gateskip_source", None) or model.config.model_type
+
+
+@contextlib.contextmanager
+def _gates_restored(net, gates, tmp):
+    """The sweep needs the model without gates; a gated model object gets its gates back afterwards."""
+    from gateskip.checkpoint import load_gates, save_gates
+    from gateskip.core import gate_state, is_gated, remove_gates
+
+    restore = None
+    if is_gated(net):
+        if gates is None and gate_state(net).backup:
+            raise GateSkipError("the model's gates changed its backbone (LoRA/full): pass their folder as --gates")
+        restore = gates or str(save_gates(net, f"{tmp}/entry-gates"))
+        remove_gates(net)
+    try:
+        yield gates or restore
+    finally:
+        if is_gated(net):
+            remove_gates(net)
+        if restore:
+            load_gates(net, restore)
+
+
+def _calibration_batches(tok, n: int) -> list[torch.Tensor]:
+    from gateskip.data import fixed_batches, load_texts
+
+    if n < 1:
+        raise GateSkipError(f"calib_batches={n} is invalid: static and shortgpt need at least 1 batch")
+    return fixed_batches(tok, load_texts("mix", split="train"), CALIB_SEQ_LEN, CALIB_BATCH, n)

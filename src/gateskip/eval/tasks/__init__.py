@@ -1,0 +1,1 @@
+"""Task YAML templates and their document functions (``docs.py``); see ``gateskip.eval.taskconfigs``."""

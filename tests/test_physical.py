@@ -1,0 +1,126 @@
+"""The physical path (skipped tokens not computed) gives the masked path's results, on every family."""
+
+import pytest
+import torch
+from conftest import FAMILIES, VOCAB, left_padded, positions
+
+import gateskip
+from gateskip import GateSkipConfig
+from gateskip.models import tiny_model
+
+DIVERSE = GateSkipConfig(init_std=0.3, init_bias=0.0)
+TOL = 1e-4
+
+
+def _calibrated(family, cfg=DIVERSE):
+    m = gateskip.add_gates(tiny_model(family), cfg)
+    g = torch.Generator().manual_seed(1)
+    gateskip.calibrate(m, [torch.randint(1, VOCAB, (4, 32), generator=g) for _ in range(3)], ratio=0.3)
+    return m
+
+
+def _run_both(m, fn, **skip_kw):
+    """fn(m) under the masked and the physical path; returns both results and the physical stats."""
+    out = {}
+    for path in ("masked", "physical"):
+        with torch.no_grad(), gateskip.skipping(m, path=path, **skip_kw):
+            out[path] = fn(m)
+            if path == "physical":
+                s = gateskip.stats(m)
+    return out["masked"], out["physical"], s
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kv", ["copy", "compute"])
+def test_physical_equals_masked(family, kv):
+    """Prefill (left-padded batch and an unpadded row: implicit mask), then cached decode in generate()."""
+    m = _calibrated(family)
+    ids, mask = left_padded([20, 11, 17])  # longer than the tiny Gemma sliding window (16)
+
+    def prefill(m):
+        padded = m(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+        return padded, m(input_ids=ids[:1], use_cache=False).logits
+
+    (pm, um), (pp, up), s = _run_both(m, prefill, ratio=0.4, policy="threshold", kv=kv)
+    valid = mask.bool()
+    assert (pm - pp)[valid].abs().max() < TOL
+    assert (um - up).abs().max() < TOL
+    assert s["path"] == "physical" and s["tokens_skipped"] > 0.2
+
+    def generate(m):
+        return m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                          output_logits=True, return_dict_in_generate=True)
+
+    gm, gp, s = _run_both(m, generate, ratio=0.4, policy="threshold", kv=kv)
+    assert torch.equal(gm.sequences, gp.sequences)
+    assert max((a - b).abs().max() for a, b in zip(gm.logits, gp.logits)) < TOL
+    assert s["path_calls"]["physical"] > 0 and s["path_calls"]["masked"] == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_batched_decode_with_rows_skipping_everything(family):
+    """Random skipping at decode batch 4: some rows skip a branch entirely and leave the call."""
+    m = _calibrated(family)
+    ids, mask = left_padded([9, 5, 7, 8], seed=3)
+
+    def generate(m):
+        return m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                          output_logits=True, return_dict_in_generate=True)
+
+    for kv in ("copy", "compute"):
+        gm, gp, _ = _run_both(m, generate, ratio=0.5, policy="random", kv=kv, seed=4)
+        assert torch.equal(gm.sequences, gp.sequences)
+        assert max((a - b).abs().max() for a, b in zip(gm.logits, gp.logits)) < TOL
+
+
+@pytest.mark.parametrize("kv", ["copy", "compute"])
+def test_module_skipped_at_decode_batch1_is_not_called(kv):
+    m = _calibrated("qwen3")
+    layer = m.model.layers[1]
+    calls = {"attn": 0, "mlp": 0}
+    for kind, mod in (("attn", layer.self_attn.module), ("mlp", layer.mlp.module)):
+        mod.register_forward_hook(lambda *_a, k=kind: calls.__setitem__(k, calls[k] + 1))
+    ids = torch.randint(1, VOCAB, (1, 10))
+    ratio = {"attn": 0.3, "mlp": 0.3, "layers.1.attn": 1.0, "layers.1.mlp": 1.0}
+
+    def prefill_then_decode(m):
+        out = m(input_ids=ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        calls.update(attn=0, mlp=0)
+        step = m(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        return step.logits, out.past_key_values.layers[1].keys.shape[2], dict(calls)
+
+    (lm, nm, _), (lp, n_keys, c), _ = _run_both(m, prefill_then_decode, ratio=ratio, policy="threshold", kv=kv)
+    assert c == {"attn": 0, "mlp": 0}
+    assert n_keys == 11  # the skipped token's K/V still went into the cache
+    assert (lm - lp).abs().max() < TOL
+
+
+def test_path_choice_and_stats():
+    m = _calibrated("llama")
+    ids = torch.randint(1, VOCAB, (2, 12))
+    with torch.no_grad(), gateskip.skipping(m, ratio=0.3):
+        m(input_ids=ids)
+        assert gateskip.stats(m)["path"] == "physical"
+    with gateskip.skipping(m, ratio=0.3):  # gradients needed (training): masked by default
+        m(input_ids=ids)
+        assert gateskip.stats(m)["path"] == "masked"
+    with torch.no_grad(), gateskip.skipping(m, ratio=0.0):
+        m(input_ids=ids)
+        assert gateskip.stats(m)["path_calls"] == {"physical": 0, "masked": 0, "dense": 6}
+    with pytest.raises(gateskip.GateSkipError, match="path="):
+        with gateskip.skipping(m, ratio=0.3, path="fast"):
+            pass
+
+
+def test_physical_backward_matches_masked():
+    """The physical path is differentiable too (gather/scatter), with the masked path's gradients."""
+    m = _calibrated("mistral")
+    ids = torch.randint(1, VOCAB, (2, 12))
+    grads = {}
+    for path in ("masked", "physical"):
+        m.zero_grad()
+        with gateskip.skipping(m, ratio=0.4, path=path):
+            m(input_ids=ids, labels=ids).loss.backward()
+        grads[path] = m.model.layers[1].self_attn.module.q_proj.weight.grad.clone()
+    assert (grads["masked"] - grads["physical"]).abs().max() < TOL
