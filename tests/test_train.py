@@ -158,6 +158,7 @@ def test_train_cli_then_generate_cli(tmp_path, capsys):
     (["generate", "--gates", "/nonexistent/dir", "hi"], "does not exist"),
     (["generate", "--model", "no/such-model!", "hi"], "not an alias"),
     (["train", "--backbone", "half"], "backbone"),
+    (["train", "--config", "/nonexistent.yaml"], "cannot read config"),
 ])
 def test_cli_errors_are_one_line(argv, match, capsys):
     from gateskip.cli import main
@@ -187,3 +188,17 @@ def test_trained_backbone_roundtrips_through_gates_folder(tmp_path, backbone):
     gateskip.remove_gates(base)
     with torch.no_grad():
         assert torch.equal(base(input_ids=ids).logits, ref)  # and is undone exactly
+
+
+def test_yaml_config_supplies_flags_and_flags_win(tmp_path, capsys):
+    from gateskip.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("skip: 0.5\npolicy: best\n")
+    assert main(["generate", "--config", str(cfg), "hi"]) == 2
+    assert "policy='best'" in capsys.readouterr().err  # the YAML value reached the function
+    assert main(["generate", "--config", str(cfg), "--policy", "random", "--skip", "2", "hi"]) == 2
+    assert "skip ratio 2.0 is out of range" in capsys.readouterr().err  # flags override the file
+    cfg.write_text("stepz: 3\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "unknown keys ['stepz']" in capsys.readouterr().err

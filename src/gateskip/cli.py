@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     fn = args.pop("_fn")
     args.pop("command")
     config = args.pop("config")
-    kwargs = _load_yaml(config, fn) if config else {}
-    kwargs.update({k: v for k, v in args.items() if v is not None})
     try:
+        kwargs = _load_yaml(config, fn) if config else {}
+        kwargs.update({k: v for k, v in args.items() if v is not None})
         fn(**kwargs)
     except GateSkipError as e:
         print(f"gateskip: error: {e}", file=sys.stderr)
