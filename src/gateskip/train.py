@@ -9,17 +9,20 @@ while skipping"); ``ce+distill`` sums both.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from gateskip.checkpoint import atomic_write, save_gates
+from gateskip import distributed as gdist
+from gateskip.checkpoint import atomic_write, load_train_state, save_gates, save_train_state
 from gateskip.config import GateSkipConfig
 from gateskip.core import (
     add_gates,
@@ -58,7 +61,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           max_ratio: float = 0.2, ramp_steps: int | None = None, modules: str = "attn,mlp", warmup: int = 20,
           gate: str = "vector", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
           calibrate_ratio: float = 0.3, calibrate_batches: int = 8, save_every: int = 50, seed: int = 0,
-          dtype: str = "float32", resume: bool = True, limit_texts: int | None = None) -> Path:
+          dtype: str = "float32", resume: bool = True, limit_texts: int | None = None, fsdp: bool = False,
+          keep_checkpoints: int = 2, device: str = "auto") -> Path:
     """Train gates on offline text and write a gates folder.
 
     Args:
@@ -67,7 +71,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         data: training text: boolq, lambada, shakespeare, mix, a .txt/.jsonl file, or a dataset.
         steps: optimizer steps.
         seq_len: tokens per packed row.
-        batch_size: rows per micro-batch.
+        batch_size: rows per micro-batch on each process (torchrun: the global batch is N times this).
         grad_accum: micro-batches per optimizer step.
         lr: learning rate of the gates.
         backbone: frozen (gates only), lora (LoRA adapters via peft + gates) or full.
@@ -94,63 +98,122 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         dtype: float32 or bfloat16 for the backbone.
         resume: continue from out/checkpoint if present.
         limit_texts: use at most this many training texts.
+        fsdp: shard model, gates and optimizer state with FSDP2 across torchrun processes (for models whose
+            weights plus gate training state do not fit one GPU; see docs/distributed.md).
+        keep_checkpoints: newest checkpoints kept on disk (>= 2 keeps a fallback if the latest is damaged).
+        device: auto (a GPU when there is one), cpu, cuda or cuda:N; under torchrun each process uses its LOCAL_RANK GPU.
     """
-    from gateskip.data import fixed_batches, load_texts, pack
+    from gateskip.data import load_texts, pack
     from gateskip.models import load_model
 
     if backbone not in BACKBONES:
         raise GateSkipError(f"backbone={backbone!r} is not supported: choose one of {', '.join(BACKBONES)}")
     if objective not in OBJECTIVES:
         raise GateSkipError(f"objective={objective!r} is not supported: choose one of {', '.join(OBJECTIVES)}")
-    if steps < 1 or batch_size < 1 or grad_accum < 1 or seq_len < 2:
-        raise GateSkipError("steps, batch_size and grad_accum must be >= 1 and seq_len >= 2")
+    for name, value, least in (("steps", steps, 1), ("batch_size", batch_size, 1), ("grad_accum", grad_accum, 1),
+                               ("seq_len", seq_len, 2), ("save_every", save_every, 1),
+                               ("keep_checkpoints", keep_checkpoints, 1), ("calibrate_batches", calibrate_batches, 1)):
+        if value < least:
+            raise GateSkipError(f"{name}={value} is invalid: use a value >= {least}")
     check_ratio(max_ratio, "max_ratio")
     skip_modules = tuple(m.strip() for m in modules.split(",") if m.strip())
     ramp_steps = ramp_steps if ramp_steps is not None else max(1, int(0.8 * steps))
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _seed_all(seed)
+    d = gdist.init_from_env()
+    if fsdp and not d.enabled:
+        raise GateSkipError("--fsdp shards over several processes: launch with torchrun --nproc_per_node N")
+    try:
+        if d.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        _seed_all(seed)
+        dev = d.device if d.enabled else _device(device)
+        net, tok = load_model(model, dtype=dtype)
+        add_gates(net, GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv))
+        net.to(dev)
+        # Every rank reads the same global batches (world x batch_size rows) and keeps its own slice.
+        stream = pack(tok, load_texts(data, split="train", limit=limit_texts), seq_len=seq_len,
+                      batch_size=batch_size * d.world, seed=seed)
+        peft_model = fit(net, stream, steps=steps, out=out_dir, grad_accum=grad_accum, lr=lr, backbone=backbone,
+                         backbone_lr=backbone_lr, lora_rank=lora_rank, objective=objective,
+                         sparsity_kind=sparsity_kind, lam=lam, kl_target=kl_target, max_ratio=max_ratio,
+                         ramp_steps=ramp_steps, modules=skip_modules, warmup=warmup, save_every=save_every,
+                         resume=resume, dist=d, keep_checkpoints=keep_checkpoints, fsdp=fsdp)
+        if fsdp:  # gather the sharded weights (a collective); rank 0 calibrates an unsharded copy
+            full = gdist.full_state(net)
+            if d.is_main:
+                net, _ = load_model(model, dtype=dtype)
+                add_gates(net, GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv))
+                peft_model = _attach_lora(net, lora_rank) if backbone == "lora" else None
+                net.load_state_dict(full)
+                net.eval()
+        if not d.is_main:  # rank 0 alone calibrates and writes the gates folder
+            gdist.barrier(d)
+            return out_dir
+        _finish(net, tok, peft_model, out_dir, data=data, backbone=backbone, calibrate_ratio=calibrate_ratio,
+                calibrate_batches=calibrate_batches, seq_len=seq_len, batch_size=batch_size,
+                meta_training={"data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
+                               "world_size": d.world, "grad_accum": grad_accum, "lr": lr, "objective": objective,
+                               "sparsity": sparsity_kind, "lam": lam, "max_ratio": max_ratio,
+                               "ramp_steps": ramp_steps, "seed": seed})
+        gdist.barrier(d)
+        return out_dir
+    finally:
+        gdist.shutdown(d)
 
-    net, tok = load_model(model, dtype=dtype)
-    add_gates(net, GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv))
-    stream = pack(tok, load_texts(data, split="train", limit=limit_texts), seq_len=seq_len, batch_size=batch_size,
-                  seed=seed)
-    peft_model = fit(net, stream, steps=steps, out=out_dir, grad_accum=grad_accum, lr=lr, backbone=backbone,
-                     backbone_lr=backbone_lr, lora_rank=lora_rank, objective=objective, sparsity_kind=sparsity_kind,
-                     lam=lam, kl_target=kl_target, max_ratio=max_ratio, ramp_steps=ramp_steps,
-                     modules=skip_modules, warmup=warmup, save_every=save_every, resume=resume)
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise GateSkipError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GateSkipError(f"device={name!r} but no GPU is visible: use --device cpu")
+    return dev
+
+
+def _finish(net, tok, peft_model, out_dir: Path, *, data, backbone, calibrate_ratio, calibrate_batches, seq_len,
+            batch_size, meta_training) -> None:
+    """Merge LoRA, calibrate thresholds on held-out text and write the gates folder."""
+    from gateskip.data import fixed_batches, load_texts
+
     extra = _merge_lora(net, peft_model) if peft_model is not None else {}
     heldout = load_texts(data, split="heldout", limit=None)
     cal = calibrate(net, fixed_batches(tok, heldout, seq_len, batch_size, calibrate_batches), ratio=calibrate_ratio)
-    meta = {"backbone": backbone, "training": {"data": data, "steps": steps, "seq_len": seq_len,
-                                               "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-                                               "objective": objective, "sparsity": sparsity_kind, "lam": lam,
-                                               "max_ratio": max_ratio, "ramp_steps": ramp_steps, "seed": seed,
-                                               "calibration": cal}}
+    meta = {"backbone": backbone, "training": {**meta_training, "calibration": cal}}
     save_gates(net, out_dir, extra_tensors=extra, extra_meta=meta)
     if backbone == "full":
         from safetensors.torch import save_file
         changed = {k: v.detach().float().cpu().clone() for k, v in net.named_parameters() if ".gate." not in k}
         atomic_write(out_dir / "backbone.safetensors", lambda p: save_file(changed, p))
-    return out_dir
 
 
 def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1, lr: float = 1e-3,
         backbone: str = "frozen", backbone_lr: float = 1e-4, lora_rank: int = 8, objective: str = "distill",
         sparsity_kind: str = "l2", lam: float = 0.1, kl_target: float = 0.5, max_ratio: float = 0.2,
         ramp_steps: int | None = None, modules: tuple[str, ...] = ("attn", "mlp"), warmup: int = 20,
-        save_every: int = 50, resume: bool = True):
+        save_every: int = 50, resume: bool = True, dist: gdist.Dist | None = None, keep_checkpoints: int = 2,
+        fsdp: bool = False):
     """The training loop on a gated model and an iterator of ``input_ids`` batches.
 
     Returns the model with LoRA layers still attached (or None): ``train`` merges them. Writes
-    ``train_log.jsonl`` and resumable checkpoints under ``out`` when given.
+    ``train_log.jsonl`` and resumable checkpoints under ``out`` when given. With ``dist`` (several
+    torchrun processes) each batch from ``stream`` is the global batch: every rank trains on its
+    slice, gradients are averaged by DDP, logs are averaged over ranks, and only rank 0 writes.
+    ``fsdp`` shards the model with FSDP2 instead of replicating it (see docs/distributed.md).
     """
+    d = dist or gdist.SINGLE
     if backbone not in BACKBONES:
         raise GateSkipError(f"backbone={backbone!r} is not supported: choose one of {', '.join(BACKBONES)}")
     if objective not in OBJECTIVES:
         raise GateSkipError(f"objective={objective!r} is not supported: choose one of {', '.join(OBJECTIVES)}")
     if not is_gated(net):
         raise GateSkipError("fit() needs a gated model: call gateskip.add_gates(model) first")
+    if steps < 1:
+        raise GateSkipError(f"steps={steps} is invalid: train for at least 1 step")
+    if fsdp:
+        _check_fsdp(net, d, backbone, objective)
     ramp_steps = ramp_steps if ramp_steps is not None else max(1, int(0.8 * steps))
     skip_modules = tuple(modules)
     teacher = None
@@ -164,9 +227,11 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
     elif backbone == "full":
         for p in net.parameters():
             p.requires_grad_(True)
-    gates = gate_parameters(net)
-    for p in gates:
+    for p in gate_parameters(net):
         p.requires_grad_(True)
+    if fsdp:  # shard before the optimizer is built, so that it holds (and shards) the DTensor parameters
+        gdist.shard_model(net)
+    gates = gate_parameters(net)
     gate_ids = {id(p) for p in gates}
     other = [p for p in net.parameters() if p.requires_grad and id(p) not in gate_ids]
     groups = [{"params": gates, "lr": lr, "base_lr": lr}]
@@ -176,23 +241,31 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
 
     start = 0
     ckpt = Path(out) / "checkpoint" if out is not None else None
-    if resume and ckpt is not None and (ckpt / "train_state.pt").is_file():
-        start = _load_checkpoint(ckpt, net, opt, stream)
+    if resume and ckpt is not None:
+        start = _load_checkpoint(ckpt, net, opt, stream, warn=_warn if d.is_main else None, fsdp=fsdp)
+    last_good = start
     log_path = None
-    if out is not None:
+    if out is not None and d.is_main:
         Path(out).mkdir(parents=True, exist_ok=True)
         log_path = Path(out) / "train_log.jsonl"
+        _truncate_log(log_path, start)  # rows past the checkpoint are re-done: do not log them twice
     st = gate_state(net)
+    device = next(net.parameters()).device
+    # DDP all-reduces (averages) the trainable gradients during backward; rank 0's weights are
+    # broadcast at construction, so ranks start identical even if their seeds differed.
+    # Under FSDP the model itself is sharded and reduces gradients (reduce-scatter) on its own.
+    model = torch.nn.parallel.DistributedDataParallel(net) if d.enabled and not fsdp else net
     net.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train gates", dynamic_ncols=True)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train gates", dynamic_ncols=True,
+               disable=not d.is_main)
     for step in bar:
         ratio = ramp_ratio(step, ramp_steps, max_ratio)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, warmup, group["base_lr"])
         t0 = time.time()
         totals = {"loss": 0.0, "task": 0.0, "sparsity": 0.0, "gate_mean": 0.0, "skipped": 0.0}
-        for _ in range(grad_accum):
-            ids = next(stream)
+        for micro in range(grad_accum):
+            ids = gdist.shard(next(stream), d).to(device)
             teacher_logits = None
             if "distill" in objective:
                 with torch.no_grad():
@@ -205,30 +278,38 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
             st.collect = True
             try:
                 with skipping(net, ratio=ratio, policy="quantile", modules=skip_modules):
-                    logits = net(input_ids=ids, use_cache=False).logits
+                    logits = model(input_ids=ids, use_cache=False).logits
                     gate_log = st.gate_log
                     skipped = _skipped_fraction(st)
             finally:
                 st.collect = False
             task = torch.zeros((), device=logits.device)
             if "ce" in objective.split("+"):
-                task = task + next_token_ce(logits, ids)
+                task = task + _ce(logits, ids)
             if teacher_logits is not None:
                 task = task + distillation_kl(logits, teacher_logits)
             sp = sparsity(gate_log, sparsity_kind, kl_target)
             loss = (task + lam * sp) / grad_accum
-            if not torch.isfinite(loss):
-                raise GateSkipError(f"loss became {loss.item()} at step {step}: lower lr or lam; the last good "
-                                    f"checkpoint is in {ckpt}")
-            loss.backward()
+            # Decided together, so that no rank waits forever in an all-reduce its peers left.
+            if gdist.any_rank(not bool(torch.isfinite(loss)), d):
+                raise GateSkipError(f"loss became non-finite ({loss.item()} here) at step {step + 1}: training "
+                                    f"stopped; lower --lr or --lam. {_last_good(ckpt, last_good)}")
+            sync = d.enabled and not fsdp and micro < grad_accum - 1
+            with model.no_sync() if sync else contextlib.nullcontext():
+                loss.backward()
             totals["loss"] += loss.item()
             totals["task"] += task.item() / grad_accum
             totals["sparsity"] += sp.item() / grad_accum
             totals["gate_mean"] += float(torch.stack([g.detach().mean() for g, _ in gate_log]).mean()) / grad_accum
             totals["skipped"] += skipped / grad_accum
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+        if not torch.isfinite(norm):  # gradients are all-reduced, so every rank sees the same norm
+            raise GateSkipError(f"gradients became non-finite at step {step + 1}: training stopped; lower --lr or "
+                                f"--lam. {_last_good(ckpt, last_good)}")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        totals = gdist.mean_over_ranks(totals, d)
         row = {"step": step + 1, "ratio": round(ratio, 4), **{k: round(v, 5) for k, v in totals.items()},
                "lr": opt.param_groups[0]["lr"], "sec": round(time.time() - t0, 2)}
         if log_path is not None:
@@ -237,9 +318,63 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
         bar.set_postfix(loss=f"{row['loss']:.3f}", sp=f"{row['sparsity']:.3f}", gate=f"{row['gate_mean']:.3f}",
                         skip=f"{row['skipped']:.2f}")
         if ckpt is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-            _save_checkpoint(ckpt, net, opt, stream, step + 1)
+            error = None
+            # Under FSDP gathering the full state is a collective: every rank takes part, rank 0 writes.
+            weights = gdist.gathered_trainable(net, opt) if fsdp else None
+            if d.is_main:
+                try:
+                    _save_checkpoint(ckpt, net, opt, stream, step + 1, keep=keep_checkpoints,
+                                     schedule={"steps": steps, "warmup": warmup, "ramp_steps": ramp_steps,
+                                               "max_ratio": max_ratio}, gathered=weights)
+                except OSError as e:
+                    error = e
+            if gdist.any_rank(error is not None, d):
+                why = f" ({error.strerror or error})" if error is not None else " on rank 0"
+                raise GateSkipError(f"could not write the checkpoint of step {step + 1}{why}: free disk space in "
+                                    f"{ckpt} and run again (it resumes). {_last_good(ckpt, last_good)}") from None
+            last_good = step + 1
     net.eval()
     return peft_model
+
+
+def _check_fsdp(net, d: gdist.Dist, backbone: str, objective: str) -> None:
+    if not d.enabled:
+        raise GateSkipError("--fsdp shards over several processes: launch with torchrun --nproc_per_node N")
+    if gate_state(net).cfg.shared:
+        raise GateSkipError("--fsdp cannot shard gates shared by all layers (GateSkipConfig(shared=True)): use per-layer gates")
+    if backbone == "full" and "distill" in objective:
+        raise GateSkipError("--fsdp with --backbone full and distillation would keep an unsharded teacher copy: "
+                            "use --objective ce or --backbone lora")
+
+
+def _ce(logits, ids):
+    # Indirection so that tests can inject a non-finite loss.
+    return next_token_ce(logits, ids)
+
+
+def _last_good(ckpt: Path | None, step: int) -> str:
+    if ckpt is None:
+        return "No checkpoint was written (no output folder)."
+    if step == 0:
+        return "No checkpoint had been written yet."
+    return f"The last good checkpoint (step {step}) is in {ckpt}."
+
+
+def _warn(message: str) -> None:
+    print(f"gateskip: warning: {message}", file=sys.stderr)
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    if not log_path.is_file():
+        return
+    keep = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut short by a kill
+    atomic_write(log_path, lambda p: Path(p).write_text("".join(x + "\n" for x in keep)))
 
 
 def _skipped_fraction(st) -> float:
@@ -300,30 +435,91 @@ def _merge_lora(net, _peft_model) -> dict:
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 
-def _save_checkpoint(ckpt: Path, net, opt, stream, step: int) -> None:
-    trainable = {k: v.detach().cpu() for k, v in net.named_parameters() if v.requires_grad}
-    data = stream.state_dict() if hasattr(stream, "state_dict") else {}
-    state = {"step": step, "trainable": trainable, "optimizer": opt.state_dict(),
-             "data": data, "torch_rng": torch.get_rng_state()}
-    atomic_write(ckpt / "train_state.pt", lambda p: torch.save(state, p))
-
-
-def _load_checkpoint(ckpt: Path, net, opt, stream) -> int:
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
     try:
-        state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing problem
-        raise GateSkipError(f"checkpoint {ckpt / 'train_state.pt'} is corrupt ({type(e).__name__}): delete it or "
-                            "pass --no-resume") from None
+        import numpy as np
+    except ImportError:
+        return state
+    ns = np.random.get_state(legacy=False)  # plain ints + one uint32 array: stored as a tensor
+    state["numpy"] = {"key": torch.from_numpy(ns["state"]["key"].astype("int64")), "pos": int(ns["state"]["pos"]),
+                      "has_gauss": int(ns["has_gauss"]), "gauss": float(ns["gauss"])}
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+        n = state["numpy"]
+        np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype("uint32"),
+                             "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+
+
+def _write_state(state: dict, path: str) -> None:
+    torch.save(state, path)  # a module-level hook: tests replace it to simulate a full disk
+
+
+def _save_checkpoint(ckpt: Path, net, opt, stream, step: int, keep: int = 2, schedule: dict | None = None,
+                     gathered: tuple[dict, dict] | None = None) -> None:
+    if gathered is None:
+        trainable = {k: v.detach().cpu() for k, v in net.named_parameters() if v.requires_grad}
+        optim = opt.state_dict()
+    else:
+        trainable, optim = gathered
+    data = stream.state_dict() if hasattr(stream, "state_dict") else {}
+    # The LR and skip-ratio schedules are functions of the step: the step is their whole state.
+    state = {"step": step, "trainable": trainable, "optimizer": optim, "data": data, "fsdp": gathered is not None,
+             "schedule": schedule or {}, "rng": _rng_state()}
+    save_train_state(ckpt, state, step, keep=keep, write=lambda s, p: _write_state(s, p))
+
+
+def _load_checkpoint(ckpt: Path, net, opt, stream, warn=None, fsdp: bool = False) -> int:
+    """Restore the newest good checkpoint under ``ckpt``; return its step (0 when there is none)."""
+    found = load_train_state(ckpt, warn=warn)
+    if found is None:
+        return 0
+    state, path = found
+    if bool(state.get("fsdp", False)) != fsdp:
+        raise GateSkipError(f"checkpoint {path} was written {'with' if state.get('fsdp') else 'without'} --fsdp: "
+                            "resume the same way, or use another --out")
+    if fsdp:
+        _load_sharded(net, opt, state, path)
+    else:
+        _load_plain(net, opt, state, path, ckpt)
+    if hasattr(stream, "load_state_dict") and state.get("data"):
+        stream.load_state_dict(state["data"])
+    if "rng" in state:
+        _set_rng_state(state["rng"])
+    elif "torch_rng" in state:  # written before RNG states were grouped
+        torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+def _load_sharded(net, opt, state: dict, path: Path) -> None:
+    try:
+        gdist.load_sharded(net, opt, state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise GateSkipError(f"checkpoint {path} does not fit this model or settings "
+                            f"({str(e).splitlines()[0][:80]}): use another --out") from None
+
+
+def _load_plain(net, opt, state: dict, path: Path, ckpt: Path) -> None:
     params = dict(net.named_parameters())
     missing = set(state["trainable"]) - set(params)
-    if missing:
-        raise GateSkipError(f"checkpoint in {ckpt} is for another configuration: delete it or use another --out")
+    wrong = [k for k, v in state["trainable"].items() if k in params and params[k].shape != v.shape]
+    if missing or wrong:
+        raise GateSkipError(f"checkpoint {path} is for another configuration: delete {ckpt} or use another --out")
     with torch.no_grad():
         for k, v in state["trainable"].items():
             params[k].copy_(v)
-    opt.load_state_dict(state["optimizer"])
-    if hasattr(stream, "load_state_dict"):
-        stream.load_state_dict(state["data"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
-
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise GateSkipError(f"checkpoint {path} has optimizer state for other settings ({e}): delete {ckpt} or "
+                            "use another --out") from None
