@@ -9,6 +9,7 @@ Public API (see README.md):
     gateskip.stats(model)
 """
 
+from gateskip.analysis import importances
 from gateskip.checkpoint import load_gates, save_gates
 from gateskip.config import GateSkipConfig
 from gateskip.core import add_gates, calibrate, gate_parameters, is_gated, remove_gates, skipping, stats
@@ -24,6 +25,6 @@ def load_model(*args, **kwargs):
 
 
 __all__ = [
-    "GateSkipConfig", "GateSkipError", "__version__", "add_gates", "calibrate", "gate_parameters", "is_gated",
-    "load_gates", "load_model", "remove_gates", "save_gates", "skipping", "stats",
+    "GateSkipConfig", "GateSkipError", "__version__", "add_gates", "calibrate", "gate_parameters", "importances",
+    "is_gated", "load_gates", "load_model", "remove_gates", "save_gates", "skipping", "stats",
 ]

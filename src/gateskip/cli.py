@@ -18,15 +18,18 @@ from collections.abc import Callable
 
 from gateskip.errors import GateSkipError
 
+_POSITIONAL = "_positional_"
+
 
 def _commands() -> dict[str, Callable]:
+    from gateskip.analysis import inspect
     from gateskip.bench import bench
     from gateskip.demo import demo
     from gateskip.eval import evaluate
     from gateskip.generate import generate
     from gateskip.train import train
 
-    return {"train": train, "generate": generate, "demo": demo, "eval": evaluate, "bench": bench}
+    return {"train": train, "generate": generate, "demo": demo, "eval": evaluate, "bench": bench, "inspect": inspect}
 
 
 def _doc_args(fn: Callable) -> tuple[str, dict[str, str]]:
@@ -70,12 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=summary)
         p.add_argument("--config", help="YAML file whose keys supply values for this command's flags")
         hints = typing.get_type_hints(fn)
-        for pname, param in inspect.signature(fn).parameters.items():
+        for i, (pname, param) in enumerate(inspect.signature(fn).parameters.items()):
             typ = _base_type(hints.get(pname, str))
             flag = "--" + pname.replace("_", "-")
             h = helps.get(pname, "")
             if param.default is inspect.Parameter.empty:
                 p.add_argument(pname, type=typ, help=h)
+            elif i == 0 and param.default is None and typ is str:
+                # An optional first argument (`gateskip inspect "text"` or `--text "text"`).
+                p.add_argument(_POSITIONAL + pname, nargs="?", type=typ, default=None, metavar=pname.upper(), help=h)
+                p.add_argument(flag, dest=pname, type=typ, default=None, help=f"{h} (same as {pname.upper()})")
             elif typ is bool:
                 p.add_argument(flag, dest=pname, action=argparse.BooleanOptionalAction, default=None,
                                help=f"{h} (default: {param.default})")
@@ -110,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     fn = args.pop("_fn")
     args.pop("command")
+    for key in [k for k in args if k.startswith(_POSITIONAL)]:
+        value = args.pop(key)
+        if value is not None:
+            args[key[len(_POSITIONAL):]] = value
     config = args.pop("config")
     try:
         kwargs = _load_yaml(config, fn) if config else {}

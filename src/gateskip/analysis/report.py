@@ -1,0 +1,136 @@
+"""``gateskip inspect``: what the gates learned, for one text or for a corpus sample."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from gateskip.analysis.heatmap import save_heatmap
+from gateskip.analysis.html import write_html
+from gateskip.analysis.importance import branch_importances, encode, token_labels, token_texts
+from gateskip.core import gate_state
+from gateskip.errors import GateSkipError
+from gateskip.policies import check_ratio
+
+
+def report_text(model, tok, text: str, out_dir: str | Path, stem: str = "prompt-01", ratio: float = 0.3,
+                chat: bool = False) -> dict[str, Path]:
+    """Write ``{stem}.heatmap.png``, ``{stem}.html`` and ``{stem}.importance.json`` for ``text``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    input_ids = encode(tok, text, chat=chat)
+    imp = branch_importances(model, input_ids)[0]
+    ids = input_ids[0].tolist()
+    texts, labels = token_texts(tok, ids), token_labels(tok, ids)
+    st = gate_state(model)
+    names = [b.name for b in st.branches]
+    grid = st.calibration["grid"] if st.calibration is not None else None
+    source = (st.meta or {}).get("base_model", {}).get("source") or getattr(model, "gateskip_source", "")
+    title = f"GateSkip importance: {source}, {len(ids)} tokens" + (" (chat template)" if chat else "")
+    record = {
+        "model": source,
+        "text": text,
+        "chat": chat,
+        "tokens": texts,
+        "labels": labels,
+        "raw_tokens": tok.convert_ids_to_tokens(ids),
+        "token_ids": ids,
+        "modules": names,
+        "importance": imp.tolist(),  # [tokens][modules], full float32 precision
+        "calibrated": grid is not None,
+    }
+    paths = {"png": out / f"{stem}.heatmap.png", "html": out / f"{stem}.html", "json": out / f"{stem}.importance.json"}
+    paths["json"].write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
+    save_heatmap(imp, labels, names, paths["png"], title=title)
+    write_html(paths["html"], imp, labels, texts, names, grid=grid, ratio=ratio, title=title)
+    return paths
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per non-empty line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GateSkipError(f"cannot read prompts file {path!r} ({type(e).__name__}): pass a UTF-8 text file, "
+                            "one prompt per line") from None
+    prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        raise GateSkipError(f"prompts file {path!r} has no text: put one prompt per line")
+    return prompts
+
+
+def corpus_rows(tok, data: str, max_tokens: int, seq_len: int) -> list:
+    """Held-out rows packed like training rows, about ``max_tokens`` tokens in all."""
+    from gateskip.data import fixed_batches, load_texts
+
+    texts = load_texts(data, split="heldout")
+    n_rows = max(1, max_tokens // seq_len)
+    return list(fixed_batches(tok, texts, seq_len=seq_len, batch_size=n_rows, n_batches=1)[0])
+
+
+def _check_args(text, file, stats, gates, ratio, max_tokens, seq_len) -> None:
+    if stats and (text is not None or file is not None):
+        raise GateSkipError("--stats reads a corpus sample (--data), not --text/--file: drop one of them")
+    if not stats:
+        if text is not None and file is not None:
+            raise GateSkipError("give either --text or --file, not both")
+        if file is None and (text is None or not text.strip()):
+            raise GateSkipError("empty text: pass --text \"...\" or --file prompts.txt (or --stats for a corpus "
+                                "sample)")
+    if not gates:
+        raise GateSkipError("inspect needs trained gates: pass --gates DIR (the --out folder of gateskip train)")
+    check_ratio(ratio)
+    if max_tokens < 2 or seq_len < 2:
+        raise GateSkipError(f"max_tokens={max_tokens} and seq_len={seq_len} must be at least 2")
+
+
+def inspect(text: str | None = None, gates: str | None = None, file: str | None = None, model: str | None = None,
+            out: str = "inspect", ratio: float = 0.3, chat: bool = True, stats: bool = False, data: str = "mix",
+            max_tokens: int = 4096, seq_len: int = 256) -> dict | list[dict[str, Path]]:
+    """Show what the gates learned: per-token importance heatmap, HTML page and JSON, or category statistics.
+
+    Args:
+        text: the text to inspect.
+        gates: a gates folder written by ``gateskip train``.
+        file: a text file with one prompt per line (instead of --text).
+        model: base model; default: the one recorded in --gates.
+        out: folder for the outputs (created if needed).
+        ratio: initial skip ratio of the page's skip mask.
+        chat: wrap each prompt in the tokenizer's chat template when it has one.
+        stats: importance by token category and layer over a held-out corpus sample (--data).
+        data: corpus for --stats: mix, boolq, lambada, shakespeare or a file (held-out split).
+        max_tokens: about how many tokens --stats reads.
+        seq_len: row length for --stats.
+    """
+    from gateskip.generate import load_for_inference
+
+    _check_args(text, file, stats, gates, ratio, max_tokens, seq_len)
+    prompts = [] if stats else (read_prompts(file) if file is not None else [text])  # read before the slow load
+    net, tok = load_for_inference(model, gates)
+    if stats:
+        return _run_stats(net, tok, data, max_tokens, seq_len, Path(out))
+    written = []
+    for i, prompt in enumerate(prompts, 1):
+        paths = report_text(net, tok, prompt, out, stem=f"prompt-{i:02d}", ratio=ratio, chat=chat)
+        for p in paths.values():
+            print(p)
+        written.append(paths)
+    return written
+
+
+def _run_stats(net, tok, data: str, max_tokens: int, seq_len: int, out_dir: Path) -> dict:
+    from gateskip.analysis.stats import category_stats, markdown_tables, save_lines
+
+    rows = corpus_rows(tok, data, max_tokens, seq_len)
+    s = category_stats(net, tok, rows, progress=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = markdown_tables(s)
+    (out_dir / "categories.md").write_text(md, encoding="utf-8")
+    (out_dir / "categories.json").write_text(json.dumps(s), encoding="utf-8")
+    png = save_lines(s, out_dir / "categories.png")
+    print(md)
+    for name in ("categories.md", "categories.json"):
+        print(out_dir / name, file=sys.stderr)
+    print(png, file=sys.stderr)
+    return s
