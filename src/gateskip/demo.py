@@ -19,10 +19,10 @@ import torch
 from gateskip.errors import GateSkipError
 
 
-def demo(out: str = "runs/demo", model: str = "smollm2-135m", steps: int = 80, gate: str = "lowrank",
+def demo(out: str = "runs/demo", model: str = "smollm2-135m", steps: int = 40, gate: str = "lowrank",
          ratio: float = 0.3, prompts: int = 2, max_new_tokens: int = 40, evaluate: bool = True,
-         tasks: str = "hellaswag,piqa,arc_easy,winogrande,boolq", limit: int = 100,
-         ratios: str = "0,0.15,0.25,0.35,0.5", threads: int = 2) -> None:
+         tasks: str = "hellaswag,piqa,arc_easy,winogrande,boolq", limit: int = 60,
+         ratios: str = "0,0.25,0.5", threads: int = 2) -> None:
     """Run the main job on the embedded default model: train, generate with skipping, evaluate.
 
     Args:
@@ -78,7 +78,7 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", steps: int = 80, g
     except ImportError as e:
         raise GateSkipError(f"the evaluation module is unavailable ({e}): reinstall gateskip") from None
     _say(f"3/3 benchmark sweep: {tasks} (limit {limit}) at ratios {ratios} -> {out_dir}")
-    run_eval(gates=str(gates_dir), tasks=tasks, ratios=ratios, limit=limit, out=str(out_dir))
+    run_eval(gates=str(gates_dir), tasks=tasks, ratios=ratios, limit=limit, out=str(out_dir), threads=threads)
     _say(f"done in {(time.perf_counter() - t0) / 60:.1f} min: see {out_dir / 'report.md'} and {out_dir / 'curve.png'}")
 
 
