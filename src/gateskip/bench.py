@@ -31,6 +31,7 @@ from gateskip.core import add_gates, calibrate, gate_modules, gate_state, is_gat
 from gateskip.core import stats as gate_stats
 from gateskip.errors import GateSkipError
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 PHASES = ("prefill",)  # decode phases are added per batch size: "decode_b1", "decode_b8", ...
 
 
@@ -38,7 +39,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
           gate: str = "vector", rank: int = 16, ratios: str = "0,0.25,0.5", policy: str = "threshold",
           kv: str = "copy", path: str = "auto", prefill_batch: int = 4, prefill_len: int = 512,
           decode_batches: str = "1,8", prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3,
-          warmup: int = 1, threads: int = 2, seed: int = 0, json: str | None = None) -> dict:
+          warmup: int = 1, threads: int = 2, clock: str = "wall", seed: int = 0, json: str | None = None) -> dict:
     """Measure prefill and decode speed of the dense and the gated model at several skip ratios.
 
     Args:
@@ -59,6 +60,8 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         repeats: timed repeats per setting (medians reported).
         warmup: untimed rounds before the timed ones (same shapes, 8 decode steps).
         threads: torch CPU threads.
+        clock: ``wall`` (elapsed time) or ``cpu`` (this process's CPU time: on a machine shared with
+            other jobs, use it with --threads 1, where it tracks what an idle core would take).
         seed: seed of the random prompts and random gates.
         json: write the results to this JSON file.
     """
@@ -74,6 +77,8 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         raise GateSkipError("--gates and --random-gates exclude each other: pass one of them")
     if min(repeats, prefill_batch, prefill_len, prompt_len) < 1 or new_tokens < 2 or warmup < 0:
         raise GateSkipError("repeats, prefill sizes and prompt-len must be >= 1, new-tokens >= 2, warmup >= 0")
+    if clock not in CLOCKS:
+        raise GateSkipError(f"clock={clock!r} is not supported: choose wall or cpu")
     torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()
     m = _load(model)
@@ -94,12 +99,17 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
                 _install(m, variants.get(kind))
                 ctx = {} if kind is None else dict(ratio=ratio, policy=policy, kv=kv, path=path)
                 warm = rnd < warmup  # warm-up rounds: same shapes, fewer decode steps
-                t, s = _measure(m, ctx, prefill_ids, prompts, min(new_tokens, 8) if warm else new_tokens, pad)
+                t, s = _measure(m, ctx, prefill_ids, prompts, min(new_tokens, 8) if warm else new_tokens, pad,
+                                CLOCKS[clock])
                 if rnd >= warmup:
                     for p in phases:
                         times[name][p].append(t[p])
                     saved[name], skipped[name] = {p: s[p][0] for p in phases}, {p: s[p][1] for p in phases}
                 bar.update(1)
+            if json and rnd >= warmup:  # partial results survive an interrupted run
+                partial = _summarise(settings, phases, times, saved, skipped, prefill_batch * prefill_len,
+                                     batch_list, new_tokens)
+                Path(json).write_text(jsonlib.dumps({"partial_after_round": rnd + 1 - warmup, "results": partial}))
     _install(m, None)
     results = _summarise(settings, phases, times, saved, skipped, prefill_batch * prefill_len, batch_list,
                          new_tokens)
@@ -194,15 +204,15 @@ def _install(m, variant) -> None:
 # ---- measuring -----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _measure(m, ctx: dict, prefill_ids, prompts: dict, new_tokens: int, pad: int):
+def _measure(m, ctx: dict, prefill_ids, prompts: dict, new_tokens: int, pad: int, now=time.perf_counter):
     """Seconds per phase and (compute saved, tokens skipped) per phase for one setting."""
     times, saved = {}, {}
 
     def timed(fn, **kw):
         with skipping(m, **ctx) if ctx else contextlib.nullcontext():
-            t0 = time.perf_counter()
+            t0 = now()
             fn(**kw)
-            dt = time.perf_counter() - t0
+            dt = now() - t0
             s = gate_stats(m) if ctx else None
         return dt, s
 
@@ -210,7 +220,7 @@ def _measure(m, ctx: dict, prefill_ids, prompts: dict, new_tokens: int, pad: int
     dt, s = timed(m, input_ids=prefill_ids, attention_mask=ones, use_cache=True, logits_to_keep=1)
     times["prefill"], saved["prefill"] = dt, _saved(s)
     for b, ids in prompts.items():
-        clock = _StepClock(m, bool(ctx))
+        clock = _StepClock(m, bool(ctx), now)
         dt, s = timed(m.generate, input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad,
                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, stopping_criteria=[clock])
         times[f"decode_b{b}"], saved[f"decode_b{b}"] = clock.marks[-1] - clock.marks[0], _saved(s, clock.first)
@@ -224,13 +234,13 @@ class _StepClock:
     ``new_tokens - 1`` steps; the statistics at that point are the prefill's (subtracted later).
     """
 
-    def __init__(self, m, gated: bool):
-        self.m, self.gated, self.marks, self.first = m, gated, [], None
+    def __init__(self, m, gated: bool, now):
+        self.m, self.gated, self.now, self.marks, self.first = m, gated, now, [], None
 
     def __call__(self, input_ids, scores, **kwargs):
         if not self.marks and self.gated:
             self.first = gate_stats(self.m)
-        self.marks.append(time.perf_counter())
+        self.marks.append(self.now())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -274,7 +284,7 @@ def format_table(results: list[dict], phases: list[str]) -> str:
 
 def _command(args: dict) -> str:
     keys = ["model", "gates", "random_gates", "gate", "rank", "ratios", "policy", "kv", "path", "prefill_batch",
-            "prefill_len", "decode_batches", "prompt_len", "new_tokens", "repeats", "warmup", "threads", "seed"]
+            "prefill_len", "decode_batches", "prompt_len", "new_tokens", "repeats", "warmup", "threads", "clock", "seed"]
     flag = lambda k, v: f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k} {v}"  # noqa: E731
     return "gateskip bench " + " ".join(flag(k.replace("_", "-"), args[k]) for k in keys if args.get(k) is not None)
 

@@ -116,8 +116,9 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         modules: branch kinds that skip; the others are gated but never skipped.
         kv: ``copy`` / ``compute`` for skipped attention tokens; default: the gate config's.
         seed: seed of the ``random`` policy.
-        path: ``auto`` (physical unless gradients are needed), ``physical`` (skipped tokens are not
-            computed), or ``masked`` (every token computed, skipped outputs zeroed: training, checks).
+        path: ``auto`` (physical unless gradients are needed, masked where measured faster: see
+            ``physical.faster``), ``physical`` (skipped tokens are never computed), or ``masked`` (every
+            token computed, skipped outputs zeroed: training, checks).
         allocation: ``uniform`` (paper: every branch skips ``ratio``) or ``global`` (one calibrated
             importance threshold for all branches, FLOP-weighted total ``ratio``; see budget.py).
     """

@@ -33,7 +33,16 @@ from gateskip.kv import GatheredKV, skipped_kv
 # ~91 ms at 10%; the MLP was already faster at 1% (157 vs 175 ms). See BENCHMARKS.md. Decode at
 # batch 1 skips all or nothing, so the rule only matters for prefill and batched decode.
 MIN_SKIP = {"attn": 0.05, "mlp": 0.01}
+# A call with fewer tokens than this (batched decode) is bound by reading the weights, not by rows:
+# running 4 of 8 rows costs what 8 cost (profile of SmolLM2 decode at batch 8: linear time -12% at
+# 55% skipped, while gather/scatter added more). Such calls run masked unless every token skips.
+MIN_TOKENS = 16
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # others (flash, flex) take the masked path
+
+
+def faster(kind: str, n_skip: int, n: int) -> bool:
+    """The measured rule of ``path="auto"``: is the physical path faster for this call?"""
+    return n >= MIN_TOKENS and n_skip >= MIN_SKIP[kind] * n
 
 
 def supports(branch) -> bool:

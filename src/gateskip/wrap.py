@@ -60,7 +60,8 @@ class GatedBranch(nn.Module):
             st.count_path("dense")
         elif self._physical(plan, x) and not (args and self.kind == "attn"):  # attention args come as keywords
             n_skip = int(skip.sum())  # host read: the gathered size (free on CPU; a sync on GPU)
-            if n_skip == 0 or n_skip >= physical.MIN_SKIP[self.kind] * skip.numel():
+            n = skip.numel()
+            if plan.path == "physical" or n_skip in (0, n) or physical.faster(self.kind, n_skip, n):
                 st.count_path("physical")
                 if n_skip == 0:
                     skip = None  # nothing skipped: the plain (masked-path) call below is the fastest
