@@ -15,6 +15,7 @@ from torch import nn
 
 from gateskip.arch import arch_spec, decoder_layers, text_config
 from gateskip.budget import check_allocation, global_ratios
+from gateskip.compat import get_cache
 from gateskip.config import GateSkipConfig
 from gateskip.errors import GateSkipError
 from gateskip.flops import model_flops
@@ -308,7 +309,7 @@ def _begin_call(model, args, kwargs):
         ctx = m.long().cumsum(-1)[:, -t:].float()
         valid = m[:, -t:]
     else:
-        past = kwargs.get("past_key_values")
+        past = get_cache(kwargs)
         p = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         ctx = (torch.arange(t, device=ref.device, dtype=torch.float) + 1 + p).expand(b, t)
         valid = torch.ones(b, t, dtype=torch.bool, device=ref.device)

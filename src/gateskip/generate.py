@@ -41,7 +41,8 @@ def encode_prompt(tok, prompt: str, chat: bool, max_positions: int | None, max_n
 def generate(prompt: str, model: str | None = None, gates: str | None = None, skip: float = 0.0,
              policy: str = "threshold", modules: str = "attn,mlp", kv: str | None = None,
              max_new_tokens: int = 64, chat: bool = True, sample: bool = False, temperature: float = 0.7,
-             top_p: float = 0.9, seed: int = 0, allocation: str = "uniform") -> str:
+             top_p: float = 0.9, seed: int = 0, allocation: str = "uniform", speculative: bool = False,
+             draft_ratio: float = 0.5, k: int = 4, verify: str = "gated") -> str:
     """Generate a completion with token-wise skipping; prints it on stdout and statistics on stderr.
 
     Args:
@@ -60,6 +61,12 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
         seed: random seed for sampling and the random policy.
         allocation: uniform (every branch skips --skip) or global (one calibrated threshold for all
             branches, FLOP-weighted total --skip).
+        speculative: lossless self-speculative decoding: draft --k tokens at --draft-ratio, verify them
+            with the full model (no skipping) in one pass; the output is the full model's.
+        draft_ratio: skip ratio of the speculative draft.
+        k: draft tokens per verify pass.
+        verify: the full model of --speculative: gated (gates on, nothing skipped) or ungated (gates
+            bypassed: the original model for gates trained on a frozen backbone).
     """
     from gateskip.core import add_gates
     from gateskip.policies import check_policy, check_ratio
@@ -73,16 +80,47 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
     if gates is None and skip > 0 and policy != "random":
         raise GateSkipError("skipping by importance needs trained gates: pass --gates DIR (or --policy random "
                             "for the untrained baseline)")
+    if speculative:
+        check_ratio(draft_ratio)
+        if skip:
+            raise GateSkipError("--skip and --speculative exclude each other: the speculative output is the full "
+                                "model's; set the draft's skipping with --draft-ratio")
+        if gates is None and policy != "random":
+            raise GateSkipError("the speculative draft skips by importance: pass --gates DIR (or --policy random)")
     net, tok = load_for_inference(model, gates)
     if gates is None:
         add_gates(net)  # ~open gates: only the random policy or skip 0 make sense without training
     mods = tuple(m.strip() for m in modules.split(",") if m.strip())
+    if speculative:
+        return _speculative(net, tok, prompt, mods, kv, max_new_tokens, chat, sample, temperature, top_p, seed,
+                            allocation, draft_ratio, k, verify, policy)
     text, s, seconds, n_new = complete(net, tok, prompt, skip=skip, policy=policy, modules=mods, kv=kv,
                                        max_new_tokens=max_new_tokens, chat=chat, sample=sample,
                                        temperature=temperature, top_p=top_p, seed=seed, allocation=allocation)
     print(text)
     print(f"[gateskip] {summary_line(s, policy, skip)} new_tokens={n_new} tokens/s={n_new / seconds:.1f}",
           file=sys.stderr)
+    return text
+
+
+def _speculative(net, tok, prompt, mods, kv, max_new_tokens, chat, sample, temperature, top_p, seed, allocation,
+                 draft_ratio, k, verify, policy) -> str:
+    from gateskip.speculative import speculative_generate
+
+    enc = encode_prompt(tok, prompt, chat, getattr(net.config, "max_position_embeddings", None), max_new_tokens)
+    res = speculative_generate(net, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, k=k,
+                               draft_ratio=draft_ratio, draft_policy=policy, modules=mods, kv=kv, verify=verify,
+                               sample=sample, temperature=temperature if sample else 1.0,
+                               top_p=top_p if sample else 1.0, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, seed=seed, allocation=allocation)
+    new = res.sequences[0, enc["input_ids"].shape[1]:]
+    text = tok.decode(new, skip_special_tokens=True)
+    print(text)
+    d = res.draft_stats
+    print(f"[gateskip] speculative k={k} draft_ratio={draft_ratio:g} verify={verify}: acceptance={res.acceptance_rate:.3f} "
+          f"mean_accepted_length={res.mean_accepted_length:.2f} verify_passes={res.cycles} "
+          f"draft_compute_saved={d.get('compute_saved', 0.0):.3f} new_tokens={res.new_tokens} "
+          f"tokens/s={res.new_tokens / res.seconds:.1f}", file=sys.stderr)
     return text
 
 

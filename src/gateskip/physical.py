@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from gateskip.compat import cache_key
 from gateskip.kv import GatheredKV, skipped_kv
 
 # Below this fraction of skipped tokens in a call, the masked path is faster. Measured per module on
@@ -77,7 +78,8 @@ def _attention(branch, x, g, skip, n_skip, kwargs):
     attn, st = branch.module, branch.state
     b, t, h = x.shape
     kwargs = dict(kwargs)
-    cache = kwargs.pop("past_key_values", None)
+    key = cache_key(kwargs)
+    cache = kwargs.pop(key, None)
     cos, sin = kwargs.pop("position_embeddings")
     mask = kwargs.pop("attention_mask", None)
     layer = attn.layer_idx
@@ -114,7 +116,7 @@ def _attention(branch, x, g, skip, n_skip, kwargs):
     kwargs["attention_mask"] = mask.gather(2, idx_r[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
     if pos is not None:
         kwargs["position_ids"] = pos.gather(1, idx_r)
-    kwargs["past_key_values"] = GatheredKV(cache, st, base_k, base_v, idx, slot_kept, rows)
+    kwargs[key] = GatheredKV(cache, st, base_k, base_v, idx, slot_kept, rows)
     o = branch._run(take(x), (), kwargs)[0]
     if g is not None:
         o = o * take(g)

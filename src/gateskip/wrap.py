@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from gateskip import physical
+from gateskip.compat import cache_key
 from gateskip.kv import KVProxy
 
 
@@ -73,7 +74,8 @@ class GatedBranch(nn.Module):
         else:
             st.count_path("masked")
         if self.kind == "attn" and plan is not None and plan.copy_kv:
-            kwargs["past_key_values"] = KVProxy(kwargs.get("past_key_values"), st, skip)
+            key = cache_key(kwargs)
+            kwargs[key] = KVProxy(kwargs.get(key), st, skip)
         out = self._run(x, args, kwargs)
         o = out[0] if isinstance(out, tuple) else out
         if self.placement == "after":

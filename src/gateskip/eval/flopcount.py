@@ -14,6 +14,7 @@ from collections.abc import Collection, Iterable
 import torch
 
 from gateskip.arch import text_config
+from gateskip.compat import get_cache
 from gateskip.config import GateSkipConfig
 from gateskip.flops import model_flops
 
@@ -94,7 +95,7 @@ class TokenCounter:
             valid = m[:, -t:]
             ctx = m.long().cumsum(-1)[:, -t:].float()
         else:
-            past = kwargs.get("past_key_values")
+            past = get_cache(kwargs)
             p = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
             valid = torch.ones(b, t, dtype=torch.bool)
             ctx = (torch.arange(t, dtype=torch.float) + 1 + p).expand(b, t)
