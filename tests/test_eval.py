@@ -270,4 +270,4 @@ def test_evaluate_end_to_end_on_tiny_model(tmp_path):
     assert "curve.png" in {f.name for f in (tmp_path / "out").iterdir()}
     assert "Compute saved at >= 90% and >= 95% of dense accuracy" in (tmp_path / "out" / "report.md").read_text()
     with pytest.raises(GateSkipError, match="unknown method"):
-        evaluate(model=m, tokenizer=tok, methods="gateskip,mod", out=str(tmp_path / "x"))
+        evaluate(model=m, tokenizer=tok, methods="gateskip,nope", out=str(tmp_path / "x"))

@@ -156,3 +156,18 @@ def test_sampled_tokens_follow_the_full_model():
     freq = torch.bincount(second, minlength=VOCAB).float() / n
     tv = 0.5 * (freq - p2).abs().sum()
     assert tv < 0.06, tv
+
+
+def test_bench_speculative_reports_identity_and_acceptance(tmp_path):
+    from gateskip.bench import bench
+
+    rep = bench(model="tiny-qwen2", random_gates=True, gate="lowrank", speculative=True, draft_ratio="0.3,0.7",
+                k="1,3", prompts=2, new_tokens=12, repeats=1, warmup=0, threads=1, json=str(tmp_path / "b.json"))
+    rows = {r["setting"]: r for r in rep["results"]}
+    assert set(rows) == {"dense", "spec r=0.3 k=1", "spec r=0.3 k=3", "spec r=0.7 k=1", "spec r=0.7 k=3"}
+    for name, r in rows.items():
+        if name != "dense":
+            assert r["identical"] == "2/2"
+            assert 0.0 <= r["acceptance_rate"] <= 1.0 and 1.0 <= r["mean_accepted_length"] <= r["k"] + 1
+            assert r["flops_per_token_vs_dense"] > 0
+    assert (tmp_path / "b.json").exists()

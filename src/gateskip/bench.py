@@ -39,7 +39,9 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
           gate: str = "vector", rank: int = 16, ratios: str = "0,0.25,0.5", policy: str = "threshold",
           kv: str = "copy", path: str = "auto", prefill_batch: int = 4, prefill_len: int = 512,
           decode_batches: str = "1,8", prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3,
-          warmup: int = 1, threads: int = 2, clock: str = "wall", seed: int = 0, json: str | None = None) -> dict:
+          warmup: int = 1, threads: int = 2, clock: str = "wall", seed: int = 0, json: str | None = None,
+          quant: str = "none", speculative: bool = False, draft_ratio: str = "0.25,0.5", k: str = "2,4",
+          verify: str = "gated", prompts: int = 4) -> dict:
     """Measure prefill and decode speed of the dense and the gated model at several skip ratios.
 
     Args:
@@ -64,6 +66,15 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
             other jobs, use it with --threads 1, where it tracks what an idle core would take).
         seed: seed of the random prompts and random gates.
         json: write the results to this JSON file.
+        quant: quantize the backbone's linear layers first (dense and gated settings alike): none, int4
+            or int8 (gateskip.quantize; gates and LM head stay full precision).
+        speculative: benchmark lossless self-speculative decoding against dense greedy decoding of the
+            same prompts instead (acceptance rate, mean accepted length, tokens/s, output identity).
+        draft_ratio: with --speculative: comma-separated draft skip ratios, or JSON files mapping
+            branch names to ratios.
+        k: with --speculative: comma-separated draft lengths.
+        verify: with --speculative: gated (gates on, nothing skipped) or ungated (gates bypassed).
+        prompts: with --speculative: number of instruction prompts (chat template), decoded one by one.
     """
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
@@ -81,7 +92,12 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         raise GateSkipError(f"clock={clock!r} is not supported: choose wall or cpu")
     torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()
-    m = _load(model)
+    m, tok = _load(model)
+    from gateskip.quantize import quantize_for_run
+
+    quantize_for_run(m, quant, gates)
+    if speculative:
+        return _speculative(m, tok, gates, random_gates, kinds, rank, seed, policy, locals())
     vocab = m.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     rand_ids = lambda b, t: torch.randint(min(10, vocab - 1), vocab, (b, t), generator=gen)  # noqa: E731
@@ -122,6 +138,28 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
 
 # ---- setting up ----------------------------------------------------------------------------------
 
+def _speculative(m, tok, gates, random_gates, kinds, rank, seed, policy, args) -> dict:
+    """``--speculative``: see gateskip.bench_speculative."""
+    from gateskip.bench_speculative import bench_speculative
+
+    if len(kinds) != 1 and random_gates:
+        raise GateSkipError("--speculative benchmarks one gate kind: pass a single --gate")
+    gen = torch.Generator().manual_seed(seed)
+    vocab = m.get_output_embeddings().weight.shape[0]
+    rand_ids = lambda b, t: torch.randint(min(10, vocab - 1), vocab, (b, t), generator=gen)  # noqa: E731
+    variant = next(iter(_variants(m, gates, kinds, rank, seed, rand_ids, 256, policy).values()))
+    _install(m, variant)
+    keys = ["model", "gates", "random_gates", "gate", "rank", "policy", "kv", "draft_ratio", "k", "verify", "prompts",
+            "new_tokens", "repeats", "warmup", "threads", "clock", "seed", "quant"]
+    flag = lambda k, v: f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k} {v}"  # noqa: E731
+    command = "gateskip bench --speculative " + " ".join(
+        flag(k.replace("_", "-"), args[k]) for k in keys if args.get(k) is not None)
+    return bench_speculative(m, tok, draft_ratios=args["draft_ratio"], ks=args["k"], verify=args["verify"],
+                             policy=policy, kv=args["kv"], prompts=args["prompts"], new_tokens=args["new_tokens"],
+                             repeats=args["repeats"], warmup=args["warmup"], clock=CLOCKS[args["clock"]], seed=seed,
+                             json=args["json"], command=command, machine=_machine(args["threads"]))
+
+
 def _floats(text: str, what: str) -> list[float]:
     try:
         return [float(x) for x in str(text).split(",") if x.strip()]
@@ -130,13 +168,14 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def _load(name: str):
+    """(model, tokenizer); tiny random models have no tokenizer (None)."""
     if name.startswith("tiny-"):
         from gateskip.models import tiny_model
 
-        return tiny_model(name[len("tiny-"):])
+        return tiny_model(name[len("tiny-"):]), None
     from gateskip.models import load_model
 
-    return load_model(name)[0]
+    return load_model(name)
 
 
 def _variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy) -> dict:
@@ -284,7 +323,7 @@ def format_table(results: list[dict], phases: list[str]) -> str:
 
 def _command(args: dict) -> str:
     keys = ["model", "gates", "random_gates", "gate", "rank", "ratios", "policy", "kv", "path", "prefill_batch",
-            "prefill_len", "decode_batches", "prompt_len", "new_tokens", "repeats", "warmup", "threads", "clock", "seed"]
+            "prefill_len", "decode_batches", "prompt_len", "new_tokens", "repeats", "warmup", "threads", "clock", "seed", "quant"]
     flag = lambda k, v: f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k} {v}"  # noqa: E731
     return "gateskip bench " + " ".join(flag(k.replace("_", "-"), args[k]) for k in keys if args.get(k) is not None)
 

@@ -28,6 +28,7 @@ from gateskip.arch import decoder_layers, text_config
 from gateskip.config import GateSkipConfig
 from gateskip.core import add_gates, gate_modules, gate_state, is_gated, remove_gates
 from gateskip.errors import GateSkipError
+from gateskip.quantize import is_quantized_linear, merge_delta
 from gateskip.version import __version__
 
 GATES_FILE, META_FILE, BACKBONE_FILE = "gates.safetensors", "gateskip.json", "backbone.safetensors"
@@ -58,6 +59,18 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def pruning_meta(model) -> dict:
+    from gateskip.prune import pruning_meta as meta
+
+    return meta(model)
+
+
+def apply_recorded_pruning(model, meta: dict) -> None:
+    from gateskip.prune import apply_recorded_pruning as apply
+
+    apply(model, meta)
+
+
 def save_gates(model: nn.Module, directory: str | os.PathLike, *, extra_tensors: dict | None = None,
                extra_meta: dict | None = None) -> Path:
     """Write gates, calibration and config to ``directory`` (created if needed)."""
@@ -72,6 +85,7 @@ def save_gates(model: nn.Module, directory: str | os.PathLike, *, extra_tensors:
         meta["calibration"] = {"ratio": st.calibration["ratio"], "tokens": st.calibration["tokens"]}
     for k, v in (extra_tensors or {}).items():
         tensors[k] = v.detach().float().cpu().contiguous()
+    meta.update(pruning_meta(model))  # load_gates prunes a full base model the same way
     meta.update(extra_meta or {})
     atomic_write(d / GATES_FILE, lambda p: save_file(tensors, p, metadata={"format": "gateskip"}))
     atomic_write(d / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
@@ -106,6 +120,7 @@ def load_gates(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Attach the gates stored in ``directory`` to ``model`` (which must be the same base model)."""
     d = Path(directory)
     meta = read_meta(d)
+    apply_recorded_pruning(model, meta)
     want, have = meta.get("base_model", {}), model_identity(model)
     for key in ("model_type", "hidden_size", "num_layers", "vocab_size"):
         if key in want and want[key] != have[key]:
@@ -168,6 +183,9 @@ def _apply_backbone(model: nn.Module, tensors: dict, d: Path, meta: dict) -> Non
                 tuple(target.weight.shape) != (b.shape[0], a.shape[1]):
             raise GateSkipError(f"{d / GATES_FILE}: LoRA delta for {name!r} does not fit this model: "
                                 "gates for another model")
+        if is_quantized_linear(target):  # merged into the full-precision weight, then re-quantized
+            backup.setdefault(f"{name}.weight", merge_delta(model, target, delta=b @ a))
+            continue
         backup.setdefault(f"{name}.weight", target.weight.detach().clone())
         target.weight += (b @ a).to(target.weight.dtype)
     if meta.get("backbone") == "full":
@@ -178,6 +196,10 @@ def _apply_backbone(model: nn.Module, tensors: dict, d: Path, meta: dict) -> Non
         for k, v in weights.items():
             if k not in params or params[k].shape != v.shape:
                 raise GateSkipError(f"{f}: {k} does not fit this model: weights for another model")
+            owner = mods[k.rpartition(".")[0]]
+            if is_quantized_linear(owner) and k.endswith(".weight"):
+                backup.setdefault(k, merge_delta(model, owner, new=v))
+                continue
             backup.setdefault(k, params[k].detach().clone())
             params[k].copy_(v.to(params[k].dtype))
 

@@ -23,13 +23,17 @@ _POSITIONAL = "_positional_"
 
 def _commands() -> dict[str, Callable]:
     from gateskip.analysis import inspect
+    from gateskip.baselines.mod import train_mod
     from gateskip.bench import bench
     from gateskip.demo import demo
     from gateskip.eval import evaluate
     from gateskip.generate import generate
+    from gateskip.quantize import quantize_command
+    from gateskip.reproduce import reproduce
     from gateskip.train import train
 
-    return {"train": train, "generate": generate, "demo": demo, "eval": evaluate, "bench": bench, "inspect": inspect}
+    return {"train": train, "generate": generate, "demo": demo, "eval": evaluate, "bench": bench, "inspect": inspect,
+            "reproduce": reproduce, "train-mod": train_mod, "quantize": quantize_command}
 
 
 def _doc_args(fn: Callable) -> tuple[str, dict[str, str]]:

@@ -77,10 +77,11 @@ def remove_gates(model: nn.Module) -> nn.Module:
     st = gate_state(model)
     spec = arch_spec(model)
     layers = decoder_layers(model)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, original in st.backup.items():  # undo backbone changes made by load_gates
-            params[name].copy_(original)
+    if st.backup:
+        from gateskip.quantize import restore_weight
+
+        for name, original in st.backup.items():  # undo backbone changes made by load_gates (quantized too)
+            restore_weight(model, name, original)
     for b in st.branches:
         layer = layers[b.layer]
         setattr(layer, spec.attn if b.kind == "attn" else spec.mlp, b.module)
@@ -294,26 +295,32 @@ def _as_inputs(batch, device) -> dict:
 
 # ---- hooks ---------------------------------------------------------------------------------------
 
-def _begin_call(model, args, kwargs):
-    """Model-level pre-hook: which tokens of this call are real, and how much context each sees."""
-    st = model.gateskip_state
+def call_tokens(args, kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(valid [B, T] bool, context length each token sees [B, T]) of a model forward call, or None.
+
+    Shared by the gate statistics and eval's token counter: padding (from a 2-D attention mask) is
+    not a token, and without a mask every token is real and sees the cache plus its own prefix.
+    """
     ids = kwargs.get("input_ids", args[0] if args else None)
-    emb = kwargs.get("inputs_embeds")
-    ref = ids if ids is not None else emb
+    ref = ids if ids is not None else kwargs.get("inputs_embeds")
     if ref is None:
-        return
+        return None
     b, t = ref.shape[:2]
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= t:
-        m = mask.bool()
-        ctx = m.long().cumsum(-1)[:, -t:].float()
-        valid = m[:, -t:]
-    else:
-        past = get_cache(kwargs)
-        p = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-        ctx = (torch.arange(t, device=ref.device, dtype=torch.float) + 1 + p).expand(b, t)
-        valid = torch.ones(b, t, dtype=torch.bool, device=ref.device)
-    st.begin_call(valid, ctx)
+        m = mask.bool().to(ref.device)
+        return m[:, -t:], m.long().cumsum(-1)[:, -t:].float()
+    past = get_cache(kwargs)
+    p = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+    ctx = (torch.arange(t, device=ref.device, dtype=torch.float) + 1 + p).expand(b, t)
+    return torch.ones(b, t, dtype=torch.bool, device=ref.device), ctx
+
+
+def _begin_call(model, args, kwargs):
+    """Model-level pre-hook: which tokens of this call are real, and how much context each sees."""
+    tokens = call_tokens(args, kwargs)
+    if tokens is not None:
+        model.gateskip_state.begin_call(*tokens)
 
 
 def _count_lm_rows(st: GateState, output: torch.Tensor) -> None:

@@ -60,6 +60,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           objective: str = "distill", sparsity_kind: str = "l2", lam: float = 0.1, kl_target: float = 0.5,
           max_ratio: float = 0.2, ramp_steps: int | None = None, modules: str = "attn,mlp", warmup: int = 20,
           gate: str = "vector", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
+          placement: str = "after", shared: bool = False,
           calibrate_ratio: float = 0.3, calibrate_batches: int = 8, save_every: int = 50, seed: int = 0,
           dtype: str = "float32", resume: bool = True, limit_texts: int | None = None, fsdp: bool = False,
           keep_checkpoints: int = 2, device: str = "auto") -> Path:
@@ -83,7 +84,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         kl_target: target open rate for ``sparsity_kind=kl``.
         max_ratio: skip ratio reached at the end of the ramp (paper: 0.2).
         ramp_steps: steps of the linear ramp 0 -> max_ratio (default: 80% of steps).
-        modules: branch kinds that skip during training, comma-separated.
+        modules: branch kinds that skip during training, comma-separated (both kinds always get gates).
         warmup: learning-rate warm-up steps.
         gate: gate kind: vector, scalar, lowrank or mlp.
         rank: rank of lowrank gates.
@@ -91,6 +92,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         init_std: gate weight init std.
         kv: K/V of skipped attention tokens, in training and (recorded in the gates folder) at inference:
             compute (their own K/V; default, see docs) or copy (from the layer below, the paper's).
+        placement: after (gate multiplies the branch output, paper) or before (gates its input).
+        shared: one gate per module kind shared by all layers instead of one per layer.
         calibrate_ratio: ratio at which thresholds are calibrated after training (on held-out text).
         calibrate_batches: batches of held-out text for calibration.
         save_every: checkpoint interval in steps.
@@ -118,6 +121,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     check_ratio(max_ratio, "max_ratio")
     skip_modules = tuple(m.strip() for m in modules.split(",") if m.strip())
     ramp_steps = ramp_steps if ramp_steps is not None else max(1, int(0.8 * steps))
+    gate_cfg = GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv,
+                              placement=placement, shared=shared)
     out_dir = Path(out)
     d = gdist.init_from_env()
     if fsdp and not d.enabled:
@@ -128,7 +133,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         _seed_all(seed)
         dev = d.device if d.enabled else _device(device)
         net, tok = load_model(model, dtype=dtype)
-        add_gates(net, GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv))
+        add_gates(net, gate_cfg)
         net.to(dev)
         # Every rank reads the same global batches (world x batch_size rows) and keeps its own slice.
         stream = pack(tok, load_texts(data, split="train", limit=limit_texts), seq_len=seq_len,
@@ -142,7 +147,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             full = gdist.full_state(net)
             if d.is_main:
                 net, _ = load_model(model, dtype=dtype)
-                add_gates(net, GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv))
+                add_gates(net, gate_cfg)
                 peft_model = _attach_lora(net, lora_rank) if backbone == "lora" else None
                 net.load_state_dict(full)
                 net.eval()

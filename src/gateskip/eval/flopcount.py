@@ -11,10 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
-import torch
-
 from gateskip.arch import text_config
-from gateskip.compat import get_cache
 from gateskip.config import GateSkipConfig
 from gateskip.flops import model_flops
 
@@ -84,21 +81,12 @@ class TokenCounter:
         self._handles = []
 
     def _on_call(self, _model, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        ref = ids if ids is not None else kwargs.get("inputs_embeds")
-        if ref is None:
+        from gateskip.core import call_tokens
+
+        tokens = call_tokens(args, kwargs)
+        if tokens is None:
             return
-        b, t = ref.shape[:2]
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= t:
-            m = mask.bool()
-            valid = m[:, -t:]
-            ctx = m.long().cumsum(-1)[:, -t:].float()
-        else:
-            past = get_cache(kwargs)
-            p = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-            valid = torch.ones(b, t, dtype=torch.bool)
-            ctx = (torch.arange(t, dtype=torch.float) + 1 + p).expand(b, t)
+        valid, ctx = tokens
         valid = valid.cpu()
         ctx = ctx.cpu()
         self.tokens += float(valid.sum())

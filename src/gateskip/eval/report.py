@@ -15,6 +15,16 @@ def saved_at(points: list[dict], dense_acc: float, level: float) -> float | None
     return max(ok) if ok else None
 
 
+def _is_dense(method: str) -> bool:
+    return method.split("[")[0] == "dense"  # "dense[int4]": the dense row of a quantized sweep
+
+
+def _dense(results: dict) -> dict:
+    """The reference row: full-precision dense when present, else the (quantized) run's own dense."""
+    methods = results["methods"]
+    return (methods.get("dense") or next(v for k, v in methods.items() if _is_dense(k)))[0]
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -32,7 +42,7 @@ def _setting(p: dict) -> str:
 
 def markdown(results: dict) -> str:
     tasks = results["tasks"]
-    dense = results["methods"]["dense"][0]
+    dense = _dense(results)
     head = ["method", "setting", *tasks, "mean acc", "tokens skipped", "compute saved"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, points in results["methods"].items():
@@ -53,7 +63,7 @@ def markdown(results: dict) -> str:
            f"Dense mean accuracy: {dense['mean_acc']:.3f}.", "",
            "| method | >= 90% | >= 95% |", "|---|---|---|"]
     for method, points in results["methods"].items():
-        if method == "dense":
+        if _is_dense(method):
             continue
         out.append(f"| {method} | " + " | ".join(_pct(saved_at(points, dense["mean_acc"], lv)) for lv in LEVELS) + " |")
     return "\n".join(out) + "\n"
@@ -66,10 +76,13 @@ def plot_curve(results: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    dense = results["methods"]["dense"][0]["mean_acc"]
+    dense = _dense(results)["mean_acc"]
     ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.3f})")
     for method, points in results["methods"].items():
-        if method == "dense":
+        if _is_dense(method):
+            if method != "dense":  # a quantized dense row: its own reference line
+                acc = points[0]["mean_acc"]
+                ax.axhline(acc, color="grey", linestyle=":", linewidth=1, label=f"{method} ({acc:.3f})")
             continue
         pts = sorted(points, key=lambda p: p["compute_saved"])
         ax.plot([100 * p["compute_saved"] for p in pts], [p["mean_acc"] for p in pts], marker="o", label=method)

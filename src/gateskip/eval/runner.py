@@ -43,6 +43,8 @@ class Runner:
                     model=lm, tasks=[task], limit=self.limit, task_manager=self.tm, log_samples=False,
                     bootstrap_iters=100, apply_chat_template=TASKS[task].chat and self.chat, random_seed=self.seed)
             s = counters[task].stats(removed) if counters else lm.stats()
+            if counters and plan:  # pruned and gated: removed layers count as skipped, the rest as measured
+                s = _pruned_and_gated(lm.stats(), s, len(removed) / counters[task].n_layers)
             self._check_flops(task, s["flops_dense"], f"{method} {ratio:g}")
             r, metric = out["results"][task], TASKS[task].metric
             stderr = r.get(metric.replace(",", "_stderr,", 1))
@@ -80,3 +82,15 @@ class Runner:
 
     def close(self):
         self.bar.close()
+
+
+def _pruned_and_gated(gated: dict, pruned: dict, removed_fraction: float) -> dict:
+    """Statistics of a pruned gated model against the full dense model.
+
+    ``gated``: gateskip.stats over the remaining layers (gates and LM head counted); ``pruned``:
+    the token counter's dense FLOPs of the full model. Tokens skipped: removed layers skip every
+    token, the others what their gates skipped.
+    """
+    dense = pruned["flops_dense"]
+    return {**gated, "flops_dense": dense, "compute_saved": 1.0 - gated["flops_executed"] / dense if dense else 0.0,
+            "tokens_skipped": removed_fraction + (1.0 - removed_fraction) * gated["tokens_skipped"]}

@@ -9,7 +9,11 @@ Order of a sweep (each method reuses what an earlier one measured):
 5. gatefree_random: the gates folder's backbone (LoRA / full fine-tune; none for frozen gates)
    with the gates fully open, random skipping, gates not counted;
 6. shortgpt: the original model with the layers of lowest Block Influence removed, as many as
-   match gateskip's measured compute saved at each ratio.
+   match gateskip's measured compute saved at each ratio;
+7. mod / mod_topk: Mixture-of-Depths routers (a ``--mod`` folder from ``gateskip train-mod``) at the
+   same ratios: causal predictor / non-causal top-k (baselines/mod.py);
+8. early_exit: CALM-style exit with the shared LM head, threshold and check layers calibrated to
+   save gateskip's measured compute at each ratio (baselines/earlyexit.py).
 Rows that would repeat an earlier run exactly (ratio 0, or a budget that rounds to nothing) are
 copied from it, marked ``same_as``. Block Influence and mean gate values are measured on the
 *train* split of the ``mix`` text (BoolQ passages + Shakespeare): the held-out split holds the
@@ -30,9 +34,11 @@ from gateskip.errors import GateSkipError
 from gateskip.eval.runner import Runner
 from gateskip.eval.taskconfigs import TASKS, parse_tasks, task_manager
 
-METHODS = ("gateskip", "random", "static", "gatefree_random", "shortgpt")
+METHODS = ("gateskip", "random", "static", "gatefree_random", "shortgpt", "mod", "mod_topk", "early_exit",
+           "pruned_gateskip")
+NO_GATES = {"shortgpt", "gatefree_random", "mod", "mod_topk", "early_exit"}  # methods that run without --gates
 DEFAULT_TASKS = "hellaswag,piqa,arc_easy,winogrande,boolq"
-DEFAULT_METHODS = ",".join(METHODS)
+DEFAULT_METHODS = "gateskip,random,static,gatefree_random,shortgpt"  # mod needs --mod; early_exit on request
 CALIB_SEQ_LEN, CALIB_BATCH = 256, 4
 
 
@@ -41,7 +47,9 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
              methods: str | list[str] = DEFAULT_METHODS, modules: str = "attn,mlp", kv: str | None = None,
              limit: int | None = 50, out: str = "runs/eval", model: str | None = None, tokenizer=None,
              batch_size: int = 1, calib_batches: int = 4, seed: int = 0, threads: int = 0,
-             allocation: str = "uniform") -> dict:
+             allocation: str = "uniform", mod: str | None = None, exit_measure: str = "softmax",
+             quant: str = "none", compare_with: str | None = None, prune: int = 4,
+             recalibrate: bool = True) -> dict:
     """Sweep skip ratios on offline benchmarks; writes results.json, report.md and curve.png to --out.
 
     Args:
@@ -51,7 +59,7 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
         ratios: comma-separated skip ratios per branch, e.g. 0,0.1,0.2,0.3,0.4,0.5,0.6.
         policy: how GateSkip picks tokens: threshold (calibrated, per token), quantile (paper) or random.
         methods: comma-separated methods besides the dense reference: gateskip, random, static,
-            gatefree_random, shortgpt.
+            gatefree_random, shortgpt, mod, mod_topk (need --mod), early_exit.
         modules: branch kinds that skip: attn, mlp or attn,mlp.
         kv: K/V of skipped attention tokens: copy or compute; default: the gates' config.
         limit: items per task (the first N, same for every row); 0 for all.
@@ -66,6 +74,16 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
         threads: torch CPU threads (0: leave as is).
         allocation: how GateSkip spreads the budget over branches: uniform (paper) or global
             (see gateskip.skipping); baselines are unaffected.
+        mod: a MoD folder (``gateskip train-mod --out``) for methods mod and mod_topk.
+        exit_measure: confidence of method early_exit: softmax (top-1 minus top-2) or saturation.
+        quant: quantize the backbone's linear layers first: none, int4 or int8 (gateskip.quantize);
+            rows are then named e.g. gateskip[int4] and dense[int4]. A model object is quantized in place.
+        compare_with: results.json of another sweep (e.g. full precision) whose rows are added to this
+            report and curve, e.g. ``--quant int4 --compare-with runs/eval/results.json``.
+        prune: method pruned_gateskip: remove this many layers of lowest Block Influence (ShortGPT)
+            from the gated model, then skip with its remaining gates at every ratio.
+        recalibrate: method pruned_gateskip: re-fit the remaining gates' thresholds on calibration
+            text after pruning (their inputs changed).
     """
     _require_lm_eval()
     from gateskip.policies import check_policy
@@ -73,7 +91,16 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
     task_names = parse_tasks(tasks)
     ratio_list = _parse_ratios(ratios)
     method_list = _parse_methods(methods)
+    if {"mod", "mod_topk"} & set(method_list) and not mod:
+        raise GateSkipError("methods mod/mod_topk need a MoD folder: pass --mod DIR (from `gateskip train-mod`)")
+    if "early_exit" in method_list and exit_measure not in ("softmax", "saturation"):
+        raise GateSkipError(f"exit_measure={exit_measure!r} is not supported: choose softmax or saturation")
     check_policy(policy)
+    from gateskip.quantize import check_quant, combine_results, quantize_for_run
+
+    check_quant(quant)
+    if compare_with and not os.path.isfile(compare_with):  # fail now, not after the sweep
+        raise GateSkipError(f"--compare-with {compare_with!r} does not exist: pass an earlier sweep's results.json")
     if allocation != "uniform":
         from gateskip.budget import check_allocation
 
@@ -87,25 +114,29 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
     if threads:
         torch.set_num_threads(threads)
     net, tok, model_name = _resolve_model(model, tokenizer, gates)
+    quantize_for_run(net, quant, gates)
     mods = tuple(m.strip() for m in modules.split(",") if m.strip()) if isinstance(modules, str) else tuple(modules)
     lm_log = logging.getLogger("lm_eval")
     level = lm_log.level
     lm_log.setLevel(logging.ERROR)  # lm-eval warns on every model object and default metric setting
     with tempfile.TemporaryDirectory(prefix="gateskip-eval-") as tmp, _gates_restored(net, gates, tmp) as gates_dir:
-        if gates_dir is None and set(method_list) - {"shortgpt", "gatefree_random"}:
+        if gates_dir is None and set(method_list) - NO_GATES:
             raise GateSkipError("methods gateskip/random/static need trained gates: pass --gates DIR "
                                 "(or --methods shortgpt,gatefree_random)")
         runner = Runner(net, tok, task_names, limit or None, batch_size, seed, task_manager(f"{tmp}/tasks"),
                          total=(1 + len(ratio_list) * len(method_list)) * len(task_names))
         t0 = time.perf_counter()
         try:
-            results = _sweep(runner, gates_dir, ratio_list, method_list, policy, mods, kv, calib_batches, allocation)
+            results = _sweep(runner, gates_dir, ratio_list, method_list, policy, mods, kv, calib_batches, allocation,
+                             mod=mod, exit_measure=exit_measure, prune=prune, recalibrate=recalibrate)
         finally:
             runner.close()
             lm_log.setLevel(level)
     results["config"].update(model=model_name, gates=gates, tasks=task_names, limit=limit, policy=policy,
                              modules=list(mods), kv=kv, seed=seed, batch_size=batch_size, allocation=allocation,
-                             seconds=round(time.perf_counter() - t0, 1))
+                             mod=mod, exit_measure=exit_measure if "early_exit" in method_list else None,
+                             seconds=round(time.perf_counter() - t0, 1), quant=quant)
+    results = combine_results(results, quant, compare_with)
     from gateskip.eval.report import write_report
 
     print(write_report(results, out))
@@ -115,7 +146,8 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
 
 # ---- the sweep ---------------------------------------------------------------------------------
 
-def _sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches, allocation) -> dict:
+def _sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches, allocation, mod=None,
+           exit_measure="softmax", prune=4, recalibrate=True) -> dict:
     from gateskip.checkpoint import load_gates
     from gateskip.core import gate_state, remove_gates
     from gateskip.eval.flopcount import TokenCounter
@@ -124,7 +156,8 @@ def _sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches,
            "metrics": {t: TASKS[t].metric for t in run.tasks}, "methods": {}}
     counters = {t: TokenCounter(run.net) for t in run.tasks}  # dense tokens: the FLOPs of any layer or branch
     res["methods"]["dense"] = [run.point("dense", 0.0, {}, {}, counters=counters)]
-    calib = _calibration_batches(run.tok, calib_batches) if {"static", "shortgpt"} & set(methods) else None
+    calibrated = {"static", "shortgpt", "early_exit", "pruned_gateskip"}  # methods that measure something on calibration text
+    calib = _calibration_batches(run.tok, calib_batches) if calibrated & set(methods) else None
     skip = {"modules": mods, "kv": kv, "seed": run.seed}
     if gates and {"gateskip", "random", "static"} & set(methods):
         load_gates(run.net, gates)
@@ -145,7 +178,50 @@ def _sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches,
         res["methods"]["gatefree_random"] = _gatefree(run, res, gates, ratios, skip)
     if "shortgpt" in methods:
         res["methods"]["shortgpt"] = _shortgpt(run, res, counters, ratios, calib)
+    if {"mod", "mod_topk"} & set(methods):
+        from gateskip.baselines.mod import sweep_rows
+
+        res["methods"].update(sweep_rows(run, mod, ratios, methods, skip))
+    if "pruned_gateskip" in methods:
+        res["methods"]["pruned_gateskip"] = _pruned_gateskip(run, res, gates, ratios, calib, prune, recalibrate,
+                                                             {"policy": policy, "allocation": allocation, **skip})
+    if "early_exit" in methods:
+        from gateskip.baselines.earlyexit import sweep_rows
+
+        res["methods"]["early_exit"] = sweep_rows(run, res["methods"]["dense"][0], ratios,
+                                                  [_target(res, r) for r in ratios], calib, exit_measure)
     return res
+
+
+def _pruned_gateskip(run: Runner, res, gates, ratios, calib, prune, recalibrate, plan) -> list[dict]:
+    """GateSkip on a ShortGPT-pruned model: ``prune`` layers removed, the remaining gates skip at each ratio."""
+    import copy
+
+    from gateskip.baselines.shortgpt import block_influence, least_influential
+    from gateskip.checkpoint import load_gates
+    from gateskip.eval.flopcount import TokenCounter
+    from gateskip.prune import prune_layers
+
+    if not gates:
+        raise GateSkipError("method pruned_gateskip needs trained gates: pass --gates DIR")
+    bi = res["config"].get("block_influence") or block_influence(run.net, calib)
+    n_layers = len(bi)
+    if not 0 < prune < n_layers:
+        raise GateSkipError(f"prune={prune} is invalid: remove between 1 and {n_layers - 1} layers")
+    drop = sorted(least_influential(bi, prune))
+    res["config"]["pruned_layers"] = drop
+    full, net = run.net, copy.deepcopy(run.net)  # pruning is for good: work on a copy
+    # one set per row, made on the full copy: they count the FLOPs of all layers
+    counters = [{t: TokenCounter(net) for t in run.tasks} for _ in ratios]
+    load_gates(net, gates)
+    prune_layers(net, drop, recalibrate=calib if recalibrate else None)
+    run.net = net
+    try:
+        return [run.point("pruned_gateskip", r, {"layers_dropped": drop, "recalibrated": recalibrate},
+                          {"ratio": r, **plan}, counters=c, removed=drop) for r, c in zip(ratios, counters)]
+    finally:
+        run.net = full
+        del net
 
 
 def _at(res: dict, method: str, ratio: float) -> dict | None:
