@@ -254,6 +254,22 @@ def calibrate(model: nn.Module, batches: Iterable, ratio: float = 0.3, policy: s
     """
     st = gate_state(model)
     check_ratio(ratio)
+    grid, tokens, n_batches = record_quantiles(model, batches, ratio, policy, modules, CALIBRATION_POINTS,
+                                               max_tokens_per_branch, who="calibrate")
+    st.calibration = {"grid": grid, "ratio": float(ratio), "tokens": tokens}
+    return {"ratio": float(ratio), "tokens": tokens, "batches": n_batches}
+
+
+@torch.no_grad()
+def record_quantiles(model: nn.Module, batches: Iterable, ratio: float, policy: str, modules: Iterable[str],
+                     points: int, max_tokens_per_branch: int = 2_000_000, who: str = "calibrate"):
+    """Run ``batches`` under ``skipping(ratio, policy)`` with the branches recording what they rank by
+    (``state.record``); returns (quantile grid [branches, points], tokens per branch, batches).
+
+    Shared by gate calibration and MoD's predictor calibration: each branch sees the hidden states
+    it will see when skipping upstream is active.
+    """
+    st = model.gateskip_state
     st.record = [[] for _ in st.branches]
     device = next(model.parameters()).device
     n_batches = 0
@@ -263,8 +279,8 @@ def calibrate(model: nn.Module, batches: Iterable, ratio: float = 0.3, policy: s
                 model(**_as_inputs(batch, device), use_cache=False)
                 n_batches += 1
         if n_batches == 0:
-            raise GateSkipError("calibrate got no batches: pass an iterable of input_ids tensors or tokenizer outputs")
-        qs = torch.linspace(0, 1, CALIBRATION_POINTS, dtype=torch.float64)
+            raise GateSkipError(f"{who} got no batches: pass an iterable of input_ids tensors or tokenizer outputs")
+        qs = torch.linspace(0, 1, points, dtype=torch.float64)
         grids = []
         for rec in st.record:
             imp = torch.cat(rec).double()
@@ -274,8 +290,7 @@ def calibrate(model: nn.Module, batches: Iterable, ratio: float = 0.3, policy: s
         tokens = int(sum(r.numel() for r in st.record[0]))
     finally:
         st.record = None
-    st.calibration = {"grid": torch.stack(grids), "ratio": float(ratio), "tokens": tokens}
-    return {"ratio": float(ratio), "tokens": tokens, "batches": n_batches}
+    return torch.stack(grids), tokens, n_batches
 
 
 def _as_inputs(batch, device) -> dict:

@@ -22,7 +22,7 @@ from gateskip.errors import GateSkipError
 def demo(out: str = "runs/demo", model: str = "smollm2-135m", steps: int = 40, gate: str = "lowrank",
          ratio: float = 0.3, prompts: int = 2, max_new_tokens: int = 40, evaluate: bool = True,
          tasks: str = "hellaswag,piqa,arc_easy,winogrande,boolq", limit: int = 60,
-         ratios: str = "0,0.25,0.5", threads: int = 2) -> None:
+         ratios: str = "0,0.25,0.5", methods: str = "gateskip,random,shortgpt", threads: int = 2) -> None:
     """Run the main job on the embedded default model: train, generate with skipping, evaluate.
 
     Args:
@@ -37,6 +37,9 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", steps: int = 40, g
         tasks: benchmark tasks of the sweep, comma-separated.
         limit: items per task in the sweep.
         ratios: skip ratios of the sweep, comma-separated.
+        methods: methods of the sweep besides dense (see ``gateskip eval --help``); the default keeps
+            the demo near half an hour on a 2-core CPU: GateSkip, random skipping at the same ratio,
+            and ShortGPT layer pruning at matched compute.
         threads: torch CPU threads.
     """
     from gateskip.checkpoint import load_gates
@@ -77,8 +80,9 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", steps: int = 40, g
         from gateskip.eval import evaluate as run_eval
     except ImportError as e:
         raise GateSkipError(f"the evaluation module is unavailable ({e}): reinstall gateskip") from None
-    _say(f"3/3 benchmark sweep: {tasks} (limit {limit}) at ratios {ratios} -> {out_dir}")
-    run_eval(gates=str(gates_dir), tasks=tasks, ratios=ratios, limit=limit, out=str(out_dir), threads=threads)
+    _say(f"3/3 benchmark sweep: {methods} on {tasks} (limit {limit}) at ratios {ratios} -> {out_dir}")
+    run_eval(gates=str(gates_dir), tasks=tasks, ratios=ratios, limit=limit, out=str(out_dir), threads=threads,
+             methods=methods)
     _say(f"done in {(time.perf_counter() - t0) / 60:.1f} min: see {out_dir / 'report.md'} and {out_dir / 'curve.png'}")
 
 

@@ -43,12 +43,12 @@ from torch import nn
 from gateskip.checkpoint import GATES_FILE, _load_gate_tensors, _read_tensors, read_meta, save_gates
 from gateskip.config import GateSkipConfig
 from gateskip.core import (
-    _as_inputs,
     add_gates,
     gate_modules,
     gate_parameters,
     gate_state,
     gates_bypassed,
+    record_quantiles,
     remove_gates,
     skipping,
 )
@@ -182,22 +182,11 @@ def calibrate_mod(model: nn.Module, batches: Iterable, ratio: float = 0.2) -> di
     """Predictor-logit quantiles per branch, measured under top-k routing at ``ratio`` (= 1 - c)."""
     st = _mod_state(model)
     mode = st.mode
-    st.record = [[] for _ in st.branches]
-    device = next(model.parameters()).device
-    n = 0
     try:
         set_mode(model, "topk")
-        with skipping(model, ratio=ratio, policy="quantile"):
-            for batch in batches:
-                model(**_as_inputs(batch, device), use_cache=False)
-                n += 1
-        if n == 0:
-            raise GateSkipError("calibrate_mod got no batches: pass input_ids tensors")
-        qs = torch.linspace(0, 1, GRID_POINTS, dtype=torch.float64)
-        st.pred_grid = torch.stack([torch.quantile(torch.cat(r).double(), qs).float() for r in st.record])
-        tokens = int(sum(r.numel() for r in st.record[0]))
+        st.pred_grid, tokens, n = record_quantiles(model, batches, ratio, "quantile", ("attn", "mlp"), GRID_POINTS,
+                                                   who="calibrate_mod")
     finally:
-        st.record = None
         set_mode(model, mode)
     return {"ratio": ratio, "tokens": tokens, "batches": n}
 
