@@ -6,6 +6,7 @@ from conftest import FAMILIES, VOCAB, left_padded, positions
 
 import gateskip
 from gateskip import GateSkipConfig, GateSkipError
+from gateskip.compat import model_cache_arg, output_cache
 from gateskip.core import gate_state
 from gateskip.models import tiny_model
 
@@ -289,3 +290,49 @@ def test_global_allocation_shares_one_threshold_and_meets_budget():
     with pytest.raises(GateSkipError, match="allocation"):
         with gateskip.skipping(m, ratio=0.3, allocation="best"):
             pass
+
+
+def _skip_masks(m, fn):
+    """Run ``fn()`` and return every branch's skip mask of that run (None where nothing was decided)."""
+    st = gate_state(m)
+    seen = []
+    st._queue = lambda branch, skip, valid: seen.append(skip)  # instance attribute shadows the method
+    try:
+        fn()
+    finally:
+        del st._queue
+    return seen
+
+
+@pytest.mark.parametrize("policy", ["quantile", "threshold", "random"])
+def test_protect_first_never_skips_the_first_real_token(policy):
+    m = _calibrated(ratio=0.5)
+    ids, mask = left_padded([9, 6, 12])
+    first = mask.argmax(-1)  # the first real token of each left-padded row
+    with gateskip.skipping(m, ratio=0.9, policy=policy):
+        masks = _skip_masks(m, lambda: logits(m, ids, mask))
+    assert any(s[torch.arange(3), first].any() for s in masks)  # without protection BOS does skip here
+    with gateskip.skipping(m, ratio=0.9, policy=policy, protect_first=2):
+        masks = _skip_masks(m, lambda: logits(m, ids, mask))
+    for s in masks:
+        assert not s[torch.arange(3), first].any() and not s[torch.arange(3), first + 1].any()
+        assert s[mask.bool()].float().mean() > 0.5  # the rest still skips at the requested ratio
+    if policy == "quantile":  # the budget is taken from the unprotected tokens: round(0.9 * (n_valid - 6))
+        assert all(int(s.sum()) == round(0.9 * (int(mask.sum()) - 6)) for s in masks)
+
+
+def test_protect_first_comes_from_the_gates_config_and_ends_in_decode():
+    cfg = GateSkipConfig(init_std=0.3, init_bias=0.0, protect_first=1)
+    m = gateskip.add_gates(tiny_model("qwen2"), cfg)
+    ids = torch.randint(1, VOCAB, (1, 10))
+    with torch.no_grad(), gateskip.skipping(m, ratio=1.0):  # everything would skip but the protected token
+        masks = _skip_masks(m, lambda: m(input_ids=ids, use_cache=False))
+        assert all(s[0, 0].item() is False and s[0, 1:].all() for s in masks)
+        out = m(input_ids=ids, use_cache=True)
+        cache = output_cache(out)
+        step = _skip_masks(m, lambda: m(input_ids=ids[:, -1:], use_cache=True, **{model_cache_arg(m): cache}))
+        assert all(s.all() for s in step)  # position 10 of the sequence is not protected
+    with pytest.raises(GateSkipError, match="protect_first"):
+        GateSkipConfig(protect_first=-1)
+    with pytest.raises(GateSkipError, match="protect_first"), gateskip.skipping(m, ratio=0.2, protect_first=0.5):
+        pass

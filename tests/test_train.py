@@ -185,6 +185,11 @@ def test_trained_backbone_roundtrips_through_gates_folder(tmp_path, backbone):
     with torch.no_grad(), gateskip.skipping(base, ratio=0.0):
         tuned = base(input_ids=ids).logits
     assert (tuned - ref).abs().max() > 1e-4  # the backbone change came back with the gates
+    gateskip.save_gates(base, tmp_path / "resaved")  # a loaded folder saved again keeps its backbone change
+    again, _ = gateskip.load_model(str(d))
+    gateskip.load_gates(again, tmp_path / "resaved")
+    with torch.no_grad(), gateskip.skipping(again, ratio=0.0):
+        assert torch.allclose(again(input_ids=ids).logits, tuned, atol=1e-5)
     gateskip.remove_gates(base)
     with torch.no_grad():
         assert torch.equal(base(input_ids=ids).logits, ref)  # and is undone exactly

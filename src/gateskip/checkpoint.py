@@ -86,10 +86,34 @@ def save_gates(model: nn.Module, directory: str | os.PathLike, *, extra_tensors:
     for k, v in (extra_tensors or {}).items():
         tensors[k] = v.detach().float().cpu().contiguous()
     meta.update(pruning_meta(model))  # load_gates prunes a full base model the same way
+    backbone = None if "backbone" in (extra_meta or {}) else _loaded_backbone(model, tensors, meta)
     meta.update(extra_meta or {})
+    d.mkdir(parents=True, exist_ok=True)
+    if backbone:
+        atomic_write(d / BACKBONE_FILE, lambda p: save_file(backbone, p))
     atomic_write(d / GATES_FILE, lambda p: save_file(tensors, p, metadata={"format": "gateskip"}))
     atomic_write(d / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
     return d
+
+
+def _loaded_backbone(model: nn.Module, tensors: dict, meta: dict) -> dict | None:
+    """Re-saving gates that came with a backbone change (LoRA deltas, full fine-tune) keeps that change:
+    without it the folder would load onto the base model as different weights, silently."""
+    loaded = gate_state(model).loaded_backbone
+    if not loaded:
+        return None
+    if pruning_meta(model) != loaded["pruning"]:  # the saved deltas name the layers as they were
+        raise GateSkipError("cannot re-save gates whose backbone was changed by their folder (LoRA / full) after "
+                            "pruning: prune the base model, then load and save, or keep the original folder")
+    meta["backbone"] = loaded["kind"]
+    if loaded["kind"] == "lora":
+        tensors.update(loaded["tensors"])
+        return None
+    params = dict(model.named_parameters())
+    if any(is_quantized_linear(m) for m in model.modules()):
+        raise GateSkipError("cannot re-save full-backbone gates from a quantized model (its weights are rounded): "
+                            "save them before quantizing, or keep the original folder")
+    return {k: params[k].detach().float().cpu().contiguous() for k in loaded["params"]}
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
@@ -141,7 +165,8 @@ def load_gates(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                                     f"{len(gate_state(model).branches)}: re-run calibration")
             cal = meta.get("calibration", {})
             gate_state(model).calibration = {"grid": grid, "ratio": cal.get("ratio"), "tokens": cal.get("tokens")}
-        _apply_backbone(model, tensors, d, meta)
+        applied = _apply_backbone(model, tensors, d, meta)
+        gate_state(model).loaded_backbone = applied and {**applied, "pruning": pruning_meta(model)}
     except BaseException:
         remove_gates(model)
         raise
@@ -170,8 +195,10 @@ def _load_gate_tensors(model: nn.Module, tensors: dict, d: Path) -> None:
 
 
 @torch.no_grad()
-def _apply_backbone(model: nn.Module, tensors: dict, d: Path, meta: dict) -> None:
-    """Backbone changes from training: merge LoRA deltas, or load full fine-tuned weights."""
+def _apply_backbone(model: nn.Module, tensors: dict, d: Path, meta: dict) -> dict | None:
+    """Backbone changes from training: merge LoRA deltas, or load full fine-tuned weights.
+
+    Returns what was applied (``GateState.loaded_backbone``), so that ``save_gates`` can write it again."""
     mods = dict(model.named_modules())
     params = dict(model.named_parameters())
     backup = gate_state(model).backup  # originals, so that remove_gates restores the base model exactly
@@ -202,6 +229,9 @@ def _apply_backbone(model: nn.Module, tensors: dict, d: Path, meta: dict) -> Non
                 continue
             backup.setdefault(k, params[k].detach().clone())
             params[k].copy_(v.to(params[k].dtype))
+        return {"kind": "full", "params": sorted(weights)}
+    lora = {k: v for k, v in tensors.items() if k.startswith("lora.")}
+    return {"kind": "lora", "tensors": lora} if lora else None
 
 
 # ---- training checkpoints ------------------------------------------------------------------------

@@ -35,6 +35,9 @@ class GateSkipConfig:
             code does): gate gradients then do not flow into the backbone through the gate input.
         kv: what a skipped token leaves in the KV cache: ``copy`` (its K/V of the layer below,
             the paper) or ``compute`` (its own K/V, computed as if not skipped).
+        protect_first: the first N tokens of every sequence are never skipped (0: the paper). The
+            first token (BOS) is the attention sink of most LLMs: every later token attends to it, so
+            skipping it changes every token's attention. Skip ratios then apply to the other tokens.
     """
 
     gate: str = "vector"
@@ -46,6 +49,7 @@ class GateSkipConfig:
     modules: tuple[str, ...] = ("attn", "mlp")
     detach_input: bool = True
     kv: str = "copy"
+    protect_first: int = 0
 
     def __post_init__(self) -> None:
         self.modules = tuple(self.modules)
@@ -56,6 +60,8 @@ class GateSkipConfig:
             raise GateSkipError(f"modules={self.modules!r} is invalid: use a non-empty subset of {MODULE_KINDS}")
         if int(self.rank) != self.rank or self.rank < 1:
             raise GateSkipError(f"rank={self.rank!r} is invalid: use a positive integer")
+        if int(self.protect_first) != self.protect_first or self.protect_first < 0:
+            raise GateSkipError(f"protect_first={self.protect_first!r} is invalid: use a whole number >= 0")
         if self.init_std < 0:
             raise GateSkipError(f"init_std={self.init_std} is invalid: use a value >= 0")
 

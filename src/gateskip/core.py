@@ -108,7 +108,7 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
 @contextlib.contextmanager
 def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy: str = "quantile",
              modules: Iterable[str] = ("attn", "mlp"), kv: str | None = None, seed: int = 0, path: str = "auto",
-             allocation: str = "uniform"):
+             allocation: str = "uniform", protect_first: int | None = None):
     """Run ``model`` with a per-layer skip budget inside the ``with`` block.
 
     Args:
@@ -123,6 +123,8 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
             token computed, skipped outputs zeroed: training, checks).
         allocation: ``uniform`` (paper: every branch skips ``ratio``) or ``global`` (one calibrated
             importance threshold for all branches, FLOP-weighted total ``ratio``; see budget.py).
+        protect_first: never skip the first N tokens of each sequence (BOS, the attention sink);
+            default: the gate config's (0 unless the gates were trained with it).
     """
     st = gate_state(model)
     check_policy(policy)
@@ -136,6 +138,9 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     if path not in ("auto", "physical", "masked"):
         raise GateSkipError(f"path={path!r} is not supported: choose auto, physical or masked")
     check_allocation(allocation)
+    protect = st.cfg.protect_first if protect_first is None else protect_first
+    if int(protect) != protect or protect < 0:
+        raise GateSkipError(f"protect_first={protect_first!r} is invalid: use a whole number >= 0")
     if allocation == "global":
         ratios = _global_ratios(st, ratio, modules)
     else:
@@ -151,7 +156,8 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     if policy == "random":
         gen = torch.Generator().manual_seed(seed)
     previous = st.plan
-    st.plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=thresholds, generator=gen, path=path)
+    st.plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=thresholds, generator=gen, path=path,
+                   protect=int(protect))
     st.reset_stats()
     try:
         yield st.plan

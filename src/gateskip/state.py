@@ -29,6 +29,7 @@ class Plan:
     thresholds: list[torch.Tensor] | None = None  # per branch, for policy="threshold"
     generator: torch.Generator | None = None
     path: str = "auto"  # auto (physical unless gradients are needed) / physical / masked
+    protect: int = 0  # the first N tokens of each sequence never skip (GateSkipConfig.protect_first)
 
     @property
     def copy_kv(self) -> bool:
@@ -71,6 +72,9 @@ class GateState:
     calibration: dict | None = None  # {"grid": [n_branches, G] tensor, "ratio": float, "tokens": int}
     backup: dict = field(default_factory=dict)  # backbone weights changed by load_gates, by param name
     meta: dict | None = None  # gateskip.json of the loaded gates folder
+    # the loaded folder's backbone change, kept so that save_gates writes it again: {"kind": "lora",
+    # "tensors": {lora.*}} or {"kind": "full", "params": [names]}
+    loaded_backbone: dict | None = None
     handles: list = field(default_factory=list)
 
     def begin_call(self, valid: torch.Tensor, ctx: torch.Tensor) -> None:
@@ -116,9 +120,18 @@ class GateState:
             self.record[branch.index].append(imp[valid].float().cpu())
         if self.plan is None:
             return None
-        skip = self.plan.decide(branch.index, imp, valid)
+        skip = self.plan.decide(branch.index, imp, self._eligible(valid))
         self._queue(branch, skip, valid)
         return skip
+
+    def _eligible(self, valid: torch.Tensor) -> torch.Tensor:
+        """Tokens that may skip: valid ones past the protected prefix. ``ctx`` is the context length a
+        token sees (its 1-based position in its sequence, cache and left padding accounted for), so in
+        cached decode nothing is protected and in a left-padded row the first *real* token is."""
+        n = self.plan.protect
+        if n <= 0 or self.ctx is None or self.ctx.shape != valid.shape:
+            return valid
+        return valid & (self.ctx.to(valid.device) > n)
 
     def _queue(self, branch, skip: torch.Tensor | None, valid: torch.Tensor) -> None:
         if self.tally is not None:

@@ -63,7 +63,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           placement: str = "after", shared: bool = False,
           calibrate_ratio: float = 0.3, calibrate_batches: int = 8, save_every: int = 50, seed: int = 0,
           dtype: str = "float32", resume: bool = True, limit_texts: int | None = None, fsdp: bool = False,
-          keep_checkpoints: int = 2, device: str = "auto") -> Path:
+          keep_checkpoints: int = 2, device: str = "auto", protect_first: int = 0) -> Path:
     """Train gates on offline text and write a gates folder.
 
     Args:
@@ -94,6 +94,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             compute (their own K/V; default, see docs) or copy (from the layer below, the paper's).
         placement: after (gate multiplies the branch output, paper) or before (gates its input).
         shared: one gate per module kind shared by all layers instead of one per layer.
+        protect_first: never skip the first N tokens of a sequence (BOS, the attention sink), in
+            training and (recorded in the gates folder) at inference; 0 is the paper's setting.
         calibrate_ratio: ratio at which thresholds are calibrated after training (on held-out text).
         calibrate_batches: batches of held-out text for calibration.
         save_every: checkpoint interval in steps.
@@ -122,7 +124,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     skip_modules = tuple(m.strip() for m in modules.split(",") if m.strip())
     ramp_steps = ramp_steps if ramp_steps is not None else max(1, int(0.8 * steps))
     gate_cfg = GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv,
-                              placement=placement, shared=shared)
+                              placement=placement, shared=shared, protect_first=protect_first)
     out_dir = Path(out)
     d = gdist.init_from_env()
     if fsdp and not d.enabled:

@@ -372,13 +372,11 @@ def _resolve_model(model, tokenizer, gates):
 def _gates_restored(net, gates, tmp):
     """The sweep needs the model without gates; a gated model object gets its gates back afterwards."""
     from gateskip.checkpoint import load_gates, save_gates
-    from gateskip.core import gate_state, is_gated, remove_gates
+    from gateskip.core import is_gated, remove_gates
 
     restore = None
     if is_gated(net):
-        if gates is None and gate_state(net).backup:
-            raise GateSkipError("the model's gates changed its backbone (LoRA/full): pass their folder as --gates")
-        restore = gates or str(save_gates(net, f"{tmp}/entry-gates"))
+        restore = gates or str(save_gates(net, f"{tmp}/entry-gates"))  # LoRA / full backbone changes included
         remove_gates(net)
     try:
         yield gates or restore
