@@ -8,6 +8,7 @@ quantise the ranking.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gateskip.config import GateSkipConfig
@@ -50,7 +51,11 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gate values in (0, 1), shape ``x.shape[:-1] + (H or 1,)``, float32."""
-        return torch.sigmoid(self.proj(x.float()))
+        x = x.float()
+        if self.kind == "lowrank":  # two functional calls instead of three module calls: decode is overhead-bound
+            down, up = self.proj[0], self.proj[1]
+            return torch.sigmoid(F.linear(F.linear(x, down.weight), up.weight, up.bias))
+        return torch.sigmoid(self.proj(x))
 
 
 def importance(g: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ global: two gated models in one process do not interact.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -31,9 +32,10 @@ class Plan:
     path: str = "auto"  # auto (physical unless gradients are needed) / physical / masked
     protect: int = 0  # the first N tokens of each sequence never skip (GateSkipConfig.protect_first)
 
-    @property
+    @functools.cached_property
     def copy_kv(self) -> bool:
-        return self.kv == "copy"
+        """Skipped tokens take the layer below's K/V; only worth the cache proxy when anything can skip."""
+        return self.kv == "copy" and any(r > 0.0 for r in self.ratios)
 
     def decide(self, index: int, imp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
         r = self.ratios[index]
