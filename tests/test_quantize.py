@@ -294,3 +294,29 @@ def test_smollm2_with_trained_lora_gates_in_both_orders():
     assert torch.equal(qa, qb)
     nll = lambda lg: nn.functional.cross_entropy(lg[0, :-1], x[0, 1:]).item()  # noqa: E731
     assert nll(qa) != nll(fp) and abs(nll(qa) - nll(fp)) < 1.0  # rounded, still a language model
+
+
+def test_train_cli_on_a_quantized_backbone(tmp_path):
+    from test_train import _tiny_folder
+
+    from gateskip.cli import main
+
+    d, data = _tiny_folder(tmp_path)
+    out = tmp_path / "q"
+    assert main(["train", "--model", str(d), "--data", str(data), "--steps", "3", "--seq-len", "32",
+                 "--batch-size", "2", "--lam", "1", "--lr", "0.05", "--calibrate-batches", "2", "--quant", "int4",
+                 "--out", str(out)]) == 0
+    from gateskip.checkpoint import read_meta
+
+    meta = read_meta(out)
+    assert meta["training"]["quant"] == "int4" and meta["backbone"] == "frozen"
+    m, _ = gateskip.load_model(str(d))
+    quantize(m)
+    gateskip.load_gates(m, out)
+    biases = [g.proj.bias for g in gate_modules(m).values()]
+    assert all(b.dtype == torch.float32 for b in biases)
+    assert any((b - 5.0).abs().max() > 1e-4 for b in biases)  # trained away from the init (bias 5)
+    with torch.no_grad(), gateskip.skipping(m, ratio=0.3, policy="threshold"):
+        assert torch.isfinite(m(ids()).logits).all()
+    assert main(["train", "--model", str(d), "--data", str(data), "--steps", "1", "--quant", "int4",
+                 "--backbone", "lora", "--out", str(tmp_path / "x")]) == 2

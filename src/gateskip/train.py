@@ -63,7 +63,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           placement: str = "after", shared: bool = False,
           calibrate_ratio: float = 0.3, calibrate_batches: int = 8, save_every: int = 50, seed: int = 0,
           dtype: str = "float32", resume: bool = True, limit_texts: int | None = None, fsdp: bool = False,
-          keep_checkpoints: int = 2, device: str = "auto", protect_first: int = 0) -> Path:
+          keep_checkpoints: int = 2, device: str = "auto", protect_first: int = 0, quant: str = "none") -> Path:
     """Train gates on offline text and write a gates folder.
 
     Args:
@@ -96,6 +96,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         shared: one gate per module kind shared by all layers instead of one per layer.
         protect_first: never skip the first N tokens of a sequence (BOS, the attention sink), in
             training and (recorded in the gates folder) at inference; 0 is the paper's setting.
+        quant: train the gates on a 4-bit (int4) or 8-bit (int8) weight-only quantized backbone (frozen;
+            gateskip.quantize), e.g. to run them quantized later: ``eval --quant int4``. none: float.
         calibrate_ratio: ratio at which thresholds are calibrated after training (on held-out text).
         calibrate_batches: batches of held-out text for calibration.
         save_every: checkpoint interval in steps.
@@ -121,6 +123,11 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         if value < least:
             raise GateSkipError(f"{name}={value} is invalid: use a value >= {least}")
     check_ratio(max_ratio, "max_ratio")
+    from gateskip.quantize import check_quant, quantize_for_run
+
+    if check_quant(quant) and (backbone != "frozen" or fsdp):
+        raise GateSkipError(f"--quant {quant} trains gates on a frozen quantized backbone: use --backbone frozen "
+                            "without --fsdp (LoRA / full fine-tuning of rounded weights is not supported)")
     skip_modules = tuple(m.strip() for m in modules.split(",") if m.strip())
     ramp_steps = ramp_steps if ramp_steps is not None else max(1, int(0.8 * steps))
     gate_cfg = GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv,
@@ -135,6 +142,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         _seed_all(seed)
         dev = d.device if d.enabled else _device(device)
         net, tok = load_model(model, dtype=dtype)
+        quantize_for_run(net, quant)  # no-op for none; gates stay float32 either way
         add_gates(net, gate_cfg)
         net.to(dev)
         # Every rank reads the same global batches (world x batch_size rows) and keeps its own slice.
@@ -158,7 +166,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             return out_dir
         _finish(net, tok, peft_model, out_dir, data=data, backbone=backbone, calibrate_ratio=calibrate_ratio,
                 calibrate_batches=calibrate_batches, seq_len=seq_len, batch_size=batch_size,
-                meta_training={"data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
+                meta_training={"quant": quant, "data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
                                "world_size": d.world, "grad_accum": grad_accum, "lr": lr, "objective": objective,
                                "sparsity": sparsity_kind, "lam": lam, "max_ratio": max_ratio,
                                "ramp_steps": ramp_steps, "seed": seed})
