@@ -44,3 +44,27 @@ def test_smollm2_gates_skip_and_generate(smol):
         gateskip.remove_gates(model)
     with torch.no_grad():
         assert torch.equal(model(**enc).logits, dense)
+
+
+def test_smollm2_speculative_greedy_equals_dense_greedy(smol):
+    """Issue 5: lossless self-speculation on the real model with its committed trained gates."""
+    from pathlib import Path
+
+    from gateskip.speculative import speculative_generate
+
+    gates = Path(__file__).resolve().parents[1] / "artifacts" / "smollm2-gates"
+    model, tok = smol
+    enc = encode_batch(tok, ["The capital of France is", "Water boils at a temperature of"])
+    gateskip.load_gates(model, gates)
+    try:
+        with torch.no_grad(), gateskip.skipping(model, ratio=0.0):  # the verifier: gates on, nothing skipped
+            ref = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        drafted = 0
+        for k, ratio in [(2, 0.3), (4, 0.5)]:
+            res = speculative_generate(model, enc["input_ids"], enc["attention_mask"], k=k, draft_ratio=ratio,
+                                       max_new_tokens=12)
+            assert torch.equal(res.sequences, ref), (k, ratio)
+            drafted += res.drafted
+        assert drafted > 0
+    finally:
+        gateskip.remove_gates(model)
