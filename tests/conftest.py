@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from gateskip.models import tiny_model
+from gateskip.models import tiny_model, tiny_tokenizer
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"]
 VOCAB = 128
+TEXT = ("the cat sat on the mat. the dog sat on the log. a bird sang in the tree. "
+        "the sun rose over the hill and the day began. ")
 
 
 @pytest.fixture(autouse=True)
@@ -34,3 +36,13 @@ def positions(mask):
 @pytest.fixture
 def make_tiny():
     return tiny_model
+
+
+def tiny_folder(tmp_path):
+    """A tiny Llama and its tokenizer saved as a model folder, and a text file to train on."""
+    d = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    data = tmp_path / "text.txt"
+    data.write_text("\n\n".join(TEXT * 2 + f"paragraph {i}." for i in range(400)))
+    return d, data

@@ -8,23 +8,11 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_folder
 from safetensors.torch import load_file
 
 from gateskip.distributed import SINGLE, Dist, mean_over_ranks, shard
-from gateskip.models import tiny_model, tiny_tokenizer
 from gateskip.train import train
-
-TEXT = ("the cat sat on the mat. the dog sat on the log. a bird sang in the tree. "
-        "the sun rose over the hill and the day began. ")
-
-
-def _tiny_folder(tmp_path):
-    d = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    data = tmp_path / "text.txt"
-    data.write_text("\n\n".join(TEXT * 2 + f"paragraph {i}." for i in range(400)))
-    return d, data
 
 
 def _free_port() -> int:
@@ -48,7 +36,7 @@ ARGS = ["--steps", "5", "--seq-len", "32", "--lr", "0.05", "--lam", "0.5", "--ob
 
 
 def test_two_ranks_match_one_process_with_double_batch(tmp_path):
-    d, data = _tiny_folder(tmp_path)
+    d, data = tiny_folder(tmp_path)
     common = ["--model", str(d), "--data", str(data), *ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     def launch(name, *extra):

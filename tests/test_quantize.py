@@ -297,11 +297,11 @@ def test_smollm2_with_trained_lora_gates_in_both_orders():
 
 
 def test_train_cli_on_a_quantized_backbone(tmp_path):
-    from test_train import _tiny_folder
+    from conftest import tiny_folder
 
     from gateskip.cli import main
 
-    d, data = _tiny_folder(tmp_path)
+    d, data = tiny_folder(tmp_path)
     out = tmp_path / "q"
     assert main(["train", "--model", str(d), "--data", str(data), "--steps", "3", "--seq-len", "32",
                  "--batch-size", "2", "--lam", "1", "--lr", "0.05", "--calibrate-batches", "2", "--quant", "int4",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TEXT, tiny_folder
 from safetensors.torch import load_file, save_file
 
 import gateskip
@@ -25,8 +26,6 @@ from gateskip.errors import GateSkipError
 from gateskip.models import tiny_model, tiny_tokenizer
 from gateskip.train import fit
 
-TEXT = ("the cat sat on the mat. the dog sat on the log. a bird sang in the tree. "
-        "the sun rose over the hill and the day began. ")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -40,15 +39,6 @@ def _fit(out, steps, **kw):
     m = gateskip.add_gates(tiny_model("llama"), gateskip.GateSkipConfig(init_bias=2.0))
     fit(m, _stream(), steps=steps, lr=1e-2, lam=0.5, objective="ce", warmup=1, save_every=2, out=out, **kw)
     return m
-
-
-def _tiny_folder(tmp_path):
-    d = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    data = tmp_path / "text.txt"
-    data.write_text("\n\n".join(TEXT * 2 + f"paragraph {i}." for i in range(400)))
-    return d, data
 
 
 class _Evil:
@@ -172,7 +162,7 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch)
 
 
 def test_disk_full_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
-    d, data = _tiny_folder(tmp_path)
+    d, data = tiny_folder(tmp_path)
     monkeypatch.setattr(gtrain, "_write_state", _full_disk_after(10))
     capsys.readouterr()
     assert main(["train", "--model", str(d), "--data", str(data), "--steps", "2", "--seq-len", "32",
@@ -195,7 +185,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    d, data = _tiny_folder(tmp_path)
+    d, data = tiny_folder(tmp_path)
     args = ["train", "--model", str(d), "--data", str(data), "--steps", "24", "--seq-len", "32",
             "--batch-size", "2", "--save-every", "3", "--lr", "0.02", "--lam", "0.5", "--objective", "ce",
             "--warmup", "2", "--calibrate-batches", "1", "--seed", "1"]
@@ -291,7 +281,7 @@ def test_pickle_posing_as_safetensors_never_runs(gates_dir, tmp_path):
 # ---- CLI input ---------------------------------------------------------------------------------------
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
-    d, data = _tiny_folder(tmp_path)
+    d, data = tiny_folder(tmp_path)
     gpt2 = tmp_path / "gpt2"
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, bos_token_id=1, eos_token_id=2)).save_pretrained(gpt2)

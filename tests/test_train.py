@@ -4,15 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import TEXT, tiny_folder
 
 import gateskip
 from gateskip.core import gate_state
 from gateskip.errors import GateSkipError
 from gateskip.models import tiny_model, tiny_tokenizer
 from gateskip.train import fit, lr_at, ramp_ratio
-
-TEXT = ("the cat sat on the mat. the dog sat on the log. a bird sang in the tree. "
-        "the sun rose over the hill and the day began. ")
 
 
 def _stream(n_batches=200, seed=0):
@@ -123,19 +121,10 @@ def test_fit_rejects_bad_settings():
         fit(m, _stream(), steps=1, backbone="half")
 
 
-def _tiny_folder(tmp_path):
-    d = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    data = tmp_path / "text.txt"
-    data.write_text("\n\n".join(TEXT * 2 + f"paragraph {i}." for i in range(400)))
-    return d, data
-
-
 def test_train_cli_then_generate_cli(tmp_path, capsys):
     from gateskip.cli import main
 
-    d, data = _tiny_folder(tmp_path)
+    d, data = tiny_folder(tmp_path)
     out = tmp_path / "gates"
     assert main(["train", "--model", str(d), "--data", str(data), "--steps", "3", "--seq-len", "32",
                  "--batch-size", "2", "--gate", "lowrank", "--calibrate-batches", "2", "--out", str(out)]) == 0
@@ -172,7 +161,7 @@ def test_cli_errors_are_one_line(argv, match, capsys):
 def test_trained_backbone_roundtrips_through_gates_folder(tmp_path, backbone):
     from gateskip.cli import main
 
-    d, data = _tiny_folder(tmp_path)
+    d, data = tiny_folder(tmp_path)
     out = tmp_path / backbone
     assert main(["train", "--model", str(d), "--data", str(data), "--steps", "3", "--seq-len", "32",
                  "--batch-size", "2", "--backbone", backbone, "--backbone-lr", "0.05", "--lam", "0.1",
