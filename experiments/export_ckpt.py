@@ -1,10 +1,12 @@
 """Write a loadable gates folder (gates + calibration + merged-LoRA deltas) from a run's checkpoint,
 for runs stopped before `gateskip train` wrote its own. Usage:
 python experiments/export_ckpt.py runs/r4 artifacts/smollm2-gates"""
-import json, sys
+import sys
+
 sys.path.insert(0, "experiments")
-import gateskip
 from probe import load_checkpoint
+
+import gateskip
 
 run, out = sys.argv[1], sys.argv[2]
 model, tok = load_checkpoint(run)

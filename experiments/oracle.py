@@ -3,14 +3,16 @@ relative to the residual stream (computed after running the branch, so no comput
 only asks whether such a ranking is worth learning). kv=compute semantics (K/V untouched).
 Usage: PROBE_THREADS=1 python experiments/oracle.py
 """
-import json, sys
+import json
+import sys
+
 sys.path.insert(0, "experiments")
 import torch
+from probe import lm_loss, lm_probe_batches, load
+
 import gateskip
-from gateskip.core import gates_bypassed
 from gateskip.policies import quantile_skip
 from gateskip.wrap import GatedBranch
-from probe import load, lm_probe_batches, lm_loss, gate_state
 
 _orig = GatedBranch.forward
 RES = {}  # (layer, kind) -> residual norm [B, T]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import re
 import time
@@ -113,8 +112,8 @@ def lm_loss(model, batches) -> float:
     tot, n = 0.0, 0
     for ids in batches:
         logits = model(input_ids=ids, use_cache=False).logits.float()
-        l = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-        tot, n = tot + l.item(), n + ids[:, 1:].numel()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        tot, n = tot + loss.item(), n + ids[:, 1:].numel()
     return tot / n
 
 
@@ -206,35 +205,6 @@ def allocate(model, target: float, alloc: str = "uniform", keep_first: int = 0, 
     return {b.name: r for b, r in zip(st.branches, rs)}
 
 
-# ---- first-token protection (a library change proposed in the report) -------------------------
-
-import contextlib
-from gateskip.state import Plan
-
-_orig_decide = Plan.decide
-
-
-@contextlib.contextmanager
-def protect_first(n: int = 1):
-    """Within the block, the first ``n`` positions of every row are never skipped (BOS = attention sink).
-
-    Patches ``Plan.decide`` at run time (experiments only); proposed library change: a
-    ``protect_first`` option in ``skipping``/``Plan`` that clears ``skip[:, :n]`` (only when the call
-    starts at position 0, i.e. no KV cache offset).
-    """
-    def decide(self, index, imp, valid):
-        skip = _orig_decide(self, index, imp, valid)
-        if skip is not None and n > 0:
-            skip = skip.clone()
-            skip[:, :n] = False
-        return skip
-    Plan.decide = decide
-    try:
-        yield
-    finally:
-        Plan.decide = _orig_decide
-
-
 # ---- one setting ---------------------------------------------------------------------------------
 
 def evaluate(model, tok, *, ratio=0.0, policy: str = "threshold", items=None, lm_batches=None, dense=False,
@@ -252,12 +222,12 @@ def evaluate(model, tok, *, ratio=0.0, policy: str = "threshold", items=None, lm
         res.update(compute_saved=0.0, tokens_skipped=0.0)
     else:
         if lm_batches is not None:
-            with protect_first(protect), gateskip.skipping(model, ratio=ratio, policy=policy, seed=seed, kv=kv):
+            with gateskip.skipping(model, ratio=ratio, policy=policy, seed=seed, kv=kv, protect_first=protect):
                 res["ce"] = lm_loss(model, lm_batches)
                 s = gateskip.stats(model)
                 res["lm_compute_saved"] = s["compute_saved"]
         if items:
-            with protect_first(protect), gateskip.skipping(model, ratio=ratio, policy=policy, seed=seed, kv=kv):
+            with gateskip.skipping(model, ratio=ratio, policy=policy, seed=seed, kv=kv, protect_first=protect):
                 for name, its in items.items():
                     acc, accn = score_mc(model, tok, its)
                     res[name] = accn if name == "hellaswag" else acc
@@ -301,9 +271,9 @@ def load_checkpoint(run: str, kv: str = "compute", lora_rank: int = 4, calibrate
         for k, v in state["trainable"].items():
             params[k].copy_(v)
     model.gateskip_lora = _merge_lora(model, None) if lora else {}
-    with protect_first(protect):
-        gateskip.calibrate(model, fixed_batches(tok, load_texts("mix", split="heldout"), 128, 4, 4),
-                           ratio=calibrate_ratio)
+    gate_state(model).cfg.protect_first = protect  # the library option (GateSkipConfig.protect_first)
+    gateskip.calibrate(model, fixed_batches(tok, load_texts("mix", split="heldout"), 128, 4, 4),
+                       ratio=calibrate_ratio)
     print(f"loaded {run} checkpoint step {state['step']} (lora={lora})", flush=True)
     return model, tok
 

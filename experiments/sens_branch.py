@@ -5,12 +5,17 @@ sensitivity ranking for budget allocation. Writes runs/probe/sens_branch.json:
 {"dense": ce, "branches": {name: ce_when_dropped}}.
 Usage: PROBE_THREADS=1 python experiments/sens_branch.py [--batches 1 --seq 128]
 """
-import argparse, json, sys, time
+import argparse
+import json
+import sys
+import time
+
 sys.path.insert(0, "experiments")
+from probe import gate_state, lm_loss, load
+
 import gateskip
 from gateskip.core import gates_bypassed
 from gateskip.data import fixed_batches, load_texts
-from probe import load, lm_loss, protect_first, gate_state
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--batches", type=int, default=1)
@@ -24,7 +29,7 @@ with gates_bypassed(model):
     res = {"dense": lm_loss(model, b), "branches": {}}
 for br in gate_state(model).branches:
     t0 = time.time()
-    with protect_first(1), gateskip.skipping(model, ratio={br.name: 1.0}, policy="random", kv="compute"):
+    with gateskip.skipping(model, ratio={br.name: 1.0}, policy="random", kv="compute", protect_first=1):
         res["branches"][br.name] = lm_loss(model, b)
     print(br.name, round(res["branches"][br.name], 4), round(time.time() - t0, 1), flush=True)
     json.dump(res, open(a.out, "w"), indent=1)

@@ -4,11 +4,15 @@ Untrained lowrank gates (importance identical for all tokens), random policy; co
 at matched estimated FLOP saving and the effect of never skipping the first token (BOS).
 Usage: PROBE_THREADS=1 python experiments/sens_random.py [--target 0.25] [--per-layer]
 """
-import argparse, json, sys, time
+import argparse
+import json
+import sys
+import time
+
 sys.path.insert(0, "experiments")
-import torch
+from probe import allocate, gate_state, lm_loss, lm_probe_batches, load
+
 import gateskip
-from probe import load, lm_probe_batches, allocate, protect_first, lm_loss, gate_state
 from gateskip.core import gates_bypassed
 
 ap = argparse.ArgumentParser()
@@ -24,7 +28,7 @@ lmb = lm_probe_batches(tok, a.batches)
 
 def run(tag, ratios, protect=0, kv=None):
     t0 = time.time()
-    with protect_first(protect), gateskip.skipping(model, ratio=ratios, policy="random", seed=0, kv=kv):
+    with gateskip.skipping(model, ratio=ratios, policy="random", seed=0, kv=kv, protect_first=protect):
         ce = lm_loss(model, lmb)
         s = gateskip.stats(model)
     row = {"tag": tag, "ce": ce, "compute_saved": s["compute_saved"], "tokens_skipped": s["tokens_skipped"],

@@ -1,13 +1,12 @@
-"""`gateskip train` with two run-time patches (experiments only; proposed library changes):
+"""`gateskip train` with run-time patches (experiments only; proposed library changes):
 
---protect N : the first N positions of every row are never skipped (BOS is the attention sink;
-              with tied importances at init the quantile policy otherwise skips row 0's prefix,
-              including BOS, in every branch, and the gates never recover).
+--protect N : passed on as `--protect-first N` (now a library option): the first N tokens of every
+              row are never skipped (BOS is the attention sink).
 --st        : straight-through skip mask: a skipped token's branch output is 0 in the forward pass,
               but its gate still receives the gradient it would get if it were kept
               (o_skip = s - s.detach() with s = out.detach() * g). Without it a skipped token's gate
               only sees the sparsity penalty, which pushes it further down: skipped sets self-reinforce.
---kv compute: skipped attention tokens keep their own K/V (GateSkipConfig(kv=...)); train() has no flag.
+--kv compute: passed on as `train --kv`.
 --alloc-json F: train with a per-branch budget (the allocation evaluated later) instead of uniform.
 All other flags are passed to gateskip.train.train unchanged (e.g. --gate lowrank --objective distill).
 Usage: python experiments/train_st.py --protect 1 --st --out runs/x --gate lowrank --steps 100 ...
@@ -21,8 +20,8 @@ import torch
 torch.set_num_threads(int(os.environ.get("PROBE_THREADS", "2")))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from gateskip.wrap import GatedBranch  # noqa: E402
 from gateskip.kv import KVProxy  # noqa: E402
+from gateskip.wrap import GatedBranch  # noqa: E402
 
 
 def st_forward(self, *args, **kwargs):
@@ -64,6 +63,7 @@ def main():
     a, rest = ap.parse_known_args()
     if a.alloc_json:
         import json
+
         import gateskip.train as T
         alloc = json.load(open(a.alloc_json))
         orig_skipping = T.skipping
@@ -75,15 +75,10 @@ def main():
         T.skipping = alloc_skipping
     if a.st:
         GatedBranch.forward = st_forward
-    if a.kv:
-        import functools
-        import gateskip.train as T
-        T.GateSkipConfig = functools.partial(T.GateSkipConfig, kv=a.kv)
-    from probe import protect_first
+    extra = ["--protect-first", str(a.protect)] + (["--kv", a.kv] if a.kv else [])
     from gateskip.cli import main as cli_main
-    with protect_first(a.protect):
-        sys.exit(cli_main(["train", *rest]))
 
+    sys.exit(cli_main(["train", *extra, *rest]))
 
 if __name__ == "__main__":
     main()
