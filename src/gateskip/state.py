@@ -78,10 +78,11 @@ class GateState:
     # "tensors": {lora.*}} or {"kind": "full", "params": [names]}
     loaded_backbone: dict | None = None
     handles: list = field(default_factory=list)
+    eligible: tuple | None = None  # (valid, valid minus the protected prefix) of this call: one mask for all branches
 
     def begin_call(self, valid: torch.Tensor, ctx: torch.Tensor) -> None:
         self._count_pending()
-        self.valid, self.ctx, self.prev_kv = valid, ctx, None
+        self.valid, self.ctx, self.prev_kv, self.eligible = valid, ctx, None, None
         self.gate_log = []
         if self.tally is not None:
             self.calls += 1
@@ -133,7 +134,9 @@ class GateState:
         n = self.plan.protect
         if n <= 0 or self.ctx is None or self.ctx.shape != valid.shape:
             return valid
-        return valid & (self.ctx.to(valid.device) > n)
+        if self.eligible is None or self.eligible[0] is not valid:  # once per call, not per branch
+            self.eligible = (valid, valid & (self.ctx.to(valid.device) > n))
+        return self.eligible[1]
 
     def _queue(self, branch, skip: torch.Tensor | None, valid: torch.Tensor) -> None:
         if self.tally is not None:

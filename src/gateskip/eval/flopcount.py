@@ -13,6 +13,7 @@ from collections.abc import Collection, Iterable
 
 from gateskip.arch import text_config
 from gateskip.config import GateSkipConfig
+from gateskip.core import call_tokens
 from gateskip.flops import model_flops
 
 
@@ -81,8 +82,6 @@ class TokenCounter:
         self._handles = []
 
     def _on_call(self, _model, args, kwargs):
-        from gateskip.core import call_tokens
-
         tokens = call_tokens(args, kwargs)
         if tokens is None:
             return
