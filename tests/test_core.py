@@ -251,6 +251,29 @@ def test_gate_kinds_and_shared(kind):
     assert len(gateskip.gate_parameters(shared)) == 4  # one vector gate (W, b) per module kind
 
 
+@pytest.mark.parametrize("kind", ["vector", "scalar", "lowrank", "mlp"])
+def test_gate_fast_path_uses_its_own_current_weights(kind):
+    """The functional fast path of Gate.forward computes sigmoid(proj(x)) with the module's weights,
+    also after they are changed in place and in a deep copy (the cached references must follow)."""
+    import copy
+
+    from gateskip.gates import Gate
+
+    gate = Gate(16, GateSkipConfig(gate=kind, rank=4))
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_()
+    assert torch.allclose(gate(x), torch.sigmoid(gate.proj(x)), atol=1e-6)
+    clone = copy.deepcopy(gate)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(1.0)
+    assert torch.allclose(clone(x), torch.sigmoid(clone.proj(x)), atol=1e-6)
+    assert not torch.allclose(clone(x), gate(x))
+    assert torch.allclose(gate(x.double()), torch.sigmoid(gate.proj(x)), atol=1e-6)  # input cast to float32
+
+
 def test_sampled_generation_with_cache_equals_recompute():
     m = _calibrated("qwen3")
     ids, mask = left_padded([8, 4])

@@ -31,6 +31,7 @@ class Plan:
     generator: torch.Generator | None = None
     path: str = "auto"  # auto (physical unless gradients are needed) / physical / masked
     protect: int = 0  # the first N tokens of each sequence never skip (GateSkipConfig.protect_first)
+    supported: dict = field(default_factory=dict)  # branch index -> physical path supported (wrap.py)
 
     @functools.cached_property
     def copy_kv(self) -> bool:
@@ -44,7 +45,11 @@ class Plan:
         if self.policy == "quantile":
             return quantile_skip(imp, valid, r)
         if self.policy == "threshold":
-            return threshold_skip(imp, valid, self.thresholds[index].to(imp.device))
+            thr = self.thresholds[index]
+            if thr.device != imp.device or thr.dtype != imp.dtype:  # once per branch, not per call
+                # same result: a 0-d tensor compares in the other operand's dtype anyway
+                thr = self.thresholds[index] = thr.to(imp.device, imp.dtype)
+            return threshold_skip(imp, valid, thr)
         return random_skip(imp, valid, r, self.generator)
 
 

@@ -52,7 +52,9 @@ class GatedBranch(nn.Module):
         st = self.state
         if st.bypass:
             return self._run(x, args, kwargs)
-        g = self.gate(x.detach() if self.detach_input else x).to(x.dtype)
+        g = self.gate(x.detach() if self.detach_input and x.requires_grad else x)
+        if g.dtype != x.dtype:
+            g = g.to(x.dtype)
         skip = st.on_gate(self, x, g)
         if self.placement == "before":
             x = x * g
@@ -60,8 +62,10 @@ class GatedBranch(nn.Module):
         if skip is None:
             st.count_path("dense")
         elif self._physical(plan, x) and not (args and self.kind == "attn"):  # attention args come as keywords
-            n_skip = int(skip.sum())  # host read: the gathered size (free on CPU; a sync on GPU)
             n = skip.numel()
+            # host read: the gathered size (free on CPU; a sync on GPU). One token (decode at batch 1):
+            # reading the bool directly costs a tenth of sum-then-read.
+            n_skip = int(skip) if n == 1 else int(skip.sum())
             if plan.path == "physical" or n_skip in (0, n) or physical.faster(self.kind, n_skip, n):
                 st.count_path("physical")
                 if n_skip == 0:
@@ -85,7 +89,12 @@ class GatedBranch(nn.Module):
         return (o, *out[1:]) if isinstance(out, tuple) else o
 
     def _physical(self, plan, x) -> bool:
-        if plan.path == "masked" or not physical.supports(self):
+        if plan.path == "masked":
+            return False
+        ok = plan.supported.get(self.index)  # asked once per plan: reading the HF config costs microseconds
+        if ok is None:
+            ok = plan.supported[self.index] = physical.supports(self)
+        if not ok:
             return False
         return plan.path == "physical" or not (torch.is_grad_enabled() and x.requires_grad)
 
