@@ -134,7 +134,7 @@ def test_copy_kv_uses_layer_below():
     ids = torch.randint(1, VOCAB, (1, 12))
     with torch.no_grad(), gateskip.skipping(m, ratio=0.5, policy="quantile", kv="copy"):
         out = m(input_ids=ids, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     k1, k0 = cache.layers[1].keys, cache.layers[0].keys
     same = (k1 - k0).abs().amax(dim=(1, 3)) == 0  # [B, T]: tokens whose keys were copied
     assert 0 < same.sum() < 12

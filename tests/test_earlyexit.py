@@ -7,6 +7,7 @@ import torch
 
 from gateskip import GateSkipError
 from gateskip.baselines.earlyexit import EarlyExit, choose_exit, layer_confidences, predict, schedules
+from gateskip.compat import model_cache_arg, output_cache
 from gateskip.config import GateSkipConfig
 from gateskip.flops import model_flops
 from gateskip.models import tiny_model, tiny_tokenizer
@@ -94,10 +95,10 @@ def test_cached_decode_takes_the_same_exits_as_one_forward():
             full = m(ids).logits
         with EarlyExit(m, thr, [0, 1]) as stepwise:
             out = m(ids[:, :6], use_cache=True)
-            steps, past = [], out.past_key_values
+            steps, past = [], output_cache(out)
             for i in range(6, 14):
-                out = m(ids[:, i:i + 1], past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = m(ids[:, i:i + 1], **{model_cache_arg(m): past}, use_cache=True)
+                past = output_cache(out)
                 steps.append(out.logits[:, -1])
     assert 0 < sum(whole.stats()["exits_per_layer"]) < 14
     assert torch.allclose(torch.stack(steps, 1), full[:, 6:], atol=1e-4)

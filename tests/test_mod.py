@@ -17,6 +17,7 @@ from gateskip.baselines.mod import (
     save_mod,
     set_mode,
 )
+from gateskip.compat import model_cache_arg, output_cache
 from gateskip.models import tiny_model, tiny_tokenizer
 
 HAS_EVAL = importlib.util.find_spec("lm_eval") is not None and importlib.util.find_spec("olmo_eval") is not None
@@ -98,10 +99,10 @@ def test_predictor_decode_matches_prefill():
         full = m(ids).logits
         out = m(ids[:, :8], use_cache=True)
         steps = [out.logits[:, -1]]
-        past = out.past_key_values
+        past = output_cache(out)
         for t in range(8, 12):
-            out = m(ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = m(ids[:, t:t + 1], **{model_cache_arg(m): past}, use_cache=True)
+            past = output_cache(out)
             steps.append(out.logits[:, -1])
     # token-by-token decode (batch 1, one token per call) makes the same decisions as one prefill
     assert torch.allclose(torch.stack(steps[1:], 1), full[:, 8:12], atol=1e-4)

@@ -6,6 +6,7 @@ from conftest import FAMILIES, VOCAB, left_padded, positions
 
 import gateskip
 from gateskip import GateSkipConfig
+from gateskip.compat import model_cache_arg, output_cache
 from gateskip.models import tiny_model
 
 DIVERSE = GateSkipConfig(init_std=0.3, init_bias=0.0)
@@ -87,8 +88,9 @@ def test_module_skipped_at_decode_batch1_is_not_called(kv):
         out = m(input_ids=ids, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         calls.update(attn=0, mlp=0)
-        step = m(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
-        return step.logits, out.past_key_values.layers[1].keys.shape[2], dict(calls)
+        cache = output_cache(out)
+        step = m(input_ids=nxt, **{model_cache_arg(m): cache}, use_cache=True)
+        return step.logits, cache.layers[1].keys.shape[2], dict(calls)
 
     (lm, nm, _), (lp, n_keys, c), _ = _run_both(m, prefill_then_decode, ratio=ratio, policy="threshold", kv=kv)
     assert c == {"attn": 0, "mlp": 0}
