@@ -27,3 +27,41 @@ def test_bench_smoke(tmp_path, capsys):
 def test_bench_needs_gates():
     with pytest.raises(GateSkipError, match="random-gates"):
         bench(model="tiny-llama")
+
+
+def test_decode_phase_figures_exclude_the_prefill():
+    """bench reports decode figures as (stats after decode) - (stats after prefill); the tokens-skipped
+    figure must equal what a decode-only count gives (the same steps counted from a reset)."""
+    import torch
+    from conftest import VOCAB
+
+    import gateskip
+    from gateskip.bench import _saved
+    from gateskip.compat import model_cache_arg, output_cache
+    from gateskip.core import gate_state
+    from gateskip.models import tiny_model
+
+    m = gateskip.add_gates(tiny_model("llama"), gateskip.GateSkipConfig(init_std=1.0))
+    g = torch.Generator().manual_seed(0)
+    gateskip.calibrate(m, [torch.randint(1, VOCAB, (2, 16), generator=g) for _ in range(2)], ratio=0.5)
+    ids = torch.randint(1, VOCAB, (1, 12), generator=g)
+    arg = model_cache_arg(m)
+
+    def run(reset_after_prefill):
+        with torch.no_grad(), gateskip.skipping(m, ratio=0.5, policy="threshold"):
+            out = m(input_ids=ids, use_cache=True)
+            first = gateskip.stats(m)
+            if reset_after_prefill:
+                gate_state(m).reset_stats()
+            nxt, cache = out.logits[:, -1:].argmax(-1), output_cache(out)
+            for _ in range(6):
+                out = m(input_ids=nxt, use_cache=True, **{arg: cache})
+                nxt, cache = out.logits[:, -1:].argmax(-1), output_cache(out)
+            return first, gateskip.stats(m)
+
+    first, total = run(False)
+    _, decode_only = run(True)
+    saved, skipped = _saved(total, first)
+    assert first["tokens_skipped"] != pytest.approx(decode_only["tokens_skipped"])  # the prefill differs
+    assert skipped == pytest.approx(decode_only["tokens_skipped"], abs=1e-9)
+    assert saved == pytest.approx(decode_only["compute_saved"], abs=1e-9)

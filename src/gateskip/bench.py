@@ -291,7 +291,13 @@ def _saved(s, minus=None) -> tuple[float, float]:
         return s["compute_saved"], s["tokens_skipped"]
     dense = s["flops_dense"] - minus["flops_dense"]
     done = s["flops_executed"] - minus["flops_executed"]
-    return (1.0 - done / dense if dense else 0.0), s["tokens_skipped"]
+    # tokens skipped of the decode steps alone: per-branch counts minus the prefill's
+    skipped = tokens = 0.0
+    for name, mod in s["per_module"].items():
+        before = minus["per_module"].get(name, {"skipped": 0.0, "tokens": 0})
+        skipped += mod["skipped"] * mod["tokens"] - before["skipped"] * before["tokens"]
+        tokens += mod["tokens"] - before["tokens"]
+    return (1.0 - done / dense if dense else 0.0), (skipped / tokens if tokens else 0.0)
 
 
 def _summarise(settings, phases, times, saved, skipped, prefill_tokens, batch_list, new_tokens) -> list[dict]:
