@@ -400,3 +400,14 @@ def test_random_configs_stay_in_bounds_and_never_skip_padding(family, gate, plac
             assert n_skipped == 0
         elif policy == "quantile":
             assert n_skipped == round(ratio * n_valid) or abs(n_skipped - ratio * n_valid) <= 0.5 + 1e-6
+
+
+def test_every_command_prints_its_help(capsys):
+    """Help texts come from docstrings; a '%' in one ("80% of steps") used to crash argparse."""
+    from gateskip.cli import _commands
+
+    for name in _commands():
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0, name
+        assert "--" in capsys.readouterr().out

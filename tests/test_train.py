@@ -196,3 +196,56 @@ def test_yaml_config_supplies_flags_and_flags_win(tmp_path, capsys):
     cfg.write_text("stepz: 3\n")
     assert main(["train", "--config", str(cfg)]) == 2
     assert "unknown keys ['stepz']" in capsys.readouterr().err
+
+
+def test_straight_through_keeps_the_forward_and_gives_skipped_gates_the_task_gradient():
+    """Forward values equal the plain masked path; a branch whose tokens all skip gets zero task
+    gradient on its gate without straight-through, and the gradient of ``raw * g`` with it."""
+    from conftest import VOCAB
+
+    m = gateskip.add_gates(tiny_model("llama"), gateskip.GateSkipConfig(init_std=0.3, init_bias=0.0))
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    target = "layers.1.mlp"
+    branch = next(b for b in gate_state(m).branches if b.name == target)
+
+    def run(st):
+        m.zero_grad()
+        with gateskip.skipping(m, ratio={target: 1.0, "attn": 0.3}, path="masked", straight_through=st):
+            logits = m(input_ids=ids, use_cache=False).logits
+        logits.float().pow(2).mean().backward()  # a task loss only: no sparsity term
+        grad = torch.cat([p.grad.flatten() for p in branch.gate.parameters() if p.grad is not None] or [torch.zeros(1)])
+        return logits.detach(), grad
+
+    plain, g_plain = run(False)
+    st, g_st = run(True)
+    assert torch.equal(plain, st)
+    assert g_plain.abs().max() == 0  # every token skipped this branch: its gate learns nothing from the task
+    assert g_st.abs().max() > 0
+    for p in branch.module.parameters():  # no gradient reaches the branch through skipped tokens
+        assert p.grad is None or p.grad.abs().max() == 0
+
+
+def test_straight_through_needs_gates_after_the_branch(tmp_path):
+    with pytest.raises(GateSkipError, match="placement=after"):
+        gateskip.train.train(model="tiny-llama", out=str(tmp_path / "g"), steps=1, placement="before",
+                             straight_through=True)
+
+
+def test_train_straight_through_flag_reaches_the_training_forward(tmp_path, monkeypatch):
+    import gateskip.train as T
+    from gateskip.cli import main
+
+    seen = []
+    real = T.skipping
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("straight_through"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "skipping", spy)
+    d, data = tiny_folder(tmp_path)
+    out = tmp_path / "gates"
+    assert main(["train", "--model", str(d), "--data", str(data), "--steps", "2", "--seq-len", "32",
+                 "--batch-size", "2", "--calibrate-batches", "1", "--straight-through", "--out", str(out)]) == 0
+    assert seen and all(seen)
+    assert json.loads((out / "gateskip.json").read_text())["training"]["straight_through"] is True

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         for i, (pname, param) in enumerate(inspect.signature(fn).parameters.items()):
             typ = _base_type(hints.get(pname, str))
             flag = "--" + pname.replace("_", "-")
-            h = helps.get(pname, "")
+            h = helps.get(pname, "").replace("%", "%%")  # argparse %-formats help ("80% of steps")
             if param.default is inspect.Parameter.empty:
                 p.add_argument(pname, type=typ, help=h)
             elif i == 0 and param.default is None and typ is str:

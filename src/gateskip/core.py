@@ -108,7 +108,7 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
 @contextlib.contextmanager
 def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy: str = "quantile",
              modules: Iterable[str] = ("attn", "mlp"), kv: str | None = None, seed: int = 0, path: str = "auto",
-             allocation: str = "uniform", protect_first: int | None = None):
+             allocation: str = "uniform", protect_first: int | None = None, straight_through: bool = False):
     """Run ``model`` with a per-layer skip budget inside the ``with`` block.
 
     Args:
@@ -125,6 +125,8 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
             importance threshold for all branches, FLOP-weighted total ``ratio``; see budget.py).
         protect_first: never skip the first N tokens of each sequence (BOS, the attention sink);
             default: the gate config's (0 unless the gates were trained with it).
+        straight_through: training only (masked path, gates after the branch): a skipped token's output
+            is still 0, but its gate receives the gradient it would get if the token were kept.
     """
     st = gate_state(model)
     check_policy(policy)
@@ -157,7 +159,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         gen = torch.Generator().manual_seed(seed)
     previous = st.plan
     st.plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=thresholds, generator=gen, path=path,
-                   protect=int(protect))
+                   protect=int(protect), straight_through=bool(straight_through))
     st.reset_stats()
     try:
         yield st.plan

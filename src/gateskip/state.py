@@ -32,6 +32,8 @@ class Plan:
     path: str = "auto"  # auto (physical unless gradients are needed) / physical / masked
     protect: int = 0  # the first N tokens of each sequence never skip (GateSkipConfig.protect_first)
     supported: dict = field(default_factory=dict)  # branch index -> physical path supported (wrap.py)
+    # training: a skipped token's gate still gets the gradient it would get if it were kept (wrap.py)
+    straight_through: bool = False
 
     @functools.cached_property
     def copy_kv(self) -> bool:

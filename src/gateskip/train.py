@@ -63,7 +63,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           placement: str = "after", shared: bool = False,
           calibrate_ratio: float = 0.3, calibrate_batches: int = 8, save_every: int = 50, seed: int = 0,
           dtype: str = "float32", resume: bool = True, limit_texts: int | None = None, fsdp: bool = False,
-          keep_checkpoints: int = 2, device: str = "auto", protect_first: int = 0, quant: str = "none") -> Path:
+          keep_checkpoints: int = 2, device: str = "auto", protect_first: int = 0, quant: str = "none",
+          straight_through: bool = False) -> Path:
     """Train gates on offline text and write a gates folder.
 
     Args:
@@ -98,6 +99,9 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             training and (recorded in the gates folder) at inference; 0 is the paper's setting.
         quant: train the gates on a 4-bit (int4) or 8-bit (int8) weight-only quantized backbone (frozen;
             gateskip.quantize), e.g. to run them quantized later: ``eval --quant int4``. none: float.
+        straight_through: a skipped token's gate still receives the task gradient it would get if the
+            token were kept (its output stays 0). Without it, a skipped token's gate only feels the
+            sparsity penalty, so skipped tokens tend to stay skipped. Not in the paper; placement=after only.
         calibrate_ratio: ratio at which thresholds are calibrated after training (on held-out text).
         calibrate_batches: batches of held-out text for calibration.
         save_every: checkpoint interval in steps.
@@ -123,6 +127,9 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         if value < least:
             raise GateSkipError(f"{name}={value} is invalid: use a value >= {least}")
     check_ratio(max_ratio, "max_ratio")
+    if straight_through and placement != "after":
+        raise GateSkipError("--straight-through needs gates after the branch (placement=after): a gate before it "
+                            "changes the branch input, so a skipped token has no output to pass the gradient through")
     from gateskip.quantize import check_quant, quantize_for_run
 
     if check_quant(quant) and (backbone != "frozen" or fsdp):
@@ -152,7 +159,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
                          backbone_lr=backbone_lr, lora_rank=lora_rank, objective=objective,
                          sparsity_kind=sparsity_kind, lam=lam, kl_target=kl_target, max_ratio=max_ratio,
                          ramp_steps=ramp_steps, modules=skip_modules, warmup=warmup, save_every=save_every,
-                         resume=resume, dist=d, keep_checkpoints=keep_checkpoints, fsdp=fsdp)
+                         resume=resume, dist=d, keep_checkpoints=keep_checkpoints, fsdp=fsdp,
+                         straight_through=straight_through)
         if fsdp:  # gather the sharded weights (a collective); rank 0 calibrates an unsharded copy
             full = gdist.full_state(net)
             if d.is_main:
@@ -169,7 +177,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
                 meta_training={"quant": quant, "data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
                                "world_size": d.world, "grad_accum": grad_accum, "lr": lr, "objective": objective,
                                "sparsity": sparsity_kind, "lam": lam, "max_ratio": max_ratio,
-                               "ramp_steps": ramp_steps, "seed": seed})
+                               "ramp_steps": ramp_steps, "seed": seed, "straight_through": straight_through})
         gdist.barrier(d)
         return out_dir
     finally:
@@ -209,7 +217,7 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
         sparsity_kind: str = "l2", lam: float = 0.1, kl_target: float = 0.5, max_ratio: float = 0.2,
         ramp_steps: int | None = None, modules: tuple[str, ...] = ("attn", "mlp"), warmup: int = 20,
         save_every: int = 50, resume: bool = True, dist: gdist.Dist | None = None, keep_checkpoints: int = 2,
-        fsdp: bool = False):
+        fsdp: bool = False, straight_through: bool = False):
     """The training loop on a gated model and an iterator of ``input_ids`` batches.
 
     Returns the model with LoRA layers still attached (or None): ``train`` merges them. Writes
@@ -217,6 +225,7 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
     torchrun processes) each batch from ``stream`` is the global batch: every rank trains on its
     slice, gradients are averaged by DDP, logs are averaged over ranks, and only rank 0 writes.
     ``fsdp`` shards the model with FSDP2 instead of replicating it (see docs/distributed.md).
+    ``straight_through``: see ``train``.
     """
     d = dist or gdist.SINGLE
     if backbone not in BACKBONES:
@@ -292,7 +301,8 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
                             teacher_logits = net(input_ids=ids, use_cache=False).logits
             st.collect = True
             try:
-                with skipping(net, ratio=ratio, policy="quantile", modules=skip_modules):
+                with skipping(net, ratio=ratio, policy="quantile", modules=skip_modules,
+                              straight_through=straight_through):
                     logits = model(input_ids=ids, use_cache=False).logits
                     gate_log = st.gate_log
                     skipped = _skipped_fraction(st)

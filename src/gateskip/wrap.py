@@ -82,10 +82,14 @@ class GatedBranch(nn.Module):
             kwargs[key] = KVProxy(kwargs.get(key), st, skip)
         out = self._run(x, args, kwargs)
         o = out[0] if isinstance(out, tuple) else out
+        raw = o
         if self.placement == "after":
             o = o * g
         if skip is not None:
-            o = o.masked_fill(skip.unsqueeze(-1), 0.0)
+            if plan.straight_through and self.placement == "after" and o.requires_grad:
+                o = _straight_through(raw, g, o, skip)
+            else:
+                o = o.masked_fill(skip.unsqueeze(-1), 0.0)
         return (o, *out[1:]) if isinstance(out, tuple) else o
 
     def _physical(self, plan, x) -> bool:
@@ -111,3 +115,15 @@ class GatedBranch(nn.Module):
         return f"name={self.name}, placement={self.placement}"
 
 
+
+
+def _straight_through(raw: torch.Tensor, g: torch.Tensor, gated: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """Skipped rows: 0 in the forward pass, yet their gate gets the gradient of ``raw * g``.
+
+    Without this, a skipped token's gate only feels the sparsity penalty, which pushes it further down:
+    once skipped, a token tends to stay skipped whatever the task loss would say. ``s - s.detach()``
+    is exactly 0 in value (so the forward equals the masked path) and has the gradient of ``s``; the
+    branch output itself is detached, so no gradient reaches the branch through a skipped token.
+    """
+    s = raw.detach() * g
+    return torch.where(skip.unsqueeze(-1), s - s.detach(), gated)
