@@ -31,9 +31,13 @@ def _run_both(m, fn, **skip_kw):
     return out["masked"], out["physical"], s
 
 
+SYNC_FREE = {"policy": "quantile", "sync_free": True}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kv", ["copy", "compute"])
-def test_physical_equals_masked(family, kv):
+@pytest.mark.parametrize("how", [{"policy": "threshold"}, SYNC_FREE], ids=["threshold", "sync_free"])
+def test_physical_equals_masked(family, kv, how):
     """Prefill (left-padded batch and an unpadded row: implicit mask), then cached decode in generate()."""
     m = _calibrated(family)
     ids, mask = left_padded([20, 11, 17])  # longer than the tiny Gemma sliding window (16)
@@ -42,7 +46,7 @@ def test_physical_equals_masked(family, kv):
         padded = m(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
         return padded, m(input_ids=ids[:1], use_cache=False).logits
 
-    (pm, um), (pp, up), s = _run_both(m, prefill, ratio=0.4, policy="threshold", kv=kv)
+    (pm, um), (pp, up), s = _run_both(m, prefill, ratio=0.4, kv=kv, **how)
     valid = mask.bool()
     assert (pm - pp)[valid].abs().max() < TOL
     assert (um - up).abs().max() < TOL
@@ -52,10 +56,12 @@ def test_physical_equals_masked(family, kv):
         return m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                           output_logits=True, return_dict_in_generate=True)
 
-    gm, gp, s = _run_both(m, generate, ratio=0.4, policy="threshold", kv=kv)
+    gm, gp, s = _run_both(m, generate, ratio=0.4, kv=kv, **how)
     assert torch.equal(gm.sequences, gp.sequences)
     assert max((a - b).abs().max() for a, b in zip(gm.logits, gp.logits)) < TOL
     assert s["path_calls"]["physical"] > 0 and s["path_calls"]["masked"] == 0
+    if how is SYNC_FREE:
+        assert s["sync_calls"] == 0
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -126,3 +132,55 @@ def test_physical_backward_matches_masked():
             m(input_ids=ids, labels=ids).loss.backward()
         grads[path] = m.model.layers[1].self_attn.module.q_proj.weight.grad.clone()
     assert (grads["masked"] - grads["physical"]).abs().max() < TOL
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read a tensor's contents back to the host: each is a sync on GPU."""
+
+    READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_consecutive"}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.READS:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kv", ["copy", "compute"])
+def test_sync_free_quantile_path_reads_nothing_back_per_branch(kv):
+    """GPU contract, checked on CPU at the op level: under the quantile policy with ``sync_free`` the
+    physical path adds at most one host read per forward call (the valid-token count) to what the
+    model itself does, however many branches skip; its outputs equal the masked path's."""
+    m = _calibrated("llama")
+    ids, mask = left_padded([20, 11, 17])
+
+    def run(m):
+        out = m(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+        cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
+        mask2 = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+        step = m(input_ids=nxt, attention_mask=mask2, position_ids=positions(mask2)[:, -1:], use_cache=True,
+                 **{model_cache_arg(m): cache})
+        return out.logits, step.logits
+
+    def reads(**kw):
+        with torch.no_grad(), gateskip.skipping(m, path="physical", **kw):
+            with _HostReads() as h:
+                result = run(m)
+            return h.n, result, gateskip.stats(m)
+
+    base, _, _ = reads(ratio=0.0)  # gated, nothing skips: the model's own reads
+    n_sync, (pre, dec), s = reads(ratio=0.5, policy="quantile", kv=kv, sync_free=True)
+    assert s["path_calls"]["physical"] == 2 * len(m.model.layers) * 2 and s["sync_calls"] == 0
+    assert n_sync <= base + 2  # one eligible-token count per forward call
+    n_read, _, s_read = reads(ratio=0.5, policy="quantile", kv=kv, sync_free=False)
+    assert n_read >= base + len(m.model.layers) * 2  # the exact-size path reads per branch (free on CPU)
+    n_thr, _, s_thr = reads(ratio=0.5, policy="threshold", kv=kv, sync_free=True)
+    assert s_thr["sync_calls"] >= len(m.model.layers) * 2  # data-dependent counts are read, and reported
+    with torch.no_grad(), gateskip.skipping(m, path="masked", ratio=0.5, policy="quantile", kv=kv):
+        ref_pre, ref_dec = run(m)
+    valid = mask.bool()
+    assert (pre - ref_pre)[valid].abs().max() < TOL
+    assert (dec - ref_dec).abs().max() < TOL

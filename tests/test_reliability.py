@@ -368,10 +368,12 @@ def test_random_configs_stay_in_bounds_and_never_skip_padding(family, gate, plac
     seen = []
     real = Plan.decide
 
-    def spy(self, index, imp, valid):
-        skip = real(self, index, imp, valid)
+    def spy(self, index, imp, valid, n_valid=None):
+        skip, k = real(self, index, imp, valid, n_valid)
         seen.append((valid.clone(), None if skip is None else skip.clone()))
-        return skip
+        if k is not None and skip is not None:
+            assert int(skip.sum()) == k  # the count known on the host is the mask's
+        return skip, k
 
     Plan.decide = spy
     try:

@@ -108,7 +108,8 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
 @contextlib.contextmanager
 def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy: str = "quantile",
              modules: Iterable[str] = ("attn", "mlp"), kv: str | None = None, seed: int = 0, path: str = "auto",
-             allocation: str = "uniform", protect_first: int | None = None, straight_through: bool = False):
+             allocation: str = "uniform", protect_first: int | None = None, straight_through: bool = False,
+             sync_free: bool | None = None):
     """Run ``model`` with a per-layer skip budget inside the ``with`` block.
 
     Args:
@@ -127,6 +128,10 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
             default: the gate config's (0 unless the gates were trained with it).
         straight_through: training only (masked path, gates after the branch): a skipped token's output
             is still 0, but its gate receives the gradient it would get if the token were kept.
+        sync_free: size the physical path's gathers from host-known counts only, so that a branch never
+            reads its skip mask back from the device (a GPU sync). Holds for the quantile policy, whose
+            count is fixed; thresholds and random skipping still read theirs. Default: on unless the model
+            is on the CPU, where reads are free and exact sizes are faster (see physical.py).
     """
     st = gate_state(model)
     check_policy(policy)
@@ -158,8 +163,10 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     if policy == "random":
         gen = torch.Generator().manual_seed(seed)
     previous = st.plan
+    if sync_free is None:
+        sync_free = next(model.parameters()).device.type != "cpu"
     st.plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=thresholds, generator=gen, path=path,
-                   protect=int(protect), straight_through=bool(straight_through))
+                   protect=int(protect), straight_through=bool(straight_through), sync_free=bool(sync_free))
     st.reset_stats()
     try:
         yield st.plan
@@ -240,6 +247,9 @@ def stats(model: nn.Module) -> dict:
         "policy": st.plan.policy if st.plan is not None else None,
         "path": _path_summary(st.path_calls),  # physical / masked / mixed / dense (nothing was skipped)
         "path_calls": dict(st.path_calls),  # branch calls per path
+        # branch calls that read their skipped count back from the device (one GPU sync each; 0 under
+        # the quantile policy, whose count is known on the host)
+        "sync_calls": st.sync_calls,
         "per_module": per_module,
     }
 

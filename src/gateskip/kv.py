@@ -51,11 +51,12 @@ def substitute_from_below(state, layer_idx: int, k: torch.Tensor, v: torch.Tenso
 
 
 def skipped_kv(state, attn, layer_idx: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               skip: torch.Tensor, per_row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V ([B, H_kv, T, D]) whose rows at skipped tokens are what those tokens leave in the cache.
 
     ``copy``: the layer below's K/V (all rows). ``compute`` (and ``copy`` at layer 0): projected for
-    the skipped tokens only, other rows zero; the physical path overwrites the kept rows.
+    the skipped tokens only (``per_row``: how many per row to project, if known on the host; some may
+    then be kept tokens), other rows zero; the physical path overwrites the kept rows.
     """
     from gateskip.arch import project_kv
 
@@ -65,7 +66,7 @@ def skipped_kv(state, attn, layer_idx: int, x: torch.Tensor, cos: torch.Tensor, 
             and prev[1].shape[2] == t:
         return prev[1], prev[2]
     cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-    s = int(skip.sum(1).max())
+    s = int(skip.sum(1).max()) if per_row is None else per_row
     if s == t:
         return project_kv(attn, x, cos, sin)
     idx = torch.argsort((~skip).to(torch.uint8), dim=1, stable=True)[:, :s]  # skipped tokens first

@@ -17,6 +17,13 @@ add. Same results as the masked path, less compute.
 - A branch that skips every token of the call (decode at batch 1) is not called at all; attention
   then only writes the skipped token's K/V into the cache.
 
+Sync-free (``skipping(sync_free=...)``, on by default off the CPU). Sizing a gather from the skip
+mask (``nonzero``, a per-row maximum) reads the device: on a GPU, one sync per branch, which stalls
+the kernel queue. Under the quantile policy the number skipped is known on the host (``round(r * n)``,
+n read once per forward call), so every gather is sized from it: kept indices by a stable sort of the
+mask, attention queries padded to ``min(t, kept)``, rows never dropped. Thresholds and random skipping
+have a data-dependent count: their branches still read it (``stats()["sync_calls"]`` counts them).
+
 When only a few tokens skip, gather/scatter costs more than it saves: ``MIN_SKIP`` (measured, see
 BENCHMARKS.md) sends such calls down the masked path instead.
 """
@@ -52,29 +59,37 @@ def supports(branch) -> bool:
     return getattr(getattr(branch.module, "config", None), "_attn_implementation", None) in ATTN_IMPLEMENTATIONS
 
 
-def run(branch, x: torch.Tensor, g: torch.Tensor | None, skip: torch.Tensor, n_skip: int, args, kwargs):
-    """The branch output for every token, computed for the kept tokens only (``g``: gate to apply, or None)."""
+def run(branch, x: torch.Tensor, g: torch.Tensor | None, skip: torch.Tensor, n_skip: int, args, kwargs,
+        static: bool = False):
+    """The branch output for every token, computed for the kept tokens only (``g``: gate to apply, or None).
+
+    ``static``: size every gather from ``n_skip`` (a host int) alone, never from the mask's contents,
+    so that nothing is read back from the device (see "Sync-free" above).
+    """
     if branch.kind == "mlp":
-        return _mlp(branch, x, g, skip, n_skip, args, kwargs)
-    return _attention(branch, x, g, skip, n_skip, kwargs)
+        return _mlp(branch, x, g, skip, n_skip, args, kwargs, static)
+    return _attention(branch, x, g, skip, n_skip, kwargs, static)
 
 
 def _gated(out, g):
     return out if g is None else out * g
 
 
-def _mlp(branch, x, g, skip, n_skip, args, kwargs):
+def _mlp(branch, x, g, skip, n_skip, args, kwargs, static):
     b, t, h = x.shape
     if n_skip == b * t:
         return x.new_zeros(x.shape)
-    idx = (~skip).reshape(-1).nonzero().squeeze(1)
+    if static:  # kept tokens first, in order: the first b*t - n_skip of a stable sort of the mask
+        idx = torch.argsort(skip.reshape(-1).to(torch.uint8), stable=True)[:b * t - n_skip]
+    else:  # nonzero: cheaper on CPU, but its size is data-dependent (a sync on GPU)
+        idx = (~skip).reshape(-1).nonzero().squeeze(1)
     o = branch._run(x.reshape(b * t, h).index_select(0, idx).unsqueeze(0), args, kwargs)[0]
     if g is not None:
         o = o * g.reshape(b * t, -1).index_select(0, idx)
     return x.new_zeros(b * t, h).index_copy_(0, idx, o).view(b, t, h)
 
 
-def _attention(branch, x, g, skip, n_skip, kwargs):
+def _attention(branch, x, g, skip, n_skip, kwargs, static):
     attn, st = branch.module, branch.state
     b, t, h = x.shape
     kwargs = dict(kwargs)
@@ -85,19 +100,21 @@ def _attention(branch, x, g, skip, n_skip, kwargs):
     layer = attn.layer_idx
     if mask is None and n_skip < b * t:  # built before the cache grows: its sizes describe this call
         mask = causal_mask(attn, cache, t, branch.window, x.device, x.dtype)
-    base_k, base_v = skipped_kv(st, attn, layer, x, cos, sin, skip)
+    base_k, base_v = skipped_kv(st, attn, layer, x, cos, sin, skip, min(t, n_skip) if static else None)
     if n_skip == b * t:  # nothing to compute but the skipped tokens' K/V
         st.prev_kv = (layer, base_k, base_v)
         if cache is not None:
             cache.update(base_k, base_v, layer)
         return x.new_zeros(x.shape), None
     per_row = (~skip).sum(1)
-    n = int(per_row.max())
+    # queries per row: the largest kept count of a row. Sync-free: a bound known on the host (exact at
+    # batch 1; at batch > 1 the rows share the kept tokens unevenly, so up to t).
+    n = min(t, b * t - n_skip) if static else int(per_row.max())
     order = torch.argsort(skip.to(torch.uint8), dim=1, stable=True)  # per row: kept positions first, in order
     idx = order[:, :n]
     slot_kept = torch.arange(n, device=x.device) < per_row[:, None]
     rows = None
-    if b > 1 and n_skip >= t:  # some rows may have no kept token at all: leave them out of the call
+    if b > 1 and n_skip >= t and not static:  # some rows may have no kept token at all: leave them out
         has = per_row > 0
         if not bool(has.all()):
             rows = has.nonzero().squeeze(1)

@@ -22,14 +22,24 @@ from gateskip.errors import GateSkipError
 POLICIES = ("quantile", "threshold", "random")
 
 
-def quantile_skip(imp: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Skip exactly ``round(ratio * n_valid)`` lowest-importance valid tokens (ties by position)."""
+def quantile_skip(imp: torch.Tensor, valid: torch.Tensor, ratio: float, n_valid: int | None = None
+                  ) -> torch.Tensor:
+    """Skip exactly ``round(ratio * n_valid)`` lowest-importance valid tokens (ties by position).
+
+    ``n_valid``: the number of valid tokens when the caller knows it on the host (then the count
+    skipped is known there too, see ``quantile_count``); otherwise it is counted on the device.
+    """
     flat = imp.masked_fill(~valid, float("inf")).flatten()
     order = flat.argsort(stable=True)
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(order.numel(), device=order.device)
-    k = torch.round(valid.sum() * ratio)
+    k = torch.round(valid.sum() * ratio) if n_valid is None else quantile_count(n_valid, ratio)
     return (ranks.view_as(imp) < k) & valid
+
+
+def quantile_count(n_valid: int, ratio: float) -> int:
+    """How many of ``n_valid`` tokens the quantile policy skips (round half to even, like torch.round)."""
+    return round(n_valid * ratio)
 
 
 def threshold_skip(imp: torch.Tensor, valid: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

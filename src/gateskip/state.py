@@ -17,7 +17,7 @@ import torch
 from gateskip.config import GateSkipConfig
 from gateskip.flops import LayerFlops
 from gateskip.gates import importance
-from gateskip.policies import quantile_skip, random_skip, threshold_skip
+from gateskip.policies import quantile_count, quantile_skip, random_skip, threshold_skip
 
 
 @dataclass
@@ -34,25 +34,32 @@ class Plan:
     supported: dict = field(default_factory=dict)  # branch index -> physical path supported (wrap.py)
     # training: a skipped token's gate still gets the gradient it would get if it were kept (wrap.py)
     straight_through: bool = False
+    # physical path sized from host-known counts only: no device-to-host read per branch (GPU; physical.py)
+    sync_free: bool = False
 
     @functools.cached_property
     def copy_kv(self) -> bool:
         """Skipped tokens take the layer below's K/V; only worth the cache proxy when anything can skip."""
         return self.kv == "copy" and any(r > 0.0 for r in self.ratios)
 
-    def decide(self, index: int, imp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+    def decide(self, index: int, imp: torch.Tensor, valid: torch.Tensor, n_valid: int | None = None
+               ) -> tuple[torch.Tensor | None, int | None]:
+        """(skip mask or None, number skipped when known on the host without reading the device, else None)."""
         r = self.ratios[index]
         if r <= 0.0:
-            return None
+            return None, 0
         if self.policy == "quantile":
-            return quantile_skip(imp, valid, r)
+            if n_valid is not None:
+                k = quantile_count(n_valid, r)
+                return (None, 0) if k == 0 else (quantile_skip(imp, valid, r, n_valid), k)
+            return quantile_skip(imp, valid, r), None
         if self.policy == "threshold":
             thr = self.thresholds[index]
             if thr.device != imp.device or thr.dtype != imp.dtype:  # once per branch, not per call
                 # same result: a 0-d tensor compares in the other operand's dtype anyway
                 thr = self.thresholds[index] = thr.to(imp.device, imp.dtype)
-            return threshold_skip(imp, valid, thr)
-        return random_skip(imp, valid, r, self.generator)
+            return threshold_skip(imp, valid, thr), None
+        return random_skip(imp, valid, r, self.generator), None
 
 
 @dataclass
@@ -86,10 +93,13 @@ class GateState:
     loaded_backbone: dict | None = None
     handles: list = field(default_factory=list)
     eligible: tuple | None = None  # (valid, valid minus the protected prefix) of this call: one mask for all branches
+    n_eligible: tuple | None = None  # (eligible mask, its count read once per call): quantile counts on the host
+    decided: tuple | None = None  # (skip, number skipped or None) of the last decision: see skip_count
+    sync_calls: int = 0  # branch calls whose skipped count had to be read from the device (a GPU sync each)
 
     def begin_call(self, valid: torch.Tensor, ctx: torch.Tensor) -> None:
         self._count_pending()
-        self.valid, self.ctx, self.prev_kv, self.eligible = valid, ctx, None, None
+        self.valid, self.ctx, self.prev_kv, self.eligible, self.n_eligible = valid, ctx, None, None, None
         self.gate_log = []
         if self.tally is not None:
             self.calls += 1
@@ -102,7 +112,7 @@ class GateState:
     def reset_stats(self) -> None:
         self.pending = []
         self.tally = torch.zeros(len(self.branches), 4, dtype=torch.float64)
-        self.lm_rows, self.calls = 0, 0
+        self.lm_rows, self.calls, self.sync_calls = 0, 0, 0
         self.path_calls = {"physical": 0, "masked": 0, "dense": 0}
 
     def count_path(self, path: str) -> None:
@@ -130,9 +140,34 @@ class GateState:
             self.record[branch.index].append(imp[valid].float().cpu())
         if self.plan is None:
             return None
-        skip = self.plan.decide(branch.index, imp, self._eligible(valid))
+        elig = self._eligible(valid)
+        # the quantile count needs the number of eligible tokens: read once per call, not per branch
+        n = self._count_eligible(elig) if self.plan.policy == "quantile" else None
+        skip, k = self.plan.decide(branch.index, imp, elig, n)
+        self.decided = (skip, k)
         self._queue(branch, skip, valid)
         return skip
+
+    def skip_count(self, skip: torch.Tensor) -> int:
+        """How many tokens ``skip`` (the last decision) skips, as a host int.
+
+        Known without touching the device when the policy fixes the count (quantile). Otherwise it is
+        read from the device: free on CPU, a sync on GPU (counted in ``stats()["sync_calls"]``).
+        """
+        d = self.decided
+        if d is not None and d[0] is skip and d[1] is not None:
+            return d[1]
+        if self.tally is not None:
+            self.sync_calls += 1
+        # one token (decode at batch 1): reading the bool directly costs a tenth of sum-then-read
+        return int(skip) if skip.numel() == 1 else int(skip.sum())
+
+    def _count_eligible(self, elig: torch.Tensor) -> int:
+        if self.valid is None or elig.shape != self.valid.shape:  # valid_for made it: all ones
+            return elig.numel()
+        if self.n_eligible is None or self.n_eligible[0] is not elig:
+            self.n_eligible = (elig, int(elig.sum()))
+        return self.n_eligible[1]
 
     def _eligible(self, valid: torch.Tensor) -> torch.Tensor:
         """Tokens that may skip: valid ones past the protected prefix. ``ctx`` is the context length a

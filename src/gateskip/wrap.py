@@ -63,16 +63,14 @@ class GatedBranch(nn.Module):
             st.count_path("dense")
         elif self._physical(plan, x) and not (args and self.kind == "attn"):  # attention args come as keywords
             n = skip.numel()
-            # host read: the gathered size (free on CPU; a sync on GPU). One token (decode at batch 1):
-            # reading the bool directly costs a tenth of sum-then-read.
-            n_skip = int(skip) if n == 1 else int(skip.sum())
+            n_skip = st.skip_count(skip)  # sizes the gather: host-known under quantile, else read (GPU: a sync)
             if plan.path == "physical" or n_skip in (0, n) or physical.faster(self.kind, n_skip, n):
                 st.count_path("physical")
                 if n_skip == 0:
                     skip = None  # nothing skipped: the plain (masked-path) call below is the fastest
                 else:
                     return physical.run(self, x, g if self.placement == "after" else None, skip, n_skip, args,
-                                        kwargs)
+                                        kwargs, static=plan.sync_free)
             else:
                 st.count_path("masked")
         else:
