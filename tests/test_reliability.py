@@ -370,7 +370,9 @@ def test_random_configs_stay_in_bounds_and_never_skip_padding(family, gate, plac
 
     def spy(self, index, imp, valid, n_valid=None):
         skip, k = real(self, index, imp, valid, n_valid)
-        seen.append((valid.clone(), None if skip is None else skip.clone()))
+        seen.append((mask.bool() if valid is None else valid.clone(), None if skip is None else skip.clone()))
+        if valid is None:  # "every token may skip": only said when there is no padding
+            assert mask.bool().all()
         if k is not None and skip is not None:
             assert int(skip.sum()) == k  # the count known on the host is the mask's
         return skip, k

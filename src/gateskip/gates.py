@@ -68,6 +68,8 @@ class Gate(nn.Module):
 
 def importance(g: torch.Tensor) -> torch.Tensor:
     """Per-token importance: mean gate value over hidden units, shape ``g.shape[:-1]``."""
+    if g.shape[-1] == 1:  # scalar gate: the value itself (a view, no reduction kernel)
+        return g.squeeze(-1)
     return g.mean(dim=-1)
 
 

@@ -42,14 +42,17 @@ def quantile_count(n_valid: int, ratio: float) -> int:
     return round(n_valid * ratio)
 
 
-def threshold_skip(imp: torch.Tensor, valid: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    return (imp < threshold) & valid
+def threshold_skip(imp: torch.Tensor, valid: torch.Tensor | None, threshold: torch.Tensor) -> torch.Tensor:
+    """``valid=None``: every token is valid (saves an op per branch at decode)."""
+    skip = imp < threshold
+    return skip if valid is None else skip & valid
 
 
-def random_skip(imp: torch.Tensor, valid: torch.Tensor, ratio: float, generator: torch.Generator | None
+def random_skip(imp: torch.Tensor, valid: torch.Tensor | None, ratio: float, generator: torch.Generator | None
                 ) -> torch.Tensor:
     u = torch.rand(imp.shape, generator=generator, device="cpu" if generator is None else generator.device)
-    return (u.to(imp.device) < ratio) & valid
+    skip = u.to(imp.device) < ratio
+    return skip if valid is None else skip & valid
 
 
 def threshold_from_grid(grid: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -42,9 +42,12 @@ class Plan:
         """Skipped tokens take the layer below's K/V; only worth the cache proxy when anything can skip."""
         return self.kv == "copy" and any(r > 0.0 for r in self.ratios)
 
-    def decide(self, index: int, imp: torch.Tensor, valid: torch.Tensor, n_valid: int | None = None
+    def decide(self, index: int, imp: torch.Tensor, valid: torch.Tensor | None, n_valid: int | None = None
                ) -> tuple[torch.Tensor | None, int | None]:
-        """(skip mask or None, number skipped when known on the host without reading the device, else None)."""
+        """(skip mask or None, number skipped when known on the host without reading the device, else None).
+
+        ``valid``: tokens that may skip, or None when all may (not for quantile, which ranks them).
+        """
         r = self.ratios[index]
         if r <= 0.0:
             return None, 0
@@ -58,8 +61,22 @@ class Plan:
             if thr.device != imp.device or thr.dtype != imp.dtype:  # once per branch, not per call
                 # same result: a 0-d tensor compares in the other operand's dtype anyway
                 thr = self.thresholds[index] = thr.to(imp.device, imp.dtype)
+            if valid is None and imp.numel() == 1:  # one token (decode at batch 1): decide on the host
+                return (_one_true(imp), 1) if bool(imp < thr) else (None, 0)
             return threshold_skip(imp, valid, thr), None
         return random_skip(imp, valid, r, self.generator), None
+
+
+_TRUE: dict = {}
+
+
+def _one_true(like: torch.Tensor) -> torch.Tensor:
+    """A shared read-only ``True`` mask of ``like``'s shape (one token): no allocation per branch."""
+    key = (like.device, like.shape)
+    t = _TRUE.get(key)
+    if t is None:
+        t = _TRUE[key] = torch.ones(like.shape, dtype=torch.bool, device=like.device)
+    return t
 
 
 @dataclass
@@ -141,9 +158,13 @@ class GateState:
         if self.plan is None:
             return None
         elig = self._eligible(valid)
-        # the quantile count needs the number of eligible tokens: read once per call, not per branch
-        n = self._count_eligible(elig) if self.plan.policy == "quantile" else None
-        skip, k = self.plan.decide(branch.index, imp, elig, n)
+        # the number of eligible tokens, read once per call, not per branch: the quantile count needs
+        # it, and when every token is eligible the other policies can leave the mask out
+        n = self._count_eligible(elig)
+        if self.plan.policy == "quantile":
+            skip, k = self.plan.decide(branch.index, imp, elig, n)
+        else:
+            skip, k = self.plan.decide(branch.index, imp, None if n == elig.numel() else elig)
         self.decided = (skip, k)
         self._queue(branch, skip, valid)
         return skip

@@ -38,6 +38,15 @@ class GatedBranch(nn.Module):
         self.placement, self.detach_input, self.window = placement, detach_input, window
         object.__setattr__(self, "state", state)  # plain attribute: not a submodule, not in state_dict
 
+    # gate / module / post_norm are read on every call; nn.Module keeps submodules in ``_modules``,
+    # reached through __getattr__ (two Python frames here). A plain copy in __dict__ is found directly.
+    _FAST = ("gate", "module", "post_norm")
+
+    def __setattr__(self, name: str, value):
+        super().__setattr__(name, value)
+        if name in self._FAST:
+            self.__dict__["_fast_" + name] = value
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -52,7 +61,7 @@ class GatedBranch(nn.Module):
         st = self.state
         if st.bypass:
             return self._run(x, args, kwargs)
-        g = self.gate(x.detach() if self.detach_input and x.requires_grad else x)
+        g = self._fast_gate(x.detach() if self.detach_input and x.requires_grad else x)
         if g.dtype != x.dtype:
             g = g.to(x.dtype)
         skip = st.on_gate(self, x, g)
@@ -102,12 +111,13 @@ class GatedBranch(nn.Module):
 
     def _run(self, x, args, kwargs):
         """The original branch, followed by its post-norm where the family has one."""
-        out = self.module(x, *args, **kwargs)
-        if self.post_norm is None:
+        out = self._fast_module(x, *args, **kwargs)
+        post = self._fast_post_norm
+        if post is None:
             return out
         if isinstance(out, tuple):
-            return (self.post_norm(out[0]), *out[1:])
-        return self.post_norm(out)
+            return (post(out[0]), *out[1:])
+        return post(out)
 
     def extra_repr(self) -> str:
         return f"name={self.name}, placement={self.placement}"
