@@ -137,14 +137,21 @@ def test_physical_backward_matches_masked():
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the ops that read a tensor's contents back to the host: each is a sync on GPU."""
 
-    READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_consecutive"}
+    # .item() / int() / bool() reach _local_scalar_dense; the others size their output from the data
+    READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_consecutive",
+             "aten::_unique2", "aten::repeat_interleave"}
+    BOOL_INDEXED = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}  # x[mask]
 
     def __init__(self):
         super().__init__()
         self.n = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in self.READS:
+        name = func._schema.name
+        if name in self.READS:
+            self.n += 1
+        elif name in self.BOOL_INDEXED and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ())):
             self.n += 1
         return func(*args, **(kwargs or {}))
 
