@@ -44,7 +44,10 @@ class Plan:
 
     def decide(self, index: int, imp: torch.Tensor, valid: torch.Tensor | None, n_valid: int | None = None
                ) -> tuple[torch.Tensor | None, int | None]:
-        """(skip mask or None, number skipped when known on the host without reading the device, else None).
+        """(skip mask or None, number skipped as a host int, else None).
+
+        The count is known without reading the device under quantile (and at ratio 0); a one-token
+        threshold decision reads its single value instead of building a mask.
 
         ``valid``: tokens that may skip, or None when all may (not for quantile, which ranks them).
         """
@@ -165,6 +168,8 @@ class GateState:
             skip, k = self.plan.decide(branch.index, imp, elig, n)
         else:
             skip, k = self.plan.decide(branch.index, imp, None if n == elig.numel() else elig)
+            if k is not None and self.plan.ratios[branch.index] > 0.0 and self.tally is not None:
+                self.sync_calls += 1  # a one-token decision is made by reading it on the host
         self.decided = (skip, k)
         self._queue(branch, skip, valid)
         return skip
