@@ -107,15 +107,17 @@ def test_threshold_is_batch_independent(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kv", ["copy", "compute"])
-def test_cached_generation_equals_recompute(family, kv):
+@pytest.mark.parametrize("lengths", [[9, 5], [9]], ids=["batch2", "batch1"])
+def test_cached_generation_equals_recompute(family, kv, lengths):
+    """Batch 1 decodes through the one-token host decision (state.decide_one); the recompute ranks with masks."""
     m = _calibrated(family)
-    ids, mask = left_padded([9, 5])
+    ids, mask = left_padded(lengths)
     with torch.no_grad(), gateskip.skipping(m, ratio=0.4, policy="threshold", kv=kv):
-        out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+        out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
         assert gate_state(m).counts[:, 0].sum() > 0
         seq = out.sequences
-        full_mask = torch.cat([mask, torch.ones(2, seq.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+        full_mask = torch.cat([mask, torch.ones(len(lengths), seq.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
         recomputed = logits(m, seq, full_mask)
     t0 = ids.shape[1]
     for step, step_logits in enumerate(out.logits):

@@ -168,10 +168,11 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     st.plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=thresholds, generator=gen, path=path,
                    protect=int(protect), straight_through=bool(straight_through), sync_free=bool(sync_free))
     st.reset_stats()
+    st.one_token = False  # set per forward call (begin_call) for the plan in force
     try:
         yield st.plan
     finally:
-        st.plan = previous
+        st.plan, st.one_token = previous, False
 
 
 def _global_ratios(st: GateState, ratio, modules: tuple[str, ...]) -> list[float]:

@@ -37,6 +37,16 @@ class Plan:
     # physical path sized from host-known counts only: no device-to-host read per branch (GPU; physical.py)
     sync_free: bool = False
 
+    def host_thresholds(self, dtype: torch.dtype) -> list[float | None]:
+        """Per branch: the threshold as a host float, rounded to ``dtype`` as the tensor comparison rounds it
+        (None where the branch does not skip)."""
+        cache = self.__dict__.setdefault("_host_thr", {})
+        t = cache.get(dtype)
+        if t is None:
+            t = cache[dtype] = [float(thr.to(dtype)) if r > 0.0 else None
+                                for thr, r in zip(self.thresholds, self.ratios)]
+        return t
+
     @functools.cached_property
     def copy_kv(self) -> bool:
         """Skipped tokens take the layer below's K/V; only worth the cache proxy when anything can skip."""
@@ -116,11 +126,17 @@ class GateState:
     n_eligible: tuple | None = None  # (eligible mask, its count read once per call): quantile counts on the host
     decided: tuple | None = None  # (skip, number skipped or None) of the last decision: see skip_count
     sync_calls: int = 0  # branch calls whose skipped count had to be read from the device (a GPU sync each)
+    # this call is one token that may skip, under thresholds (decode at batch 1): each branch decides with
+    # one host comparison (``decide_one``) instead of building masks (decode is overhead-bound)
+    one_token: bool = False
 
     def begin_call(self, valid: torch.Tensor, ctx: torch.Tensor) -> None:
         self._count_pending()
         self.valid, self.ctx, self.prev_kv, self.eligible, self.n_eligible = valid, ctx, None, None, None
         self.gate_log = []
+        p = self.plan
+        self.one_token = (p is not None and p.policy == "threshold" and valid.numel() == 1 and not self.collect
+                          and self.record is None and bool(self._eligible(valid)))
         if self.tally is not None:
             self.calls += 1
 
@@ -173,6 +189,22 @@ class GateState:
         self.decided = (skip, k)
         self._queue(branch, skip, valid)
         return skip
+
+    def decide_one(self, branch, g: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """``on_gate`` for a call of one eligible token under thresholds: (skip mask or None, number skipped).
+
+        One value is read and compared on the host (the same comparison as ``threshold_skip``: both
+        sides in the gate's dtype); no mask is built, and the count is known.
+        """
+        thr = self.plan.host_thresholds(g.dtype)[branch.index]
+        skip = None
+        if thr is not None:
+            if self.tally is not None:
+                self.sync_calls += 1
+            if float(importance(g)) < thr:
+                skip = _one_true(self.valid)
+        self._queue(branch, skip, self.valid)
+        return skip, 0 if skip is None else 1
 
     def skip_count(self, skip: torch.Tensor) -> int:
         """How many tokens ``skip`` (the last decision) skips, as a host int.

@@ -64,7 +64,10 @@ class GatedBranch(nn.Module):
         g = self._fast_gate(x.detach() if self.detach_input and x.requires_grad else x)
         if g.dtype != x.dtype:
             g = g.to(x.dtype)
-        skip = st.on_gate(self, x, g)
+        if st.one_token and x.numel() == x.shape[-1]:  # decode at batch 1: a host comparison
+            skip, n_skip = st.decide_one(self, g)
+        else:
+            skip, n_skip = st.on_gate(self, x, g), None
         if self.placement == "before":
             x = x * g
         plan = st.plan
@@ -72,7 +75,8 @@ class GatedBranch(nn.Module):
             st.count_path("dense")
         elif self._physical(plan, x) and not (args and self.kind == "attn"):  # attention args come as keywords
             n = skip.numel()
-            n_skip = st.skip_count(skip)  # sizes the gather: host-known under quantile, else read (GPU: a sync)
+            if n_skip is None:  # sizes the gather: host-known under quantile, else read (GPU: a sync)
+                n_skip = st.skip_count(skip)
             if plan.path == "physical" or n_skip in (0, n) or physical.faster(self.kind, n_skip, n):
                 st.count_path("physical")
                 if n_skip == 0:
