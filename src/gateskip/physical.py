@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from gateskip.compat import cache_key
-from gateskip.kv import GatheredKV, skipped_kv
+from gateskip.kv import GatheredKV, skipped_kv, take_positions
 
 # Below this fraction of skipped tokens in a call, the masked path is faster. Measured per module on
 # SmolLM2-135M shapes (4 x 512 tokens, 1 CPU thread, CPU time): attention at 1-3% skipped took ~112 ms
@@ -118,19 +118,21 @@ def _attention(branch, x, g, skip, n_skip, kwargs, static):
         has = per_row > 0
         if not bool(has.all()):
             rows = has.nonzero().squeeze(1)
-    mask = mask.expand(b, -1, -1, -1)
-    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
     pos = kwargs.get("position_ids")
     pos = pos.expand(b, -1) if isinstance(pos, torch.Tensor) and pos.shape[-1] == t else None
-    if rows is not None:
-        x, g, mask, cos, sin = x[rows], (g[rows] if g is not None else None), mask[rows], cos[rows], sin[rows]
+    if rows is not None:  # tensors shared by the batch (a leading 1) need no row selection
+        pick = lambda z: z[rows] if z.shape[0] == b else z  # noqa: E731
+        x, mask, cos, sin = pick(x), pick(mask), pick(cos), pick(sin)
+        g = pick(g) if g is not None else None
         pos = pos[rows] if pos is not None else None
         idx_r, slot_r = idx[rows], slot_kept[rows]
     else:
         idx_r, slot_r = idx, slot_kept
-    take = lambda z: z.gather(1, idx_r[..., None].expand(-1, -1, z.shape[-1]))  # noqa: E731
+    r = idx_r.shape[0]
+    flat = (idx_r + torch.arange(r, device=x.device)[:, None] * t).reshape(-1)  # kept slots in the flattened rows
+    take = lambda z: take_positions(z, idx_r, flat)  # noqa: E731
     kwargs["position_embeddings"] = (take(cos), take(sin))
-    kwargs["attention_mask"] = mask.gather(2, idx_r[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
+    kwargs["attention_mask"] = take(mask.transpose(1, 2)).transpose(1, 2)  # [R, heads or 1, n, K]
     if pos is not None:
         kwargs["position_ids"] = pos.gather(1, idx_r)
     kwargs[key] = GatheredKV(cache, st, base_k, base_v, idx, slot_kept, rows)
@@ -138,7 +140,7 @@ def _attention(branch, x, g, skip, n_skip, kwargs, static):
     if g is not None:
         o = o * take(g)
     o = o.masked_fill(~slot_r[..., None], 0.0)  # padding slots hold skipped tokens: their output is zero
-    out = o.new_zeros(len(idx_r), t, h).scatter_(1, idx_r[..., None].expand(-1, -1, h), o)
+    out = o.new_zeros(r * t, h).index_copy_(0, flat, o.reshape(r * n, h)).view(r, t, h)
     if rows is not None:
         out = o.new_zeros(b, t, h).index_copy_(0, rows, out)
     return out, None
