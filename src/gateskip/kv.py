@@ -129,7 +129,9 @@ class GatheredKV:
         at = head_positions(idx, heads, t)
         flat = part.reshape(r * heads * t, d)
         # padding slots (skipped tokens the attention saw anyway) keep what skipping leaves them
-        vals = torch.where(slot[:, None, :, None], new.to(base.dtype), flat.index_select(0, at).view(r, heads, n, d))
+        vals = new.to(base.dtype)
+        if slot is not None:  # None: every slot holds a kept token (batch 1)
+            vals = torch.where(slot[:, None, :, None], vals, flat.index_select(0, at).view(r, heads, n, d))
         full = flat.index_copy(0, at, vals.reshape(r * heads * n, d)).view(r, heads, t, d)
         return full if rows is None else base.index_copy(0, rows, full)
 

@@ -112,7 +112,8 @@ def _attention(branch, x, g, skip, n_skip, kwargs, static):
     n = min(t, b * t - n_skip) if static else int(per_row.max())
     order = torch.argsort(skip.to(torch.uint8), dim=1, stable=True)  # per row: kept positions first, in order
     idx = order[:, :n]
-    slot_kept = torch.arange(n, device=x.device) < per_row[:, None]
+    # slots past a row's kept count (padding) hold skipped tokens; none at batch 1, where n is the kept count
+    slot_kept = None if b == 1 else torch.arange(n, device=x.device) < per_row[:, None]
     rows = None
     if b > 1 and n_skip >= t and not static:  # some rows may have no kept token at all: leave them out
         has = per_row > 0
@@ -125,7 +126,7 @@ def _attention(branch, x, g, skip, n_skip, kwargs, static):
         x, mask, cos, sin = pick(x), pick(mask), pick(cos), pick(sin)
         g = pick(g) if g is not None else None
         pos = pos[rows] if pos is not None else None
-        idx_r, slot_r = idx[rows], slot_kept[rows]
+        idx_r, slot_r = idx[rows], slot_kept[rows]  # rows is None at batch 1
     else:
         idx_r, slot_r = idx, slot_kept
     r = idx_r.shape[0]
@@ -139,7 +140,8 @@ def _attention(branch, x, g, skip, n_skip, kwargs, static):
     o = branch._run(take(x), (), kwargs)[0]
     if g is not None:
         o = o * take(g)
-    o = o.masked_fill(~slot_r[..., None], 0.0)  # padding slots hold skipped tokens: their output is zero
+    if slot_r is not None:
+        o = o.masked_fill(~slot_r[..., None], 0.0)  # padding slots hold skipped tokens: their output is zero
     out = o.new_zeros(r * t, h).index_copy_(0, flat, o.reshape(r * n, h)).view(r, t, h)
     if rows is not None:
         out = o.new_zeros(b, t, h).index_copy_(0, rows, out)
