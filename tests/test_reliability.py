@@ -340,7 +340,7 @@ from hypothesis import strategies as hs  # noqa: E402
 
 from gateskip.config import GATE_KINDS  # noqa: E402
 from gateskip.core import gate_state  # noqa: E402
-from gateskip.state import Plan  # noqa: E402
+from gateskip.state import GateState, Plan  # noqa: E402
 
 
 @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -377,7 +377,15 @@ def test_random_configs_stay_in_bounds_and_never_skip_padding(family, gate, plac
             assert int(skip.sum()) == k  # the count known on the host is the mask's
         return skip, k
 
-    Plan.decide = spy
+    real_one = GateState.decide_one
+
+    def spy_one(self, branch, g):  # one token under thresholds: decided on the host, without Plan.decide
+        skip, k = real_one(self, branch, g)
+        seen.append((self.valid.clone(), None if skip is None else skip.clone()))
+        assert k == (0 if skip is None else int(skip.sum()))
+        return skip, k
+
+    Plan.decide, GateState.decide_one = spy, spy_one
     try:
         with torch.no_grad(), gateskip.skipping(m, ratio=ratio, policy=policy, modules=skip_modules, path=path):
             out = m(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
@@ -385,7 +393,7 @@ def test_random_configs_stay_in_bounds_and_never_skip_padding(family, gate, plac
             s = gateskip.stats(m)
             counts = gate_state(m).counts
     finally:
-        Plan.decide = real
+        Plan.decide, GateState.decide_one = real, real_one
     n_valid = int(mask.sum())
     assert torch.isfinite(out[mask.bool()]).all()
     assert torch.all(counts[:, 1] == n_valid)  # padding is never counted
