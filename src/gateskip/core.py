@@ -149,7 +149,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     if int(protect) != protect or protect < 0:
         raise GateSkipError(f"protect_first={protect_first!r} is invalid: use a whole number >= 0")
     if allocation == "global":
-        ratios = _global_ratios(st, ratio, modules)
+        ratios = _global_ratios(st, ratio, modules, kv)
     else:
         ratios = [(_ratio_for(b, ratio) if b.kind in modules else 0.0) for b in st.branches]
     thresholds = None
@@ -175,7 +175,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         st.plan, st.one_token = previous, False
 
 
-def _global_ratios(st: GateState, ratio, modules: tuple[str, ...]) -> list[float]:
+def _global_ratios(st: GateState, ratio, modules: tuple[str, ...], kv: str) -> list[float]:
     if isinstance(ratio, Mapping):
         raise GateSkipError("allocation='global' takes one overall ratio, not a mapping: pass a float")
     r = check_ratio(ratio)
@@ -183,7 +183,8 @@ def _global_ratios(st: GateState, ratio, modules: tuple[str, ...]) -> list[float
         raise GateSkipError("allocation='global' needs calibrated importances: run gateskip.calibrate(model, batches) "
                             "or load a gates folder that has them")
     f = st.flops
-    per_token = {"attn": f.attn_qo + f.attn_kv, "mlp": f.mlp}  # what a skipped token saves (kv="copy")
+    # what a skipped token saves: with kv="compute" its K/V are still projected
+    per_token = {"attn": f.attn_qo + (f.attn_kv if kv == "copy" else 0.0), "mlp": f.mlp}
     weights = [per_token[b.kind] if b.kind in modules else 0.0 for b in st.branches]
     return global_ratios(st.calibration["grid"], weights, r)
 
