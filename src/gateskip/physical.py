@@ -35,12 +35,13 @@ import torch
 from gateskip.compat import cache_key
 from gateskip.kv import GatheredKV, skipped_kv, take_positions
 
-# Below this fraction of skipped tokens in a call, the masked path is faster. Measured per module on
-# SmolLM2-135M shapes (4 x 512 tokens, 1 CPU thread, CPU time): attention at 1-3% skipped took ~112 ms
-# physical vs ~102 ms dense (gather, explicit mask and the skipped tokens' K/V projected separately),
-# ~91 ms at 10%; the MLP was already faster at 1% (157 vs 175 ms). See BENCHMARKS.md. Decode at
-# batch 1 skips all or nothing, so the rule only matters for prefill and batched decode.
-MIN_SKIP = {"attn": 0.05, "mlp": 0.01}
+# Below this fraction of skipped tokens in a call, the masked path is faster. Measured per branch on
+# SmolLM2-135M (layer 10, 4 x 512 tokens, 1 CPU thread, CPU time, medians of 6; runs/minskip15.py):
+# attention physical vs masked 84 vs 77 ms at 10% skipped, 85 vs 80 at 20%, 76-77 vs 80-83 at 30%, in
+# both KV modes (an explicit mask instead of sdpa's causal flag, plus the K/V bookkeeping); the MLP was
+# already faster at 2-5% (138 vs 142, 135 vs 151 ms). See BENCHMARKS.md. Decode at batch 1 skips all
+# or nothing, so the rule only matters for prefill and batched decode.
+MIN_SKIP = {"attn": 0.25, "mlp": 0.02}
 # A call with fewer tokens than this (batched decode) is bound by reading the weights, not by rows:
 # running 4 of 8 rows costs what 8 cost (profile of SmolLM2 decode at batch 8: linear time -12% at
 # 55% skipped, while gather/scatter added more). Such calls run masked unless every token skips.
