@@ -69,10 +69,10 @@ def skipped_kv(state, attn, layer_idx: int, x: torch.Tensor, cos: torch.Tensor, 
     if s == t:
         return project_kv(attn, x, cos.expand(b, -1, -1), sin.expand(b, -1, -1))
     idx = torch.argsort((~skip).to(torch.uint8), dim=1, stable=True)[:, :s]  # skipped tokens first
-    flat = (idx + torch.arange(b, device=idx.device)[:, None] * t).reshape(-1)
+    flat = flat_positions(idx, t)
     ks, vs = project_kv(attn, *(take_positions(z, idx, flat) for z in (x, cos, sin)))
     heads, d = ks.shape[1], ks.shape[3]
-    at = head_positions(idx, heads, t)
+    at = flat_positions(idx, t, heads)
     zeros = ks.new_zeros(b * heads * t, d)
     return tuple(zeros.index_copy(0, at, z.reshape(b * heads * s, d)).view(b, heads, t, d) for z in (ks, vs))
 
@@ -90,8 +90,8 @@ def take_positions(z: torch.Tensor, idx: torch.Tensor, flat: torch.Tensor) -> to
     return z.reshape(r * z.shape[1], *rest).index_select(0, flat).view(r, n, *rest)
 
 
-def head_positions(idx: torch.Tensor, heads: int, t: int) -> torch.Tensor:
-    """Rows of a [R, heads, t, D] tensor flattened to [R * heads * t, D] at positions ``idx`` [R, n], every head."""
+def flat_positions(idx: torch.Tensor, t: int, heads: int = 1) -> torch.Tensor:
+    """Positions ``idx`` [R, n] as rows of a [R, heads, t, ...] tensor flattened to [R * heads * t, ...], every head."""
     r = idx.shape[0]
     return (torch.arange(r * heads, device=idx.device).view(r, heads, 1) * t + idx[:, None, :]).reshape(-1)
 
@@ -126,7 +126,7 @@ class GatheredKV:
         r, heads, t, d = part.shape
         n = idx.shape[1]
         # (row, head, position) flattened: index_select / index_copy, not gather / scatter (take_positions)
-        at = head_positions(idx, heads, t)
+        at = flat_positions(idx, t, heads)
         flat = part.reshape(r * heads * t, d)
         # padding slots (skipped tokens the attention saw anyway) keep what skipping leaves them
         vals = new.to(base.dtype)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from gateskip.compat import cache_key
-from gateskip.kv import GatheredKV, skipped_kv, take_positions
+from gateskip.kv import GatheredKV, flat_positions, skipped_kv, take_positions
 
 # Below this fraction of skipped tokens in a call, the masked path is faster. Measured per branch on
 # SmolLM2-135M (layer 10, 4 x 512 tokens, 1 CPU thread, CPU time, medians of 6; runs/minskip15.py):
@@ -131,7 +131,7 @@ def _attention(branch, x, g, skip, n_skip, kwargs, static):
     else:
         idx_r, slot_r = idx, slot_kept
     r = idx_r.shape[0]
-    flat = (idx_r + torch.arange(r, device=x.device)[:, None] * t).reshape(-1)  # kept slots in the flattened rows
+    flat = flat_positions(idx_r, t)  # kept slots in the flattened rows
     take = lambda z: take_positions(z, idx_r, flat)  # noqa: E731
     kwargs["position_embeddings"] = (take(cos), take(sin))
     kwargs["attention_mask"] = take(mask.transpose(1, 2)).transpose(1, 2)  # [R, heads or 1, n, K]

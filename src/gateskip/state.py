@@ -56,8 +56,8 @@ class Plan:
                ) -> tuple[torch.Tensor | None, int | None]:
         """(skip mask or None, number skipped as a host int, else None).
 
-        The count is known without reading the device under quantile (and at ratio 0); a one-token
-        threshold decision reads its single value instead of building a mask.
+        The count is known without reading the device under quantile (and at ratio 0). At inference, one
+        token under thresholds (decode at batch 1) is decided by ``GateState.decide_one`` instead.
 
         ``valid``: tokens that may skip, or None when all may (not for quantile, which ranks them).
         """
@@ -74,8 +74,6 @@ class Plan:
             if thr.device != imp.device or thr.dtype != imp.dtype:  # once per branch, not per call
                 # same result: a 0-d tensor compares in the other operand's dtype anyway
                 thr = self.thresholds[index] = thr.to(imp.device, imp.dtype)
-            if valid is None and imp.numel() == 1:  # one token (decode at batch 1): decide on the host
-                return (_one_true(imp), 1) if bool(imp < thr) else (None, 0)
             return threshold_skip(imp, valid, thr), None
         return random_skip(imp, valid, r, self.generator), None
 
@@ -184,8 +182,6 @@ class GateState:
             skip, k = self.plan.decide(branch.index, imp, elig, n)
         else:
             skip, k = self.plan.decide(branch.index, imp, None if n == elig.numel() else elig)
-            if k is not None and self.plan.ratios[branch.index] > 0.0 and self.tally is not None:
-                self.sync_calls += 1  # a one-token decision is made by reading it on the host
         self.decided = (skip, k)
         self._queue(branch, skip, valid)
         return skip
