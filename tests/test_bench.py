@@ -65,3 +65,30 @@ def test_decode_phase_figures_exclude_the_prefill():
     assert first["tokens_skipped"] != pytest.approx(decode_only["tokens_skipped"])  # the prefill differs
     assert skipped == pytest.approx(decode_only["tokens_skipped"], abs=1e-9)
     assert saved == pytest.approx(decode_only["compute_saved"], abs=1e-9)
+
+
+def test_bench_calibrates_thresholds_at_each_measured_ratio():
+    """A threshold calibration holds near the ratio it was made at (it records importances while
+    skipping at that ratio), so bench calibrates at every ratio it measures and installs the match."""
+    import torch
+    from conftest import VOCAB
+
+    import gateskip
+    from gateskip.bench import _install, _variants
+    from gateskip.core import gate_state, is_gated
+    from gateskip.models import tiny_model
+
+    m = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    rand_ids = lambda b, t: torch.randint(1, VOCAB, (b, t), generator=g)  # noqa: E731
+    variant = _variants(m, None, ["lowrank"], 4, 0, rand_ids, 32, "threshold", [0.0, 0.25, 0.5])["lowrank"]
+    assert not is_gated(m) and sorted(variant["calibration"]) == [0.25, 0.5]
+    held_out = rand_ids(8, 32)
+    for ratio in (0.25, 0.5):
+        _install(m, variant, ratio)
+        assert gate_state(m).calibration["ratio"] == ratio
+        with torch.no_grad(), gateskip.skipping(m, ratio=ratio, policy="threshold"):
+            m(input_ids=held_out)
+            assert gateskip.stats(m)["tokens_skipped"] == pytest.approx(ratio, abs=0.06)
+    _install(m, variant, 0.0)  # ratio 0: any calibration will do, the gates stay installed
+    assert is_gated(m)

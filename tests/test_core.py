@@ -130,6 +130,35 @@ def test_cached_generation_equals_recompute(family, kv, lengths):
     assert torch.equal(recomputed[:, t0 - 1:-1].argmax(-1)[live], new[live])
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: sliding layers (window 16) clamp the context
+def test_one_token_statistics_equal_the_mask_count(family, monkeypatch):
+    """Decode at batch 1 counts its decisions on the host (state.decide_one); the per-branch counts
+    (skipped, tokens, attention context kept / seen) must equal what the mask-based path counts."""
+    from gateskip.state import GateState
+
+    m = _calibrated(family)
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+
+    def counts():
+        with torch.no_grad(), gateskip.skipping(m, ratio=0.4, policy="threshold"):
+            m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                       pad_token_id=0)
+            return gate_state(m).counts.clone(), gateskip.stats(m)
+
+    host, host_stats = counts()
+    real = GateState.begin_call
+
+    def mask_only(self, valid, ctx):
+        real(self, valid, ctx)
+        self.one_token = False
+
+    monkeypatch.setattr(GateState, "begin_call", mask_only)
+    masked, masked_stats = counts()
+    assert host[:, 0].sum() > 0 and (host[:, 0] < host[:, 1]).any()  # some skipped, not all
+    assert torch.equal(host, masked)
+    assert host_stats["compute_saved"] == masked_stats["compute_saved"]
+
+
 def test_copy_kv_uses_layer_below():
     """With kv=copy a skipped token's K/V at layer l equal its K/V at layer l-1 in the cache."""
     m = _calibrated("llama")

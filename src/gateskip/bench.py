@@ -103,7 +103,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
     rand_ids = lambda b, t: torch.randint(min(10, vocab - 1), vocab, (b, t), generator=gen)  # noqa: E731
     prefill_ids = rand_ids(prefill_batch, prefill_len)
     prompts = {b: rand_ids(b, prompt_len) for b in batch_list}
-    variants = _variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy)
+    variants = _variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy, ratio_list)
     settings = [("dense", None, 0.0)] + [(f"{k}@{r:g}", k, r) for k in variants for r in ratio_list]
     phases = list(PHASES) + [f"decode_b{b}" for b in batch_list]
     times = {name: {p: [] for p in phases} for name, _, _ in settings}
@@ -112,7 +112,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
     with tqdm(total=(warmup + repeats) * len(settings), desc="bench", unit="setting") as bar:
         for rnd in range(warmup + repeats):
             for name, kind, ratio in settings:
-                _install(m, variants.get(kind))
+                _install(m, variants.get(kind), ratio)
                 ctx = {} if kind is None else dict(ratio=ratio, policy=policy, kv=kv, path=path)
                 warm = rnd < warmup  # warm-up rounds: same shapes, fewer decode steps
                 t, s = _measure(m, ctx, prefill_ids, prompts, min(new_tokens, 8) if warm else new_tokens, pad,
@@ -178,17 +178,25 @@ def _load(name: str):
     return load_model(name)
 
 
-def _variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy) -> dict:
-    """Per gate kind: how to install it (a folder to load, or random gate weights + calibration)."""
+def _variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy, ratios=(0.25,)) -> dict:
+    """Per gate kind: how to install it (a folder to load, or random gate weights + calibration).
+
+    Thresholds are calibrated at each measured ratio (``calibration``: {ratio: calibration}). One
+    calibration serves every ratio only near its own: it records importances while skipping at that
+    ratio, and skipping more upstream shifts what later branches see. Random low-rank gates calibrated
+    at 0.25 skipped 56% at ratio 0.5 (59% of MLP tokens); calibrated at 0.5, 49.6% (BENCHMARKS.md).
+    A gates folder's own calibration (from real text) is used as it is.
+    """
+    points = sorted({r for r in ratios if r > 0.0}) or [0.25]
     if gates is not None:
         from gateskip.checkpoint import load_gates
 
         load_gates(m, gates)
         kind = gate_state(m).cfg.gate
-        variant = {"dir": gates, "calibration": gate_state(m).calibration}
-        if variant["calibration"] is None and policy == "threshold":  # calibrate once on random tokens
-            _calibrate(m, rand_ids, calib_len)
-            variant["calibration"] = gate_state(m).calibration
+        own = gate_state(m).calibration
+        variant = {"dir": gates, "calibration": {own["ratio"]: own} if own is not None else {}}
+        if own is None and policy == "threshold":  # calibrate on random tokens
+            variant["calibration"] = _calibrations(m, rand_ids, calib_len, points)
         remove_gates(m)
         return {kind: variant}
     out = {}
@@ -196,10 +204,9 @@ def _variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy) -> dict:
         cfg = GateSkipConfig(gate=k, rank=rank)
         add_gates(m, cfg)
         _randomise(m, seed)
-        _calibrate(m, rand_ids, calib_len)
         out[k] = {"cfg": cfg, "weights": {n: {p: t.clone() for p, t in g.state_dict().items()}
                                           for n, g in gate_modules(m).items()},
-                  "calibration": gate_state(m).calibration}
+                  "calibration": _calibrations(m, rand_ids, calib_len, points)}
         remove_gates(m)
     return out
 
@@ -215,14 +222,21 @@ def _randomise(m, seed: int) -> None:
         linears[-1].bias.fill_(2.0)
 
 
-def _calibrate(m, rand_ids, length: int) -> None:
-    calibrate(m, [rand_ids(2, length) for _ in range(4)], ratio=0.25)
+def _calibrations(m, rand_ids, length: int, ratios) -> dict:
+    """{ratio: calibration at that ratio} on random tokens (4 batches of 2 x ``length``)."""
+    out = {}
+    for r in ratios:
+        calibrate(m, [rand_ids(2, length) for _ in range(4)], ratio=r)
+        out[r] = gate_state(m).calibration
+    return out
 
 
-def _install(m, variant) -> None:
-    """Put the model in a setting's state: no gates (dense) or one gate kind's gates."""
+def _install(m, variant, ratio: float | None = None) -> None:
+    """Put the model in a setting's state: no gates (dense) or one gate kind's gates, with the
+    calibration made nearest ``ratio`` (see ``_variants``)."""
     current = getattr(m, "_bench_variant", None)
     if current is variant and (variant is None) != is_gated(m):
+        _use_calibration(m, variant, ratio)
         return
     if is_gated(m):
         remove_gates(m)
@@ -237,7 +251,14 @@ def _install(m, variant) -> None:
         add_gates(m, variant["cfg"])
         for name, g in gate_modules(m).items():
             g.load_state_dict(variant["weights"][name])
-    gate_state(m).calibration = variant["calibration"]
+    _use_calibration(m, variant, ratio)
+
+
+def _use_calibration(m, variant, ratio: float | None) -> None:
+    cals = variant["calibration"] if variant is not None else None
+    if cals:
+        near = min(cals, key=lambda r: abs(r - (ratio if ratio is not None else r)))
+        gate_state(m).calibration = cals[near]
 
 
 # ---- measuring -----------------------------------------------------------------------------------

@@ -359,7 +359,7 @@ def _begin_call(model, args, kwargs):
 
 
 def _count_lm_rows(st: GateState, output: torch.Tensor) -> None:
-    if st.counts is not None and st.plan is not None:
+    if st.tally is not None and st.plan is not None:  # not ``counts``: that would flush the queue every call
         st.lm_rows += output.shape[:-1].numel()
 
 

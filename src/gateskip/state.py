@@ -106,6 +106,10 @@ class GateState:
     # a handful of tensor ops per call instead of per branch (decode at batch 1 is overhead-bound).
     tally: torch.Tensor | None = None
     pending: list = field(default_factory=list)  # (branch index, attention window or 0 for MLP, skip, valid)
+    # one-token calls (``decide_one``) count on the host instead: per branch [skipped, valid, kept_ctx,
+    # valid_ctx] as Python floats, added to ``tally`` when ``counts`` is read (no tensor op per decode step)
+    host_tally: list | None = None
+    ctx_one: float = 0.0  # context length of this call's one token (read once per call when ``one_token``)
     lm_rows: int = 0
     calls: int = 0
     path_calls: dict = field(default_factory=dict)  # branch calls per path: physical / masked / dense (nothing to skip)
@@ -135,17 +139,23 @@ class GateState:
         p = self.plan
         self.one_token = (p is not None and p.policy == "threshold" and valid.numel() == 1 and not self.collect
                           and self.record is None and bool(self._eligible(valid)))
+        if self.one_token and self.tally is not None:
+            self.ctx_one = float(ctx) if ctx.numel() == 1 else 1.0
         if self.tally is not None:
             self.calls += 1
 
     @property
     def counts(self) -> torch.Tensor | None:
         self._count_pending()
+        if self.host_tally is not None and self.tally is not None and any(r[1] for r in self.host_tally):
+            self.tally += torch.tensor(self.host_tally, dtype=self.tally.dtype).to(self.tally.device)
+            self.host_tally = [[0.0] * 4 for _ in self.branches]
         return self.tally
 
     def reset_stats(self) -> None:
         self.pending = []
         self.tally = torch.zeros(len(self.branches), 4, dtype=torch.float64)
+        self.host_tally = [[0.0] * 4 for _ in self.branches]
         self.lm_rows, self.calls, self.sync_calls = 0, 0, 0
         self.path_calls = {"physical": 0, "masked": 0, "dense": 0}
 
@@ -193,14 +203,17 @@ class GateState:
         sides in the gate's dtype); no mask is built, and the count is known.
         """
         thr = self.plan.host_thresholds(g.dtype)[branch.index]
-        skip = None
-        if thr is not None:
-            if self.tally is not None:
+        skipped = thr is not None and float(importance(g)) < thr
+        if self.tally is not None:  # the same rows ``_count_pending`` would add, counted on the host
+            if thr is not None:
                 self.sync_calls += 1
-            if float(importance(g)) < thr:
-                skip = _one_true(self.valid)
-        self._queue(branch, skip, self.valid)
-        return skip, 0 if skip is None else 1
+            row = self.host_tally[branch.index]
+            w = 0.0 if branch.kind == "mlp" else self.ctx_one if not branch.window else min(self.ctx_one, branch.window)
+            row[0] += skipped
+            row[1] += 1.0
+            row[2] += 0.0 if skipped else w
+            row[3] += w
+        return (_one_true(self.valid), 1) if skipped else (None, 0)
 
     def skip_count(self, skip: torch.Tensor) -> int:
         """How many tokens ``skip`` (the last decision) skips, as a host int.
