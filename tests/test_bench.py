@@ -19,6 +19,8 @@ def test_bench_smoke(tmp_path, capsys):
     for r in report["results"]:
         for phase in ("prefill", "decode_b1", "decode_b2"):
             assert r[phase]["tokens_per_s"] > 0
+            by_round = r[phase]["speedup_by_round"]
+            assert len(by_round) == 1 and by_round[0] == pytest.approx(r[phase]["speedup"])  # one round: the same
     assert report["results"][2]["prefill"]["tokens_skipped"] > 0.2
     assert report["results"][1]["prefill"]["compute_saved"] < 0  # vector gates cost FLOPs
     assert "decode_b1" in capsys.readouterr().out

@@ -332,7 +332,9 @@ def _summarise(settings, phases, times, saved, skipped, prefill_tokens, batch_li
             cs = saved[name][p]
             row[p] = {"tokens_per_s": rate[name][p], "speedup": speedup, "compute_saved": cs,
                       "tokens_skipped": skipped[name][p], "efficiency": speedup * (1.0 - cs),
-                      "seconds": times[name][p]}
+                      "seconds": times[name][p],
+                      # the spread a reader should weigh the median against: dense / this setting, per round
+                      "speedup_by_round": [d / x for d, x in zip(times["dense"][p], times[name][p])]}
         rows.append(row)
     return rows
 
