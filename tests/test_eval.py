@@ -76,6 +76,29 @@ def test_wrapper_stats_match_gateskip_stats(policy):
         assert got[key] == pytest.approx(want[key], rel=1e-9), key
 
 
+def test_batched_loglikelihood_masks_padding():
+    """lm-eval right-pads log-likelihood batches without a mask; the wrapper passes one, so under
+    thresholds a batch of 5 (4 rows padded) scores and counts exactly what batch size 1 does."""
+    m, tok = tiny_model("llama"), tiny_tokenizer()
+    gateskip.add_gates(m, DIVERSE)
+    gateskip.calibrate(m, [torch.randint(3, 99, (2, 24)) for _ in range(2)], ratio=0.4)
+    runs = {}
+    for bs in (1, len(PAIRS)):
+        lm = GateSkipLM(pretrained=m, tokenizer=tok, ratio=0.4, policy="threshold", batch_size=bs)
+        runs[bs] = (lm.loglikelihood(_requests()), lm.stats())
+    (one, one_stats), (batched, batched_stats) = runs[1], runs[len(PAIRS)]
+    lengths = {len(tok(c + x, add_special_tokens=False)["input_ids"]) for c, x in PAIRS}
+    assert len(lengths) > 1  # the batch really is padded
+    assert all(abs(a - b) < 1e-4 and ga == gb for (a, ga), (b, gb) in zip(batched, one))
+    assert batched_stats["tokens_skipped"] > 0.1
+    # per-branch skip counts over real tokens only (compute_saved differs: the LM head does run on the
+    # padded rows, in the dense reference as well)
+    for key in ("tokens_skipped", "attn_skipped", "mlp_skipped"):
+        assert batched_stats[key] == pytest.approx(one_stats[key], rel=1e-9), key
+    for name, mod in one_stats["per_module"].items():
+        assert batched_stats["per_module"][name]["tokens"] == mod["tokens"], name
+
+
 def test_wrapper_generates_with_skipping_and_cache():
     m, tok = tiny_model("llama"), tiny_tokenizer()
     gateskip.add_gates(m, DIVERSE)

@@ -6,10 +6,13 @@ every greedy decode step (``generate`` runs with the KV cache on). The statistic
 call are read inside its ``skipping`` block (they depend on the active KV mode) and pooled over the
 whole run by ``stats()``.
 
-Log-likelihood batches are right-padded by lm-eval without an attention mask, so padding would
-count as tokens (and, under the ``quantile`` policy, change which real tokens skip): keep
-``batch_size=1`` (the default here) for exact statistics. Generation batches carry a mask and
-are exact at any batch size.
+lm-eval right-pads log-likelihood batches and calls the model without an attention mask. Padding
+would then count as tokens, and a padded token could skip or be ranked. We record each row's length
+as lm-eval pads the batch (``_padding_recorded``) and pass the matching mask (``_model_call``).
+Right padding sits after every real token, so the real tokens' logits do not change. With the
+``threshold`` policy, results and statistics are the same at any batch size. The ``quantile`` policy
+ranks the tokens of the whole call, so its decisions still depend on what is batched together; it is
+exact at ``batch_size=1`` (the default here). Generation batches carry their own mask.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 
+import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
@@ -81,12 +85,49 @@ class GateSkipLM(HFLM):
                 self._runs.append(stats(self.model))
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        with self._measured():
+        with self._measured(), self._padding_recorded():
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        with self._measured():
+        with self._measured(), self._padding_recorded():
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    @contextlib.contextmanager
+    def _padding_recorded(self):
+        """Record the real length of every row as lm-eval right-pads a log-likelihood batch.
+
+        lm-eval pads with ``pad_and_concat`` from ``lm_eval.models.huggingface``'s namespace. If a
+        release moves it, nothing is recorded, and batches run unmasked as before.
+        """
+        import lm_eval.models.huggingface as hf
+
+        real = getattr(hf, "pad_and_concat", None)
+        if real is None:
+            yield
+            return
+
+        def recording(max_length, tensors, padding_side="right"):
+            if padding_side == "right":  # lengths first: pad_and_concat replaces the list's items
+                self._row_lengths = [t.shape[-1] for t in tensors]
+            return real(max_length, tensors, padding_side=padding_side)
+
+        hf.pad_and_concat = recording
+        try:
+            yield
+        finally:
+            hf.pad_and_concat = real
+            self._row_lengths = None
+
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        lengths, self._row_lengths = getattr(self, "_row_lengths", None), None
+        b, t = inps.shape[:2]
+        if attn_mask is not None or labels is not None or lengths is None or len(lengths) != b \
+                or min(lengths) >= t or max(lengths) > t:
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)  # nothing padded, or not ours
+        mask = (torch.arange(t, device=inps.device) < torch.tensor(lengths, device=inps.device)[:, None]).long()
+        dtype = getattr(self, "mixed_precision_dtype", None)
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
+            return self.model(input_ids=inps, attention_mask=mask).logits
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         with self._measured():

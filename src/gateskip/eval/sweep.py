@@ -67,7 +67,8 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
         model: base model name or folder (a loaded model object from Python); default: the one
             recorded in the gates folder.
         tokenizer: with a model object: its tokenizer.
-        batch_size: requests per forward pass (1 keeps log-likelihood statistics exact).
+        batch_size: requests per forward pass. Padding is masked, so threshold results do not depend on it;
+            the quantile policy ranks the whole batch, so only 1 keeps its decisions per request.
         calib_batches: batches of 4 x 256 tokens for Block Influence and mean gate values (train
             split of the mix text: BoolQ passages + Shakespeare, never evaluation items).
         seed: seed of random skipping.
