@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from gateskip.arch import project_kv
+
 
 class KVProxy:
     """Stands in for ``past_key_values`` inside one attention call."""
@@ -58,8 +60,6 @@ def skipped_kv(state, attn, layer_idx: int, x: torch.Tensor, cos: torch.Tensor, 
     the skipped tokens only (``per_row``: how many per row to project, if known on the host; some may
     then be kept tokens), other rows zero; the physical path overwrites the kept rows.
     """
-    from gateskip.arch import project_kv
-
     b, t = skip.shape
     prev = state.prev_kv
     if state.plan.copy_kv and prev is not None and prev[0] == layer_idx - 1 and prev[1].shape[0] == b \
