@@ -158,9 +158,20 @@ def test_sampled_tokens_follow_the_full_model():
     assert tv < 0.06, tv
 
 
-def test_bench_speculative_reports_identity_and_acceptance(tmp_path):
+def test_bench_speculative_reports_identity_and_acceptance(tmp_path, monkeypatch):
+    import gateskip.bench as gb
     from gateskip.bench import bench
+    from gateskip.core import gate_state
 
+    installed = set()  # (draft ratio, ratio of the calibration then in use)
+    real = gb._use_calibration
+
+    def spy(m, variant, ratio):
+        real(m, variant, ratio)
+        if ratio is not None:
+            installed.add((ratio, gate_state(m).calibration["ratio"]))
+
+    monkeypatch.setattr(gb, "_use_calibration", spy)
     rep = bench(model="tiny-qwen2", random_gates=True, gate="lowrank", speculative=True, draft_ratio="0.3,0.7",
                 k="1,3", prompts=2, new_tokens=12, repeats=1, warmup=0, threads=1, json=str(tmp_path / "b.json"))
     rows = {r["setting"]: r for r in rep["results"]}
@@ -171,3 +182,4 @@ def test_bench_speculative_reports_identity_and_acceptance(tmp_path):
             assert 0.0 <= r["acceptance_rate"] <= 1.0 and 1.0 <= r["mean_accepted_length"] <= r["k"] + 1
             assert r["flops_per_token_vs_dense"] > 0
     assert (tmp_path / "b.json").exists()
+    assert installed == {(0.3, 0.3), (0.7, 0.7)}  # each draft ratio drafts with thresholds calibrated at it

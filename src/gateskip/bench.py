@@ -147,7 +147,11 @@ def _speculative(m, tok, gates, random_gates, kinds, rank, seed, policy, args) -
     gen = torch.Generator().manual_seed(seed)
     vocab = m.get_output_embeddings().weight.shape[0]
     rand_ids = lambda b, t: torch.randint(min(10, vocab - 1), vocab, (b, t), generator=gen)  # noqa: E731
-    variant = next(iter(_variants(m, gates, kinds, rank, seed, rand_ids, 256, policy).values()))
+    from gateskip.bench_speculative import draft_list, parse_draft_ratio
+
+    # thresholds calibrated at every numeric draft ratio, as for the speed settings (see _variants)
+    numeric = [r for r in map(parse_draft_ratio, draft_list(args["draft_ratio"])) if isinstance(r, float)]
+    variant = next(iter(_variants(m, gates, kinds, rank, seed, rand_ids, 256, policy, numeric or (0.25,)).values()))
     _install(m, variant)
     keys = ["model", "gates", "random_gates", "gate", "rank", "policy", "kv", "draft_ratio", "k", "verify", "prompts",
             "new_tokens", "repeats", "warmup", "threads", "clock", "seed", "quant"]
@@ -157,7 +161,8 @@ def _speculative(m, tok, gates, random_gates, kinds, rank, seed, policy, args) -
     return bench_speculative(m, tok, draft_ratios=args["draft_ratio"], ks=args["k"], verify=args["verify"],
                              policy=policy, kv=args["kv"], prompts=args["prompts"], new_tokens=args["new_tokens"],
                              repeats=args["repeats"], warmup=args["warmup"], clock=CLOCKS[args["clock"]], seed=seed,
-                             json=args["json"], command=command, machine=_machine(args["threads"]))
+                             json=args["json"], command=command, machine=_machine(args["threads"]),
+                             on_ratio=lambda r: _use_calibration(m, variant, r))
 
 
 def _floats(text: str, what: str) -> list[float]:

@@ -21,6 +21,11 @@ import torch
 from gateskip.errors import GateSkipError
 
 
+def draft_list(text) -> list[str]:
+    """``--draft-ratio`` as a list of items (floats or JSON files), comma- or space-separated."""
+    return [d.strip() for d in str(text).replace(";", " ").split() for d in d.split(",") if d.strip()]
+
+
 def parse_draft_ratio(text):
     """A float, or a JSON file mapping branch names / kinds to ratios (``gateskip.skipping``'s mapping)."""
     if isinstance(text, (int, float, dict)):
@@ -43,13 +48,15 @@ def parse_draft_ratio(text):
 
 def bench_speculative(m, tok, *, draft_ratios: str, ks: str, verify: str, policy: str, kv: str, prompts: int,
                       new_tokens: int, repeats: int, warmup: int, clock, seed: int, json: str | None,
-                      command: str, machine: dict) -> dict:
+                      command: str, machine: dict, on_ratio=None) -> dict:
+    """``on_ratio(r)``: called before each setting with a float draft ratio ``r`` (the bench installs the
+    thresholds calibrated at ``r`` there)."""
     from tqdm import tqdm
 
     from gateskip.core import gates_bypassed
     from gateskip.speculative import speculative_generate
 
-    drafts = [d.strip() for d in str(draft_ratios).replace(";", " ").split() for d in d.split(",") if d.strip()]
+    drafts = draft_list(draft_ratios)
     k_list = [int(x) for x in str(ks).split(",") if x.strip()]
     if not drafts or not k_list or min(k_list) < 1:
         raise GateSkipError("--draft-ratio and --k need at least one value each, k >= 1 (e.g. --k 2,4)")
@@ -63,6 +70,8 @@ def bench_speculative(m, tok, *, draft_ratios: str, ks: str, verify: str, policy
     with tqdm(total=(warmup + repeats) * len(settings), desc="bench speculative", unit="setting") as bar:
         for rnd in range(warmup + repeats):
             for name, ratio, k in settings:
+                if on_ratio is not None and isinstance(ratio, float):
+                    on_ratio(ratio)
                 n = new_tokens if rnd >= warmup else min(new_tokens, 8)
                 t0, outs = clock(), []
                 for enc in inputs:
