@@ -151,7 +151,7 @@ def _speculative(m, tok, gates, random_gates, kinds, rank, seed, policy, args) -
 
     # thresholds calibrated at every numeric draft ratio, as for the speed settings (see _variants)
     numeric = [r for r in map(parse_draft_ratio, draft_list(args["draft_ratio"])) if isinstance(r, float)]
-    variant = next(iter(_variants(m, gates, kinds, rank, seed, rand_ids, 256, policy, numeric or (0.25,)).values()))
+    variant = next(iter(_variants(m, gates, kinds, rank, seed, rand_ids, 256, policy, numeric).values()))
     _install(m, variant)
     keys = ["model", "gates", "random_gates", "gate", "rank", "policy", "kv", "draft_ratio", "k", "verify", "prompts",
             "new_tokens", "repeats", "warmup", "threads", "clock", "seed", "quant"]
@@ -262,7 +262,7 @@ def _install(m, variant, ratio: float | None = None) -> None:
 def _use_calibration(m, variant, ratio: float | None) -> None:
     cals = variant["calibration"] if variant is not None else None
     if cals:
-        near = min(cals, key=lambda r: abs(r - (ratio if ratio is not None else r)))
+        near = min(cals) if ratio is None else min(cals, key=lambda r: abs(r - ratio))
         gate_state(m).calibration = cals[near]
 
 
