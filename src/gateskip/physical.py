@@ -67,19 +67,15 @@ def run(branch, x: torch.Tensor, g: torch.Tensor | None, skip: torch.Tensor, n_s
     ``static``: size every gather from ``n_skip`` (a host int) alone, never from the mask's contents,
     so that nothing is read back from the device (see "Sync-free" above).
     """
+    if n_skip == skip.numel():
+        return skip_all(branch, x, kwargs, skip)
     if branch.kind == "mlp":
         return _mlp(branch, x, g, skip, n_skip, args, kwargs, static)
     return _attention(branch, x, g, skip, n_skip, kwargs, static)
 
 
-def _gated(out, g):
-    return out if g is None else out * g
-
-
 def _mlp(branch, x, g, skip, n_skip, args, kwargs, static):
     b, t, h = x.shape
-    if n_skip == b * t:
-        return x.new_zeros(x.shape)
     if static:  # kept tokens first, in order: the first b*t - n_skip of a stable sort of the mask
         idx = torch.argsort(skip.reshape(-1).to(torch.uint8), stable=True)[:b * t - n_skip]
     else:  # nonzero: cheaper on CPU, but its size is data-dependent (a sync on GPU)
@@ -88,6 +84,25 @@ def _mlp(branch, x, g, skip, n_skip, args, kwargs, static):
     if g is not None:
         o = o * g.reshape(b * t, -1).index_select(0, idx)
     return x.new_zeros(b * t, h).index_copy_(0, idx, o).view(b, t, h)
+
+
+def skip_all(branch, x: torch.Tensor, kwargs, skip: torch.Tensor):
+    """The branch output when every token of the call skips (decode at batch 1): the module is not called.
+
+    MLP: zeros. Attention: zeros, and the skipped tokens' K/V (kv.py) written to the cache and kept
+    for the layer above. ``skip``: the (all-True) skip mask.
+    """
+    if branch.kind == "mlp":
+        return x.new_zeros(x.shape)
+    attn, st = branch.module, branch.state
+    layer = attn.layer_idx
+    cos, sin = kwargs["position_embeddings"]
+    k, v = skipped_kv(st, attn, layer, x, cos, sin, skip, x.shape[1])
+    st.prev_kv = (layer, k, v)
+    cache = kwargs.get(cache_key(kwargs))
+    if cache is not None:
+        cache.update(k, v, layer)
+    return x.new_zeros(x.shape), None
 
 
 def _attention(branch, x, g, skip, n_skip, kwargs, static):
@@ -102,11 +117,6 @@ def _attention(branch, x, g, skip, n_skip, kwargs, static):
     if mask is None and n_skip < b * t:  # built before the cache grows: its sizes describe this call
         mask = causal_mask(attn, cache, t, branch.window, x.device, x.dtype)
     base_k, base_v = skipped_kv(st, attn, layer, x, cos, sin, skip, min(t, n_skip) if static else None)
-    if n_skip == b * t:  # nothing to compute but the skipped tokens' K/V
-        st.prev_kv = (layer, base_k, base_v)
-        if cache is not None:
-            cache.update(base_k, base_v, layer)
-        return x.new_zeros(x.shape), None
     per_row = (~skip).sum(1)
     # queries per row: the largest kept count of a row. Sync-free: a bound known on the host (exact at
     # batch 1; at batch > 1 the rows share the kept tokens unevenly, so up to t).

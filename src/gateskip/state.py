@@ -196,14 +196,15 @@ class GateState:
         self._queue(branch, skip, valid)
         return skip
 
-    def decide_one(self, branch, g: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-        """``on_gate`` for a call of one eligible token under thresholds: (skip mask or None, number skipped).
+    def decide_one(self, branch, g: torch.Tensor) -> torch.Tensor | None:
+        """``on_gate`` for a call of one eligible token under thresholds: a (shared) skip mask, or None if kept.
 
         One value is read and compared on the host (the same comparison as ``threshold_skip``: both
-        sides in the gate's dtype); no mask is built, and the count is known.
+        sides in the gate's dtype); no mask is built.
         """
         thr = self.plan.host_thresholds(g.dtype)[branch.index]
-        skipped = thr is not None and float(importance(g)) < thr
+        # a scalar gate's value is its importance: read it directly (``importance`` would add a view op)
+        skipped = thr is not None and float(g if g.shape[-1] == 1 else importance(g)) < thr
         if self.tally is not None:  # the same rows ``_count_pending`` would add, counted on the host
             if thr is not None:
                 self.sync_calls += 1
@@ -213,7 +214,7 @@ class GateState:
             row[1] += 1.0
             row[2] += 0.0 if skipped else w
             row[3] += w
-        return (_one_true(self.valid), 1) if skipped else (None, 0)
+        return _one_true(self.valid) if skipped else None
 
     def skip_count(self, skip: torch.Tensor) -> int:
         """How many tokens ``skip`` (the last decision) skips, as a host int.

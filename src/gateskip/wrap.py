@@ -61,13 +61,12 @@ class GatedBranch(nn.Module):
         st = self.state
         if st.bypass:
             return self._run(x, args, kwargs)
+        if st.one_token and x.numel() == x.shape[-1] and self.placement == "after":
+            return self._one_token(x, args, kwargs)
         g = self._fast_gate(x.detach() if self.detach_input and x.requires_grad else x)
         if g.dtype != x.dtype:
             g = g.to(x.dtype)
-        if st.one_token and x.numel() == x.shape[-1]:  # decode at batch 1: a host comparison
-            skip, n_skip = st.decide_one(self, g)
-        else:
-            skip, n_skip = st.on_gate(self, x, g), None
+        skip = st.on_gate(self, x, g)
         if self.placement == "before":
             x = x * g
         plan = st.plan
@@ -75,8 +74,7 @@ class GatedBranch(nn.Module):
             st.count_path("dense")
         elif self._physical(plan, x) and not (args and self.kind == "attn"):  # attention args come as keywords
             n = skip.numel()
-            if n_skip is None:  # sizes the gather: host-known under quantile, else read (GPU: a sync)
-                n_skip = st.skip_count(skip)
+            n_skip = st.skip_count(skip)  # sizes the gather: host-known under quantile, else read (GPU: a sync)
             if plan.path == "physical" or n_skip in (0, n) or physical.faster(self.kind, n_skip, n):
                 st.count_path("physical")
                 if n_skip == 0:
@@ -88,16 +86,44 @@ class GatedBranch(nn.Module):
                 st.count_path("masked")
         else:
             st.count_path("masked")
+        return self._gated_call(x, g if self.placement == "after" else None, skip, args, kwargs)
+
+    def _one_token(self, x, args, kwargs):
+        """Decode at batch 1 under thresholds, the common serving case: ``forward`` with its questions answered.
+
+        The call is one token, so the branch runs whole or not at all: the gate value is compared on the
+        host (``decide_one``), a skipped branch is not called (physical path) and a kept one runs as is.
+        Same decisions and outputs as ``forward``; this is just its shortest route. At batch 1 a decode
+        step of SmolLM2 is ~60 branch calls of ~0.3-0.7 ms each, so tens of microseconds of Python per
+        branch are a few percent of the step (BENCHMARKS.md, "What stops it").
+        """
+        st = self.state
+        g = self._fast_gate(x.detach() if self.detach_input and x.requires_grad else x)
+        if g.dtype != x.dtype:
+            g = g.to(x.dtype)
+        skip = st.decide_one(self, g)
+        if skip is None:
+            st.count_path("dense")
+        elif self._physical(st.plan, x) and not (args and self.kind == "attn"):
+            st.count_path("physical")
+            return physical.skip_all(self, x, kwargs, skip)
+        else:
+            st.count_path("masked")
+        return self._gated_call(x, g, skip, args, kwargs)
+
+    def _gated_call(self, x, g, skip, args, kwargs):
+        """The masked path: the branch on every token, times the gate (``g``, None if applied before), 0 where skipped."""
+        st, plan = self.state, self.state.plan
         if self.kind == "attn" and plan is not None and plan.copy_kv:
             key = cache_key(kwargs)
             kwargs[key] = KVProxy(kwargs.get(key), st, skip)
         out = self._run(x, args, kwargs)
         o = out[0] if isinstance(out, tuple) else out
         raw = o
-        if self.placement == "after":
+        if g is not None:
             o = o * g
         if skip is not None:
-            if plan.straight_through and self.placement == "after" and o.requires_grad:
+            if plan.straight_through and g is not None and o.requires_grad:
                 o = _straight_through(raw, g, o, skip)
             else:
                 o = o.masked_fill(skip.unsqueeze(-1), 0.0)
