@@ -94,3 +94,39 @@ def test_bench_calibrates_thresholds_at_each_measured_ratio():
             assert gateskip.stats(m)["tokens_skipped"] == pytest.approx(ratio, abs=0.06)
     _install(m, variant, 0.0)  # ratio 0: any calibration will do, the gates stay installed
     assert is_gated(m)
+
+
+def test_interleaved_decode_does_what_generate_does():
+    """The step-interleaved decode timing runs each setting's greedy decoding by hand: per setting it must
+    produce the decisions ``generate`` produces (same tokens skipped, same FLOPs saved), on gated copies
+    that share the dense model's weights without changing them."""
+    import time
+
+    import torch
+    from conftest import VOCAB
+
+    from gateskip.bench import _decode_generate, _decode_interleaved, _live_models, _variants
+    from gateskip.core import is_gated
+    from gateskip.models import tiny_model
+
+    m = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    rand_ids = lambda b, t: torch.randint(1, VOCAB, (b, t), generator=g)  # noqa: E731
+    variants = _variants(m, None, ["scalar"], 4, 0, rand_ids, 32, "threshold", [0.5])
+    settings = [("dense", None, 0.0), ("scalar@0", "scalar", 0.0), ("scalar@0.5", "scalar", 0.5)]
+    ids = rand_ids(2, 6)
+    with torch.no_grad():
+        dense_before = m(input_ids=ids).logits
+    live = _live_models(m, variants, settings)
+    assert live["dense"] is m and not is_gated(m) and is_gated(live["scalar@0.5"])
+    assert live["scalar@0.5"].model.embed_tokens.weight is m.model.embed_tokens.weight  # shared, not copied
+    ctxs = {n: {} if k is None else dict(ratio=r, policy="threshold", kv="copy") for n, k, r in settings}
+    for b in (1, 2):
+        got = _decode_interleaved(live, ctxs, ids[:b], 7, time.perf_counter)
+        assert set(got) == set(live)
+        for name in live:
+            want = _decode_generate(live[name], ctxs[name], ids[:b], 7, 0, time.perf_counter)[1]
+            assert got[name][1] == pytest.approx(want, abs=1e-12), (b, name)
+        assert got["scalar@0.5"][1][1] > 0.2  # it did skip
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits, dense_before)

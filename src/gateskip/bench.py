@@ -6,8 +6,14 @@ removed) and, for each gate kind, the gated model at each skip ratio. Per settin
 
 - prefill: a batch of random-token prompts, run as ``generate`` runs it (KV cache on, logits for
   the last position only), in tokens/s;
-- decode: ``generate`` greedy with exactly ``new_tokens`` new tokens at each batch size, timed from
-  the first new token to the last (prefill excluded), tokens/s = batch * (new_tokens - 1) / time;
+- decode: greedy decoding of exactly ``new_tokens`` new tokens at each batch size, timed from the
+  first new token to the last (prefill excluded), tokens/s = batch * (new_tokens - 1) / time. By
+  default the settings decode *step-interleaved*: every setting keeps its own KV cache and they take
+  turns, one decode step each, so a slow patch of the machine (this 2-core VM drifts by 10-25% from
+  one round to the next) hits every setting within the same ~0.1 s. Each gated setting is then a
+  copy of the model that shares the dense model's weights (a gates folder that changes backbone
+  weights gets a full copy). ``--decode-timing generate`` times ``model.generate`` instead, one
+  setting after the other (HF's own loop, its per-step overhead included);
 - compute saved (FLOP-weighted, gates and LM head included: ``gateskip.stats``), speed-up against
   dense, and efficiency = speed-up / (1 / (1 - compute saved)): 1.0 means the wall clock falls as
   much as the FLOPs do.
@@ -16,6 +22,7 @@ removed) and, for each gate kind, the gated model at each skip ratio. Per settin
 from __future__ import annotations
 
 import contextlib
+import copy
 import json as jsonlib
 import math
 import os
@@ -26,12 +33,14 @@ from pathlib import Path
 
 import torch
 
+from gateskip.compat import model_cache_arg, output_cache
 from gateskip.config import GateSkipConfig
 from gateskip.core import add_gates, calibrate, gate_modules, gate_state, is_gated, remove_gates, skipping
 from gateskip.core import stats as gate_stats
 from gateskip.errors import GateSkipError
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+DECODE_TIMINGS = ("interleaved", "generate")
 PHASES = ("prefill",)  # decode phases are added per batch size: "decode_b1", "decode_b8", ...
 
 
@@ -41,7 +50,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
           decode_batches: str = "1,8", prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3,
           warmup: int = 1, threads: int = 2, clock: str = "wall", seed: int = 0, json: str | None = None,
           quant: str = "none", speculative: bool = False, draft_ratio: str = "0.25,0.5", k: str = "2,4",
-          verify: str = "gated", prompts: int = 4) -> dict:
+          verify: str = "gated", prompts: int = 4, decode_timing: str = "interleaved") -> dict:
     """Measure prefill and decode speed of the dense and the gated model at several skip ratios.
 
     Args:
@@ -75,6 +84,8 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         k: with --speculative: comma-separated draft lengths.
         verify: with --speculative: gated (gates on, nothing skipped) or ungated (gates bypassed).
         prompts: with --speculative: number of instruction prompts (chat template), decoded one by one.
+        decode_timing: ``interleaved`` (settings take turns one decode step at a time, each with its own
+            cache: drift hits them alike) or ``generate`` (``model.generate``, one setting after another).
     """
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
@@ -90,6 +101,8 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         raise GateSkipError("repeats, prefill sizes and prompt-len must be >= 1, new-tokens >= 2, warmup >= 0")
     if clock not in CLOCKS:
         raise GateSkipError(f"clock={clock!r} is not supported: choose wall or cpu")
+    if decode_timing not in DECODE_TIMINGS:
+        raise GateSkipError(f"decode-timing={decode_timing!r} is not supported: choose interleaved or generate")
     torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()
     m, tok = _load(model)
@@ -105,28 +118,39 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
     prompts = {b: rand_ids(b, prompt_len) for b in batch_list}
     variants = _variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy, ratio_list)
     settings = [("dense", None, 0.0)] + [(f"{k}@{r:g}", k, r) for k in variants for r in ratio_list]
+    live = _live_models(m, variants, settings)
+    ctxs = {name: {} if kind is None else dict(ratio=ratio, policy=policy, kv=kv, path=path)
+            for name, kind, ratio in settings}
     phases = list(PHASES) + [f"decode_b{b}" for b in batch_list]
     times = {name: {p: [] for p in phases} for name, _, _ in settings}
     saved, skipped = {name: {} for name, _, _ in settings}, {name: {} for name, _, _ in settings}
     pad = getattr(m.generation_config, "pad_token_id", None) or 0
-    with tqdm(total=(warmup + repeats) * len(settings), desc="bench", unit="setting") as bar:
+    now = CLOCKS[clock]
+    with tqdm(total=(warmup + repeats) * len(settings) * len(phases), desc="bench", unit="phase") as bar:
         for rnd in range(warmup + repeats):
-            for name, kind, ratio in settings:
-                _install(m, variants.get(kind), ratio)
-                ctx = {} if kind is None else dict(ratio=ratio, policy=policy, kv=kv, path=path)
-                warm = rnd < warmup  # warm-up rounds: same shapes, fewer decode steps
-                t, s = _measure(m, ctx, prefill_ids, prompts, min(new_tokens, 8) if warm else new_tokens, pad,
-                                CLOCKS[clock])
-                if rnd >= warmup:
-                    for p in phases:
-                        times[name][p].append(t[p])
-                    saved[name], skipped[name] = {p: s[p][0] for p in phases}, {p: s[p][1] for p in phases}
+            warm = rnd < warmup  # warm-up rounds: same shapes, fewer decode steps
+            steps = min(new_tokens, 8) if warm else new_tokens
+
+            def record(name, phase, dt, s, warm=warm):
+                if not warm:
+                    times[name][phase].append(dt)
+                    saved[name][phase], skipped[name][phase] = s
                 bar.update(1)
-            if json and rnd >= warmup:  # partial results survive an interrupted run
+
+            for name, _, _ in settings:
+                record(name, "prefill", *_prefill(live[name], ctxs[name], prefill_ids, now))
+                if decode_timing == "generate":
+                    for b, ids in prompts.items():
+                        record(name, f"decode_b{b}", *_decode_generate(live[name], ctxs[name], ids, steps, pad, now))
+            if decode_timing == "interleaved":
+                for b, ids in prompts.items():
+                    for name, (dt, s) in _decode_interleaved(live, ctxs, ids, steps, now).items():
+                        record(name, f"decode_b{b}", dt, s)
+            if json and not warm:  # partial results survive an interrupted run
                 partial = _summarise(settings, phases, times, saved, skipped, prefill_batch * prefill_len,
                                      batch_list, new_tokens)
                 Path(json).write_text(jsonlib.dumps({"partial_after_round": rnd + 1 - warmup, "results": partial}))
-    _install(m, None)
+    del live
     results = _summarise(settings, phases, times, saved, skipped, prefill_batch * prefill_len, batch_list,
                          new_tokens)
     report = {"command": _command(locals()), "machine": _machine(threads), "results": results}
@@ -268,28 +292,81 @@ def _use_calibration(m, variant, ratio: float | None) -> None:
 
 # ---- measuring -----------------------------------------------------------------------------------
 
+def _live_models(m, variants, settings) -> dict:
+    """{setting: model}: the dense model itself, and per gated setting a gated copy of it.
+
+    The copies share the dense model's weight tensors (only the gates are their own), so N settings
+    cost one model's memory and read the same weights. A gates folder may change backbone weights
+    (LoRA merged in place): its settings get full copies.
+    """
+    live = {}
+    for name, kind, ratio in settings:
+        if kind is None:
+            live[name] = m
+            continue
+        variant = variants[kind]
+        shared = {} if "dir" in variant else {id(t): t for t in (*m.parameters(), *m.buffers())}
+        live[name] = copy.deepcopy(m, shared)
+        _install(live[name], variant, ratio)
+    return live
+
+
 @torch.no_grad()
-def _measure(m, ctx: dict, prefill_ids, prompts: dict, new_tokens: int, pad: int, now=time.perf_counter):
-    """Seconds per phase and (compute saved, tokens skipped) per phase for one setting."""
-    times, saved = {}, {}
+def _timed(m, ctx: dict, now, fn, **kw):
+    """(seconds, the gate statistics after the call or None) of ``fn(**kw)`` under ``skipping(m, **ctx)``."""
+    with skipping(m, **ctx) if ctx else contextlib.nullcontext():
+        t0 = now()
+        fn(**kw)
+        dt = now() - t0
+        return dt, gate_stats(m) if ctx else None
 
-    def timed(fn, **kw):
-        with skipping(m, **ctx) if ctx else contextlib.nullcontext():
-            t0 = now()
-            fn(**kw)
-            dt = now() - t0
-            s = gate_stats(m) if ctx else None
-        return dt, s
 
-    ones = torch.ones_like(prefill_ids)
-    dt, s = timed(m, input_ids=prefill_ids, attention_mask=ones, use_cache=True, logits_to_keep=1)
-    times["prefill"], saved["prefill"] = dt, _saved(s)
-    for b, ids in prompts.items():
-        clock = _StepClock(m, bool(ctx), now)
-        dt, s = timed(m.generate, input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad,
-                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, stopping_criteria=[clock])
-        times[f"decode_b{b}"], saved[f"decode_b{b}"] = clock.marks[-1] - clock.marks[0], _saved(s, clock.first)
-    return times, saved
+def _prefill(m, ctx: dict, ids, now):
+    """(seconds, (compute saved, tokens skipped)) of one prefill as ``generate`` runs it."""
+    dt, s = _timed(m, ctx, now, m, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                   logits_to_keep=1)
+    return dt, _saved(s)
+
+
+def _decode_generate(m, ctx: dict, ids, new_tokens: int, pad: int, now):
+    """(seconds, (saved, skipped)) of the decode steps of ``m.generate`` (its prefill excluded)."""
+    clock = _StepClock(m, bool(ctx), now)
+    _, s = _timed(m, ctx, now, m.generate, input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                  pad_token_id=pad, max_new_tokens=new_tokens, min_new_tokens=new_tokens, stopping_criteria=[clock])
+    return clock.marks[-1] - clock.marks[0], _saved(s, clock.first)
+
+
+@torch.no_grad()
+def _decode_interleaved(live: dict, ctxs: dict, ids, new_tokens: int, now) -> dict:
+    """{setting: (seconds, (saved, skipped))} of greedy decoding, the settings taking turns step by step.
+
+    Each setting prefills ``ids`` (untimed, as in the generate timing), then all of them run decode step
+    1, then step 2, ... with their own caches, in an order that rotates every step. A step is what
+    ``generate`` does for a new token: extend the attention mask, run the model on the last token with
+    the cache, take the argmax.
+    """
+    names = list(live)
+    arg = model_cache_arg(live[names[0]])
+    runs = {}
+    with contextlib.ExitStack() as stack:
+        for n in names:
+            if ctxs[n]:
+                stack.enter_context(skipping(live[n], **ctxs[n]))
+        for n in names:
+            mask = torch.ones_like(ids)
+            out = live[n](input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            first = gate_stats(live[n]) if ctxs[n] else None  # the prompt's share, subtracted at the end
+            runs[n] = [out.logits[:, -1:].argmax(-1), output_cache(out), mask, 0.0, first]
+        for step in range(new_tokens - 1):
+            k = step % len(names)
+            for n in names[k:] + names[:k]:
+                nxt, cache, mask, secs, first = runs[n]
+                t0 = now()
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                out = live[n](input_ids=nxt, attention_mask=mask, use_cache=True, logits_to_keep=1, **{arg: cache})
+                nxt = out.logits[:, -1:].argmax(-1)
+                runs[n] = [nxt, output_cache(out), mask, secs + now() - t0, first]
+        return {n: (r[3], _saved(gate_stats(live[n]), r[4]) if ctxs[n] else (0.0, 0.0)) for n, r in runs.items()}
 
 
 class _StepClock:
@@ -357,7 +434,8 @@ def format_table(results: list[dict], phases: list[str]) -> str:
 
 def _command(args: dict) -> str:
     keys = ["model", "gates", "random_gates", "gate", "rank", "ratios", "policy", "kv", "path", "prefill_batch",
-            "prefill_len", "decode_batches", "prompt_len", "new_tokens", "repeats", "warmup", "threads", "clock", "seed", "quant"]
+            "prefill_len", "decode_batches", "prompt_len", "new_tokens", "repeats", "warmup", "threads", "clock", "seed", "quant",
+            "decode_timing"]
     flag = lambda k, v: f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k} {v}"  # noqa: E731
     return "gateskip bench " + " ".join(flag(k.replace("_", "-"), args[k]) for k in keys if args.get(k) is not None)
 
