@@ -305,6 +305,32 @@ def test_gate_fast_path_uses_its_own_current_weights(kind):
     assert torch.allclose(gate(x.double()), torch.sigmoid(gate.proj(x)), atol=1e-6)  # input cast to float32
 
 
+@pytest.mark.parametrize("kind", ["vector", "scalar", "lowrank", "mlp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_gate_equals_forward_and_importance(kind, dtype):
+    """Gate.one_token (decode at batch 1: matrix-vector ops, importance read on the host) must give the
+    values and the importance that forward + importance give the branch, in the branch's dtype."""
+    import copy
+
+    from gateskip.gates import Gate, importance, one_token_importance
+
+    gate = Gate(16, GateSkipConfig(gate=kind, rank=4))
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_()
+    for g in (gate, copy.deepcopy(gate)):  # a copy must use its own weights
+        x = torch.randn(1, 1, 16).to(dtype)
+        with torch.no_grad():
+            want = g(x).to(dtype)
+            values = g.one_token(x)
+            imp = one_token_importance(values)
+        assert values.dtype == dtype and values.shape == (want.shape[-1],)
+        assert torch.allclose(values.float(), want.reshape(-1).float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+        assert imp == pytest.approx(float(importance(want)), abs=1e-6 if dtype == torch.float32 else 1e-2)
+        with torch.no_grad():
+            next(g.parameters()).add_(1.0)
+
+
 def test_sampled_generation_with_cache_equals_recompute():
     m = _calibrated("qwen3")
     ids, mask = left_padded([8, 4])

@@ -184,10 +184,44 @@ def test_sync_free_quantile_path_reads_nothing_back_per_branch(kv):
     assert n_sync <= base + 2  # one eligible-token count per forward call
     n_read, _, s_read = reads(ratio=0.5, policy="quantile", kv=kv, sync_free=False)
     assert n_read >= base + len(m.model.layers) * 2  # the exact-size path reads per branch (free on CPU)
-    n_thr, _, s_thr = reads(ratio=0.5, policy="threshold", kv=kv, sync_free=True)
-    assert s_thr["sync_calls"] >= len(m.model.layers) * 2  # data-dependent counts are read, and reported
+    for policy in ("threshold", "random"):  # data-dependent counts: under sync_free, masked rather than read
+        n_dd, (dd_pre, dd_dec), s_dd = reads(ratio=0.5, policy=policy, kv=kv, sync_free=True)
+        assert s_dd["sync_calls"] == 0 and s_dd["path_calls"]["physical"] == 0 and s_dd["tokens_skipped"] > 0.3
+        assert n_dd <= base + 2
+        with torch.no_grad(), gateskip.skipping(m, path="masked", ratio=0.5, policy=policy, kv=kv):
+            dd_ref = run(m)
+        assert (dd_pre - dd_ref[0])[mask.bool()].abs().max() < TOL and (dd_dec - dd_ref[1]).abs().max() < TOL
+        n_read, _, s_read = reads(ratio=0.5, policy=policy, kv=kv, sync_free=False)
+        assert s_read["sync_calls"] >= len(m.model.layers) * 2  # without sync_free they are read, and reported
     with torch.no_grad(), gateskip.skipping(m, path="masked", ratio=0.5, policy="quantile", kv=kv):
         ref_pre, ref_dec = run(m)
     valid = mask.bool()
     assert (pre - ref_pre)[valid].abs().max() < TOL
     assert (dec - ref_dec).abs().max() < TOL
+
+
+def test_sync_free_decode_at_batch_one_reads_nothing_back_per_branch():
+    """Decode at batch 1 under thresholds decides each branch on the host (a read per branch: a GPU sync).
+    Under ``sync_free`` it must not: the branches run masked, with the masked path's outputs."""
+    m = _calibrated("llama")
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(5))
+
+    def steps(**kw):
+        with torch.no_grad(), gateskip.skipping(m, ratio=0.5, policy="threshold", **kw):
+            out = m(input_ids=ids, use_cache=True)
+            cache, nxt, logits = output_cache(out), out.logits[:, -1:].argmax(-1), []
+            with _HostReads() as h:
+                for _ in range(4):
+                    out = m(input_ids=nxt, use_cache=True, **{model_cache_arg(m): cache})
+                    cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
+                    logits.append(out.logits)
+            return h.n, torch.cat(logits), gateskip.stats(m)
+
+    n_free, free, s_free = steps(sync_free=True)
+    n_host, host, s_host = steps(sync_free=False)
+    _, masked, _ = steps(path="masked", sync_free=True)
+    branches = 2 * len(m.model.layers)
+    assert n_host >= 4 * branches and s_host["path_calls"]["physical"] > 0  # one read per branch and step
+    assert n_free <= n_host - 4 * branches + 4 * 2 and s_free["sync_calls"] == 0  # at most per-call reads
+    assert s_free["path_calls"]["physical"] == 0 and s_free["tokens_skipped"] > 0.2
+    assert (free - masked).abs().max() < TOL and (host - masked).abs().max() < TOL

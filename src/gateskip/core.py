@@ -128,10 +128,13 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
             default: the gate config's (0 unless the gates were trained with it).
         straight_through: training only (masked path, gates after the branch): a skipped token's output
             is still 0, but its gate receives the gradient it would get if the token were kept.
-        sync_free: size the physical path's gathers from host-known counts only, so that a branch never
-            reads its skip mask back from the device (a GPU sync). Holds for the quantile policy, whose
-            count is fixed; thresholds and random skipping still read theirs. Default: on unless the model
-            is on the CPU, where reads are free and exact sizes are faster (see physical.py).
+        sync_free: never read a branch's skip decision back from the device (a GPU sync per branch).
+            Under the quantile policy the count is fixed, so the physical path sizes its gathers from it
+            and still skips. Thresholds and random skipping have data-dependent counts, and a decode step
+            at batch 1 must know on the host whether to call a branch at all: under ``sync_free`` those
+            branches run the masked path instead (no read, no saving). Default: on unless the model is on
+            the CPU, where reads are free; pass False on a GPU to skip physically under thresholds at the
+            cost of one read per branch (counted in ``stats()["sync_calls"]``). See physical.py.
     """
     st = gate_state(model)
     check_policy(policy)

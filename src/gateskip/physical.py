@@ -22,7 +22,8 @@ mask (``nonzero``, a per-row maximum) reads the device: on a GPU, one sync per b
 the kernel queue. Under the quantile policy the number skipped is known on the host (``round(r * n)``,
 n read once per forward call), so every gather is sized from it: kept indices by a stable sort of the
 mask, attention queries padded to ``min(t, kept)``, rows never dropped. Thresholds and random skipping
-have a data-dependent count: their branches still read it (``stats()["sync_calls"]`` counts them).
+have a data-dependent count: under ``sync_free`` their branches run the masked path rather than read it;
+without it they read it (free on CPU; ``stats()["sync_calls"]`` counts the reads).
 
 When only a few tokens skip, gather/scatter costs more than it saves: ``MIN_SKIP`` (measured, see
 BENCHMARKS.md) sends such calls down the masked path instead.

@@ -16,7 +16,7 @@ import torch
 
 from gateskip.config import GateSkipConfig
 from gateskip.flops import LayerFlops
-from gateskip.gates import importance
+from gateskip.gates import importance, one_token_importance
 from gateskip.policies import quantile_count, quantile_skip, random_skip, threshold_skip
 
 
@@ -36,15 +36,15 @@ class Plan:
     straight_through: bool = False
     # physical path sized from host-known counts only: no device-to-host read per branch (GPU; physical.py)
     sync_free: bool = False
+    host_thr: dict = field(default_factory=dict, repr=False)  # dtype -> host_thresholds (decode at batch 1)
 
     def host_thresholds(self, dtype: torch.dtype) -> list[float | None]:
         """Per branch: the threshold as a host float, rounded to ``dtype`` as the tensor comparison rounds it
         (None where the branch does not skip)."""
-        cache = self.__dict__.setdefault("_host_thr", {})
-        t = cache.get(dtype)
+        t = self.host_thr.get(dtype)
         if t is None:
-            t = cache[dtype] = [float(thr.to(dtype)) if r > 0.0 else None
-                                for thr, r in zip(self.thresholds, self.ratios)]
+            t = self.host_thr[dtype] = [float(thr.to(dtype)) if r > 0.0 else None
+                                        for thr, r in zip(self.thresholds, self.ratios)]
         return t
 
     @functools.cached_property
@@ -137,8 +137,9 @@ class GateState:
         self.valid, self.ctx, self.prev_kv, self.eligible, self.n_eligible = valid, ctx, None, None, None
         self.gate_log = []
         p = self.plan
+        # not under sync_free: deciding one token on the host reads its gate value back (a GPU sync)
         self.one_token = (p is not None and p.policy == "threshold" and valid.numel() == 1 and not self.collect
-                          and self.record is None and bool(self._eligible(valid)))
+                          and self.record is None and not p.sync_free and bool(self._eligible(valid)))
         if self.one_token and self.tally is not None:
             self.ctx_one = float(ctx) if ctx.numel() == 1 else 1.0
         if self.tally is not None:
@@ -199,12 +200,12 @@ class GateState:
     def decide_one(self, branch, g: torch.Tensor) -> torch.Tensor | None:
         """``on_gate`` for a call of one eligible token under thresholds: a (shared) skip mask, or None if kept.
 
-        One value is read and compared on the host (the same comparison as ``threshold_skip``: both
-        sides in the gate's dtype); no mask is built.
+        ``g``: the token's gate values (``Gate.one_token``). Its importance is read on the host, only where
+        the branch may skip, and compared with the threshold rounded to the gate's dtype, as
+        ``threshold_skip`` compares them; no mask is built.
         """
         thr = self.plan.host_thresholds(g.dtype)[branch.index]
-        # a scalar gate's value is its importance: read it directly (``importance`` would add a view op)
-        skipped = thr is not None and float(g if g.shape[-1] == 1 else importance(g)) < thr
+        skipped = thr is not None and one_token_importance(g) < thr
         if self.tally is not None:  # the same rows ``_count_pending`` would add, counted on the host
             if thr is not None:
                 self.sync_calls += 1
@@ -216,15 +217,18 @@ class GateState:
             row[3] += w
         return _one_true(self.valid) if skipped else None
 
-    def skip_count(self, skip: torch.Tensor) -> int:
+    def skip_count(self, skip: torch.Tensor) -> int | None:
         """How many tokens ``skip`` (the last decision) skips, as a host int.
 
         Known without touching the device when the policy fixes the count (quantile). Otherwise it is
-        read from the device: free on CPU, a sync on GPU (counted in ``stats()["sync_calls"]``).
+        read from the device: free on CPU, a sync on GPU (counted in ``stats()["sync_calls"]``); under
+        ``sync_free`` it is not read, and None is returned.
         """
         d = self.decided
         if d is not None and d[0] is skip and d[1] is not None:
             return d[1]
+        if self.plan.sync_free:
+            return None
         if self.tally is not None:
             self.sync_calls += 1
         # one token (decode at batch 1): reading the bool directly costs a tenth of sum-then-read

@@ -75,7 +75,9 @@ class GatedBranch(nn.Module):
         elif self._physical(plan, x) and not (args and self.kind == "attn"):  # attention args come as keywords
             n = skip.numel()
             n_skip = st.skip_count(skip)  # sizes the gather: host-known under quantile, else read (GPU: a sync)
-            if plan.path == "physical" or n_skip in (0, n) or physical.faster(self.kind, n_skip, n):
+            if n_skip is None:  # sync_free and a data-dependent count: reading it would be a sync, so run masked
+                st.count_path("masked")
+            elif plan.path == "physical" or n_skip in (0, n) or physical.faster(self.kind, n_skip, n):
                 st.count_path("physical")
                 if n_skip == 0:
                     skip = None  # nothing skipped: the plain (masked-path) call below is the fastest
@@ -98,9 +100,7 @@ class GatedBranch(nn.Module):
         branch are a few percent of the step (BENCHMARKS.md, "What stops it").
         """
         st = self.state
-        g = self._fast_gate(x.detach() if self.detach_input and x.requires_grad else x)
-        if g.dtype != x.dtype:
-            g = g.to(x.dtype)
+        g = self._fast_gate.one_token(x.detach() if self.detach_input and x.requires_grad else x)
         skip = st.decide_one(self, g)
         if skip is None:
             st.count_path("dense")
