@@ -182,6 +182,15 @@ def test_trained_backbone_roundtrips_through_gates_folder(tmp_path, backbone):
     gateskip.remove_gates(base)
     with torch.no_grad():
         assert torch.equal(base(input_ids=ids).logits, ref)  # and is undone exactly
+    # gateskip bench gives each setting of a gates folder its own copy: the change must not reach the dense model
+    from gateskip.bench import _live_models
+
+    live = _live_models(base, {"folder": {"dir": str(out), "calibration": {}}},
+                        [("dense", None, 0.0), ("folder@0", "folder", 0.0)])
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=ids).logits, ref)
+        with gateskip.skipping(live["folder@0"], ratio=0.0):
+            assert torch.allclose(live["folder@0"](input_ids=ids).logits, tuned, atol=1e-5)
 
 
 def test_yaml_config_supplies_flags_and_flags_win(tmp_path, capsys):
