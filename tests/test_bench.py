@@ -29,6 +29,8 @@ def test_bench_smoke(tmp_path, capsys):
 def test_bench_needs_gates():
     with pytest.raises(GateSkipError, match="random-gates"):
         bench(model="tiny-llama")
+    with pytest.raises(GateSkipError, match="decode-timing='steps' is not supported"):
+        bench(model="tiny-llama", random_gates=True, decode_timing="steps")
 
 
 def test_decode_phase_figures_exclude_the_prefill():
