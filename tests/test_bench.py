@@ -9,11 +9,12 @@ from gateskip.bench import bench
 
 
 def test_bench_smoke(tmp_path, capsys):
-    out = tmp_path / "b.json"
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
     report = bench(model="tiny-llama", random_gates=True, gate="vector,scalar", ratios="0,0.5", prefill_batch=2,
                    prefill_len=16, decode_batches="1,2", prompt_len=4, new_tokens=3, repeats=1, warmup=0,
-                   threads=1, json=str(out))
+                   threads=1, json=str(out), plot=str(png))
     assert json.loads(out.read_text())["results"] == report["results"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     names = [r["setting"] for r in report["results"]]
     assert names == ["dense", "vector@0", "vector@0.5", "scalar@0", "scalar@0.5"]
     for r in report["results"]:

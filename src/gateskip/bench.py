@@ -50,7 +50,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
           decode_batches: str = "1,8", prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3,
           warmup: int = 1, threads: int = 2, clock: str = "wall", seed: int = 0, json: str | None = None,
           quant: str = "none", speculative: bool = False, draft_ratio: str = "0.25,0.5", k: str = "2,4",
-          verify: str = "gated", prompts: int = 4, decode_timing: str = "interleaved") -> dict:
+          verify: str = "gated", prompts: int = 4, decode_timing: str = "interleaved", plot: str | None = None) -> dict:
     """Measure prefill and decode speed of the dense and the gated model at several skip ratios.
 
     Args:
@@ -86,6 +86,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         prompts: with --speculative: number of instruction prompts (chat template), decoded one by one.
         decode_timing: ``interleaved`` (settings take turns one decode step at a time, each with its own
             cache: drift hits them alike) or ``generate`` (``model.generate``, one setting after another).
+        plot: write a PNG of speed-up against compute saved, per phase, to this file.
     """
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
@@ -157,6 +158,10 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
     print(format_table(results, phases))
     if json:
         Path(json).write_text(jsonlib.dumps(report, indent=2))
+    if plot:
+        from gateskip.bench_plot import plot_speed
+
+        plot_speed(results, plot)
     return report
 
 
