@@ -371,7 +371,7 @@ def _decode_interleaved(live: dict, ctxs: dict, ids, new_tokens: int, now) -> di
                 out = live[n](input_ids=nxt, attention_mask=mask, use_cache=True, logits_to_keep=1, **{arg: cache})
                 nxt = out.logits[:, -1:].argmax(-1)
                 runs[n] = [nxt, output_cache(out), mask, secs + now() - t0, first]
-        return {n: (r[3], _saved(gate_stats(live[n]), r[4]) if ctxs[n] else (0.0, 0.0)) for n, r in runs.items()}
+        return {n: (r[3], _saved(gate_stats(live[n]) if ctxs[n] else None, r[4])) for n, r in runs.items()}
 
 
 class _StepClock:

@@ -71,7 +71,6 @@ class Gate(nn.Module):
         q = lin[1]._parameters
         return F.linear(F.linear(x, p["weight"]), q["weight"], q["bias"]).sigmoid_()
 
-
     def one_token(self, x: torch.Tensor) -> torch.Tensor:
         """Gate values of a single token ``x`` ([1, 1, H]), shaped [H] or [1]: decode at batch 1.
 
