@@ -14,6 +14,7 @@ from gateskip.checkpoint import load_gates, save_gates
 from gateskip.config import GateSkipConfig
 from gateskip.core import add_gates, calibrate, gate_parameters, is_gated, remove_gates, skipping, stats
 from gateskip.errors import GateSkipError
+from gateskip.fallback import fit_fallback
 from gateskip.speculative import speculative_generate
 from gateskip.version import __version__
 
@@ -26,6 +27,7 @@ def load_model(*args, **kwargs):
 
 
 __all__ = [
-    "GateSkipConfig", "GateSkipError", "__version__", "add_gates", "calibrate", "gate_parameters", "importances",
-    "is_gated", "load_gates", "load_model", "remove_gates", "save_gates", "skipping", "speculative_generate", "stats",
+    "GateSkipConfig", "GateSkipError", "__version__", "add_gates", "calibrate", "fit_fallback", "gate_parameters",
+    "importances", "is_gated", "load_gates", "load_model", "remove_gates", "save_gates", "skipping",
+    "speculative_generate", "stats",
 ]

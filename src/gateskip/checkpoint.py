@@ -1,7 +1,8 @@
 """Gates folders: what a trained run leaves behind, and how it is loaded back safely.
 
 A gates folder holds
-- ``gates.safetensors``: gate weights (``gates.<branch>.<param>``), calibration quantiles
+- ``gates.safetensors``: gate weights (``gates.<branch>.<param>``), fitted fallbacks
+  (``fallback.<branch>.<param>``, kind and rank in the config), calibration quantiles
   (``calibration.grid``) and, for LoRA runs, the low-rank backbone deltas (``lora.<module>.A/B``);
 - ``gateskip.json``: the gate config, the base model it was trained on (so ``--model`` can be
   left out), calibration and training facts;
@@ -28,6 +29,7 @@ from gateskip.arch import decoder_layers, text_config
 from gateskip.config import GateSkipConfig
 from gateskip.core import add_gates, gate_modules, gate_state, is_gated, remove_gates
 from gateskip.errors import GateSkipError
+from gateskip.fallback import fallback_modules
 from gateskip.quantize import is_quantized_linear, merge_delta
 from gateskip.version import __version__
 
@@ -93,6 +95,9 @@ def save_gates(model: nn.Module, directory: str | os.PathLike, *, extra_tensors:
     d = Path(directory)
     tensors = {f"gates.{name}.{k}": v.detach().float().cpu().contiguous()
                for name, g in gate_modules(model).items() for k, v in g.state_dict().items()}
+    # float32, or float64 for a float64 model: as the fallback keeps them (fallback.make_fallback)
+    tensors.update({f"fallback.{name}.{k}": v.detach().cpu().contiguous()
+                    for name, fb in fallback_modules(model).items() for k, v in fb.state_dict().items()})
     meta = {"format": FORMAT, "gateskip_version": __version__, "config": st.cfg.to_dict(),
             "base_model": model_identity(model), "backbone": "frozen"}
     if st.calibration is not None:
@@ -190,23 +195,29 @@ def load_gates(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
 
 def _load_gate_tensors(model: nn.Module, tensors: dict, d: Path) -> None:
-    for name, g in gate_modules(model).items():
+    _load_modules(gate_modules(model), "gates", "gate", tensors, d)
+    _load_modules(fallback_modules(model), "fallback", "fallback", tensors, d)
+
+
+def _load_modules(modules: dict[str, nn.Module], prefix: str, what: str, tensors: dict, d: Path) -> None:
+    """Load ``<prefix>.<name>.<param>`` into each module, refusing any missing, extra or misshapen tensor."""
+    for name, g in modules.items():
         sd = {}
         for k, ref in g.state_dict().items():
-            key = f"gates.{name}.{k}"
+            key = f"{prefix}.{name}.{k}"
             if key not in tensors:
                 raise GateSkipError(f"{d / GATES_FILE} lacks {key}: the file does not match its config; re-create it")
             t = tensors[key]
             if t.shape != ref.shape or not t.is_floating_point():
                 raise GateSkipError(f"{d / GATES_FILE}: {key} has shape {tuple(t.shape)} {t.dtype}, expected "
-                                    f"{tuple(ref.shape)} float: gates for another model or config")
+                                    f"{tuple(ref.shape)} float: {what}s for another model or config")
             sd[k] = t
         g.load_state_dict(sd)
-    expected = {f"gates.{n}.{k}" for n, g in gate_modules(model).items() for k in g.state_dict()}
-    extra = {k for k in tensors if k.startswith("gates.")} - expected
+    expected = {f"{prefix}.{n}.{k}" for n, g in modules.items() for k in g.state_dict()}
+    extra = {k for k in tensors if k.startswith(prefix + ".")} - expected
     if extra:
-        raise GateSkipError(f"{d / GATES_FILE} has unexpected gate tensors ({sorted(extra)[:2]}...): "
-                            "gates for another model or config")
+        raise GateSkipError(f"{d / GATES_FILE} has unexpected {what} tensors ({sorted(extra)[:2]}...): "
+                            f"{what}s for another model or config")
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ GATE_KINDS = ("vector", "scalar", "lowrank", "mlp")
 PLACEMENTS = ("after", "before")
 MODULE_KINDS = ("attn", "mlp")
 KV_MODES = ("copy", "compute")
+FALLBACK_KINDS = ("zero", "mean", "lowrank", "linear")
 
 
 @dataclass
@@ -38,6 +39,11 @@ class GateSkipConfig:
         protect_first: the first N tokens of every sequence are never skipped (0: the paper). The
             first token (BOS) is the attention sink of most LLMs: every later token attends to it, so
             skipping it changes every token's attention. Skip ratios then apply to the other tokens.
+        fallback: what a skipped token's branch output becomes (before the gate multiplies it): ``zero``
+            (the paper), or a cheap map of the branch input fitted by ``gateskip.fit_fallback``: ``mean``
+            (a constant vector), ``linear`` (x W + b, H x H) or ``lowrank`` (x A B + b, rank
+            ``fallback_rank``). See fallback.py.
+        fallback_rank: inner size of a ``lowrank`` fallback (at most the hidden size).
     """
 
     gate: str = "vector"
@@ -50,20 +56,32 @@ class GateSkipConfig:
     detach_input: bool = True
     kv: str = "copy"
     protect_first: int = 0
+    fallback: str = "zero"
+    fallback_rank: int = 64
 
     def __post_init__(self) -> None:
         self.modules = tuple(self.modules)
         _choice("gate", self.gate, GATE_KINDS)
         _choice("placement", self.placement, PLACEMENTS)
         _choice("kv", self.kv, KV_MODES)
+        _choice("fallback", self.fallback, FALLBACK_KINDS)
         if not self.modules or any(m not in MODULE_KINDS for m in self.modules):
             raise GateSkipError(f"modules={self.modules!r} is invalid: use a non-empty subset of {MODULE_KINDS}")
         if int(self.rank) != self.rank or self.rank < 1:
             raise GateSkipError(f"rank={self.rank!r} is invalid: use a positive integer")
         if int(self.protect_first) != self.protect_first or self.protect_first < 0:
             raise GateSkipError(f"protect_first={self.protect_first!r} is invalid: use a whole number >= 0")
+        if not _whole(self.fallback_rank) or self.fallback_rank < 1:
+            raise GateSkipError(f"fallback_rank={self.fallback_rank!r} is invalid: use a positive integer")
+        self.fallback_rank = int(self.fallback_rank)
         if self.init_std < 0:
             raise GateSkipError(f"init_std={self.init_std} is invalid: use a value >= 0")
+
+    def check_model(self, hidden: int) -> None:
+        """The checks that need the model: a low-rank fallback cannot have more rank than the hidden size."""
+        if self.fallback == "lowrank" and self.fallback_rank > hidden:
+            raise GateSkipError(f"fallback_rank={self.fallback_rank} is above the hidden size {hidden}: use a rank "
+                                f"<= {hidden}, or fallback='linear' for a full-rank map")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -77,6 +95,10 @@ class GateSkipConfig:
         if unknown:
             raise GateSkipError(f"gate config has unknown keys {sorted(unknown)}: it was written by a newer gateskip")
         return cls(**d)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

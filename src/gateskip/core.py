@@ -18,6 +18,7 @@ from gateskip.budget import check_allocation, global_ratios
 from gateskip.compat import get_cache
 from gateskip.config import GateSkipConfig
 from gateskip.errors import GateSkipError
+from gateskip.fallback import make_fallback
 from gateskip.flops import model_flops
 from gateskip.gates import Gate
 from gateskip.policies import check_policy, check_ratio, threshold_from_grid
@@ -45,9 +46,11 @@ def add_gates(model: nn.Module, cfg: GateSkipConfig | None = None) -> nn.Module:
         raise GateSkipError("this model already has gates: call gateskip.remove_gates(model) first")
     spec = arch_spec(model)
     hidden = text_config(model).hidden_size
+    cfg.check_model(hidden)
     flops = model_flops(model, cfg)
     state = GateState(cfg=cfg, flops=flops)
     device = next(model.parameters()).device
+    dtype = model.get_input_embeddings().weight.dtype
     shared = {kind: Gate(hidden, cfg).to(device) for kind in cfg.modules} if cfg.shared else {}
     for i, layer in enumerate(decoder_layers(model)):
         for kind in cfg.modules:
@@ -57,7 +60,8 @@ def add_gates(model: nn.Module, cfg: GateSkipConfig | None = None) -> nn.Module:
             gate = shared[kind] if cfg.shared else Gate(hidden, cfg).to(device)
             branch = GatedBranch(getattr(layer, attr), gate, kind=kind, layer=i, index=len(state.branches),
                                  post_norm=post, placement=cfg.placement, detach_input=cfg.detach_input,
-                                 window=flops.windows[i] if i < len(flops.windows) else None, state=state)
+                                 window=flops.windows[i] if i < len(flops.windows) else None, state=state,
+                                 fallback=make_fallback(cfg, hidden, dtype, device))
             branch.post_attr = post_attr
             setattr(layer, attr, branch)
             if post_attr:  # the norm now runs inside the branch, before the gate (see arch.py)
@@ -186,8 +190,10 @@ def _global_ratios(st: GateState, ratio, modules: tuple[str, ...], kv: str) -> l
         raise GateSkipError("allocation='global' needs calibrated importances: run gateskip.calibrate(model, batches) "
                             "or load a gates folder that has them")
     f = st.flops
-    # what a skipped token saves: with kv="compute" its K/V are still projected
+    # what a skipped token saves: with kv="compute" its K/V are still projected; its fallback runs instead
     per_token = {"attn": f.attn_qo + (f.attn_kv if kv == "copy" else 0.0), "mlp": f.mlp}
+    if f.fallback:
+        per_token = {k: max(0.0, v - f.fallback) for k, v in per_token.items()}
     weights = [per_token[b.kind] if b.kind in modules else 0.0 for b in st.branches]
     return global_ratios(st.calibration["grid"], weights, r)
 
@@ -207,8 +213,9 @@ def stats(model: nn.Module) -> dict:
     ``tokens_skipped`` is the paper's measure: the fraction of (token, branch) pairs skipped,
     attention and MLP weighted equally. ``compute_saved`` is FLOP-weighted: 1 - FLOPs a physical
     run executes (kept tokens' branches, K/V of skipped tokens in ``kv="compute"`` mode, attention
-    over the context, every gate, the LM head rows computed) / FLOPs of the dense model without
-    gates on the same calls. With vector gates on a small model it can be negative at low ratios.
+    over the context, every gate, the fallback of every skipped token, the LM head rows computed) /
+    FLOPs of the dense model without gates on the same calls. With vector gates on a small model it
+    can be negative at low ratios.
     """
     st = gate_state(model)
     if st.counts is None:
@@ -229,6 +236,8 @@ def stats(model: nn.Module) -> dict:
         else:
             d, e = n * f.mlp, kept * f.mlp
         e += n * f.gate
+        if f.fallback:  # a skipped token runs its fallback instead (fallback.py)
+            e += s * f.fallback
         dense += d
         executed += e
         frac = s / n if n else 0.0

