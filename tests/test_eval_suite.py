@@ -28,14 +28,6 @@ ITEMS = [Item(0, [("The cat sat on the", " mat"), ("The cat sat on the", " big r
          Item(2, [("Two plus two", " is four"), ("Two plus two", " x")], 0, [7.0, 1.0])]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_chance_levels():
     assert ITEMS[0].chance == pytest.approx(1 / 3) and ITEMS[1].chance == 0.5
     task = SuiteTask("t", "mc", "acc", ITEMS)

@@ -212,7 +212,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
 
     from gateskip.eval.suite import load_items, suite_tasks
     from gateskip.eval.suite_report import analyse, write
-    from gateskip.eval.sweep import _calibration_batches, _require_lm_eval, _resolve_model
+    from gateskip.eval.sweep import _calibration_batches, _prepare_run, _require_lm_eval, _resolve_model
     from gateskip.eval.taskconfigs import task_manager
     from gateskip.policies import check_policy
 
@@ -232,14 +232,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
     numeric = [b for b in budgets["gateskip"] if not isinstance(b, str)]
     budgets["random"] = parse_budgets(random_ratios, "random") if random_ratios else numeric
     budgets["shortgpt"] = parse_budgets(shortgpt_layers, "layers")
-    if limit is not None and limit < 0:
-        raise GateSkipError(f"limit={limit} is invalid: give a number of items per task, or 0 for all")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise GateSkipError(f"cannot create output folder {out!r} ({e.strerror}): pass a writable --out") from None
-    if threads:
-        torch.set_num_threads(threads)
+    _prepare_run(limit, out, threads)
     net, tok, model_name = _resolve_model(model, tokenizer, gates)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gateskip-suite-") as tmp:

@@ -130,14 +130,7 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
         from gateskip.budget import check_allocation
 
         check_allocation(allocation)
-    if limit is not None and limit < 0:
-        raise GateSkipError(f"limit={limit} is invalid: give a number of items per task, or 0 for all")
-    try:  # fail now, not after an hour of evaluation
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise GateSkipError(f"cannot create output folder {out!r} ({e.strerror}): pass a writable --out") from None
-    if threads:
-        torch.set_num_threads(threads)
+    _prepare_run(limit, out, threads)
     net, tok, model_name = _resolve_model(model, tokenizer, gates)
     quantize_for_run(net, quant, gates)
     mods = tuple(m.strip() for m in modules.split(",") if m.strip()) if isinstance(modules, str) else tuple(modules)
@@ -342,6 +335,18 @@ def _shortgpt(run: Runner, res, counters, ratios, calib) -> list[dict]:
 
 
 # ---- inputs ------------------------------------------------------------------------------------
+
+def _prepare_run(limit, out: str, threads: int) -> None:
+    """Checks made before the model loads (fail now, not after an hour of evaluation), and the threads."""
+    if limit is not None and limit < 0:
+        raise GateSkipError(f"limit={limit} is invalid: give a number of items per task, or 0 for all")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise GateSkipError(f"cannot create output folder {out!r} ({e.strerror}): pass a writable --out") from None
+    if threads:
+        torch.set_num_threads(threads)
+
 
 def _require_lm_eval() -> None:
     try:
