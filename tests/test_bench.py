@@ -133,3 +133,17 @@ def test_interleaved_decode_does_what_generate_does():
         assert got["scalar@0.5"][1][1] > 0.2  # it did skip
     with torch.no_grad():
         assert torch.equal(m(input_ids=ids).logits, dense_before)
+
+
+def test_bench_with_a_fallback_charges_it():
+    """A lowrank fallback runs on the skipped tokens: the same skipping saves less compute than with zero."""
+    kw = dict(model="tiny-llama", random_gates=True, gate="scalar", ratios="0.5", prefill_batch=2, prefill_len=16,
+              decode_batches="1", prompt_len=4, new_tokens=3, repeats=1, warmup=0, threads=1)
+    zero = bench(**kw)["results"][1]["prefill"]
+    low = bench(**kw, fallback="lowrank", fallback_rank=8)["results"][1]["prefill"]
+    assert low["tokens_skipped"] == pytest.approx(zero["tokens_skipped"])
+    assert low["compute_saved"] < zero["compute_saved"]
+    with pytest.raises(GateSkipError, match="fallback='half' is not supported"):
+        bench(**kw, fallback="half")
+    with pytest.raises(GateSkipError, match="brings its own fallback"):
+        bench(model="tiny-llama", gates="x", fallback="mean")

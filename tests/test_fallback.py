@@ -340,3 +340,14 @@ def test_sync_free_physical_fallback_reads_nothing_back():
     with torch.no_grad(), gateskip.skipping(m, path="masked", ratio=0.5, policy="quantile"):
         ref = _logits(m, ids, mask)
     assert n <= base + 1 and (out - ref)[mask.bool()].abs().max() < TOL
+
+
+def test_fit_only_the_named_branches():
+    m = gateskip.add_gates(tiny_model("llama"), _cfg("linear"))
+    info = gateskip.fit_fallback(m, _data(), branches=["layers.1.mlp"])
+    assert list(info["r2"]) == ["layers.1.mlp"]
+    for name, fb in fallback_modules(m).items():
+        fitted = any(bool(p.abs().sum() > 0) for p in fb.parameters())
+        assert fitted == (name == "layers.1.mlp")
+    with pytest.raises(GateSkipError, match="no gated branch named 'layers.9.mlp'"):
+        gateskip.fit_fallback(m, _data(), branches=["layers.9.mlp"])

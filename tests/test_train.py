@@ -258,3 +258,44 @@ def test_train_straight_through_flag_reaches_the_training_forward(tmp_path, monk
                  "--batch-size", "2", "--calibrate-batches", "1", "--straight-through", "--out", str(out)]) == 0
     assert seen and all(seen)
     assert json.loads((out / "gateskip.json").read_text())["training"]["straight_through"] is True
+
+
+def test_fallback_trains_end_to_end_under_a_per_branch_budget(tmp_path):
+    from gateskip.fallback import fallback_modules
+
+    m = gateskip.add_gates(tiny_model("llama"), gateskip.GateSkipConfig(init_bias=2.0, fallback="linear"))
+    gateskip.fit_fallback(m, [next(_stream(seed=2))])
+    before = {k: [p.clone() for p in fb.parameters()] for k, fb in fallback_modules(m).items()}
+    budget = {"layers.1.mlp": 1.0, "layers.0.attn": 0.5}
+    fit(m, _stream(), steps=4, lr=1e-2, objective="distill", lam=0.0, warmup=1, ramp_steps=2, budget=budget,
+        train_fallback=True, fallback_lr=1e-2, out=tmp_path / "a")
+    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["ratio"] == pytest.approx(1.0)  # the ramp reaches the budget itself
+    # a branch skips only where the budget says: its fallback gets gradient, the never-skipped ones do not
+    changed = {k for k, fb in fallback_modules(m).items()
+               if any(not torch.equal(a, b) for a, b in zip(fb.parameters(), before[k]))}
+    assert changed == set(budget)
+
+
+def test_train_from_a_fit_folder_with_a_budget_file(tmp_path):
+    from gateskip.commands.fit import fit as fit_command
+    from gateskip.train import read_budget, train
+
+    d, data = tiny_folder(tmp_path)
+    fit_command(model=str(d), out=str(tmp_path / "f"), fallback="lowrank", fallback_rank=8, batches=2, seq_len=32,
+                batch_size=2, compare="", data=str(data))
+    budget = tmp_path / "b.json"
+    budget.write_text(json.dumps({"layers.1.mlp": 0.5}))
+    out = train(model=str(d), out=str(tmp_path / "t"), data=str(data), steps=2, seq_len=32, batch_size=2,
+                init=str(tmp_path / "f"), budget=str(budget), train_fallback=True, calibrate_batches=1, warmup=1)
+    meta = json.loads((out / "gateskip.json").read_text())
+    assert meta["config"]["fallback"] == "lowrank" and meta["config"]["fallback_rank"] == 8
+    assert meta["training"]["calibration"]["ratio"] == {"layers.1.mlp": 0.5}
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(GateSkipError, match="not valid JSON"):
+        read_budget(str(tmp_path / "bad.json"))
+    with pytest.raises(GateSkipError, match="does not exist"):
+        read_budget(str(tmp_path / "missing.json"))
+    with pytest.raises(GateSkipError, match="skip ratio for layers.1.mlp"):
+        (tmp_path / "big.json").write_text(json.dumps({"layers.1.mlp": 2}))
+        read_budget(str(tmp_path / "big.json"))

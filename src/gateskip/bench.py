@@ -50,7 +50,8 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
           decode_batches: str = "1,8", prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3,
           warmup: int = 1, threads: int = 2, clock: str = "wall", seed: int = 0, json: str | None = None,
           quant: str = "none", speculative: bool = False, draft_ratio: str = "0.25,0.5", k: str = "2,4",
-          verify: str = "gated", prompts: int = 4, decode_timing: str = "interleaved", plot: str | None = None) -> dict:
+          verify: str = "gated", prompts: int = 4, decode_timing: str = "interleaved", plot: str | None = None,
+          fallback: str = "zero", fallback_rank: int = 64) -> dict:
     """Measure prefill and decode speed of the dense and the gated model at several skip ratios.
 
     Args:
@@ -87,6 +88,10 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         decode_timing: ``interleaved`` (settings take turns one decode step at a time, each with its own
             cache: drift hits them alike) or ``generate`` (``model.generate``, one setting after another).
         plot: write a PNG of speed-up against compute saved, per phase, to this file.
+        fallback: with --random-gates: what skipped tokens get, zero (paper) or a mean, lowrank or linear
+            fallback (unfitted: the same operations as a fitted one, so the same speed); a gates folder
+            brings its own.
+        fallback_rank: inner size of a lowrank fallback.
     """
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
@@ -104,6 +109,12 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         raise GateSkipError(f"clock={clock!r} is not supported: choose wall or cpu")
     if decode_timing not in DECODE_TIMINGS:
         raise GateSkipError(f"decode-timing={decode_timing!r} is not supported: choose interleaved or generate")
+    from gateskip.config import FALLBACK_KINDS
+
+    if fallback not in FALLBACK_KINDS:
+        raise GateSkipError(f"fallback={fallback!r} is not supported: choose one of {', '.join(FALLBACK_KINDS)}")
+    if fallback != "zero" and gates is not None:
+        raise GateSkipError("--fallback applies to --random-gates: a gates folder brings its own fallback")
     torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()
     m, tok = _load(model)
@@ -117,7 +128,8 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
     rand_ids = lambda b, t: torch.randint(min(10, vocab - 1), vocab, (b, t), generator=gen)  # noqa: E731
     prefill_ids = rand_ids(prefill_batch, prefill_len)
     prompts = {b: rand_ids(b, prompt_len) for b in batch_list}
-    variants = _variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy, ratio_list)
+    variants = _variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy, ratio_list,
+                         fallback=(fallback, fallback_rank))
     settings = [("dense", None, 0.0)] + [(f"{k}@{r:g}", k, r) for k in variants for r in ratio_list]
     live = _live_models(m, variants, settings)
     ctxs = {name: {} if kind is None else dict(ratio=ratio, policy=policy, kv=kv, path=path)
@@ -212,7 +224,7 @@ def _load(name: str):
     return load_model(name)
 
 
-def _variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy, ratios=(0.25,)) -> dict:
+def _variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy, ratios=(0.25,), fallback=("zero", 64)) -> dict:
     """Per gate kind: how to install it (a folder to load, or random gate weights + calibration).
 
     Thresholds are calibrated at each measured ratio (``calibration``: {ratio: calibration}). One
@@ -228,14 +240,16 @@ def _variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy, ratios=(
         load_gates(m, gates)
         kind = gate_state(m).cfg.gate
         own = gate_state(m).calibration
-        variant = {"dir": gates, "calibration": {own["ratio"]: own} if own is not None else {}}
+        # keyed by calibration ratio; a per-branch calibration (a dict) is the folder's only one anyway
+        key = None if own is None else own["ratio"] if not isinstance(own["ratio"], dict) else 0.0
+        variant = {"dir": gates, "calibration": {key: own} if own is not None else {}}
         if own is None and policy == "threshold":  # calibrate on random tokens
             variant["calibration"] = _calibrations(m, rand_ids, calib_len, points)
         remove_gates(m)
         return {kind: variant}
     out = {}
     for k in kinds:
-        cfg = GateSkipConfig(gate=k, rank=rank)
+        cfg = GateSkipConfig(gate=k, rank=rank, fallback=fallback[0], fallback_rank=fallback[1])
         add_gates(m, cfg)
         _randomise(m, seed)
         out[k] = {"cfg": cfg, "weights": {n: {p: t.clone() for p, t in g.state_dict().items()}

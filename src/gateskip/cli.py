@@ -25,6 +25,7 @@ def _commands() -> dict[str, Callable]:
     from gateskip.analysis import inspect
     from gateskip.baselines.mod import train_mod
     from gateskip.bench import bench
+    from gateskip.commands.fit import fit
     from gateskip.demo import demo
     from gateskip.eval import evaluate
     from gateskip.generate import generate
@@ -33,7 +34,8 @@ def _commands() -> dict[str, Callable]:
     from gateskip.train import train
 
     return {"train": train, "generate": generate, "demo": demo, "eval": evaluate, "bench": bench, "inspect": inspect,
-            "reproduce": reproduce, "train-mod": train_mod, "quantize": quantize_command}
+            "reproduce": reproduce, "train-mod": train_mod, "quantize": quantize_command,
+            "fit": fit}
 
 
 def _doc_args(fn: Callable) -> tuple[str, dict[str, str]]:

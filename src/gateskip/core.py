@@ -119,7 +119,9 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     Args:
         ratio: fraction of tokens each branch skips; a float for all branches, or a mapping from
             ``"attn"`` / ``"mlp"`` / a branch name (``"layers.3.mlp"``) to a ratio (most specific wins).
-        policy: ``quantile`` (paper), ``threshold`` (needs ``calibrate``), or ``random``.
+        policy: ``quantile`` (paper), ``threshold`` (needs ``calibrate``), ``random``, or ``oracle``: a
+            ceiling for measuring gates, not a method (it computes every branch, then skips, per batch
+            like quantile, the tokens whose output differs least from their fallback; kv="compute").
         modules: branch kinds that skip; the others are gated but never skipped.
         kv: ``copy`` / ``compute`` for skipped attention tokens; default: the gate config's.
         seed: seed of the ``random`` policy.
@@ -152,6 +154,13 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     if path not in ("auto", "physical", "masked"):
         raise GateSkipError(f"path={path!r} is not supported: choose auto, physical or masked")
     check_allocation(allocation)
+    if policy == "oracle":
+        if kv != "compute":
+            raise GateSkipError("policy 'oracle' computes every branch to rank its tokens, so skipped tokens keep "
+                                "their own K/V: pass kv='compute'")
+        if st.cfg.placement != "after":
+            raise GateSkipError("policy 'oracle' needs gates placed after the branch (placement='after')")
+        path = "masked"
     protect = st.cfg.protect_first if protect_first is None else protect_first
     if int(protect) != protect or protect < 0:
         raise GateSkipError(f"protect_first={protect_first!r} is invalid: use a whole number >= 0")
@@ -274,22 +283,26 @@ def _path_summary(calls: dict) -> str:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable, ratio: float = 0.3, policy: str = "quantile",
+def calibrate(model: nn.Module, batches: Iterable, ratio: float | Mapping[str, float] = 0.3, policy: str = "quantile",
               modules: Iterable[str] = ("attn", "mlp"), max_tokens_per_branch: int = 2_000_000) -> dict:
     """Fit per-branch importance quantiles so that ``policy="threshold"`` skips ``ratio`` on average.
 
-    The sample runs under ``policy`` (quantile by default) at ``ratio``, so that each branch sees
+    The sample runs under ``policy`` (quantile by default) at ``ratio`` (a float, or per-branch ratios as
+    ``skipping`` takes them, e.g. an allocation from ``gateskip.allocate``), so that each branch sees
     the hidden states it will see when skipping upstream is active. We keep 1001 importance
     quantiles per branch: any ratio can be served later (best near the calibration ratio).
     ``batches``: ``input_ids`` tensors or tokenizer outputs (dicts with ``input_ids`` and
     optionally ``attention_mask``). Returns a summary dict.
     """
     st = gate_state(model)
-    check_ratio(ratio)
+    if isinstance(ratio, Mapping):  # per-branch budgets (e.g. from gateskip.allocate): calibrate under them
+        ratio = {str(k): check_ratio(v, f"skip ratio for {k}") for k, v in ratio.items()}
+    else:
+        ratio = check_ratio(ratio)
     grid, tokens, n_batches = record_quantiles(model, batches, ratio, policy, modules, CALIBRATION_POINTS,
                                                max_tokens_per_branch, who="calibrate")
-    st.calibration = {"grid": grid, "ratio": float(ratio), "tokens": tokens}
-    return {"ratio": float(ratio), "tokens": tokens, "batches": n_batches}
+    st.calibration = {"grid": grid, "ratio": ratio, "tokens": tokens}
+    return {"ratio": ratio, "tokens": tokens, "batches": n_batches}
 
 
 @torch.no_grad()

@@ -132,12 +132,13 @@ def fallback_parameters(model: nn.Module) -> list[nn.Parameter]:
 class Moments:
     """Streaming float64 sums of one branch's (x, y) pairs: enough for a ridge fit with intercept."""
 
-    def __init__(self, hidden: int, full: bool, device):
+    def __init__(self, hidden: int, full: bool, device, out: int | None = None):
         dev = torch.device("cpu") if torch.device(device).type == "mps" else device  # mps has no float64
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=dev)  # noqa: E731
+        out = hidden if out is None else out  # width of y (gatefit.py regresses one value per token)
         self.n, self.yy = 0, z(())
-        self.sx, self.sy = z(hidden), z(hidden)
-        self.xx, self.xy = (z(hidden, hidden), z(hidden, hidden)) if full else (None, None)
+        self.sx, self.sy = z(hidden), z(out)
+        self.xx, self.xy = (z(hidden, hidden), z(hidden, out)) if full else (None, None)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """``x``, ``y``: [N, H] (real tokens only)."""
@@ -183,7 +184,8 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, rank: int | None = None,
-                 ridge: float = 1e-3, under_plan: Mapping | None = None) -> dict:
+                 ridge: float = 1e-3, under_plan: Mapping | None = None, exclude_first: int | None = None,
+                 branches: Iterable[str] | None = None) -> dict:
     """Fit every branch's fallback in closed form on calibration ``batches``; returns a summary.
 
     Args:
@@ -195,7 +197,13 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
             Without it every branch is fitted in one pass of the dense model. With it, branches are
             fitted one at a time in execution order, each under that plan with every earlier branch's
             fallback installed, so each fits the inputs it sees at inference (masked path: the module
-            runs on every token; a pass stops once its branch has been seen).
+            runs on every token; a pass stops once its branch has been seen; K/V computed for every token, so
+            an attention branch's target is its own output, not one altered by copied K/V).
+        exclude_first: leave the first N tokens of each sequence out of the fit; default: the gate config's
+            ``protect_first`` (tokens that never skip need no fallback, and BOS, the attention sink, is an
+            outlier that would pull a least-squares fit).
+        branches: names (``layers.3.mlp``) of the branches to fit; default: all. The others keep their
+            fallback as it is (e.g. branches a plan never skips need none).
 
     Returns ``{"kind", "rank", "tokens", "batches", "passes", "r2"}``; ``r2``: per branch, the fraction
     of its (centered) output variance the fallback explains on the calibration data.
@@ -233,12 +241,23 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
     model.eval()
     r2, tokens, passes = {}, 0, 0
     try:
+        chosen = st.branches
+        if branches is not None:
+            names = set(branches)
+            unknown = names - {b.name for b in st.branches}
+            if unknown:
+                raise GateSkipError(f"fit_fallback: no gated branch named {sorted(unknown)[0]!r}: use names like "
+                                    f"{st.branches[0].name!r}")
+            chosen = [b for b in st.branches if b.name in names]
         if under_plan is None:
-            groups, plan = [st.branches], None
+            groups, plan = [chosen], None
         else:
-            groups, plan = [[b] for b in st.branches], {**under_plan, "path": "masked"}
+            # kv="compute": under "copy" a skipped token's attention runs on the K/V of the layer below, and that
+            # altered output is not the branch the fallback stands in for
+            groups, plan = [[b] for b in chosen], {**under_plan, "path": "masked", "kv": "compute"}
         for group in groups:
-            moments = _collect(model, st, inputs, group, hidden, cfg.fallback != "mean", plan, skipping)
+            moments = _collect(model, st, inputs, group, hidden, cfg.fallback != "mean", plan, skipping,
+                               first=st.cfg.protect_first if exclude_first is None else int(exclude_first))
             passes += 1
             for b in group:
                 m = moments[b.index]
@@ -264,9 +283,14 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
 
 
 def _collect(model, st, inputs: list[dict], branches: list, hidden: int, full: bool, plan: dict | None,
-             skipping) -> dict[int, Moments]:
-    """One pass over ``inputs``: Moments of each branch's module input and (post-normed) output."""
-    moments = {b.index: Moments(hidden, full, next(model.parameters()).device) for b in branches}
+             skipping, add=None, first: int = 0) -> dict[int, Moments]:
+    """One pass over ``inputs``: Moments of each branch's module input and (post-normed) output.
+
+    ``add(branch, moments, x, y)``, if given, accumulates instead of ``moments.add(x, y)`` (``x``, ``y``: the
+    branch's real tokens, [N, H]); gatefit.py uses it to regress one value per token. ``first``: leave out the
+    first N tokens of each sequence (those ``protect_first`` never skips)."""
+    moments = {b.index: Moments(hidden, full, next(model.parameters()).device, None if add is None else 1)
+               for b in branches}
     seen: dict[int, torch.Tensor] = {}
     stop = plan is not None  # one branch per pass: stop the forward once it has been seen
     handles = []
@@ -281,7 +305,12 @@ def _collect(model, st, inputs: list[dict], branches: list, hidden: int, full: b
             x = seen.pop(b.index)
             y = out[0] if isinstance(out, tuple) else out
             valid = st.valid_for(x)
-            moments[b.index].add(x[valid], y[valid])
+            if first and st.ctx is not None and st.ctx.shape == valid.shape:
+                valid = valid & (st.ctx.to(valid.device) > first)
+            if add is None:
+                moments[b.index].add(x[valid], y[valid])
+            else:
+                add(b, moments[b.index], x[valid], y[valid])
             if stop:
                 raise _Stop
         return hook

@@ -19,7 +19,9 @@ import torch
 
 from gateskip.errors import GateSkipError
 
-POLICIES = ("quantile", "threshold", "random")
+POLICIES = ("quantile", "threshold", "random", "oracle")
+# "oracle" is a reference, not a method: it computes the branch and skips, like quantile, the tokens whose
+# branch output differs least from what they get when skipped (0 or the fallback). See wrap.GatedBranch.
 
 
 def quantile_skip(imp: torch.Tensor, valid: torch.Tensor, ratio: float, n_valid: int | None = None

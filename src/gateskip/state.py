@@ -64,7 +64,7 @@ class Plan:
         r = self.ratios[index]
         if r <= 0.0:
             return None, 0
-        if self.policy == "quantile":
+        if self.policy in ("quantile", "oracle"):  # the oracle ranks its own scores (wrap.py) like quantile
             if n_valid is not None:
                 k = quantile_count(n_valid, r)
                 return (None, 0) if k == 0 else (quantile_skip(imp, valid, r, n_valid), k)
@@ -170,8 +170,11 @@ class GateState:
             v = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return v
 
-    def on_gate(self, branch, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
-        """Decide which tokens of this call skip ``branch``; log for training/calibration/stats."""
+    def on_gate(self, branch, x: torch.Tensor, g: torch.Tensor, imp: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
+        """Decide which tokens of this call skip ``branch``; log for training/calibration/stats.
+
+        ``imp``: per-token scores to rank by instead of the gate's importance (the oracle policy's)."""
         valid = self.valid_for(x)
         if self.collect:
             self.gate_log.append((g, valid))
@@ -180,7 +183,7 @@ class GateState:
             if self.plan is not None:
                 self._queue(branch, None, valid)
             return None
-        imp = importance(g.detach())
+        imp = importance(g.detach()) if imp is None else imp
         if self.record is not None:
             self.record[branch.index].append(imp[valid].float().cpu())
         if self.plan is None:
@@ -189,7 +192,7 @@ class GateState:
         # the number of eligible tokens, read once per call, not per branch: the quantile count needs
         # it, and when every token is eligible the other policies can leave the mask out
         n = self._count_eligible(elig)
-        if self.plan.policy == "quantile":
+        if self.plan.policy in ("quantile", "oracle"):
             skip, k = self.plan.decide(branch.index, imp, elig, n)
         else:
             skip, k = self.plan.decide(branch.index, imp, None if n == elig.numel() else elig)

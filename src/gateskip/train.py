@@ -34,6 +34,7 @@ from gateskip.core import (
     skipping,
 )
 from gateskip.errors import GateSkipError
+from gateskip.fallback import fallback_parameters
 from gateskip.losses import distillation_kl, next_token_ce, sparsity
 from gateskip.policies import check_ratio
 
@@ -64,7 +65,9 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           calibrate_ratio: float = 0.3, calibrate_batches: int = 8, save_every: int = 50, seed: int = 0,
           dtype: str = "float32", resume: bool = True, limit_texts: int | None = None, fsdp: bool = False,
           keep_checkpoints: int = 2, device: str = "auto", protect_first: int = 0, quant: str = "none",
-          straight_through: bool = False) -> Path:
+          straight_through: bool = False, init: str | None = None, budget: str | None = None,
+          fallback: str = "zero", fallback_rank: int = 64, fallback_batches: int = 12, train_fallback: bool = False,
+          fallback_lr: float = 1e-4) -> Path:
     """Train gates on offline text and write a gates folder.
 
     Args:
@@ -113,6 +116,17 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             weights plus gate training state do not fit one GPU; see docs/distributed.md).
         keep_checkpoints: newest checkpoints kept on disk (>= 2 keeps a fallback if the latest is damaged).
         device: auto (a GPU when there is one), cpu, cuda or cuda:N; under torchrun each process uses its LOCAL_RANK GPU.
+        init: start from this gates folder (e.g. from ``gateskip fit``: fitted fallbacks and gates) instead of new
+            gates; its config is kept and the gate flags above are ignored.
+        budget: JSON file of per-branch skip ratios (e.g. ``alloc_0.25.json`` from ``gateskip fit --allocate``):
+            training skips those ratios, ramped from 0 over ``ramp_steps`` (``max_ratio`` is then unused), and
+            thresholds are calibrated under them.
+        fallback: what a skipped token gets for new gates (or to replace --init's): zero (paper), mean, lowrank or
+            linear, fitted in closed form (gateskip.fit_fallback) on the training text before training.
+        fallback_rank: inner size of a lowrank fallback.
+        fallback_batches: batches of batch_size x seq_len training tokens the fallback is fitted on.
+        train_fallback: train the fallbacks end to end with the gates (learning rate ``fallback_lr``).
+        fallback_lr: learning rate of the fallbacks.
     """
     from gateskip.data import load_texts, pack
     from gateskip.models import load_model
@@ -137,8 +151,12 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
                             "without --fsdp (LoRA / full fine-tuning of rounded weights is not supported)")
     skip_modules = tuple(m.strip() for m in modules.split(",") if m.strip())
     ramp_steps = ramp_steps if ramp_steps is not None else max(1, int(0.8 * steps))
+    if init is not None and fsdp:
+        raise GateSkipError("--init with --fsdp is not supported: start from new gates, or train without --fsdp")
+    budget_ratios = read_budget(budget) if budget else None
     gate_cfg = GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv,
-                              placement=placement, shared=shared, protect_first=protect_first)
+                              placement=placement, shared=shared, protect_first=protect_first,
+                              fallback=fallback, fallback_rank=fallback_rank)
     out_dir = Path(out)
     d = gdist.init_from_env()
     if fsdp and not d.enabled:
@@ -150,8 +168,22 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         dev = d.device if d.enabled else _device(device)
         net, tok = load_model(model, dtype=dtype)
         quantize_for_run(net, quant)  # no-op for none; gates stay float32 either way
-        add_gates(net, gate_cfg)
+        if init is not None:
+            from gateskip.checkpoint import load_gates
+
+            load_gates(net, init)
+        else:
+            add_gates(net, gate_cfg)
         net.to(dev)
+        st = gate_state(net)
+        if fallback != "zero" and (init is None or (st.cfg.fallback, st.cfg.fallback_rank) != (fallback, fallback_rank)):
+            from gateskip.data import fixed_batches
+            from gateskip.fallback import fit_fallback
+
+            fb = fit_fallback(net, fixed_batches(tok, load_texts(data, split="train", limit=limit_texts), seq_len,
+                                                 batch_size, fallback_batches), kind=fallback, rank=fallback_rank)
+            if d.is_main:
+                print(f"[gateskip train] fitted {fallback} fallbacks on {fb['tokens']} tokens", flush=True)
         # Every rank reads the same global batches (world x batch_size rows) and keeps its own slice.
         stream = pack(tok, load_texts(data, split="train", limit=limit_texts), seq_len=seq_len,
                       batch_size=batch_size * d.world, seed=seed)
@@ -160,7 +192,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
                          sparsity_kind=sparsity_kind, lam=lam, kl_target=kl_target, max_ratio=max_ratio,
                          ramp_steps=ramp_steps, modules=skip_modules, warmup=warmup, save_every=save_every,
                          resume=resume, dist=d, keep_checkpoints=keep_checkpoints, fsdp=fsdp,
-                         straight_through=straight_through)
+                         straight_through=straight_through, budget=budget_ratios, train_fallback=train_fallback,
+                         fallback_lr=fallback_lr)
         if fsdp:  # gather the sharded weights (a collective); rank 0 calibrates an unsharded copy
             full = gdist.full_state(net)
             if d.is_main:
@@ -172,12 +205,14 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         if not d.is_main:  # rank 0 alone calibrates and writes the gates folder
             gdist.barrier(d)
             return out_dir
-        _finish(net, tok, peft_model, out_dir, data=data, backbone=backbone, calibrate_ratio=calibrate_ratio,
+        _finish(net, tok, peft_model, out_dir, data=data, backbone=backbone,
+                calibrate_ratio=budget_ratios if budget_ratios else calibrate_ratio,
                 calibrate_batches=calibrate_batches, seq_len=seq_len, batch_size=batch_size,
                 meta_training={"quant": quant, "data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
                                "world_size": d.world, "grad_accum": grad_accum, "lr": lr, "objective": objective,
                                "sparsity": sparsity_kind, "lam": lam, "max_ratio": max_ratio,
-                               "ramp_steps": ramp_steps, "seed": seed, "straight_through": straight_through})
+                               "ramp_steps": ramp_steps, "seed": seed, "straight_through": straight_through,
+                               "init": init, "budget": budget, "train_fallback": train_fallback})
         gdist.barrier(d)
         return out_dir
     finally:
@@ -217,7 +252,8 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
         sparsity_kind: str = "l2", lam: float = 0.1, kl_target: float = 0.5, max_ratio: float = 0.2,
         ramp_steps: int | None = None, modules: tuple[str, ...] = ("attn", "mlp"), warmup: int = 20,
         save_every: int = 50, resume: bool = True, dist: gdist.Dist | None = None, keep_checkpoints: int = 2,
-        fsdp: bool = False, straight_through: bool = False):
+        fsdp: bool = False, straight_through: bool = False, budget: dict | None = None,
+        train_fallback: bool = False, fallback_lr: float = 1e-4):
     """The training loop on a gated model and an iterator of ``input_ids`` batches.
 
     Returns the model with LoRA layers still attached (or None): ``train`` merges them. Writes
@@ -225,7 +261,8 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
     torchrun processes) each batch from ``stream`` is the global batch: every rank trains on its
     slice, gradients are averaged by DDP, logs are averaged over ranks, and only rank 0 writes.
     ``fsdp`` shards the model with FSDP2 instead of replicating it (see docs/distributed.md).
-    ``straight_through``: see ``train``.
+    ``straight_through``: see ``train``. ``budget``: per-branch ratios reached at the end of the ramp
+    (instead of ``max_ratio`` for every branch). ``train_fallback``: the fallbacks train too (``fallback_lr``).
     """
     d = dist or gdist.SINGLE
     if backbone not in BACKBONES:
@@ -253,12 +290,21 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
             p.requires_grad_(True)
     for p in gate_parameters(net):
         p.requires_grad_(True)
+    fallbacks = fallback_parameters(net) if train_fallback else []
+    if train_fallback and not fallbacks:
+        raise GateSkipError("--train-fallback needs fallbacks: pass --fallback mean, lowrank or linear")
+    for p in fallbacks:
+        p.requires_grad_(True)
     if fsdp:  # shard before the optimizer is built, so that it holds (and shards) the DTensor parameters
         gdist.shard_model(net)
     gates = gate_parameters(net)
-    gate_ids = {id(p) for p in gates}
+    fb_ids = {id(p) for p in fallbacks}
+    gate_ids = {id(p) for p in gates} | fb_ids
     other = [p for p in net.parameters() if p.requires_grad and id(p) not in gate_ids]
     groups = [{"params": gates, "lr": lr, "base_lr": lr}]
+    if fallbacks:
+        groups.append({"params": [p for p in net.parameters() if id(p) in fb_ids], "lr": fallback_lr,
+                       "base_lr": fallback_lr})
     if other:
         groups.append({"params": other, "lr": backbone_lr, "base_lr": backbone_lr})
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.001)
@@ -283,7 +329,8 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train gates", dynamic_ncols=True,
                disable=not d.is_main)
     for step in bar:
-        ratio = ramp_ratio(step, ramp_steps, max_ratio)
+        ratio = ramp_ratio(step, ramp_steps, 1.0 if budget else max_ratio)
+        plan_ratio = {k: v * ratio for k, v in budget.items()} if budget else ratio
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, warmup, group["base_lr"])
         t0 = time.time()
@@ -301,7 +348,7 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
                             teacher_logits = net(input_ids=ids, use_cache=False).logits
             st.collect = True
             try:
-                with skipping(net, ratio=ratio, policy="quantile", modules=skip_modules,
+                with skipping(net, ratio=plan_ratio, policy="quantile", modules=skip_modules,
                               straight_through=straight_through):
                     logits = model(input_ids=ids, use_cache=False).logits
                     gate_log = st.gate_log
@@ -360,6 +407,22 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
             last_good = step + 1
     net.eval()
     return peft_model
+
+
+def read_budget(path: str) -> dict[str, float]:
+    """Per-branch skip ratios from a JSON file ({"layers.3.mlp": 0.5, ...}), checked."""
+    from gateskip.policies import check_ratio
+
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise GateSkipError(f"budget file {path!r} does not exist: pass a JSON file of per-branch ratios") from None
+    except json.JSONDecodeError as e:
+        raise GateSkipError(f"budget file {path!r} is not valid JSON ({e.msg}): pass per-branch ratios") from None
+    if not isinstance(raw, dict) or not raw:
+        raise GateSkipError(f"budget file {path!r} must hold a non-empty object of branch name -> ratio")
+    return {str(k): check_ratio(v, f"skip ratio for {k}") for k, v in raw.items()}
 
 
 def _check_fsdp(net, d: gdist.Dist, backbone: str, objective: str) -> None:

@@ -72,10 +72,12 @@ class GatedBranch(nn.Module):
         g = self._fast_gate(x.detach() if self.detach_input and x.requires_grad else x)
         if g.dtype != x.dtype:
             g = g.to(x.dtype)
+        plan = st.plan
+        if plan is not None and plan.policy == "oracle" and plan.ratios[self.index] > 0.0:
+            return self._oracle_call(x, g, args, kwargs)
         skip = st.on_gate(self, x, g)
         if self.placement == "before":
             x = x * g
-        plan = st.plan
         if skip is None:
             st.count_path("dense")
         elif self._physical(plan, x) and not (args and self.kind == "attn"):  # attention args come as keywords
@@ -116,6 +118,24 @@ class GatedBranch(nn.Module):
         else:
             st.count_path("masked")
         return self._gated_call(x, g, skip, args, kwargs)
+
+    def _oracle_call(self, x, g, args, kwargs):
+        """``policy="oracle"``, a ceiling to measure learned gates against, not a method: the branch runs on
+        every token, and the tokens skipped are those whose gated output moves least when replaced by what
+        a skipped token gets (0 or ``g * fallback(x)``), ranked like the quantile policy. Masked path,
+        skipped tokens keep their own K/V (``skipping`` asks for kv="compute" and gates after the branch)."""
+        st = self.state
+        out = self._run(x, args, kwargs)
+        o = out[0] if isinstance(out, tuple) else out
+        fb = self._fast_fallback
+        alt = None if fb is None else fb(x)
+        diff = (o if alt is None else o - alt) * g
+        skip = st.on_gate(self, x, g, imp=diff.detach().float().norm(dim=-1))
+        st.count_path("masked")
+        o = o * g
+        if skip is not None:
+            o = o.masked_fill(skip.unsqueeze(-1), 0.0) if alt is None else torch.where(skip.unsqueeze(-1), alt * g, o)
+        return (o, *out[1:]) if isinstance(out, tuple) else o
 
     def _gated_call(self, x, g, skip, args, kwargs):
         """The masked path: the branch on every token, times the gate (``g``, None if applied before), 0 where

@@ -95,3 +95,21 @@ def measure(net, ref: Reference, pad_id: int) -> dict[str, float]:
     ce = -logp.gather(-1, ref.continuation[..., None]).squeeze(-1)
     gen = greedy(net, ref.prompts, ref.continuation.shape[1], pad_id)
     return {"kl": float(kl.mean()), "ce": float(ce.mean()), **{f"agree_{k}": v for k, v in agreement(ref.continuation, gen).items()}}
+
+
+@torch.no_grad()
+def language_ce(model, batches) -> float:
+    """Mean next-token cross-entropy (nats per token) of ``model`` on ``batches`` of ``input_ids``, token-weighted.
+
+    Run it inside ``gateskip.skipping`` to measure a setting on held-out text (the fast local
+    reference that commands such as ``gateskip fit`` report between random and oracle choice)."""
+    total, count = 0.0, 0
+    for ids in batches:
+        ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        target = ids[:, 1:].to(logits.device)
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+        count += target.numel()
+    if count == 0:
+        raise GateSkipError("language_ce got no tokens: pass batches of input_ids with at least 2 tokens per row")
+    return total / count

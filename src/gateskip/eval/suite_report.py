@@ -4,22 +4,47 @@ and a curve of retention against compute saved with each method's 95% band.
 Retention is above-chance retention, (acc - chance) / (dense - chance), per task and as the suite
 mean: 100% keeps all of the dense model's advantage over guessing, 0% is chance. Intervals are
 paired bootstraps over items (paired.py): every row scored the same items in the same order.
+
+Rows of other suite runs on the same items can be merged in (``merge``, ``--compare-with``): they are
+paired with this run's rows through the items, which the dense rows prove identical.
+
+``python -m gateskip.eval.suite_report DIR [--compare-with A/results.json,B/results.json]
+[--reference METHOD]`` writes the report of ``DIR/results.json`` again, with those runs merged.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from gateskip.errors import GateSkipError
 from gateskip.eval import paired
 
 LEVELS = (0.10, 0.20, 0.30, 0.40)
 ITERS = 2000
 
 
-def analyse(results: dict, reference: str = "gateskip", iters: int = ITERS, seed: int = 0) -> dict:
-    """Adds ``analysis``: per-row retention with band, matched-level table, who-wins, curves."""
+def default_reference(methods, config: dict | None = None) -> str | None:
+    """The method the who-wins table compares against: ``gateskip+<kind>`` of the run's fallback if present,
+    else ``gateskip``, else the first gateskip variant, else the first method."""
+    methods = list(methods)
+    kind = ((config or {}).get("fallback") or {}).get("kind") or "zero"
+    for name in ([f"gateskip+{kind}"] if kind != "zero" else []) + ["gateskip"]:
+        if name in methods:
+            return name
+    return next((m for m in methods if m.startswith(("gateskip+", "gateskip@"))), methods[0] if methods else None)
+
+
+def analyse(results: dict, reference: str | None = None, iters: int = ITERS, seed: int = 0) -> dict:
+    """Adds ``analysis``: per-row retention with band, matched-level table, who-wins, curves.
+
+    ``reference``: the method every other one is compared against (default: ``default_reference``)."""
     all_rows = results["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in all_rows if r["method"] != "dense"))
+    if reference is not None and reference not in methods:
+        raise GateSkipError(f"--reference {reference!r} names no method of this report: choose one of "
+                            f"{', '.join(methods) or 'none (dense only)'}")
     d = all_rows[0]["tasks"]
     valid = [t for t, v in d.items() if v["acc"] > v["chance"]]  # retention is undefined at or below chance
     if not valid:
@@ -36,8 +61,7 @@ def analyse(results: dict, reference: str = "gateskip", iters: int = ITERS, seed
         per_row.append({"method": r["method"], "budget": r["budget"], **ri,
                         "tasks": {t: paired.retention(v["acc"], dense["tasks"][t]["acc"], v["chance"])
                                   for t, v in r["tasks"].items()}})
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
-    ref = reference if reference in methods else (methods[0] if methods else None)
+    ref = reference or default_reference(methods, results.get("config"))
     results["analysis"] = {
         "rows": per_row, "levels": list(LEVELS), "reference": ref, "tasks": valid,
         "matched": {m: {f"{k:g}": v for k, v in lv.items()} for m, lv in paired.matched_table(rows, LEVELS).items()},
@@ -65,6 +89,7 @@ def markdown(results: dict) -> str:
            "(above-chance retention). Retention = (acc - chance) / (dense - chance); the suite value is the mean "
            "over tasks with a 95% paired-bootstrap band over items. Tokens skipped and compute saved "
            "(FLOP-weighted, gates counted) are measured on the evaluation text itself.", "",
+           *_notes(cfg, rows),
            f"| task | metric | items | chance | dense | dense - chance | >= {CORE_MARGIN:.2f} above chance |",
            "|---|---|---|---|---|---|---|"]
     for t in tasks:
@@ -125,28 +150,84 @@ def markdown(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(results: dict, path) -> None:
+def _notes(cfg: dict, rows: list) -> list[str]:
+    """Paragraphs on the fallback, the shortgpt+linear rows and merged runs (none when they do not apply)."""
+    out = []
+    fb = cfg.get("fallback") or {}
+    kind = fb.get("kind") or "zero"
+    if kind != "zero":
+        what = f"{kind} (rank {fb.get('rank')})" if kind == "lowrank" else kind
+        if fb.get("source") == "fitted":
+            m = fb.get("r2_mean") or {}
+            how = (f"fitted in closed form on {fb.get('tokens')} tokens of calibration text ({fb.get('batches')} "
+                   f"batches; mean R² attn {_num(m.get('attn'))}, mlp {_num(m.get('mlp'))})")
+        else:
+            how = "stored in the gates folder"
+        out += [f"Skipped tokens of the gateskip+{kind} and random+{kind} rows get a {what} fallback of the branch "
+                f"input instead of 0, {how}; compute saved charges it for every skipped token.", ""]
+    if any(r["method"].split("@")[0] == "shortgpt+linear" for r in rows):
+        out += ["shortgpt+linear: ShortGPT's layers (lowest Block Influence, same counts), each replaced by linear "
+                "maps x W + b of its attention and MLP inputs instead of removed, fitted in closed form layer by "
+                "layer on the inputs they see with the earlier replacements installed; compute saved charges the "
+                "maps (2 H² FLOPs per token and branch) and a scalar gate per branch.", ""]
+    merged = cfg.get("compare_with") or []
+    if merged:
+        out += ["Rows merged from other runs (paired item by item: their dense rows score every item exactly as "
+                "this run's):", ""]
+        for c in merged:
+            fb = c.get("fallback") or {}
+            out.append(f"- `{c['path']}`: {', '.join(c['methods']) or 'no rows'} (model {c.get('model')}, gates "
+                       f"{c.get('gates')}, fallback {fb.get('kind') or 'zero'})")
+        out.append("")
+    return out
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+def styles(methods) -> dict[str, dict]:
+    """A distinct (colour, marker) per method, in order: tab10 colours (tab20 beyond 10 methods) and 12
+    markers, so no two methods look alike; rows merged from other runs (``@`` in the name) are dashed."""
+    import matplotlib
+
+    methods = list(methods)
+    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: {"color": matplotlib.colors.to_hex(cmap(i % cmap.N)), "marker": MARKERS[i % len(MARKERS)],
+                "linestyle": "--" if "@" in m else "-"} for i, m in enumerate(methods)}
+
+
+def plot(results: dict, path) -> dict[str, dict]:
+    """curve.png: every method's retention against compute saved with its 95% band; returns the styles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.6, 4.6))
+    curves = results["analysis"]["curves"]
+    style = styles(curves)
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
     ax.axhline(100, color="black", linestyle="--", linewidth=1, label="dense")
     ax.axhline(0, color="grey", linestyle=":", linewidth=1, label="chance")
-    for m, pts in results["analysis"]["curves"].items():
+    for m, pts in curves.items():
         x = [100 * p["compute_saved"] for p in pts]
-        line, = ax.plot(x, [100 * p["retention"] for p in pts], marker="o", label=m)
-        ax.fill_between(x, [100 * p["lo"] for p in pts], [100 * p["hi"] for p in pts], color=line.get_color(),
-                        alpha=0.15)
+        st = style[m]
+        ax.plot(x, [100 * p["retention"] for p in pts], label=m, color=st["color"], marker=st["marker"],
+                linestyle=st["linestyle"], markersize=5)
+        ax.fill_between(x, [100 * p["lo"] for p in pts], [100 * p["hi"] for p in pts], color=st["color"],
+                        alpha=0.15 if len(curves) <= 3 else 0.07)
     ax.set_xlabel("compute saved, FLOP-weighted, gates counted (%)")
     ax.set_ylabel("above-chance retention, suite mean (%)")
-    ax.set_title(f"Retention vs compute ({len(results['rows'][0]['tasks'])} tasks, 95% bands)")
+    ax.set_title(f"Retention vs compute ({len(results['analysis']['tasks'])} tasks, 95% bands)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return style
 
 
 def write(results: dict, out) -> str:
@@ -162,9 +243,127 @@ def write(results: dict, out) -> str:
     return md
 
 
-if __name__ == "__main__":  # python -m gateskip.eval.suite_report DIR: the report again from DIR/results.json
+# ---- merging runs ------------------------------------------------------------------------------
+
+def split_paths(paths) -> list[str]:
+    """``--compare-with``: a comma list (or list) of results.json paths, each checked to exist."""
+    items = [p.strip() for p in (paths.split(",") if isinstance(paths, str) else paths or []) if str(p).strip()]
+    for p in items:
+        if not os.path.isfile(p):
+            raise GateSkipError(f"--compare-with {p!r} does not exist: pass an earlier suite run's results.json")
+    return items
+
+
+def load_run(path: str, expect: dict | None = None) -> dict:
+    """A suite run's results.json; with ``expect`` (``tasks``, ``limit``), checked to cover the same items."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise GateSkipError(f"--compare-with {path!r} is not a readable results.json ({e})") from None
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not rows or rows[0].get("method") != "dense" or "config" not in data:
+        raise GateSkipError(f"--compare-with {path!r} is not a suite run's results.json (gateskip eval --suite)")
+    if expect is not None:
+        cfg = data["config"]
+        for key in ("tasks", "limit"):
+            if cfg.get(key) != expect.get(key):
+                raise GateSkipError(f"--compare-with {path!r} was run with {key}={cfg.get(key)}, this run with "
+                                    f"{key}={expect.get(key)}: merge only runs on the same tasks and items")
+    return data
+
+
+def _own(rows: list) -> list:
+    """A run's own rows (not those it merged from other runs)."""
+    return [r for r in rows if "from" not in r]
+
+
+def renames(own_names, runs) -> list[tuple[str, dict[str, str]]]:
+    """Per run ``(path, data)``: its non-dense methods mapped to their names in the merged report. A name
+    already taken (by this run or a run merged before) gets ``@<folder of that results.json>``."""
+    taken = {"dense", *own_names}
+    out = []
+    for path, data in runs:
+        label = Path(os.path.abspath(path)).parent.name or "other"
+        names: dict[str, str] = {}
+        for r in _own(data["rows"]):
+            m = r["method"]
+            if m == "dense" or m in names:
+                continue
+            new, k = m, 2
+            if new in taken:
+                new = f"{m}@{label}"
+            while new in taken:
+                new, k = f"{m}@{label}-{k}", k + 1
+            names[m] = new
+            taken.add(new)
+        out.append((path, names))
+    return out
+
+
+def _check_dense(dense: dict, other: dict, path: str) -> None:
+    if set(other["tasks"]) != set(dense["tasks"]):
+        raise GateSkipError(f"--compare-with {path!r} has tasks {sorted(other['tasks'])}, this run "
+                            f"{sorted(dense['tasks'])}: merge only runs on the same tasks")
+    for t, v in dense["tasks"].items():
+        a, b = v["correct"], other["tasks"][t]["correct"]
+        if a != b:
+            n = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+            raise GateSkipError(f"--compare-with {path!r}: its dense row scores {t} differently ({n} of {len(a)} "
+                                "items differ): not the same model or items, so its rows cannot be paired")
+
+
+def merge(results: dict, paths) -> dict:
+    """Add the rows of other suite runs (``paths``: results.json files) after this run's own, in place.
+
+    Each must cover the same tasks with the same limit, and its dense row must score every item exactly
+    as this run's (same model, same items); its dense row is dropped and its methods renamed where they
+    collide (``renames``). Rows merged before are replaced. Merged rows carry ``from`` (their file)."""
+    paths = split_paths(paths)
+    cfg = results["config"]
+    own = _own(results["rows"])
+    runs = [(p, load_run(p, {"tasks": cfg.get("tasks"), "limit": cfg.get("limit")})) for p in paths]
+    rows, sources = list(own), []
+    for (path, data), (_, names) in zip(runs, renames([r["method"] for r in own], runs)):
+        _check_dense(own[0], data["rows"][0], path)
+        rows += [{**r, "method": names[r["method"]], "from": path} for r in _own(data["rows"])
+                 if r["method"] != "dense"]
+        oc = data["config"]
+        sources.append({"path": path, "model": oc.get("model"), "gates": oc.get("gates"),
+                        "fallback": oc.get("fallback"), "methods": list(names.values()), "renamed": {
+                            k: v for k, v in names.items() if k != v}})
+    results["rows"] = rows
+    cfg["compare_with"] = sources
+    return results
+
+
+def main(argv=None) -> int:
+    import argparse
     import sys
 
-    folder = Path(sys.argv[1])
-    data = json.loads((folder / "results.json").read_text())
-    print(write(analyse(data), folder))
+    ap = argparse.ArgumentParser(prog="python -m gateskip.eval.suite_report",
+                                 description="Write a suite run's report.md and curve.png again from DIR/results.json.")
+    ap.add_argument("dir", help="folder of a suite run (holds results.json)")
+    ap.add_argument("--compare-with", default=None,
+                    help="results.json of other suite runs on the same items, comma-separated: their rows are "
+                         "merged in (replacing any merged before); default: keep the rows already merged")
+    ap.add_argument("--reference", default=None,
+                    help="the method the who-wins table compares every other against (default: gateskip+<fallback> "
+                         "if present, else gateskip)")
+    args = ap.parse_args(argv)
+    folder = Path(args.dir)
+    try:
+        path = folder / "results.json"
+        if not path.is_file():
+            raise GateSkipError(f"{str(path)!r} does not exist: pass the --out folder of a suite run")
+        data = json.loads(path.read_text())
+        if args.compare_with is not None:
+            merge(data, args.compare_with)
+        print(write(analyse(data, reference=args.reference), folder))
+    except GateSkipError as e:
+        print(f"gateskip: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # python -m gateskip.eval.suite_report DIR: the report again from DIR/results.json
+    raise SystemExit(main())

@@ -7,7 +7,13 @@ can be compared item by item (paired.py). Rows:
 1. dense: the model without gates, scored once; every retention is measured against it;
 2. gateskip: the gates folder at each budget (a ratio, or a JSON file of per-branch ratios);
 3. random: the same gates and backbone, tokens chosen at random (``policy="random"``), at each ratio;
-4. shortgpt: the original model without its lowest-Block-Influence layers, at each layer count.
+4. shortgpt: the original model without its lowest-Block-Influence layers, at each layer count;
+5. shortgpt_linear (row ``shortgpt+linear``): the same layers, each replaced by a linear map of its input
+   instead of removed (``linear_replaced``): the strongest static baseline.
+
+With ``--fallback KIND`` the gateskip and random rows give skipped tokens a fitted fallback
+(gateskip.fit_fallback; the gates folder's own when it holds that kind) and are named ``gateskip+KIND``
+and ``random+KIND``, so they can sit next to zero-fallback rows of another run (suite_report.merge).
 
 Each row records the tokens skipped and FLOP-weighted compute saved on the evaluation text itself
 (gates counted), and, unless switched off, generation fidelity against the dense model's greedy
@@ -17,6 +23,7 @@ continuations of held-out prompts (fidelity.py).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -81,6 +88,32 @@ class SuiteRun:
             self.prompts = fid.heldout_prompts(tok, n, length)
             self.new_tokens = new
         self.dense_flops: dict[str, float] = {}
+        self.partial, self.done, self.fingerprint = None, {}, None
+
+    def resume_from(self, path: str, fingerprint: dict) -> int:
+        """Keep every task score in ``path`` (written by an earlier run with the same ``fingerprint``) and
+        write each new one there as soon as it is measured: an interrupted sweep resumes where it stopped.
+        Returns the number of task scores reused."""
+        self.partial, self.fingerprint = path, fingerprint
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                saved = {}
+            if saved.get("fingerprint") == fingerprint:
+                self.done = saved.get("rows", {})
+            else:
+                _say(self.bar, f"[gateskip] {path} is from another sweep (settings differ): starting over")
+        return sum(len(r.get("tasks", {})) for r in self.done.values())
+
+    def _save_partial(self) -> None:
+        if self.partial is None:
+            return
+        tmp = self.partial + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"fingerprint": self.fingerprint, "rows": self.done}, f)
+        os.replace(tmp, self.partial)
 
     def dense_reference(self) -> None:
         from gateskip.eval import fidelity as fid
@@ -98,7 +131,15 @@ class SuiteRun:
         scorer = Scorer(self.net, self.tok, shared=shared)
         per_task = {}
         t_row = time.perf_counter()
+        key = f"{method}|{budget}|" + hashlib.sha1(json.dumps([setting, plan], sort_keys=True, default=str).encode()
+                                                   ).hexdigest()[:12]
+        saved = self.done.setdefault(key, {"tasks": {}})
         for task in self.tasks:
+            if task.name in saved["tasks"]:  # measured by an interrupted run of the same sweep
+                per_task[task.name] = saved["tasks"][task.name]
+                self._check_flops(task, per_task[task.name]["flops_dense"], f"{method} {budget}")
+                self.bar.update(1)
+                continue
             self.bar.set_postfix_str(f"{method} {budget} {task.name}")
             t0 = time.perf_counter()
             counter = counters[task.name] if counters else None
@@ -120,6 +161,8 @@ class SuiteRun:
                 "chance": task.chance, "correct": correct, "tokens_skipped": s["tokens_skipped"],
                 "compute_saved": s["compute_saved"], "flops_dense": s["flops_dense"],
                 "flops_executed": s["flops_executed"], "seconds": round(time.perf_counter() - t0, 1)}
+            saved["tasks"][task.name] = per_task[task.name]
+            self._save_partial()
             self.bar.update(1)
         dense = sum(p["flops_dense"] for p in per_task.values())
         executed = sum(p["flops_executed"] for p in per_task.values())
@@ -128,13 +171,17 @@ class SuiteRun:
                "tokens_skipped": sum(p["tokens_skipped"] for p in per_task.values()) / len(per_task),
                "compute_saved": 1.0 - executed / dense if dense else 0.0,
                "mean_acc": sum(p["acc"] for p in per_task.values()) / len(per_task), "tasks": per_task}
-        if self.ref is not None:
+        if self.ref is not None and "fidelity" in saved:
+            row["fidelity"] = saved["fidelity"]
+        elif self.ref is not None:
             from gateskip.eval import fidelity as fid
 
             block = skipping(self.net, **plan) if plan else contextlib.nullcontext()
             with torch.no_grad(), block:
-                row["fidelity"] = fid.measure(self.net, self.ref, self.pad)
-        row["seconds"] = round(time.perf_counter() - t_row, 1)
+                row["fidelity"] = saved["fidelity"] = fid.measure(self.net, self.ref, self.pad)
+            self._save_partial()
+        row["seconds"] = round(time.perf_counter() - t_row, 1) + saved.get("seconds_before", 0.0)
+        saved["seconds_before"] = 0.0
         return row
 
     def _check_flops(self, task, flops_dense: float, row: str) -> None:
@@ -151,49 +198,179 @@ def _skips(plan: dict) -> bool:
 
 
 def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[str, list], policy: str,
-          kv: str | None, protect_first: int | None, seed: int, calib, fidelity, bar, shared_prefix: bool = True) -> dict:
-    """Rows for every method and budget; ``budgets``: method -> list (see ``parse_budgets``)."""
+          kv: str | None, protect_first: int | None, seed: int, calib, fidelity, bar, shared_prefix: bool = True,
+          fallback: dict | None = None, fit_batches=None, resume: tuple[str, dict] | None = None) -> dict:
+    """Rows for every method and budget; ``budgets``: method -> list (see ``parse_budgets``).
+
+    ``fallback``: ``{"kind", "rank"}`` of the gateskip and random rows (None or kind ``zero``: the gates
+    folder's own, the paper's zero for most); ``fit_batches``: calibration batches (or a function
+    returning them) for fitting fallbacks (``--fallback`` and shortgpt_linear). ``resume``: (path, fingerprint)
+    of the partial scores file (``SuiteRun.resume_from``).
+    """
     from gateskip.checkpoint import load_gates
     from gateskip.core import gate_state, remove_gates
 
+    batches = _Lazy(fit_batches)
     run = SuiteRun(net, tok, tasks, policy, fidelity, bar, shared_prefix)
+    if resume is not None:
+        n = run.resume_from(*resume)
+        if n:
+            _say(bar, f"[gateskip] resuming: {n} task scores kept from {resume[0]}")
     run.dense_reference()
     rows = [run.row("dense", "-", {}, counters={t.name: run.full_counter() for t in tasks})]
     common = {"kv": kv, "seed": seed, **({"protect_first": protect_first} if protect_first is not None else {})}
+    fb_summary = None
     if {"gateskip", "random"} & set(methods):
         if not gates:
             raise GateSkipError("methods gateskip/random need trained gates: pass --gates DIR (or --methods shortgpt)")
         load_gates(net, gates)
         try:
+            fb_summary = install_fallback(net, gates, fallback, batches, bar)
+            suffix = "" if fb_summary["kind"] == "zero" else f"+{fb_summary['kind']}"
             if "gateskip" in methods:
                 if policy == "threshold" and gate_state(net).calibration is None:
                     raise GateSkipError(f"gates in {gates!r} have no calibration for policy 'threshold': "
                                         "run gateskip.calibrate and save them again, or pass --policy quantile")
                 for b in budgets["gateskip"]:
                     label, ratio = _budget_plan(b)
-                    rows.append(run.row("gateskip", label, {"ratio": ratio},
+                    rows.append(run.row("gateskip" + suffix, label, {"ratio": ratio},
                                         {"ratio": ratio, "policy": policy, **common}))
             for r in budgets.get("random", []) if "random" in methods else []:
-                rows.append(run.row("random", f"ratio {r:g}", {"ratio": r}, {"ratio": r, "policy": "random", **common}))
+                rows.append(run.row("random" + suffix, f"ratio {r:g}", {"ratio": r},
+                                    {"ratio": r, "policy": "random", **common}))
         finally:
             remove_gates(net)
-    if "shortgpt" in methods:
+    bi = None
+    if {"shortgpt", "shortgpt_linear"} & set(methods):
         from gateskip.baselines.shortgpt import block_influence, least_influential, pruned
 
         bi = block_influence(net, calib)
         order = least_influential(bi, len(bi))
-        for n in budgets["shortgpt"]:
-            if n >= len(bi):
-                raise GateSkipError(f"shortgpt cannot remove {n} of {len(bi)} layers: pass fewer")
-            drop = sorted(order[:n])
-            counters = {t.name: run.full_counter() for t in tasks}
-            with pruned(net, drop):
-                rows.append(run.row("shortgpt", f"{n} layers", {"layers_dropped": drop}, removed=tuple(drop),
-                                    counters=counters))
-    return {"rows": rows, "block_influence": locals().get("bi")}
+        for method in [m for m in ("shortgpt", "shortgpt_linear") if m in methods]:
+            for n in budgets[method]:
+                if n >= len(bi):
+                    raise GateSkipError(f"{method} cannot remove {n} of {len(bi)} layers: pass fewer")
+                drop = sorted(order[:n])
+                if method == "shortgpt":
+                    counters = {t.name: run.full_counter() for t in tasks}
+                    with pruned(net, drop):
+                        rows.append(run.row("shortgpt", f"{n} layers", {"layers_dropped": drop},
+                                            removed=tuple(drop), counters=counters))
+                    continue
+                with linear_replaced(net, drop, batches(), seed) as (plan, fit):
+                    setting = {"layers_dropped": drop, "fit_tokens": fit["tokens"],
+                               "r2": {k: v for k, v in fit["r2"].items() if k in plan["ratio"]}}
+                    rows.append(run.row("shortgpt+linear", f"{n} layers", setting, plan))
+    return {"rows": rows, "block_influence": bi, "fallback": fb_summary}
 
 
-SUITE_METHODS = ("gateskip", "random", "shortgpt")
+class _Lazy:
+    """Calibration batches made on first use (a fit may not be needed), then kept."""
+
+    def __init__(self, source):
+        self.source, self.value = source, None
+
+    def __call__(self) -> list:
+        if self.value is None:
+            if self.source is None:
+                raise GateSkipError("fitting a fallback needs calibration batches: pass fit_batches")
+            self.value = list(self.source() if callable(self.source) else self.source)
+        return self.value
+
+
+def _say(bar, msg: str) -> None:
+    (getattr(bar, "write", None) or print)(msg)
+
+
+def install_fallback(net, gates: str, fallback: dict | None, batches, bar) -> dict:
+    """The fallback of the gated ``net`` (gates just loaded from ``gates``) for the gateskip/random rows.
+
+    Kind ``zero`` (or None) keeps what the folder holds (a folder saved with a fallback runs with it).
+    Another kind: the folder's own when it holds that kind (and, for lowrank, that rank); otherwise
+    fitted once on ``batches()`` (plain fit, no plan), announced with its mean R^2 per branch kind.
+    Returns the summary recorded in results.json config.
+    """
+    from gateskip.core import gate_state
+    from gateskip.fallback import fit_fallback
+
+    cfg = gate_state(net).cfg
+    want = dict(fallback or {})
+    kind, rank = want.get("kind") or "zero", int(want.get("rank") or cfg.fallback_rank)
+    base = {"requested": kind, "batches": want.get("batches")}
+    if kind == "zero" or (cfg.fallback == kind and (kind != "lowrank" or cfg.fallback_rank == rank)):
+        have = cfg.fallback
+        if kind == "zero" and have != "zero":
+            _say(bar, f"[gateskip] the gates folder holds a {_fb_name(have, cfg.fallback_rank)} fallback: "
+                      f"gateskip/random rows run with it (named +{have})")
+        elif have != "zero":
+            _say(bar, f"[gateskip] using the {_fb_name(have, cfg.fallback_rank)} fallback stored in {gates}")
+        return {**base, "kind": have, "rank": cfg.fallback_rank if have == "lowrank" else None,
+                "source": "gates folder" if have != "zero" else None, "tokens": None, "r2": None, "r2_mean": None}
+    fit = fit_fallback(net, batches(), kind=kind, rank=rank)
+    means = r2_means(fit["r2"])
+    _say(bar, f"[gateskip] fitted a {_fb_name(kind, rank)} fallback for every gated branch on {fit['tokens']} "
+              f"tokens ({fit['batches']} batches): mean R² attn {_r2(means.get('attn'))}, mlp {_r2(means.get('mlp'))}")
+    return {**base, "kind": kind, "rank": fit["rank"], "source": "fitted", "tokens": fit["tokens"],
+            "r2": fit["r2"], "r2_mean": means}
+
+
+def _fb_name(kind: str, rank: int) -> str:
+    return f"{kind} (rank {rank})" if kind == "lowrank" else kind
+
+
+def _r2(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def r2_means(r2: dict) -> dict:
+    """Mean R^2 over the ``attn`` and over the ``mlp`` branches (names ``layers.{i}.{kind}``)."""
+    out = {}
+    for kind in ("attn", "mlp"):
+        vals = [v for k, v in r2.items() if k.endswith("." + kind)]
+        if vals:
+            out[kind] = sum(vals) / len(vals)
+    return out
+
+
+LINEAR_GATES = {"gate": "scalar", "init_std": 0.0, "init_bias": 1e4, "fallback": "linear", "kv": "copy"}
+
+
+@contextlib.contextmanager
+def linear_replaced(net, drop, batches, seed: int = 0):
+    """ShortGPT with the layers ``drop`` replaced by fitted linear maps; yields ``(plan, fit summary)``.
+
+    Built from the library's own parts: scalar gates fixed at exactly 1 (weights 0, bias 1e4:
+    sigmoid(1e4) is 1.0 in float32) with ``linear`` fallbacks on every branch, and a plan that skips
+    every token of the dropped layers' attention and MLP (ratio 1 under the random policy: u < 1 for
+    every draw u in [0, 1); nothing protected, BOS included) and none elsewhere. Each dropped branch then
+    outputs x W + b (the gate multiplies it by 1), every other branch its exact output. The fallbacks
+    are fitted in closed form branch by branch under that plan (``fit_fallback(under_plan=...)``, with
+    ``kv="compute"`` so that an attention's target is its own output), each on the inputs it sees with
+    the earlier replacements installed (only the replaced branches are fitted: one pass each, stopped at
+    its branch). Inside the block ``gateskip.skipping(net, **plan)`` runs the replaced model and
+    ``gateskip.stats`` charges the maps (2 H^2 FLOPs per token and branch) and the scalar gates of
+    every branch. The gates are removed on exit.
+    """
+    from gateskip.config import GateSkipConfig
+    from gateskip.core import add_gates, remove_gates
+    from gateskip.fallback import fit_fallback
+
+    add_gates(net, GateSkipConfig(**LINEAR_GATES))
+    try:
+        ratio = {f"layers.{i}.{kind}": 1.0 for i in sorted(drop) for kind in ("attn", "mlp")}
+        plan = {"ratio": ratio, "policy": "random", "protect_first": 0, "kv": "copy", "seed": seed}
+        # Fitted with kv="compute": under "copy" the masked path runs a skipped token's attention with the
+        # K/V of the layer below, so the output recorded as the target would not be the attention's own.
+        # Scored with kv="copy": nothing attends at a replaced layer, so its K/V are never read, and
+        # "compute" would charge projecting them.
+        fit = fit_fallback(net, batches, kind="linear", under_plan={**plan, "kv": "compute"}, branches=list(ratio))
+        yield plan, fit
+    finally:
+        remove_gates(net)
+
+
+SUITE_METHODS = ("gateskip", "random", "shortgpt", "shortgpt_linear")
+DEFAULT_SUITE_METHODS = ("gateskip", "random", "shortgpt")  # shortgpt_linear on request (a fit per count)
 
 
 def _save_raw(res: dict, out: str) -> None:
@@ -204,23 +381,26 @@ def _save_raw(res: dict, out: str) -> None:
 
 
 def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods, policy, kv, limit, out, model,
-                   tokenizer, seed, threads, calib_batches, protect_first, fidelity, shared_prefix=True) -> dict:
+                   tokenizer, seed, threads, calib_batches, protect_first, fidelity, shared_prefix=True,
+                   fallback="zero", fallback_rank=64, fallback_batches=12, compare_with=None,
+                   reference=None, resume=True) -> dict:
     """``gateskip eval --suite``: see ``gateskip.eval.evaluate`` for the arguments."""
     import tempfile
 
     from tqdm.auto import tqdm
 
+    from gateskip.eval import suite_report
     from gateskip.eval.suite import load_items, suite_tasks
-    from gateskip.eval.suite_report import analyse, write
     from gateskip.eval.sweep import _calibration_batches, _prepare_run, _require_lm_eval, _resolve_model
     from gateskip.eval.taskconfigs import task_manager
     from gateskip.policies import check_policy
 
     _require_lm_eval()
     check_policy(policy)
+    check_fallback(fallback, fallback_rank, fallback_batches)
     names = suite_tasks(suite, None)
     if methods is None:
-        methods = list(SUITE_METHODS) if gates else ["shortgpt"]
+        methods = list(DEFAULT_SUITE_METHODS) if gates else ["shortgpt"]
     items = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
     if items == ["none"]:
         items = []
@@ -232,26 +412,78 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
     numeric = [b for b in budgets["gateskip"] if not isinstance(b, str)]
     budgets["random"] = parse_budgets(random_ratios, "random") if random_ratios else numeric
     budgets["shortgpt"] = parse_budgets(shortgpt_layers, "layers")
+    budgets["shortgpt_linear"] = budgets["shortgpt"]
+    # fail now, not after the sweep: the runs to merge must cover the same tasks and items, and the
+    # reference must name a row of the report
+    paths = suite_report.split_paths(compare_with)
+    runs = [(p, suite_report.load_run(p, {"tasks": names, "limit": limit})) for p in paths]
+    kind = fallback
+    if kind == "zero" and gates and {"gateskip", "random"} & set(items):
+        from gateskip.checkpoint import read_meta
+
+        kind = read_meta(gates)["config"].get("fallback", "zero")  # a folder saved with a fallback runs with it
+    own = row_names(items, kind)
+    merged = own + [n for _, renamed in suite_report.renames(own, runs) for n in renamed.values()]
+    if reference is not None and reference not in merged:
+        raise GateSkipError(f"--reference {reference!r} names no method of this report: choose one of "
+                            f"{', '.join(merged) or 'none (dense only)'}")
     _prepare_run(limit, out, threads)
     net, tok, model_name = _resolve_model(model, tokenizer, gates)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gateskip-suite-") as tmp:
         tasks = load_items(names, limit or None, task_manager(f"{tmp}/tasks"))
     n_rows = 1 + sum(len(budgets[m]) for m in items)
-    calib = _calibration_batches(tok, calib_batches) if "shortgpt" in items else None
+    calib = _calibration_batches(tok, calib_batches) if {"shortgpt", "shortgpt_linear"} & set(items) else None
     bar = tqdm(total=n_rows * len(tasks), desc="gateskip eval --suite", unit="task")
     try:
+        fingerprint = {"model": model_name, "gates": gates, "tasks": names, "limit": limit, "policy": policy, "kv": kv,
+                       "protect_first": protect_first, "seed": seed, "shared_prefix": shared_prefix,
+                       "fidelity": list(fidelity) if fidelity else None, "calib_batches": calib_batches,
+                       "fallback": [fallback, fallback_rank, fallback_batches]}
+        partial = os.path.join(out, "partial.json")
         res = sweep(net, tok, gates, tasks, items, budgets, policy, kv, protect_first, seed, calib, fidelity, bar,
-                    shared_prefix)
+                    shared_prefix, fallback={"kind": fallback, "rank": fallback_rank, "batches": fallback_batches},
+                    fit_batches=lambda: _calibration_batches(tok, fallback_batches),
+                    resume=(partial, fingerprint) if resume else None)
     finally:
         bar.close()
+    fb = res.pop("fallback") or {"requested": fallback, "kind": "zero", "rank": None, "source": None}
+    fb.update(batches=fallback_batches, requested_rank=fallback_rank)
     res["config"] = {"model": model_name, "gates": gates, "suite": suite, "tasks": names, "limit": limit,
                      "policy": policy, "kv": kv, "protect_first": protect_first, "seed": seed,
-                     "methods": items, "budgets": budgets, "shared_prefix": shared_prefix,
+                     "methods": items, "budgets": budgets, "shared_prefix": shared_prefix, "fallback": fb,
                      "fidelity": dict(zip(("prompts", "prompt_tokens", "new_tokens"), fidelity)) if fidelity else None,
                      "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1)}
-    _save_raw(res, out)  # the scores are safe before the analysis runs
-    analyse(res)
-    print(write(res, out))
+    _save_raw(res, out)  # the scores are safe before the merge and the analysis run
+    if resume and os.path.isfile(partial):
+        os.remove(partial)  # results.json holds them all now; a later run with new code must not reuse them
+    if paths:
+        try:
+            suite_report.merge(res, paths)
+        except GateSkipError as e:
+            raise GateSkipError(f"{e} (this run's scores are in {out}/results.json: "
+                                "python -m gateskip.eval.suite_report DIR regenerates the report)") from None
+    suite_report.analyse(res, reference=reference)
+    print(suite_report.write(res, out))
     print(f"[gateskip] wrote {out}/results.json, report.md, curve.png")
     return res
+
+
+def check_fallback(kind: str, rank, batches) -> None:
+    """The --fallback flags, checked before the model loads."""
+    from gateskip.config import FALLBACK_KINDS
+
+    if kind not in FALLBACK_KINDS:
+        raise GateSkipError(f"--fallback {kind!r} is not supported: choose one of {', '.join(FALLBACK_KINDS)}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise GateSkipError(f"--fallback-rank {rank!r} is invalid: use a positive whole number")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise GateSkipError(f"--fallback-batches {batches!r} is invalid: use at least 1 batch")
+
+
+def row_names(methods, kind: str = "zero") -> list[str]:
+    """The method names of a suite run's rows (dense excluded), given its fallback kind."""
+    suffix = "" if kind == "zero" else f"+{kind}"
+    names = {"gateskip": "gateskip" + suffix, "random": "random" + suffix, "shortgpt": "shortgpt",
+             "shortgpt_linear": "shortgpt+linear"}
+    return [names[m] for m in SUITE_METHODS if m in methods]

@@ -51,7 +51,9 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
              quant: str = "none", compare_with: str | None = None, prune: int = 4,
              recalibrate: bool = True, suite: str | None = None, random_ratios: str | None = None,
              shortgpt_layers: str = "4,10,16", protect_first: int | None = None, fidelity_prompts: int = 32,
-             fidelity_prompt_tokens: int = 48, fidelity_tokens: int = 64, shared_prefix: bool = True) -> dict:
+             fidelity_prompt_tokens: int = 48, fidelity_tokens: int = 64, shared_prefix: bool = True,
+             fallback: str = "zero", fallback_rank: int = 64, fallback_batches: int = 12,
+             reference: str | None = None, resume: bool = True) -> dict:
     """Sweep skip ratios on offline benchmarks; writes results.json, report.md and curve.png to --out.
 
     Args:
@@ -82,15 +84,19 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
         quant: quantize the backbone's linear layers first: none, int4 or int8 (gateskip.quantize);
             rows are then named e.g. gateskip[int4] and dense[int4]. A model object is quantized in place.
         compare_with: results.json of another sweep (e.g. full precision) whose rows are added to this
-            report and curve, e.g. ``--quant int4 --compare-with runs/eval/results.json``.
+            report and curve, e.g. ``--quant int4 --compare-with runs/eval/results.json``. Suite: one or
+            more suite results.json, comma-separated, on the same tasks and items (same --limit, dense rows
+            identical item by item); their rows follow this run's (their dense dropped), a method name
+            this run already has suffixed with @<folder of that results.json>.
         prune: method pruned_gateskip: remove this many layers of lowest Block Influence (ShortGPT)
             from the gated model, then skip with its remaining gates at every ratio.
         recalibrate: method pruned_gateskip: re-fit the remaining gates' thresholds on calibration
             text after pruning (their inputs changed).
         suite: core, extended or all: the fast paired sweep (eval/suite_run.py) on that task suite instead
-            of --tasks: methods dense + gateskip, random, shortgpt (default all three; none for dense only),
-            per-item scores, above-chance retention, a paired who-wins table at matched compute, and
-            generation fidelity. --ratios may then also name JSON files of per-branch ratios.
+            of --tasks: methods dense + gateskip, random, shortgpt (the default) and shortgpt_linear
+            (ShortGPT's layers replaced by fitted linear maps, row shortgpt+linear; on request), or none for
+            dense only; per-item scores, above-chance retention, a paired who-wins table at matched compute,
+            and generation fidelity. --ratios may then also name JSON files of per-branch ratios.
         random_ratios: suite: ratios of the random method (default: the numeric --ratios).
         shortgpt_layers: suite: numbers of layers ShortGPT removes, one row each.
         protect_first: suite: never skip the first N tokens (default: the gates' config).
@@ -99,6 +105,17 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
         fidelity_tokens: suite: greedy tokens generated per fidelity prompt.
         shared_prefix: suite: score a multiple-choice item's shared context once and its choices from
             the KV cache (exact under the threshold policy; the quantile policy always runs whole requests).
+        fallback: suite: what skipped tokens of the gateskip and random rows get instead of 0: zero (the
+            paper; a gates folder saved with a fallback keeps its own), mean, linear or lowrank. The gates
+            folder's fallback is used when it is of that kind (and rank), otherwise one is fitted
+            (gateskip.fit_fallback); rows are then named gateskip+KIND and random+KIND.
+        fallback_rank: suite: rank of a lowrank fallback.
+        fallback_batches: suite: batches of 4 x 256 tokens (train split of the mix text) to fit fallbacks
+            on: --fallback and method shortgpt_linear.
+        reference: suite: the method the who-wins table compares every other against (default:
+            gateskip+KIND of --fallback if present, else gateskip).
+        resume: suite: every task score is written to OUT/partial.json as soon as it is measured, and a rerun
+            of the same sweep keeps them (an interrupted sweep resumes); --no-resume starts over.
     """
     if suite:
         from gateskip.eval.suite_run import evaluate_suite
@@ -109,7 +126,11 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
                               limit=limit, out=out, model=model, tokenizer=tokenizer, seed=seed, threads=threads,
                               calib_batches=calib_batches, protect_first=protect_first,
                               fidelity=(fidelity_prompts, fidelity_prompt_tokens, fidelity_tokens)
-                              if fidelity_prompts else None, shared_prefix=shared_prefix)
+                              if fidelity_prompts else None, shared_prefix=shared_prefix, fallback=fallback,
+                              fallback_rank=fallback_rank, fallback_batches=fallback_batches,
+                              compare_with=compare_with, reference=reference, resume=resume)
+    if fallback != "zero" or reference is not None:
+        raise GateSkipError("--fallback and --reference apply to suite runs: pass --suite core (or extended, all)")
     _require_lm_eval()
     from gateskip.policies import check_policy
 

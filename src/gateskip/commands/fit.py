@@ -1,0 +1,203 @@
+"""``gateskip fit``: fallbacks and gates fitted in closed form, then measured between random and oracle.
+
+Minutes on a CPU, no backprop: (1) every branch's fallback is fitted to the branch output
+(``fit_fallback``); (2) every gate is fitted to rank tokens by what skipping them costs under that
+fallback (``gatefit.fit_gates``); (3) thresholds are calibrated; (4) the folder is saved. Then, on
+held-out text, next-token CE at each skip ratio for three ways of choosing the tokens with the same
+fallback: random (the floor), the fitted gates, and the residual oracle that computes the branch (the
+ceiling). ``gap closed`` = (random - gates) / (random - oracle), per branch kind.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from gateskip.errors import GateSkipError
+
+
+def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/fit", fallback: str = "lowrank",
+        fallback_rank: int = 64, gate: str = "lowrank", gate_rank: int = 16, fit_gates: bool = True,
+        protect_first: int = 1, kv: str = "compute", batches: int = 12, seq_len: int = 256, batch_size: int = 4,
+        ridge: float = 1e-3, gate_ridge: float = 1e-2, under_ratio: float = 0.0, compare: str = "0.15,0.3,0.5",
+        compare_batches: int = 8, threads: int = 0, data: str = "mix", allocate: str = "",
+        sens_batches: int = 2, sens_steps: str = "0.25,0.5,0.75,1", sequential: float = 0.0,
+        sequential_batches: int = 4) -> dict:
+    """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
+
+    Args:
+        model: base model name or folder (ignored with --gates: the folder's base model is used).
+        gates: start from this gates folder (its gates and backbone changes are kept unless --fit-gates);
+            default: new gates.
+        out: the gates folder to write (with fit.json and compare.md).
+        fallback: mean, lowrank or linear (what a skipped token gets instead of 0).
+        fallback_rank: inner size of a lowrank fallback.
+        gate: new gates' kind: vector, scalar or lowrank.
+        gate_rank: inner size of a lowrank gate.
+        fit_gates: fit each gate to rank tokens by the fallback's residual (no: keep the gates as they are).
+        protect_first: never skip the first N tokens of a sequence (BOS, the attention sink).
+        kv: K/V of skipped attention tokens of new gates: copy or compute.
+        batches: calibration batches of batch_size x seq_len tokens (train split of --data).
+        seq_len: tokens per calibration row.
+        batch_size: rows per calibration batch.
+        ridge: fallback ridge penalty (relative to the mean input variance).
+        gate_ridge: gate fit ridge penalty.
+        under_ratio: fit each fallback under random skipping of this ratio upstream (0: on the dense model).
+        compare: skip ratios of the held-out comparison (empty: none).
+        compare_batches: held-out batches of the comparison.
+        threads: torch CPU threads (0: leave as is).
+        data: text source for calibration and the held-out comparison (built-in name or file).
+        allocate: FLOP-weighted compute-saved targets, e.g. 0.1,0.2,0.3,0.4: measure each branch's sensitivity
+            (CE when it alone skips, its gates choosing) and write per-branch ratios alloc_<target>.json
+            (gateskip.allocate); thresholds are then calibrated under the middle one. Empty: none.
+        sens_batches: calibration batches the sensitivity is measured on.
+        sens_steps: skip ratios at which each branch's sensitivity is measured.
+        sequential: after the one-pass fits, refit each branch's fallback and gate in execution order under
+            skipping at this ratio (quantile policy, every branch, the earlier branches already refitted), so
+            each is fitted on the inputs it sees when skipping is on. 0: off.
+        sequential_batches: calibration batches of the sequential refit (one pass per branch and fit).
+    """
+    import torch
+
+    from gateskip.checkpoint import load_gates, read_meta, save_gates
+    from gateskip.config import GateSkipConfig
+    from gateskip.core import add_gates, calibrate, gate_state
+    from gateskip.data import fixed_batches, load_texts
+    from gateskip.fallback import fit_fallback
+    from gateskip.gatefit import fit_gates as fit_gate_params
+    from gateskip.models import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    if fallback == "zero":
+        raise GateSkipError("gateskip fit needs a fallback to fit: pass --fallback mean, lowrank or linear")
+    ratios = [float(r) for r in str(compare).split(",") if r.strip()] if compare else []
+    t0 = time.perf_counter()
+    if gates:
+        model = read_meta(gates)["base_model"].get("source") or model
+    net, tok = load_model(model)
+    if gates:
+        load_gates(net, gates)
+    else:
+        add_gates(net, GateSkipConfig(gate=gate, rank=gate_rank, fallback=fallback, fallback_rank=fallback_rank,
+                                      kv=kv, protect_first=protect_first))
+    st = gate_state(net)
+    cal = fixed_batches(tok, load_texts(data, "train"), seq_len, batch_size, batches)
+    plan = {"ratio": under_ratio, "policy": "random", "kv": st.cfg.kv} if under_ratio > 0 else None
+    print(f"[gateskip fit] fitting {fallback} fallbacks on {batches} x {batch_size} x {seq_len} tokens"
+          + (f" under random skipping {under_ratio:g}" if plan else ""), flush=True)
+    fb = fit_fallback(net, cal, kind=fallback, rank=fallback_rank, ridge=ridge, under_plan=plan)
+    summary = {"fallback": {k: v for k, v in fb.items() if k != "r2"}, "fallback_r2": fb["r2"]}
+    print(f"[gateskip fit] fallback R^2 {_by_kind(fb['r2'])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if fit_gates:
+        gf = fit_gate_params(net, cal, ridge=gate_ridge)
+        summary["gate_r2"] = gf["r2"]
+        print(f"[gateskip fit] gate log-cost R^2 {_by_kind(gf['r2'])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if sequential > 0:
+        seq = cal[:sequential_batches]
+        plan = {"ratio": sequential, "policy": "quantile"}
+        r2f, r2g = {}, {}
+        from tqdm.auto import tqdm
+
+        for b in tqdm(st.branches, desc="sequential refit", unit="branch"):
+            r2f.update(fit_fallback(net, seq, kind=fallback, rank=fallback_rank, ridge=ridge, under_plan=plan,
+                                    branches=[b.name])["r2"])
+            if fit_gates:
+                r2g.update(fit_gate_params(net, seq, ridge=gate_ridge, under_plan=plan, branches=[b.name])["r2"])
+        summary["sequential"] = {"ratio": sequential, "batches": len(seq), "fallback_r2": r2f, "gate_r2": r2g}
+        print(f"[gateskip fit] sequential refit at {sequential:g}: fallback R^2 {_by_kind(r2f)}; gate R^2 "
+              f"{_by_kind(r2g)}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    allocs = {}
+    targets = [float(t) for t in str(allocate).split(",") if t.strip()] if allocate else []
+    if targets:
+        from gateskip.allocate import allocate as spread
+        from gateskip.allocate import dense_per_token, saved_per_token, sensitivity
+
+        steps = [float(v) for v in str(sens_steps).split(",") if v.strip()]
+        sens = sensitivity(net, cal[:sens_batches], steps=steps)
+        saved, dense = saved_per_token(net, context=seq_len / 2), dense_per_token(net, context=seq_len / 2)
+        summary["sensitivity"] = sens
+        for t in targets:
+            allocs[t] = spread(sens, saved, dense, t)
+        print(f"[gateskip fit] allocations for {', '.join(f'{t:g}' for t in targets)} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    cal_ratio = allocs[targets[len(targets) // 2]] if allocs else 0.3
+    calibrate(net, cal[: min(4, len(cal))], ratio=cal_ratio)
+    save_gates(net, out, extra_meta={"fit": {"command": "gateskip fit", "fallback": fallback,
+                                             "fallback_rank": fallback_rank, "fit_gates": bool(fit_gates),
+                                             "batches": batches, "seq_len": seq_len, "batch_size": batch_size,
+                                             "under_ratio": under_ratio, "data": data}})
+    for t, r in allocs.items():
+        tmp = Path(out, f"alloc_{t:g}.json.tmp")
+        tmp.write_text(json.dumps(r, indent=0))
+        tmp.replace(Path(out, f"alloc_{t:g}.json"))
+    if ratios or allocs:
+        held = fixed_batches(tok, load_texts(data, "heldout"), seq_len, batch_size, compare_batches)
+        summary["compare"] = compare_choices(net, held, ratios, allocs=allocs)
+        md = compare_markdown(summary["compare"])
+        Path(out, "compare.md").write_text(md)
+        print(md)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    tmp = Path(out, "fit.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(Path(out, "fit.json"))
+    print(f"[gateskip fit] wrote {out} in {summary['seconds'] / 60:.1f} min")
+    return summary
+
+
+CHOICES = ("random", "gates", "oracle")
+SCOPES = {"attn": ("attn",), "mlp": ("mlp",), "both": ("attn", "mlp")}
+
+
+def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dict | None = None) -> dict:
+    """Held-out CE: dense, and per scope and ratio the three ways of choosing tokens with the model's fallback.
+
+    Gates and oracle skip exactly ``ratio`` of the eligible tokens of each branch in scope, per batch (quantile
+    ranking of gate importances or of the oracle's residual norms); random skips each token with probability
+    ``ratio``. The oracle keeps skipped tokens' own K/V (kv="compute"); the others use the gates' kv mode.
+    ``allocs``: {target: per-branch ratios} compared the same way (scope ``alloc <target>``)."""
+    from tqdm.auto import tqdm
+
+    from gateskip.core import gates_bypassed, skipping, stats
+    from gateskip.eval.fidelity import language_ce
+
+    with gates_bypassed(net):
+        res = {"dense": language_ce(net, held), "rows": []}
+    settings = [(scope, modules, r, r) for scope, modules in scopes.items() for r in ratios]
+    settings += [(f"alloc {t:g}", ("attn", "mlp"), t, a) for t, a in (allocs or {}).items()]
+    bar = tqdm(total=len(settings) * len(CHOICES), desc="held-out CE", unit="setting")
+    for scope, modules, label, ratio in settings:
+        row = {"scope": scope, "ratio": label}
+        for choice in CHOICES:
+            policy = {"random": "random", "gates": "quantile", "oracle": "oracle"}[choice]
+            with skipping(net, ratio=ratio, policy=policy, modules=modules, seed=seed,
+                          kv="compute" if choice == "oracle" else None):
+                row[choice] = language_ce(net, held)
+                row[f"{choice}_saved"] = stats(net)["compute_saved"]
+            bar.update(1)
+        gap = row["random"] - row["oracle"]
+        row["gap_closed"] = (row["random"] - row["gates"]) / gap if gap > 0 else None
+        res["rows"].append(row)
+    bar.close()
+    return res
+
+
+def compare_markdown(res: dict) -> str:
+    out = [f"Held-out next-token CE (dense {res['dense']:.3f}); each branch in scope skips the ratio of its tokens "
+           "per batch; gap closed = (random - gates) / (random - oracle).", "",
+           "| scope | ratio | random | gates | oracle | gap closed | compute saved (gates) |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        gc = "-" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
+        out.append(f"| {r['scope']} | {r['ratio']:g} | {r['random']:.3f} | {r['gates']:.3f} | {r['oracle']:.3f} | {gc} "
+                   f"| {100 * r['gates_saved']:.1f}% |")
+    return "\n".join(out) + "\n"
+
+
+def _by_kind(r2: dict) -> str:
+    parts = []
+    for kind in ("attn", "mlp"):
+        v = [x for k, x in r2.items() if k.endswith("." + kind)]
+        if v:
+            parts.append(f"{kind} mean {sum(v) / len(v):.3f} (min {min(v):.3f}, max {max(v):.3f})")
+    return ", ".join(parts)

@@ -1,0 +1,133 @@
+"""Gates fitted in closed form to rank tokens by what skipping them costs: a local fit, no backprop.
+
+Skipping token t at a branch changes the residual stream by r_t = y_t - fb(x_t) (y: the branch
+output, x: its input, fb: the fallback, 0 for the paper's zero). The tokens worth skipping are those
+with the smallest ||r_t||: the residual oracle (``skipping(policy="oracle")``) skips exactly those,
+computing the branch to know. A gate cannot compute the branch, but for an MLP ||r_t|| is a function
+of x_t alone, so it can be predicted; for attention it also depends on the context.
+
+``fit_gates`` regresses s_t = log ||r_t|| on x_t for every branch (streaming float64 ridge with an
+intercept, the same sums as ``fit_fallback``) and writes the prediction into the gate. Every output
+unit of the gate gets the logit ``open_logit + spread * z(x)``, z the prediction standardised on the
+calibration tokens, so:
+
+- the importance (mean gate value) is increasing in the predicted cost: the quantile and threshold
+  policies skip the tokens predicted cheapest (calibrate thresholds after fitting);
+- the gate value stays near 1 (sigmoid(open_logit +- 3 spread): 0.9933..0.99998 at the defaults), so a kept
+  token's branch output is almost unchanged. Importances near 1 need float32 gates, which gates always
+  are; the comparison runs in the backbone's dtype, so a bf16 backbone needs a smaller ``open_logit``.
+
+Returns per-branch R^2 of the log-cost prediction: how learnable each branch's cost is from its input.
+End-to-end training can start from these gates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gateskip.errors import GateSkipError
+
+
+@torch.no_grad()
+def fit_gates(model, batches, ridge: float = 1e-2, open_logit: float = 8.0, spread: float = 1.0,
+              exclude_first: int | None = None, eps: float = 1e-6, under_plan: dict | None = None,
+              branches=None) -> dict:
+    """Fit every gate of ``model`` to predict its branch's skipping cost; returns ``{"tokens", "r2"}``.
+
+    Args:
+        batches: ``input_ids`` tensors or tokenizer outputs (calibration text, not evaluation text).
+        ridge: L2 penalty, relative to the mean input variance (as ``fit_fallback``).
+        open_logit / spread: the gate logit is ``open_logit + spread * z``, z the standardised predicted log cost.
+        exclude_first: leave the first N tokens of each sequence out (default: the config's protect_first).
+        eps: added to ||r|| before the log.
+        under_plan: ``skipping()`` arguments: fit branch by branch in execution order, each under that plan
+            with the earlier gates already fitted, so each sees the inputs it will see when skipping is on
+            (masked path, K/V computed; a pass stops once its branch has been seen). Default: one pass of the
+            model with the gates bypassed.
+        branches: names of the gates to fit (default: all); the others are left as they are.
+
+    The cost uses each branch's current fallback, so fit the fallback first (``fit_fallback``). The
+    inputs are the dense model's with the gates bypassed (one pass): the fitted gates are ~1. Gates of kind ``mlp`` are not supported (their output
+    layer follows a ReLU, so the logit cannot be set to a linear function of x).
+    """
+    from gateskip.arch import text_config
+    from gateskip.core import _as_inputs, gate_state, gates_bypassed, skipping
+    from gateskip.fallback import _collect
+
+    st = gate_state(model)
+    if st.cfg.gate == "mlp":
+        raise GateSkipError("fit_gates cannot write a linear cost predictor into gate='mlp' gates: build the gates "
+                            "with gate='vector', 'lowrank' or 'scalar'")
+    if st.cfg.placement != "after":
+        raise GateSkipError("fit_gates needs gates placed after the branch (placement='after')")
+    if ridge < 0 or spread <= 0:
+        raise GateSkipError(f"fit_gates: ridge={ridge} must be >= 0 and spread={spread} > 0")
+    batches = list(batches)
+    if not batches:
+        raise GateSkipError("fit_gates got no batches: pass an iterable of input_ids tensors or tokenizer outputs")
+    hidden = text_config(model).hidden_size
+    device = next(model.parameters()).device
+    inputs = [_as_inputs(b, device) for b in batches]
+
+    def add(branch, moments, x, y):
+        fb = branch.fallback
+        r = y.float() if fb is None else y.float() - fb(x).float()
+        moments.add(x, torch.log(r.norm(dim=-1, keepdim=True) + eps))
+
+    first = st.cfg.protect_first if exclude_first is None else int(exclude_first)
+    chosen = st.branches if branches is None else [b for b in st.branches if b.name in set(branches)]
+    if branches is not None and len(chosen) != len(set(branches)):
+        raise GateSkipError(f"fit_gates: unknown branch name in {sorted(set(branches))}: use names like "
+                            f"{st.branches[0].name!r}")
+    was_training = model.training
+    model.eval()
+    r2, tokens = {}, 0
+    try:
+        if under_plan is None:
+            with gates_bypassed(model):  # the fitted gates are ~1: fit on the inputs the branches will then see
+                moments = _collect(model, st, inputs, chosen, hidden, True, None, skipping, add=add, first=first)
+            tokens = _solve(chosen, moments, ridge, open_logit, spread, r2)
+        else:
+            plan = {**under_plan, "path": "masked", "kv": "compute"}
+            for b in chosen:  # in execution order: each pass sees the earlier gates already fitted
+                moments = _collect(model, st, inputs, [b], hidden, True, plan, skipping, add=add, first=first)
+                tokens = _solve([b], moments, ridge, open_logit, spread, r2) or tokens
+    finally:
+        model.train(was_training)
+    return {"tokens": tokens, "r2": r2}
+
+
+def _solve(chosen, moments, ridge, open_logit, spread, r2) -> int:
+    tokens = 0
+    for b in chosen:
+        m = moments[b.index]
+        if m.n == 0:
+            raise GateSkipError("fit_gates saw no real tokens: pass batches with tokens past the protected prefix")
+        w, bias, r2[b.name] = m.solve("linear", 1, ridge)
+        w = w[:, 0]
+        n = m.n
+        mx = m.sx / n
+        cxx = m.xx - n * torch.outer(mx, mx)
+        sd = float((w @ cxx @ w / n).clamp_min(0.0)) ** 0.5  # std of the prediction on the calibration tokens
+        mean = float(m.sy[0] / n)  # the prediction's mean equals the target's (intercept)
+        scale = spread / sd if sd > 0 else 0.0
+        _write_gate(b.gate, w * scale, open_logit + scale * (float(bias[0]) - mean))
+        tokens = tokens or n
+    return tokens
+
+
+def _write_gate(gate, w: torch.Tensor, b: float) -> None:
+    """Set ``gate`` so that every output unit's logit is ``x . w + b``."""
+    linears = [m for m in gate.proj.modules() if isinstance(m, torch.nn.Linear)]
+    w = w.to(linears[0].weight)
+    if len(linears) == 1:  # vector (H -> H) or scalar (H -> 1)
+        lin = linears[0]
+        lin.weight.copy_(w.expand_as(lin.weight))
+        lin.bias.fill_(b)
+        return
+    down, up = linears  # low rank: H -> R -> H
+    down.weight.zero_()
+    down.weight[0].copy_(w)
+    up.weight.zero_()
+    up.weight[:, 0] = 1.0
+    up.bias.fill_(b)

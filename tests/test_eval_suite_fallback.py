@@ -1,0 +1,279 @@
+"""The suite sweep with fallbacks (gateskip+KIND rows), the shortgpt+linear baseline, merging suite runs
+(--compare-with) and the who-wins reference (CPU, tiny models, synthetic results)."""
+
+import json
+
+import pytest
+import torch
+from conftest import VOCAB
+
+import gateskip
+from gateskip import GateSkipConfig, GateSkipError
+from gateskip.baselines.shortgpt import pruned
+from gateskip.core import gate_modules, is_gated
+from gateskip.models import tiny_model, tiny_tokenizer
+
+pytest.importorskip("lm_eval")
+
+from gateskip.eval import suite_report  # noqa: E402
+from gateskip.eval.suite import Item, SuiteTask  # noqa: E402
+from gateskip.eval.suite_run import linear_replaced, row_names, sweep  # noqa: E402
+
+ITEMS = [Item(0, [("The cat sat on the", " mat"), ("The cat sat on the", " big red mat")], 0, [3.0, 11.0]),
+         Item(1, [("Two plus two", " is four"), ("Two plus two", " x")], 0, [7.0, 1.0]),
+         Item(2, [("A bird sang in", " the tree"), ("A bird sang in", " a cup")], 1, [8.0, 5.0])]
+TASKS = [SuiteTask("t", "mc", "acc", ITEMS)]
+
+
+class Bar:
+    def __init__(self):
+        self.lines = []
+
+    def set_postfix_str(self, _s):
+        pass
+
+    def update(self, _n):
+        pass
+
+    def write(self, msg):
+        self.lines.append(msg)
+
+
+def _data(n=3, b=4, t=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (b, t), generator=g) for _ in range(n)]
+
+
+def _gates_folder(path, fallback="zero"):
+    m = gateskip.add_gates(tiny_model("llama"), GateSkipConfig(init_std=0.3, init_bias=0.0, fallback=fallback))
+    gateskip.calibrate(m, _data(), ratio=0.3)
+    if fallback != "zero":
+        gateskip.fit_fallback(m, _data(seed=2))
+    gateskip.save_gates(m, path)
+    return str(path)
+
+
+def _sweep(gates, methods, fallback=None, fit_batches=None, budgets=None, bar=None):
+    budgets = budgets or {"gateskip": [0.3], "random": [0.3]}
+    return sweep(tiny_model("llama"), tiny_tokenizer(), gates, TASKS, methods, budgets, "threshold", None, None, 0,
+                 _data(seed=3), None, bar or Bar(), fallback=fallback, fit_batches=fit_batches)
+
+
+def _never():
+    raise AssertionError("no fit expected")
+
+
+def test_fallback_rows_are_named_and_the_folders_fallback_is_reused_or_fitted(tmp_path):
+    assert row_names(["gateskip", "random", "shortgpt", "shortgpt_linear"], "lowrank") == [
+        "gateskip+lowrank", "random+lowrank", "shortgpt", "shortgpt+linear"]
+    assert row_names(["random", "gateskip"]) == ["gateskip", "random"]
+    lin, zero = _gates_folder(tmp_path / "lin", "linear"), _gates_folder(tmp_path / "zero")
+    plain = _sweep(zero, ["gateskip", "random"])
+    assert [r["method"] for r in plain["rows"]] == ["dense", "gateskip", "random"]
+    assert plain["fallback"]["kind"] == "zero" and plain["fallback"]["source"] is None
+    # the folder holds a linear fallback: used as it is, nothing fitted
+    bar = Bar()
+    reused = _sweep(lin, ["gateskip", "random"], {"kind": "linear", "rank": 64}, fit_batches=_never, bar=bar)
+    assert [r["method"] for r in reused["rows"]] == ["dense", "gateskip+linear", "random+linear"]
+    assert reused["fallback"]["source"] == "gates folder" and reused["fallback"]["r2"] is None
+    assert "stored in" in bar.lines[0]
+    # --fallback zero (the default) on that folder: it still runs with its own, and says so in the name
+    default = _sweep(lin, ["gateskip"], {"kind": "zero", "rank": 64}, fit_batches=_never)
+    assert default["rows"][1]["method"] == "gateskip+linear"
+    # another kind than the folder's: fitted once, announced with the mean R^2 per branch kind
+    bar = Bar()
+    calls = []
+    fitted = _sweep(zero, ["gateskip", "random"], {"kind": "lowrank", "rank": 8},
+                    fit_batches=lambda: calls.append(1) or _data(seed=2), bar=bar)
+    assert calls == [1]
+    assert [r["method"] for r in fitted["rows"]] == ["dense", "gateskip+lowrank", "random+lowrank"]
+    fb = fitted["fallback"]
+    assert fb["source"] == "fitted" and fb["kind"] == "lowrank" and fb["rank"] == 8 and fb["tokens"] == 3 * 4 * 32
+    assert set(fb["r2"]) == {f"layers.{i}.{k}" for i in range(3) for k in ("attn", "mlp")}
+    assert set(fb["r2_mean"]) == {"attn", "mlp"}
+    assert len(bar.lines) == 1 and "lowrank (rank 8)" in bar.lines[0] and "R² attn" in bar.lines[0]
+    # random rows draw the same tokens whatever the hidden states; the fallback's FLOPs are charged
+    g0, g1 = plain["rows"][2], fitted["rows"][2]
+    assert g0["tokens_skipped"] == g1["tokens_skipped"] > 0
+    assert g1["compute_saved"] < g0["compute_saved"]
+
+
+def test_shortgpt_linear_replaces_layers_with_fitted_linear_maps():
+    assert torch.sigmoid(torch.tensor(1e4, dtype=torch.float32)).item() == 1.0
+    net, batches, drop = tiny_model("llama"), _data(seed=2), [1]
+    ids = _data(n=1, b=2, t=24, seed=5)[0]
+    with torch.no_grad():
+        dense = net(input_ids=ids).logits
+        with pruned(net, drop):
+            cut = net(input_ids=ids).logits
+        with linear_replaced(net, drop, batches) as (plan, fit):
+            assert plan["protect_first"] == 0 and plan["policy"] == "random"
+            assert set(plan["ratio"]) == {"layers.1.attn", "layers.1.mlp"} and set(plan["ratio"].values()) == {1.0}
+            for g in gate_modules(net).values():  # every gate is exactly 1, whatever its input
+                assert torch.equal(g(10 * torch.randn(2, 5, 64)), torch.ones(2, 5, 1))
+            assert fit["kind"] == "linear" and fit["passes"] == 2  # only the replaced branches are fitted
+            outs = {}
+            for path in ("masked", "physical"):
+                with gateskip.skipping(net, **plan, path=path):
+                    outs[path] = net(input_ids=ids).logits
+                    per = gateskip.stats(net)["per_module"]
+            # the dropped layer's branches skip every token (BOS too), the others none
+            assert {k: v["skipped"] for k, v in per.items()} == {
+                f"layers.{i}.{k}": 1.0 if i in drop else 0.0 for i in range(3) for k in ("attn", "mlp")}
+        assert not is_gated(net)
+    replaced = outs["masked"]
+    torch.testing.assert_close(outs["physical"], replaced, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(replaced, cut, atol=1e-3) and not torch.allclose(replaced, dense, atol=1e-3)
+    # the fitted maps stand in for the layer better than nothing does
+    assert (replaced - dense).pow(2).mean() < (cut - dense).pow(2).mean()
+    # as sweep rows: the same layer dropped; the maps and gates are charged, so less is saved
+    res = _sweep(None, ["shortgpt", "shortgpt_linear"], fit_batches=batches,
+                 budgets={"shortgpt": [1], "shortgpt_linear": [1]})
+    dense_row, short, lin = res["rows"]
+    assert (short["method"], lin["method"]) == ("shortgpt", "shortgpt+linear")
+    assert short["setting"]["layers_dropped"] == lin["setting"]["layers_dropped"]
+    assert set(lin["setting"]["r2"]) == {f"layers.{i}.{k}" for i in lin["setting"]["layers_dropped"]
+                                         for k in ("attn", "mlp")}
+    assert 0 < lin["compute_saved"] < short["compute_saved"]
+    assert lin["tasks"]["t"]["flops_dense"] == pytest.approx(dense_row["tasks"]["t"]["flops_dense"])
+
+
+# ---- merging and the reference (synthetic results.json) ---------------------------------------------
+
+def _row(method, budget, saved, correct):
+    tasks = {t: {"acc": sum(c) / len(c), "stderr": 0.1, "n": len(c), "metric": "acc", "chance": 0.25,
+                 "correct": c, "tokens_skipped": saved, "compute_saved": saved, "flops_dense": 1.0,
+                 "flops_executed": 1 - saved} for t, c in correct.items()}
+    return {"method": method, "budget": budget, "setting": {}, "tokens_skipped": saved, "compute_saved": saved,
+            "mean_acc": sum(v["acc"] for v in tasks.values()) / len(tasks), "tasks": tasks}
+
+
+def _scores(seed, p):
+    g = torch.Generator().manual_seed(seed)
+    return {t: (torch.rand(20, generator=g) < p).int().tolist() for t in ("a", "b")}
+
+
+DENSE = {t: [1] * 16 + [0] * 4 for t in ("a", "b")}
+
+
+def _run(path, methods, fallback="zero", dense=DENSE, limit=20):
+    rows = [_row("dense", "-", 0.0, dense)]
+    for k, m in enumerate(methods):
+        rows += [_row(m, f"ratio {r}", s, _scores(10 * k + j, p))
+                 for j, (r, s, p) in enumerate([(0.1, 0.05, 0.8), (0.3, 0.25, 0.6), (0.5, 0.45, 0.4)])]
+    res = {"rows": rows, "config": {"model": "tiny", "gates": "g", "tasks": ["a", "b"], "limit": limit,
+                                    "policy": "threshold", "seconds": 1.0, "fallback": {"kind": fallback}}}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps(res))
+    return res
+
+
+def test_merge_renames_collisions_and_refuses_other_items(tmp_path, monkeypatch):
+    monkeypatch.setattr(suite_report, "ITERS", 50)
+    a = _run(tmp_path / "a", ["gateskip+lowrank", "random+lowrank", "shortgpt+linear"], "lowrank")
+    _run(tmp_path / "b", ["gateskip", "shortgpt+linear"])
+    suite_report.merge(a, str(tmp_path / "b" / "results.json"))
+    methods = list(dict.fromkeys(r["method"] for r in a["rows"]))
+    assert methods == ["dense", "gateskip+lowrank", "random+lowrank", "shortgpt+linear", "gateskip",
+                       "shortgpt+linear@b"]
+    assert all(r.get("from") == str(tmp_path / "b" / "results.json") for r in a["rows"][10:])
+    assert a["config"]["compare_with"][0]["renamed"] == {"shortgpt+linear": "shortgpt+linear@b"}
+    suite_report.analyse(a, iters=50)
+    assert a["analysis"]["reference"] == "gateskip+lowrank"  # the run's fallback row by default
+    assert {e["method"] for e in a["analysis"]["who_wins"]} == set(methods[2:])
+    md = suite_report.write(a, tmp_path / "a")
+    assert "## Who wins: gateskip+lowrank minus each method" in md and "| shortgpt+linear@b |" in md
+    assert "Rows merged from other runs" in md and (tmp_path / "a" / "curve.png").stat().st_size > 0
+    style = suite_report.styles(methods[1:])
+    assert len({(s["color"], s["marker"]) for s in style.values()}) == len(methods) - 1
+    assert style["shortgpt+linear@b"]["linestyle"] == "--"
+    # the report again from the folder: another reference, the merge replaced rather than repeated
+    argv = [str(tmp_path / "a"), "--compare-with", str(tmp_path / "b" / "results.json"), "--reference", "gateskip"]
+    assert suite_report.main(argv) == 0
+    again = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert len(again["rows"]) == len(a["rows"]) and again["analysis"]["reference"] == "gateskip"
+    assert "## Who wins: gateskip minus each method" in (tmp_path / "a" / "report.md").read_text()
+    with pytest.raises(GateSkipError, match="names no method"):
+        suite_report.analyse(again, reference="mod")
+    # other items: refused with one line naming what differs
+    other = {**DENSE, "b": [0] + DENSE["b"][1:]}
+    _run(tmp_path / "c", ["gateskip"], dense=other)
+    _run(tmp_path / "d", ["gateskip"], limit=50)
+    for folder, what in (("c", "dense row scores b differently"), ("d", "limit=50")):
+        with pytest.raises(GateSkipError, match=what) as e:
+            suite_report.merge(a, str(tmp_path / folder / "results.json"))
+        assert "\n" not in str(e.value)
+
+
+def test_reference_choice():
+    cfg = {"fallback": {"kind": "lowrank"}}
+    assert suite_report.default_reference(["random+lowrank", "gateskip", "gateskip+lowrank"], cfg) == \
+        "gateskip+lowrank"
+    assert suite_report.default_reference(["random", "gateskip", "gateskip+lowrank"], {}) == "gateskip"
+    assert suite_report.default_reference(["shortgpt", "gateskip+mean@x"], cfg) == "gateskip+mean@x"
+    assert suite_report.default_reference(["shortgpt", "random"], cfg) == "shortgpt"
+
+
+def test_suite_flags_are_checked_before_the_model_loads(tmp_path):
+    from gateskip.cli import build_parser
+    from gateskip.eval import evaluate
+
+    args = build_parser().parse_args(["eval", "--suite", "core", "--fallback", "lowrank", "--fallback-rank", "32",
+                                      "--fallback-batches", "3", "--reference", "gateskip", "--compare-with", "a,b"])
+    assert (args.fallback, args.fallback_rank, args.fallback_batches, args.reference, args.compare_with) == (
+        "lowrank", 32, 3, "gateskip", "a,b")
+    kw = {"suite": "core", "out": str(tmp_path / "o"), "model": "no-such-model"}
+    with pytest.raises(GateSkipError, match="--fallback 'cubic'"):
+        evaluate(fallback="cubic", **kw)
+    with pytest.raises(GateSkipError, match="--fallback-batches"):
+        evaluate(fallback="linear", fallback_batches=0, **kw)
+    with pytest.raises(GateSkipError, match="--reference 'gateskip' names no method"):
+        evaluate(methods="shortgpt,shortgpt_linear", reference="gateskip", **kw)
+    _run(tmp_path / "b", ["gateskip"], limit=20)
+    with pytest.raises(GateSkipError, match="was run with tasks="):
+        evaluate(methods="shortgpt", compare_with=str(tmp_path / "b" / "results.json"), limit=50, **kw)
+    with pytest.raises(GateSkipError, match="apply to suite runs"):
+        evaluate(fallback="linear", out=str(tmp_path / "o"), model="no-such-model")
+
+
+def test_an_interrupted_sweep_resumes_from_its_partial_scores(tmp_path, monkeypatch):
+    """Every task score is written as it is measured; a rerun with the same settings reuses them (no scoring),
+    and a run with other settings starts over."""
+    from gateskip.eval import scoring
+
+    gates = _gates_folder(tmp_path / "g")
+    tasks = [SuiteTask("t", "mc", "acc", ITEMS), SuiteTask("u", "mc", "acc", ITEMS[:2])]
+    path = str(tmp_path / "partial.json")
+
+    def run(fp, bar=None):
+        return sweep(tiny_model("llama"), tiny_tokenizer(), gates, tasks, ["gateskip"], {"gateskip": [0.3]},
+                     "threshold", None, None, 0, _data(seed=3), None, bar or Bar(), resume=(path, fp))
+
+    real = scoring.Scorer.loglikelihoods
+    calls = []
+
+    def dies_on_the_third_task(self, items):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, items)
+
+    monkeypatch.setattr(scoring.Scorer, "loglikelihoods", dies_on_the_third_task)
+    with pytest.raises(KeyboardInterrupt):
+        run({"v": 1})
+    saved = json.load(open(path))["rows"]
+    assert sum(len(r["tasks"]) for r in saved.values()) == 2  # dense t, u
+    monkeypatch.setattr(scoring.Scorer, "loglikelihoods", real)
+    bar = Bar()
+    resumed = run({"v": 1}, bar)
+    assert any("resuming: 2 task scores" in line for line in bar.lines)
+    fresh = sweep(tiny_model("llama"), tiny_tokenizer(), gates, tasks, ["gateskip"], {"gateskip": [0.3]},
+                  "threshold", None, None, 0, _data(seed=3), None, Bar())
+    for a, b in zip(resumed["rows"], fresh["rows"]):
+        assert (a["method"], a["budget"]) == (b["method"], b["budget"])
+        for t in a["tasks"]:
+            assert a["tasks"][t]["correct"] == b["tasks"][t]["correct"]
+            assert a["tasks"][t]["compute_saved"] == pytest.approx(b["tasks"][t]["compute_saved"])
+    bar = Bar()
+    run({"v": 2}, bar)
+    assert any("another sweep" in line for line in bar.lines)

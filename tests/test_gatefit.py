@@ -1,0 +1,159 @@
+"""The residual oracle (policy="oracle") and gates fitted in closed form to rank tokens by skipping cost."""
+
+import pytest
+import torch
+from conftest import FAMILIES, VOCAB
+
+import gateskip
+from gateskip import GateSkipConfig, GateSkipError
+from gateskip.core import gate_modules, gate_state
+from gateskip.gatefit import fit_gates
+from gateskip.gates import importance
+from gateskip.models import tiny_model
+
+
+def _data(n=3, b=4, t=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (b, t), generator=g) for _ in range(n)]
+
+
+def _model(family="llama", fallback="lowrank", gate="lowrank", **kw):
+    cfg = GateSkipConfig(**{"gate": gate, "init_std": 0.3, "init_bias": 0.0, "fallback": fallback, "fallback_rank": 8,
+                            "kv": "compute", **kw})
+    m = gateskip.add_gates(tiny_model(family), cfg)
+    if fallback != "zero":
+        gateskip.fit_fallback(m, _data(seed=2))
+    return m
+
+
+def _branch_io(m, name, ids, **plan):
+    """(input, output) of one gated branch in a call under ``plan``."""
+    b = next(b for b in gate_state(m).branches if b.name == name)
+    seen = {}
+    h1 = b.register_forward_pre_hook(lambda _m, a, k: seen.__setitem__("x", a[0] if a else k["hidden_states"]),
+                                     with_kwargs=True)
+    h2 = b.register_forward_hook(lambda _m, _a, o: seen.__setitem__("y", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad(), gateskip.skipping(m, **plan):
+            m(input_ids=ids, use_cache=False)
+    finally:
+        h1.remove()
+        h2.remove()
+    return b, seen["x"], seen["y"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fallback", ["zero", "lowrank"])
+def test_oracle_skips_the_tokens_whose_output_moves_least(family, fallback):
+    m = _model(family, fallback)
+    ids = _data(1, 2, 24, seed=5)[0]
+    name = "layers.1.mlp"
+    b, x, y = _branch_io(m, name, ids, ratio={name: 0.4}, policy="oracle", kv="compute")
+    with torch.no_grad():
+        raw = b._run(x, (), {})
+        g = b.gate(x).to(x.dtype)
+        alt = torch.zeros_like(raw) if b.fallback is None else b.fallback(x)
+        score = ((raw - alt) * g).norm(dim=-1)
+        k = round(0.4 * score.numel())
+        skip = torch.zeros(score.numel(), dtype=torch.bool)
+        skip[score.flatten().argsort(stable=True)[:k]] = True
+        expected = torch.where(skip.view_as(score).unsqueeze(-1), alt * g, raw * g)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_oracle_at_ratio_zero_is_the_gated_model_and_counts_its_skips():
+    m = _model()
+    ids = _data(1, 2, 16, seed=3)[0]
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=False).logits
+        with gateskip.skipping(m, ratio=0.0, policy="oracle", kv="compute"):
+            out = m(input_ids=ids, use_cache=False).logits
+        with gateskip.skipping(m, ratio=0.5, policy="oracle", kv="compute", protect_first=0):
+            m(input_ids=ids, use_cache=False)
+            s = gateskip.stats(m)
+    torch.testing.assert_close(out, ref)
+    assert s["tokens_skipped"] == pytest.approx(0.5)
+
+
+def test_oracle_needs_kv_compute():
+    m = _model()
+    with pytest.raises(GateSkipError, match="kv='compute'"):
+        with gateskip.skipping(m, ratio=0.3, policy="oracle", kv="copy"):
+            pass
+
+
+@pytest.mark.parametrize("fallback", ["zero", "linear"])
+def test_fitted_gates_rank_tokens_by_their_skipping_cost(fallback):
+    """On the fit data, the tokens the fitted gates skip cost less (sum of ||g (y - fb)||) than a random choice."""
+    m = _model("llama", fallback)
+    cal = _data(4, 4, 32, seed=7)
+    info = fit_gates(m, cal)
+    assert set(info["r2"]) == {b.name for b in gate_state(m).branches}
+    ids = cal[0]
+    better = 0
+    names = [b.name for b in gate_state(m).branches if b.kind == "mlp"]
+    for name in names:
+        b, x, _ = _branch_io(m, name, ids)
+        with torch.no_grad():
+            raw = b._run(x, (), {})
+            alt = torch.zeros_like(raw) if b.fallback is None else b.fallback(x)
+            cost = (raw - alt).norm(dim=-1).flatten()
+            imp = importance(b.gate(x)).flatten()
+        k = cost.numel() // 2
+        gate_cost = cost[imp.argsort(stable=True)[:k]].sum()
+        random_cost = cost.mean() * k
+        better += bool(gate_cost < random_cost)
+    assert better == len(names)
+
+
+@pytest.mark.parametrize("gate", ["vector", "scalar", "lowrank"])
+def test_every_gate_kind_holds_the_same_predictor_and_stays_near_one(gate):
+    m = _model("qwen2", "mean", gate=gate, init_std=0.0)  # gates equal before the fit, so are the fallbacks
+    cal = _data(3, 4, 32, seed=4)
+    fit_gates(m, cal)
+    b, x, _ = _branch_io(m, "layers.0.mlp", cal[0])
+    with torch.no_grad():
+        g = b.gate(x)
+    assert 0.99 < float(g.mean()) < 1.0 and float(g.min()) > 0.9
+    if gate != "scalar":
+        torch.testing.assert_close(g.min(-1).values, g.max(-1).values)  # every unit holds the same logit
+    # the same fit in another kind of gate ranks the same way
+    ref = _model("qwen2", "mean", gate="vector", init_std=0.0)
+    fit_gates(ref, cal)
+    rb, rx, _ = _branch_io(ref, "layers.0.mlp", cal[0])
+    with torch.no_grad():
+        torch.testing.assert_close(importance(g), importance(rb.gate(rx)), rtol=1e-5, atol=1e-6)
+
+
+def test_fit_gates_errors():
+    with pytest.raises(GateSkipError, match="gate='mlp'"):
+        fit_gates(_model(gate="mlp"), _data())
+    with pytest.raises(GateSkipError, match="no batches"):
+        fit_gates(_model(), [])
+
+
+def test_fitted_gates_survive_save_and_load(tmp_path):
+    m = _model()
+    fit_gates(m, _data())
+    gateskip.save_gates(m, tmp_path / "g")
+    m2 = gateskip.load_gates(tiny_model("llama"), tmp_path / "g")
+    for (n1, g1), (n2, g2) in zip(gate_modules(m).items(), gate_modules(m2).items()):
+        assert n1 == n2
+        for p1, p2 in zip(g1.parameters(), g2.parameters()):
+            torch.testing.assert_close(p1, p2)
+
+
+def test_fit_under_a_plan_refits_on_the_inputs_skipping_gives():
+    """The first branch sees the same inputs either way; a later one sees upstream skipping under the plan."""
+    cal = _data(2, 4, 32, seed=9)
+    a, b = _model(init_std=0.0), _model(init_std=0.0)
+    fit_gates(a, cal)
+    fit_gates(b, cal, under_plan={"ratio": 0.5, "policy": "quantile"})
+    ga, gb = gate_modules(a), gate_modules(b)
+    first, later = "layers.0.attn", "layers.2.mlp"
+    for p, q in zip(ga[first].parameters(), gb[first].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(p, q, rtol=1e-3, atol=1e-4) for p, q in zip(ga[later].parameters(),
+                                                                               gb[later].parameters()))
+    with pytest.raises(GateSkipError, match="unknown branch"):
+        fit_gates(a, cal, branches=["layers.7.mlp"])
