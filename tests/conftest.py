@@ -46,3 +46,33 @@ def tiny_folder(tmp_path):
     data = tmp_path / "text.txt"
     data.write_text("\n\n".join(TEXT * 2 + f"paragraph {i}." for i in range(400)))
     return d, data
+
+
+def generate_then_recompute(m, ids, mask, new_tokens, forward, **plan):
+    """Greedy cached generation under ``gateskip.skipping(m, **plan)``, then the same sequences recomputed
+    in one uncached ``forward(m, seq, full_mask)`` call under the same plan: (generate output, recomputed
+    logits, prompt length). Asserts that something was skipped."""
+    import gateskip
+    from gateskip.core import gate_state
+
+    with torch.no_grad(), gateskip.skipping(m, **plan):
+        out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        assert gate_state(m).counts[:, 0].sum() > 0
+        seq = out.sequences
+        full = torch.cat([mask, torch.ones(len(ids), seq.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+        recomputed = forward(m, seq, full)
+    return out, recomputed, ids.shape[1]
+
+
+def path_grads(m, ids, grab, ratio=0.4, paths=("masked", "physical")):
+    """Per skipping path, ``grab(m)`` after a backward pass of the LM loss on ``ids`` at ``ratio``."""
+    import gateskip
+
+    grads = {}
+    for path in paths:
+        m.zero_grad()
+        with gateskip.skipping(m, ratio=ratio, path=path):
+            m(input_ids=ids, labels=ids).loss.backward()
+        grads[path] = grab(m)
+    return grads

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, left_padded, positions
+from conftest import FAMILIES, VOCAB, generate_then_recompute, left_padded, positions
 
 import gateskip
 from gateskip import GateSkipConfig, GateSkipError
@@ -112,14 +112,8 @@ def test_cached_generation_equals_recompute(family, kv, lengths):
     """Batch 1 decodes through the one-token host decision (state.decide_one); the recompute ranks with masks."""
     m = _calibrated(family)
     ids, mask = left_padded(lengths)
-    with torch.no_grad(), gateskip.skipping(m, ratio=0.4, policy="threshold", kv=kv):
-        out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-        assert gate_state(m).counts[:, 0].sum() > 0
-        seq = out.sequences
-        full_mask = torch.cat([mask, torch.ones(len(lengths), seq.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
-        recomputed = logits(m, seq, full_mask)
-    t0 = ids.shape[1]
+    out, recomputed, t0 = generate_then_recompute(m, ids, mask, 8, logits, ratio=0.4, policy="threshold", kv=kv)
+    seq = out.sequences
     for step, step_logits in enumerate(out.logits):
         assert (step_logits - recomputed[:, t0 - 1 + step]).abs().max() < 1e-4
     # Greedy tokens are the recomputed argmax, up to and including a row's first EOS (then padding).

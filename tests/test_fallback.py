@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, left_padded, positions
+from conftest import FAMILIES, VOCAB, generate_then_recompute, left_padded, path_grads, positions
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -111,14 +111,7 @@ def test_physical_equals_masked_and_cache_equals_recompute(family, kind):
         assert s["path_calls"]["physical"] > 0 and s["tokens_skipped"] > 0.2
         for lengths in ([9], [9, 5]):
             i2, m2 = left_padded(lengths, seed=4)
-            with torch.no_grad(), gateskip.skipping(m, ratio=0.4, policy="threshold", kv=kv):
-                gen = m.generate(input_ids=i2, attention_mask=m2, max_new_tokens=6, do_sample=False,
-                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-                assert gate_state(m).counts[:, 0].sum() > 0
-                seq = gen.sequences
-                full = torch.cat([m2, torch.ones(len(lengths), seq.shape[1] - i2.shape[1], dtype=m2.dtype)], 1)
-                again = _logits(m, seq, full)
-            t0 = i2.shape[1]
+            gen, again, t0 = generate_then_recompute(m, i2, m2, 6, _logits, ratio=0.4, policy="threshold", kv=kv)
             for step, step_logits in enumerate(gen.logits):
                 assert (step_logits - again[:, t0 - 1 + step]).abs().max() < TOL
 
@@ -141,14 +134,9 @@ def test_decode_batch1_skipping_a_whole_branch_gets_its_fallback(kind):
 def test_physical_backward_matches_masked_and_fallback_is_trainable():
     m = _fitted("mistral", "lowrank")
     ids = torch.randint(1, VOCAB, (2, 12))
-    grads = {}
-    for path in ("masked", "physical"):
-        m.zero_grad()
-        with gateskip.skipping(m, ratio=0.4, path=path):
-            m(input_ids=ids, labels=ids).loss.backward()
-        fb = m.model.layers[1].mlp.fallback
-        grads[path] = (m.model.layers[1].self_attn.module.q_proj.weight.grad.clone(), fb.A.grad.clone(),
-                       fb.bias.grad.clone())
+    fb = m.model.layers[1].mlp.fallback
+    grads = path_grads(m, ids, lambda m: (m.model.layers[1].self_attn.module.q_proj.weight.grad.clone(),
+                                          fb.A.grad.clone(), fb.bias.grad.clone()))
     assert all(p.requires_grad for p in fallback_parameters(m))
     assert grads["masked"][1].abs().sum() > 0
     for a, b in zip(grads["masked"], grads["physical"]):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, left_padded, positions
+from conftest import FAMILIES, VOCAB, left_padded, path_grads, positions
 
 import gateskip
 from gateskip import GateSkipConfig
@@ -125,12 +125,7 @@ def test_physical_backward_matches_masked():
     """The physical path is differentiable too (gather/scatter), with the masked path's gradients."""
     m = _calibrated("mistral")
     ids = torch.randint(1, VOCAB, (2, 12))
-    grads = {}
-    for path in ("masked", "physical"):
-        m.zero_grad()
-        with gateskip.skipping(m, ratio=0.4, path=path):
-            m(input_ids=ids, labels=ids).loss.backward()
-        grads[path] = m.model.layers[1].self_attn.module.q_proj.weight.grad.clone()
+    grads = path_grads(m, ids, lambda m: m.model.layers[1].self_attn.module.q_proj.weight.grad.clone())
     assert (grads["masked"] - grads["physical"]).abs().max() < TOL
 
 
