@@ -157,3 +157,20 @@ def test_fit_under_a_plan_refits_on_the_inputs_skipping_gives():
                                                                                gb[later].parameters()))
     with pytest.raises(GateSkipError, match="unknown branch"):
         fit_gates(a, cal, branches=["layers.7.mlp"])
+
+
+def test_refit_under_a_plan_in_one_pass_equals_the_two_separate_fits():
+    """refit_under_plan (one pass per branch: fallback, then gate) = fit_fallback then fit_gates, branch by branch."""
+    from gateskip.gatefit import refit_under_plan
+
+    cal = _data(2, 4, 32, seed=11)
+    plan = {"ratio": 0.4, "policy": "quantile"}
+    a, b = _model(init_std=0.0), _model(init_std=0.0)
+    out = refit_under_plan(a, cal, plan, progress=False)
+    for br in gate_state(b).branches:
+        gateskip.fit_fallback(b, cal, under_plan=plan, branches=[br.name])
+        fit_gates(b, cal, under_plan=plan, branches=[br.name])
+    assert set(out["fallback_r2"]) == set(out["gate_r2"]) == {br.name for br in gate_state(a).branches}
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)

@@ -178,6 +178,12 @@ class Moments:
         return weights, my - mx @ w, (1.0 - sse / sst) if sst > 0 else 0.0
 
 
+def set_solution(fb: nn.Module, w, bias: torch.Tensor) -> None:
+    """Write a ``Moments.solve`` solution (weights: None, W or (A, B); bias) into fallback ``fb``."""
+    fb.set(None if w is None else (w.to(fb.bias) if torch.is_tensor(w) else tuple(t.to(fb.bias) for t in w)),
+           bias.to(fb.bias))
+
+
 class _Stop(Exception):
     """Raised inside a forward once the branch being fitted has been seen: the rest need not run."""
 
@@ -265,9 +271,7 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
                     raise GateSkipError("fit_fallback saw no real tokens (every position is padding): pass batches "
                                         "whose attention_mask keeps some tokens")
                 w, bias, r2[b.name] = m.solve(cfg.fallback, cfg.fallback_rank, ridge)
-                fb = b.fallback
-                fb.set(None if w is None else (w.to(fb.bias) if torch.is_tensor(w) else
-                                               tuple(t.to(fb.bias) for t in w)), bias.to(fb.bias))
+                set_solution(b.fallback, w, bias)
                 tokens = tokens or m.n
     except BaseException:
         st.cfg, st.flops = before[0], before[1]

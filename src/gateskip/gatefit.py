@@ -131,3 +131,67 @@ def _write_gate(gate, w: torch.Tensor, b: float) -> None:
     up.weight.zero_()
     up.weight[:, 0] = 1.0
     up.bias.fill_(b)
+
+
+@torch.no_grad()
+def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate_ridge: float = 1e-2,
+                     fit_gates: bool = True, open_logit: float = 8.0, spread: float = 1.0,
+                     exclude_first: int | None = None, eps: float = 1e-6, progress: bool = True) -> dict:
+    """Refit every branch's fallback, then its gate, in execution order under ``under_plan``: one pass per branch.
+
+    Each pass runs the model under the plan (``skipping()`` arguments; masked path, K/V computed) with the
+    branches below already refitted, keeps the branch's inputs and outputs (the pass stops there), fits the
+    fallback on them (as ``fit_fallback``) and then the gate on the new fallback's residuals (as ``fit_gates``):
+    each branch is fitted on the inputs it sees when skipping is on. ``batches`` are held in memory per branch
+    (a few batches are enough: O(tokens x H)). Returns ``{"fallback_r2", "gate_r2", "tokens"}``.
+    """
+    from gateskip.arch import text_config
+    from gateskip.core import _as_inputs, gate_state, skipping
+    from gateskip.fallback import Moments, _collect, set_solution
+
+    st = gate_state(model)
+    cfg = st.cfg
+    if cfg.fallback == "zero" and not fit_gates:
+        raise GateSkipError("refit_under_plan has nothing to fit: the gates have fallback='zero' and fit_gates=False")
+    if fit_gates and (cfg.gate == "mlp" or cfg.placement != "after"):
+        raise GateSkipError("refit_under_plan fits gates of kind vector, scalar or lowrank placed after the branch")
+    batches = list(batches)
+    if not batches:
+        raise GateSkipError("refit_under_plan got no batches: pass an iterable of input_ids tensors")
+    hidden = text_config(model).hidden_size
+    device = next(model.parameters()).device
+    inputs = [_as_inputs(b, device) for b in batches]
+    plan = {**under_plan, "path": "masked", "kv": "compute"}
+    first = cfg.protect_first if exclude_first is None else int(exclude_first)
+    fb_r2, gate_r2, tokens = {}, {}, 0
+    branches = st.branches
+    if progress:
+        from tqdm.auto import tqdm
+
+        branches = tqdm(branches, desc="refit under the plan", unit="branch")
+    was_training = model.training
+    model.eval()
+    try:
+        for b in branches:
+            kept = []
+            _collect(model, st, inputs, [b], hidden, False, plan, skipping,
+                     add=lambda _b, _m, x, y, kept=kept: kept.append((x, y)), first=first)
+            if not kept or sum(x.shape[0] for x, _ in kept) == 0:
+                raise GateSkipError("refit_under_plan saw no real tokens: pass batches with tokens past the prefix")
+            fb = b.fallback
+            if fb is not None:
+                m = Moments(hidden, cfg.fallback != "mean", device)
+                for x, y in kept:
+                    m.add(x, y)
+                w, bias, fb_r2[b.name] = m.solve(cfg.fallback, cfg.fallback_rank, ridge)
+                set_solution(fb, w, bias)
+                tokens = tokens or m.n
+            if fit_gates:
+                g = Moments(hidden, True, device, out=1)
+                for x, y in kept:
+                    r = y.float() if fb is None else y.float() - fb(x).float()
+                    g.add(x, torch.log(r.norm(dim=-1, keepdim=True) + eps))
+                tokens = _solve([b], {b.index: g}, gate_ridge, open_logit, spread, gate_r2) or tokens
+    finally:
+        model.train(was_training)
+    return {"fallback_r2": fb_r2, "gate_r2": gate_r2, "tokens": tokens}

@@ -95,19 +95,13 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         summary["gate_r2"] = gf["r2"]
         print(f"[gateskip fit] gate log-cost R^2 {_by_kind(gf['r2'])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     if sequential > 0:
-        seq = cal[:sequential_batches]
-        plan = {"ratio": sequential, "policy": "quantile"}
-        r2f, r2g = {}, {}
-        from tqdm.auto import tqdm
+        from gateskip.gatefit import refit_under_plan
 
-        for b in tqdm(st.branches, desc="sequential refit", unit="branch"):
-            r2f.update(fit_fallback(net, seq, kind=fallback, rank=fallback_rank, ridge=ridge, under_plan=plan,
-                                    branches=[b.name])["r2"])
-            if fit_gates:
-                r2g.update(fit_gate_params(net, seq, ridge=gate_ridge, under_plan=plan, branches=[b.name])["r2"])
-        summary["sequential"] = {"ratio": sequential, "batches": len(seq), "fallback_r2": r2f, "gate_r2": r2g}
-        print(f"[gateskip fit] sequential refit at {sequential:g}: fallback R^2 {_by_kind(r2f)}; gate R^2 "
-              f"{_by_kind(r2g)}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        seq = refit_under_plan(net, cal[:sequential_batches], {"ratio": sequential, "policy": "quantile"},
+                               ridge=ridge, gate_ridge=gate_ridge, fit_gates=fit_gates)
+        summary["sequential"] = {"ratio": sequential, "batches": min(sequential_batches, len(cal)), **seq}
+        print(f"[gateskip fit] refit under skipping {sequential:g}: fallback R^2 {_by_kind(seq['fallback_r2'])}; "
+              f"gate R^2 {_by_kind(seq['gate_r2'])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     allocs = {}
     targets = [float(t) for t in str(allocate).split(",") if t.strip()] if allocate else []
     if targets:
