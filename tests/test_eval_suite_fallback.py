@@ -15,9 +15,10 @@ from gateskip.models import tiny_model, tiny_tokenizer
 
 pytest.importorskip("lm_eval")
 
+from gateskip.baselines.shortgpt import linear_replaced  # noqa: E402
 from gateskip.eval import suite_report  # noqa: E402
 from gateskip.eval.suite import Item, SuiteTask  # noqa: E402
-from gateskip.eval.suite_run import linear_replaced, row_names, sweep  # noqa: E402
+from gateskip.eval.suite_run import row_names, sweep  # noqa: E402
 
 ITEMS = [Item(0, [("The cat sat on the", " mat"), ("The cat sat on the", " big red mat")], 0, [3.0, 11.0]),
          Item(1, [("Two plus two", " is four"), ("Two plus two", " x")], 0, [7.0, 1.0]),

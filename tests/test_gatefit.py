@@ -174,3 +174,29 @@ def test_refit_under_a_plan_in_one_pass_equals_the_two_separate_fits():
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert na == nb
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_command_writes_a_folder_allocations_and_the_bracket(tmp_path):
+    import json
+
+    from conftest import tiny_folder
+
+    from gateskip.commands.fit import fit as fit_command
+
+    d, data = tiny_folder(tmp_path)
+    out = tmp_path / "f"
+    s = fit_command(model=str(d), out=str(out), fallback="lowrank", fallback_rank=8, batches=2, seq_len=32,
+                    batch_size=2, compare="0.3", compare_batches=1, data=str(data), sequential=0.3,
+                    sequential_batches=1, allocate="0.1,0.2", sens_batches=1, sens_steps="0.5,1", baselines="1")
+    rows = s["compare"]["rows"]
+    assert [r["scope"] for r in rows] == ["attn", "mlp", "both", "alloc 0.1", "alloc 0.2"]
+    assert all(r["random"] > 0 and r["gates"] > 0 and r["oracle"] > 0 for r in rows)
+    assert [b["method"] for b in s["compare"]["baselines"]] == ["shortgpt", "shortgpt+linear"]
+    for t in ("0.1", "0.2"):
+        alloc = json.loads((out / f"alloc_{t}.json").read_text())
+        assert alloc and all(0 < v <= 1 for v in alloc.values())
+    assert (out / "compare.md").read_text().startswith("Held-out next-token CE")
+    loaded = gateskip.load_gates(tiny_model("llama"), out)  # the folder loads, fallback and calibration with it
+    assert gate_state(loaded).cfg.fallback == "lowrank" and gate_state(loaded).calibration is not None
+    with pytest.raises(GateSkipError, match="needs a fallback"):
+        fit_command(model=str(d), out=str(tmp_path / "z"), fallback="zero")

@@ -23,7 +23,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         ridge: float = 1e-3, gate_ridge: float = 1e-2, under_ratio: float = 0.0, compare: str = "0.15,0.3,0.5",
         compare_batches: int = 8, threads: int = 0, data: str = "mix", allocate: str = "",
         sens_batches: int = 2, sens_steps: str = "0.25,0.5,0.75,1", sequential: float = 0.0,
-        sequential_batches: int = 4) -> dict:
+        sequential_batches: int = 4, baselines: str = "") -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
     Args:
@@ -56,7 +56,10 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         sequential: after the one-pass fits, refit each branch's fallback and gate in execution order under
             skipping at this ratio (quantile policy, every branch, the earlier branches already refitted), so
             each is fitted on the inputs it sees when skipping is on. 0: off.
-        sequential_batches: calibration batches of the sequential refit (one pass per branch and fit).
+        sequential_batches: calibration batches of the sequential refit (one pass per branch).
+        baselines: ShortGPT layer counts, e.g. 3,6,9: after the comparison, the same held-out CE for ShortGPT
+            (lowest Block Influence layers removed) and ShortGPT with each removed layer replaced by a fitted
+            linear map (baselines.shortgpt.linear_replaced), with their compute saved. Empty: none.
     """
     import torch
 
@@ -129,6 +132,9 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
     if ratios or allocs:
         held = fixed_batches(tok, load_texts(data, "heldout"), seq_len, batch_size, compare_batches)
         summary["compare"] = compare_choices(net, held, ratios, allocs=allocs)
+        layers = [int(n) for n in str(baselines).split(",") if n.strip()] if baselines else []
+        if layers:
+            summary["compare"]["baselines"] = static_baselines(net, cal[:sequential_batches], held, layers)
         md = compare_markdown(summary["compare"])
         Path(out, "compare.md").write_text(md)
         print(md)
@@ -177,6 +183,31 @@ def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dic
     return res
 
 
+def static_baselines(net, cal, held, layers) -> list[dict]:
+    """Held-out CE of ShortGPT and ShortGPT + linear replacement at each layer count. Removes ``net``'s gates
+    (call it last: the gates folder is saved already)."""
+    from gateskip.baselines.shortgpt import block_influence, least_influential, linear_replaced, pruned
+    from gateskip.core import remove_gates, skipping, stats
+    from gateskip.eval.fidelity import language_ce
+    from gateskip.eval.flopcount import TokenCounter
+
+    remove_gates(net)
+    bi = block_influence(net, cal)
+    order = least_influential(bi, len(bi))
+    rows = []
+    for n in layers:
+        drop = sorted(order[:n])
+        counter = TokenCounter(net)
+        with pruned(net, drop), counter:
+            ce = language_ce(net, held)
+        rows.append({"method": "shortgpt", "layers": n, "ce": ce, "saved": counter.stats(drop)["compute_saved"]})
+        with linear_replaced(net, drop, cal) as (plan, _fit), skipping(net, **plan):
+            ce = language_ce(net, held)
+            saved = stats(net)["compute_saved"]
+        rows.append({"method": "shortgpt+linear", "layers": n, "ce": ce, "saved": saved})
+    return rows
+
+
 def compare_markdown(res: dict) -> str:
     out = [f"Held-out next-token CE (dense {res['dense']:.3f}); each branch in scope skips the ratio of its tokens "
            "per batch; gap closed = (random - gates) / (random - oracle).", "",
@@ -185,6 +216,11 @@ def compare_markdown(res: dict) -> str:
         gc = "-" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
         out.append(f"| {r['scope']} | {r['ratio']:g} | {r['random']:.3f} | {r['gates']:.3f} | {r['oracle']:.3f} | {gc} "
                    f"| {100 * r['gates_saved']:.1f}% |")
+    if res.get("baselines"):
+        out += ["", "Static baselines on the same text:", "", "| method | layers removed | CE | compute saved |",
+                "|---|---|---|---|"]
+        for r in res["baselines"]:
+            out.append(f"| {r['method']} | {r['layers']} | {r['ce']:.3f} | {100 * r['saved']:.1f}% |")
     return "\n".join(out) + "\n"
 
 

@@ -242,7 +242,7 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
             remove_gates(net)
     bi = None
     if {"shortgpt", "shortgpt_linear"} & set(methods):
-        from gateskip.baselines.shortgpt import block_influence, least_influential, pruned
+        from gateskip.baselines.shortgpt import block_influence, least_influential, linear_replaced, pruned
 
         bi = block_influence(net, calib)
         order = least_influential(bi, len(bi))
@@ -257,7 +257,7 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
                         rows.append(run.row("shortgpt", f"{n} layers", {"layers_dropped": drop},
                                             removed=tuple(drop), counters=counters))
                     continue
-                with linear_replaced(net, drop, batches(), seed) as (plan, fit):
+                with linear_replaced(net, drop, batches(), seed) as (plan, fit):  # baselines/shortgpt.py
                     setting = {"layers_dropped": drop, "fit_tokens": fit["tokens"],
                                "r2": {k: v for k, v in fit["r2"].items() if k in plan["ratio"]}}
                     rows.append(run.row("shortgpt+linear", f"{n} layers", setting, plan))
@@ -330,43 +330,6 @@ def r2_means(r2: dict) -> dict:
         if vals:
             out[kind] = sum(vals) / len(vals)
     return out
-
-
-LINEAR_GATES = {"gate": "scalar", "init_std": 0.0, "init_bias": 1e4, "fallback": "linear", "kv": "copy"}
-
-
-@contextlib.contextmanager
-def linear_replaced(net, drop, batches, seed: int = 0):
-    """ShortGPT with the layers ``drop`` replaced by fitted linear maps; yields ``(plan, fit summary)``.
-
-    Built from the library's own parts: scalar gates fixed at exactly 1 (weights 0, bias 1e4:
-    sigmoid(1e4) is 1.0 in float32) with ``linear`` fallbacks on every branch, and a plan that skips
-    every token of the dropped layers' attention and MLP (ratio 1 under the random policy: u < 1 for
-    every draw u in [0, 1); nothing protected, BOS included) and none elsewhere. Each dropped branch then
-    outputs x W + b (the gate multiplies it by 1), every other branch its exact output. The fallbacks
-    are fitted in closed form branch by branch under that plan (``fit_fallback(under_plan=...)``, with
-    ``kv="compute"`` so that an attention's target is its own output), each on the inputs it sees with
-    the earlier replacements installed (only the replaced branches are fitted: one pass each, stopped at
-    its branch). Inside the block ``gateskip.skipping(net, **plan)`` runs the replaced model and
-    ``gateskip.stats`` charges the maps (2 H^2 FLOPs per token and branch) and the scalar gates of
-    every branch. The gates are removed on exit.
-    """
-    from gateskip.config import GateSkipConfig
-    from gateskip.core import add_gates, remove_gates
-    from gateskip.fallback import fit_fallback
-
-    add_gates(net, GateSkipConfig(**LINEAR_GATES))
-    try:
-        ratio = {f"layers.{i}.{kind}": 1.0 for i in sorted(drop) for kind in ("attn", "mlp")}
-        plan = {"ratio": ratio, "policy": "random", "protect_first": 0, "kv": "copy", "seed": seed}
-        # Fitted with kv="compute": under "copy" the masked path runs a skipped token's attention with the
-        # K/V of the layer below, so the output recorded as the target would not be the attention's own.
-        # Scored with kv="copy": nothing attends at a replaced layer, so its K/V are never read, and
-        # "compute" would charge projecting them.
-        fit = fit_fallback(net, batches, kind="linear", under_plan={**plan, "kv": "compute"}, branches=list(ratio))
-        yield plan, fit
-    finally:
-        remove_gates(net)
 
 
 SUITE_METHODS = ("gateskip", "random", "shortgpt", "shortgpt_linear")
