@@ -61,7 +61,8 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         sequential_batches: calibration batches of the sequential refit (one pass per branch).
         baselines: ShortGPT layer counts, e.g. 3,6,9: after the comparison, the same held-out CE for ShortGPT
             (lowest Block Influence layers removed) and ShortGPT with each removed layer replaced by a fitted
-            linear map (baselines.shortgpt.linear_replaced), with their compute saved. Empty: none.
+            linear map (baselines.shortgpt.linear_replaced, fitted on the first --sequential-batches
+            calibration batches), with their compute saved. Empty: none.
     """
     import torch
 
@@ -131,10 +132,10 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         tmp = Path(out, f"alloc_{t:g}.json.tmp")
         tmp.write_text(json.dumps(r, indent=0))
         tmp.replace(Path(out, f"alloc_{t:g}.json"))
-    if ratios or allocs:
+    layers = [int(n) for n in str(baselines).split(",") if n.strip()] if baselines else []
+    if ratios or allocs or layers:
         held = fixed_batches(tok, load_texts(data, "heldout"), seq_len, batch_size, compare_batches)
         summary["compare"] = compare_choices(net, held, ratios, allocs=allocs)
-        layers = [int(n) for n in str(baselines).split(",") if n.strip()] if baselines else []
         if layers:
             summary["compare"]["baselines"] = static_baselines(net, cal[:sequential_batches], held, layers)
         md = compare_markdown(summary["compare"])
