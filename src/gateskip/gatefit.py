@@ -51,7 +51,7 @@ def fit_gates(model, batches, ridge: float = 1e-2, open_logit: float = 8.0, spre
     layer follows a ReLU, so the logit cannot be set to a linear function of x).
     """
     from gateskip.arch import text_config
-    from gateskip.core import _as_inputs, gate_state, gates_bypassed, skipping
+    from gateskip.core import gate_state, gates_bypassed, skipping
     from gateskip.fallback import _collect
 
     st = gate_state(model)
@@ -62,17 +62,11 @@ def fit_gates(model, batches, ridge: float = 1e-2, open_logit: float = 8.0, spre
         raise GateSkipError("fit_gates needs gates placed after the branch (placement='after')")
     if ridge < 0 or spread <= 0:
         raise GateSkipError(f"fit_gates: ridge={ridge} must be >= 0 and spread={spread} > 0")
-    batches = list(batches)
-    if not batches:
-        raise GateSkipError("fit_gates got no batches: pass an iterable of input_ids tensors or tokenizer outputs")
     hidden = text_config(model).hidden_size
-    device = next(model.parameters()).device
-    inputs = [_as_inputs(b, device) for b in batches]
+    inputs = _inputs(model, batches, "fit_gates")
 
     def add(branch, moments, x, y):
-        fb = branch.fallback
-        r = y.float() if fb is None else y.float() - fb(x).float()
-        moments.add(x, torch.log(r.norm(dim=-1, keepdim=True) + eps))
+        moments.add(x, _log_cost(branch.fallback, x, y, eps))
 
     first = st.cfg.protect_first if exclude_first is None else int(exclude_first)
     chosen = st.branches if branches is None else [b for b in st.branches if b.name in set(branches)]
@@ -95,6 +89,22 @@ def fit_gates(model, batches, ridge: float = 1e-2, open_logit: float = 8.0, spre
     finally:
         model.train(was_training)
     return {"tokens": tokens, "r2": r2}
+
+
+def _inputs(model, batches, who: str) -> list[dict]:
+    from gateskip.core import _as_inputs
+
+    batches = list(batches)
+    if not batches:
+        raise GateSkipError(f"{who} got no batches: pass an iterable of input_ids tensors or tokenizer outputs")
+    device = next(model.parameters()).device
+    return [_as_inputs(b, device) for b in batches]
+
+
+def _log_cost(fb, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """log ||y - fb(x)|| per token ([N, 1]): what skipping each token moves the residual stream by."""
+    r = y.float() if fb is None else y.float() - fb(x).float()
+    return torch.log(r.norm(dim=-1, keepdim=True) + eps)
 
 
 def _solve(chosen, moments, ridge, open_logit, spread, r2) -> int:
@@ -146,7 +156,7 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
     (a few batches are enough: O(tokens x H)). Returns ``{"fallback_r2", "gate_r2", "tokens"}``.
     """
     from gateskip.arch import text_config
-    from gateskip.core import _as_inputs, gate_state, skipping
+    from gateskip.core import gate_state, skipping
     from gateskip.fallback import Moments, _collect, set_solution
 
     st = gate_state(model)
@@ -155,12 +165,9 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
         raise GateSkipError("refit_under_plan has nothing to fit: the gates have fallback='zero' and fit_gates=False")
     if fit_gates and (cfg.gate == "mlp" or cfg.placement != "after"):
         raise GateSkipError("refit_under_plan fits gates of kind vector, scalar or lowrank placed after the branch")
-    batches = list(batches)
-    if not batches:
-        raise GateSkipError("refit_under_plan got no batches: pass an iterable of input_ids tensors")
     hidden = text_config(model).hidden_size
     device = next(model.parameters()).device
-    inputs = [_as_inputs(b, device) for b in batches]
+    inputs = _inputs(model, batches, "refit_under_plan")
     plan = {**under_plan, "path": "masked", "kv": "compute"}
     first = cfg.protect_first if exclude_first is None else int(exclude_first)
     fb_r2, gate_r2, tokens = {}, {}, 0
@@ -189,8 +196,7 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
             if fit_gates:
                 g = Moments(hidden, True, device, out=1)
                 for x, y in kept:
-                    r = y.float() if fb is None else y.float() - fb(x).float()
-                    g.add(x, torch.log(r.norm(dim=-1, keepdim=True) + eps))
+                    g.add(x, _log_cost(fb, x, y, eps))
                 tokens = _solve([b], {b.index: g}, gate_ridge, open_logit, spread, gate_r2) or tokens
     finally:
         model.train(was_training)
