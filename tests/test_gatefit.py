@@ -200,3 +200,8 @@ def test_fit_command_writes_a_folder_allocations_and_the_bracket(tmp_path):
     assert gate_state(loaded).cfg.fallback == "lowrank" and gate_state(loaded).calibration is not None
     with pytest.raises(GateSkipError, match="needs a fallback"):
         fit_command(model=str(d), out=str(tmp_path / "z"), fallback="zero")
+    # refit under an allocation instead of a uniform ratio
+    s2 = fit_command(model=str(d), out=str(tmp_path / "g"), fallback="lowrank", fallback_rank=8, batches=2,
+                     seq_len=32, batch_size=2, compare="", data=str(data), sequential_batches=1,
+                     sequential_budget=str(out / "alloc_0.2.json"))
+    assert s2["sequential"]["ratio"] == json.loads((out / "alloc_0.2.json").read_text())

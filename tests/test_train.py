@@ -278,8 +278,9 @@ def test_fallback_trains_end_to_end_under_a_per_branch_budget(tmp_path):
 
 
 def test_train_from_a_fit_folder_with_a_budget_file(tmp_path):
+    from gateskip.allocate import read_budget
     from gateskip.commands.fit import fit as fit_command
-    from gateskip.train import read_budget, train
+    from gateskip.train import train
 
     d, data = tiny_folder(tmp_path)
     fit_command(model=str(d), out=str(tmp_path / "f"), fallback="lowrank", fallback_rank=8, batches=2, seq_len=32,

@@ -13,6 +13,7 @@ FLOP-weighted saving reaches the target. The result is a dict of per-branch rati
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -139,3 +140,19 @@ def allocate(sens: Mapping, saved: Mapping[str, float], dense: float, target: fl
             ratios[name] = steps[j] + (steps[j + 1] - steps[j]) * need / gain
             need = 0.0
     return {k: round(v, 6) for k, v in ratios.items() if v > 0}
+
+
+def read_budget(path: str) -> dict[str, float]:
+    """Per-branch skip ratios from a JSON file ({"layers.3.mlp": 0.5, ...}), checked."""
+    from gateskip.policies import check_ratio
+
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise GateSkipError(f"budget file {path!r} does not exist: pass a JSON file of per-branch ratios") from None
+    except json.JSONDecodeError as e:
+        raise GateSkipError(f"budget file {path!r} is not valid JSON ({e.msg}): pass per-branch ratios") from None
+    if not isinstance(raw, dict) or not raw:
+        raise GateSkipError(f"budget file {path!r} must hold a non-empty object of branch name -> ratio")
+    return {str(k): check_ratio(v, f"skip ratio for {k}") for k, v in raw.items()}

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gateskip import distributed as gdist
+from gateskip.allocate import read_budget
 from gateskip.checkpoint import atomic_write, load_train_state, save_gates, save_train_state
 from gateskip.config import GateSkipConfig
 from gateskip.core import (
@@ -153,7 +154,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     ramp_steps = ramp_steps if ramp_steps is not None else max(1, int(0.8 * steps))
     if init is not None and fsdp:
         raise GateSkipError("--init with --fsdp is not supported: start from new gates, or train without --fsdp")
-    budget_ratios = read_budget(budget) if budget else None
+    budget_ratios = read_budget(budget) if budget else None  # allocate.py
     gate_cfg = GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv,
                               placement=placement, shared=shared, protect_first=protect_first,
                               fallback=fallback, fallback_rank=fallback_rank)
@@ -407,22 +408,6 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
             last_good = step + 1
     net.eval()
     return peft_model
-
-
-def read_budget(path: str) -> dict[str, float]:
-    """Per-branch skip ratios from a JSON file ({"layers.3.mlp": 0.5, ...}), checked."""
-    from gateskip.policies import check_ratio
-
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise GateSkipError(f"budget file {path!r} does not exist: pass a JSON file of per-branch ratios") from None
-    except json.JSONDecodeError as e:
-        raise GateSkipError(f"budget file {path!r} is not valid JSON ({e.msg}): pass per-branch ratios") from None
-    if not isinstance(raw, dict) or not raw:
-        raise GateSkipError(f"budget file {path!r} must hold a non-empty object of branch name -> ratio")
-    return {str(k): check_ratio(v, f"skip ratio for {k}") for k, v in raw.items()}
 
 
 def _check_fsdp(net, d: gdist.Dist, backbone: str, objective: str) -> None:

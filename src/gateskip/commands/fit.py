@@ -23,7 +23,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         ridge: float = 1e-3, gate_ridge: float = 1e-2, under_ratio: float = 0.0, compare: str = "0.15,0.3,0.5",
         compare_batches: int = 8, threads: int = 0, data: str = "mix", allocate: str = "",
         sens_batches: int = 2, sens_steps: str = "0.25,0.5,0.75,1", sequential: float = 0.3,
-        sequential_batches: int = 4, baselines: str = "") -> dict:
+        sequential_batches: int = 4, baselines: str = "", sequential_budget: str | None = None) -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
     Args:
@@ -59,6 +59,8 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
             one-pass gates are worse than random, the refitted ones close 82% of the gap to the oracle).
             0: one pass only.
         sequential_batches: calibration batches of the sequential refit (one pass per branch).
+        sequential_budget: refit under this JSON file of per-branch ratios (e.g. an alloc_<t>.json) instead of
+            --sequential's uniform ratio.
         baselines: ShortGPT layer counts, e.g. 3,6,9: after the comparison, the same held-out CE for ShortGPT
             (lowest Block Influence layers removed) and ShortGPT with each removed layer replaced by a fitted
             linear map (baselines.shortgpt.linear_replaced, fitted on the first --sequential-batches
@@ -100,13 +102,16 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         gf = fit_gate_params(net, cal, ridge=gate_ridge)
         summary["gate_r2"] = gf["r2"]
         print(f"[gateskip fit] gate log-cost R^2 {_by_kind(gf['r2'])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    if sequential > 0:
+    if sequential > 0 or sequential_budget:
+        from gateskip.allocate import read_budget
         from gateskip.gatefit import refit_under_plan
 
-        seq = refit_under_plan(net, cal[:sequential_batches], {"ratio": sequential, "policy": "quantile"},
+        under = read_budget(sequential_budget) if sequential_budget else sequential
+        seq = refit_under_plan(net, cal[:sequential_batches], {"ratio": under, "policy": "quantile"},
                                ridge=ridge, gate_ridge=gate_ridge, fit_gates=fit_gates)
-        summary["sequential"] = {"ratio": sequential, "batches": min(sequential_batches, len(cal)), **seq}
-        print(f"[gateskip fit] refit under skipping {sequential:g}: fallback R^2 {_by_kind(seq['fallback_r2'])}; "
+        summary["sequential"] = {"ratio": under, "batches": min(sequential_batches, len(cal)), **seq}
+        what = sequential_budget or f"{sequential:g}"
+        print(f"[gateskip fit] refit under skipping {what}: fallback R^2 {_by_kind(seq['fallback_r2'])}; "
               f"gate R^2 {_by_kind(seq['gate_r2'])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     allocs = {}
     targets = [float(t) for t in str(allocate).split(",") if t.strip()] if allocate else []
