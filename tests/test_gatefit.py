@@ -203,5 +203,6 @@ def test_fit_command_writes_a_folder_allocations_and_the_bracket(tmp_path):
     # refit under an allocation instead of a uniform ratio
     s2 = fit_command(model=str(d), out=str(tmp_path / "g"), fallback="lowrank", fallback_rank=8, batches=2,
                      seq_len=32, batch_size=2, compare="", data=str(data), sequential_batches=1,
-                     sequential_budget=str(out / "alloc_0.2.json"))
+                     sequential_budget=str(out / "alloc_0.2.json"), compare_budgets=str(out / "alloc_0.2.json"))
     assert s2["sequential"]["ratio"] == json.loads((out / "alloc_0.2.json").read_text())
+    assert [r["scope"] for r in s2["compare"]["rows"]] == ["alloc_0.2"]

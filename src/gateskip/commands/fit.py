@@ -23,7 +23,8 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         ridge: float = 1e-3, gate_ridge: float = 1e-2, under_ratio: float = 0.0, compare: str = "0.15,0.3,0.5",
         compare_batches: int = 8, threads: int = 0, data: str = "mix", allocate: str = "",
         sens_batches: int = 2, sens_steps: str = "0.25,0.5,0.75,1", sequential: float = 0.3,
-        sequential_batches: int = 4, baselines: str = "", sequential_budget: str | None = None) -> dict:
+        sequential_batches: int = 4, baselines: str = "", sequential_budget: str | None = None,
+        compare_budgets: str = "") -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
     Args:
@@ -61,6 +62,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         sequential_batches: calibration batches of the sequential refit (one pass per branch).
         sequential_budget: refit under this JSON file of per-branch ratios (e.g. an alloc_<t>.json) instead of
             --sequential's uniform ratio.
+        compare_budgets: JSON files of per-branch ratios also compared (random / gates / oracle), comma-separated.
         baselines: ShortGPT layer counts, e.g. 3,6,9: after the comparison, the same held-out CE for ShortGPT
             (lowest Block Influence layers removed) and ShortGPT with each removed layer replaced by a fitted
             linear map (baselines.shortgpt.linear_replaced, fitted on the first --sequential-batches
@@ -127,7 +129,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
             allocs[t] = spread(sens, saved, dense, t)
         print(f"[gateskip fit] allocations for {', '.join(f'{t:g}' for t in targets)} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    cal_ratio = allocs[targets[len(targets) // 2]] if allocs else 0.3
+    cal_ratio = allocs[targets[len(targets) // 2]] if allocs else summary.get("sequential", {}).get("ratio", 0.3)
     calibrate(net, cal[: min(4, len(cal))], ratio=cal_ratio)
     save_gates(net, out, extra_meta={"fit": {"command": "gateskip fit", "fallback": fallback,
                                              "fallback_rank": fallback_rank, "fit_gates": bool(fit_gates),
@@ -137,6 +139,12 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         tmp = Path(out, f"alloc_{t:g}.json.tmp")
         tmp.write_text(json.dumps(r, indent=0))
         tmp.replace(Path(out, f"alloc_{t:g}.json"))
+    if compare_budgets:
+        from gateskip.allocate import read_budget
+
+        for f in str(compare_budgets).split(","):
+            if f.strip():
+                allocs[Path(f.strip()).stem] = read_budget(f.strip())
     layers = [int(n) for n in str(baselines).split(",") if n.strip()] if baselines else []
     if ratios or allocs or layers:
         held = fixed_batches(tok, load_texts(data, "heldout"), seq_len, batch_size, compare_batches)
@@ -173,7 +181,7 @@ def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dic
     with gates_bypassed(net):
         res = {"dense": language_ce(net, held), "rows": []}
     settings = [(scope, modules, r, r) for scope, modules in scopes.items() for r in ratios]
-    settings += [(f"alloc {t:g}", ("attn", "mlp"), t, a) for t, a in (allocs or {}).items()]
+    settings += [(f"alloc {t:g}" if isinstance(t, float) else t, ("attn", "mlp"), t, a) for t, a in (allocs or {}).items()]
     bar = tqdm(total=len(settings) * len(CHOICES), desc="held-out CE", unit="setting")
     for scope, modules, label, ratio in settings:
         row = {"scope": scope, "ratio": label}
@@ -222,7 +230,8 @@ def compare_markdown(res: dict) -> str:
            "| scope | ratio | random | gates | oracle | gap closed | compute saved (gates) |", "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         gc = "-" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
-        out.append(f"| {r['scope']} | {r['ratio']:g} | {r['random']:.3f} | {r['gates']:.3f} | {r['oracle']:.3f} | {gc} "
+        ratio = f"{r['ratio']:g}" if isinstance(r["ratio"], float) else "file"
+        out.append(f"| {r['scope']} | {ratio} | {r['random']:.3f} | {r['gates']:.3f} | {r['oracle']:.3f} | {gc} "
                    f"| {100 * r['gates_saved']:.1f}% |")
     if res.get("baselines"):
         out += ["", "Static baselines on the same text:", "", "| method | layers removed | CE | compute saved |",
