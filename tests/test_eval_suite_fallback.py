@@ -278,3 +278,28 @@ def test_an_interrupted_sweep_resumes_from_its_partial_scores(tmp_path, monkeypa
     bar = Bar()
     run({"v": 2}, bar)
     assert any("another sweep" in line for line in bar.lines)
+
+
+def test_the_dense_row_of_a_run_to_merge_is_reused_after_a_spot_check(tmp_path):
+    def run(dense_from=None, bar=None):
+        return sweep(tiny_model("llama"), tiny_tokenizer(), None, TASKS, [], {}, "threshold", None, None, 0,
+                     _data(seed=3), None, bar or Bar(), dense_from=dense_from)
+
+    cfg = {"model": "tiny", "tasks": ["t"], "limit": 3, "shared_prefix": True, "fidelity": None}
+    first = {"config": cfg, "rows": run()["rows"]}
+    bar = Bar()
+    again = run(("a/results.json", first, cfg), bar)
+    assert any("dense row taken from a/results.json" in m for m in bar.lines)
+    assert again["rows"][0]["tasks"] == first["rows"][0]["tasks"]
+    # another model, or scores that the spot check does not reproduce: scored again, not taken
+    bar = Bar()
+    run(("a/results.json", first, {**cfg, "model": "other"}), bar)
+    assert not any("taken" in m for m in bar.lines)
+    wrong = json.loads(json.dumps(first))
+    c = wrong["rows"][0]["tasks"]["t"]["correct"]
+    c[0] = 1.0 - c[0]
+    wrong["rows"][0]["tasks"]["t"]["acc"] = -1.0
+    bar = Bar()
+    rescored = run(("a/results.json", wrong, cfg), bar)
+    assert any("scores t differently" in m for m in bar.lines)
+    assert rescored["rows"][0]["tasks"]["t"]["correct"] == first["rows"][0]["tasks"]["t"]["correct"]

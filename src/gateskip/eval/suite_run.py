@@ -23,6 +23,7 @@ continuations of held-out prompts (fidelity.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -115,6 +116,40 @@ class SuiteRun:
             json.dump({"fingerprint": self.fingerprint, "rows": self.done}, f)
         os.replace(tmp, self.partial)
 
+    def reuse_dense(self, path: str, data: dict, config: dict, spot: int = 8) -> bool:
+        """Take the dense row of another suite run (``data``, its results.json) instead of scoring it again.
+
+        Only when that run used the same model, tasks, limit, prefix sharing and fidelity prompts
+        (``config`` holds this run's), and after a spot check: the first ``spot`` items of every task are
+        scored again and must give the same per-item scores. Returns whether the row was taken."""
+        from gateskip.eval.scoring import Scorer, item_scores
+
+        other = data.get("config", {})
+        same = all(other.get(k) == config.get(k) for k in ("model", "tasks", "limit", "shared_prefix", "fidelity"))
+        dense = data["rows"][0]
+        if not same or set(dense.get("tasks", {})) != {t.name for t in self.tasks} or (
+                self.ref is not None and "fidelity" not in dense):
+            return False
+        scorer = Scorer(self.net, self.tok, shared=self.shared_prefix)
+        for task in self.tasks:
+            head = dataclasses.replace(task, items=task.items[:spot])
+            with torch.no_grad():
+                if task.kind == "gen":
+                    got = item_scores(head, texts=scorer.greedy(head.items))[task.metric]
+                else:
+                    got = item_scores(head, lls=scorer.loglikelihoods(head.items))[task.metric]
+            if list(got) != list(dense["tasks"][task.name]["correct"][:spot]):
+                _say(self.bar, f"[gateskip] the dense row of {path} scores {task.name} differently: scoring it again")
+                return False
+        saved = {"tasks": dict(dense["tasks"]), "seconds_before": 0.0}
+        if "fidelity" in dense:
+            saved["fidelity"] = dense["fidelity"]
+        self.done[_row_key("dense", "-", {}, None)] = saved
+        self._save_partial()
+        _say(self.bar, f"[gateskip] dense row taken from {path} (same model, items and settings; first {spot} "
+                       "items of every task re-scored and equal)")
+        return True
+
     def dense_reference(self) -> None:
         from gateskip.eval import fidelity as fid
 
@@ -131,9 +166,7 @@ class SuiteRun:
         scorer = Scorer(self.net, self.tok, shared=shared)
         per_task = {}
         t_row = time.perf_counter()
-        key = f"{method}|{budget}|" + hashlib.sha1(json.dumps([setting, plan], sort_keys=True, default=str).encode()
-                                                   ).hexdigest()[:12]
-        saved = self.done.setdefault(key, {"tasks": {}})
+        saved = self.done.setdefault(_row_key(method, budget, setting, plan), {"tasks": {}})
         for task in self.tasks:
             if task.name in saved["tasks"]:  # measured by an interrupted run of the same sweep
                 per_task[task.name] = saved["tasks"][task.name]
@@ -192,6 +225,12 @@ class SuiteRun:
                           "its compute saved is not comparable", stacklevel=2)
 
 
+def _row_key(method: str, budget: str, setting: dict, plan: dict | None) -> str:
+    """The key of a row's scores in the partial file: method, budget and a hash of its plan."""
+    digest = hashlib.sha1(json.dumps([setting, plan], sort_keys=True, default=str).encode()).hexdigest()
+    return f"{method}|{budget}|{digest[:12]}"
+
+
 def _skips(plan: dict) -> bool:
     r = plan.get("ratio", 0.0)
     return any(v > 0 for v in r.values()) if isinstance(r, dict) else r > 0
@@ -199,13 +238,15 @@ def _skips(plan: dict) -> bool:
 
 def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[str, list], policy: str,
           kv: str | None, protect_first: int | None, seed: int, calib, fidelity, bar, shared_prefix: bool = True,
-          fallback: dict | None = None, fit_batches=None, resume: tuple[str, dict] | None = None) -> dict:
+          fallback: dict | None = None, fit_batches=None, resume: tuple[str, dict] | None = None,
+          dense_from: tuple[str, dict, dict] | None = None) -> dict:
     """Rows for every method and budget; ``budgets``: method -> list (see ``parse_budgets``).
 
     ``fallback``: ``{"kind", "rank"}`` of the gateskip and random rows (None or kind ``zero``: the gates
     folder's own, the paper's zero for most); ``fit_batches``: calibration batches (or a function
     returning them) for fitting fallbacks (``--fallback`` and shortgpt_linear). ``resume``: (path, fingerprint)
-    of the partial scores file (``SuiteRun.resume_from``).
+    of the partial scores file (``SuiteRun.resume_from``). ``dense_from``: (path, results, this run's
+    config) of a run whose dense row may be reused (``SuiteRun.reuse_dense``).
     """
     from gateskip.checkpoint import load_gates
     from gateskip.core import gate_state, remove_gates
@@ -217,6 +258,8 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
         if n:
             _say(bar, f"[gateskip] resuming: {n} task scores kept from {resume[0]}")
     run.dense_reference()
+    if dense_from is not None and _row_key("dense", "-", {}, None) not in run.done:
+        run.reuse_dense(*dense_from)
     rows = [run.row("dense", "-", {}, counters={t.name: run.full_counter() for t in tasks})]
     common = {"kv": kv, "seed": seed, **({"protect_first": protect_first} if protect_first is not None else {})}
     fb_summary = None
@@ -336,6 +379,10 @@ SUITE_METHODS = ("gateskip", "random", "shortgpt", "shortgpt_linear")
 DEFAULT_SUITE_METHODS = ("gateskip", "random", "shortgpt")  # shortgpt_linear on request (a fit per count)
 
 
+def _fidelity_config(fidelity) -> dict | None:
+    return dict(zip(("prompts", "prompt_tokens", "new_tokens"), fidelity)) if fidelity else None
+
+
 def _save_raw(res: dict, out: str) -> None:
     tmp = os.path.join(out, "results.json.tmp")
     with open(tmp, "w") as f:
@@ -346,7 +393,7 @@ def _save_raw(res: dict, out: str) -> None:
 def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods, policy, kv, limit, out, model,
                    tokenizer, seed, threads, calib_batches, protect_first, fidelity, shared_prefix=True,
                    fallback="zero", fallback_rank=64, fallback_batches=12, compare_with=None,
-                   reference=None, resume=True) -> dict:
+                   reference=None, resume=True, reuse_dense=True) -> dict:
     """``gateskip eval --suite``: see ``gateskip.eval.evaluate`` for the arguments."""
     import tempfile
 
@@ -407,7 +454,10 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
         res = sweep(net, tok, gates, tasks, items, budgets, policy, kv, protect_first, seed, calib, fidelity, bar,
                     shared_prefix, fallback={"kind": fallback, "rank": fallback_rank, "batches": fallback_batches},
                     fit_batches=lambda: _calibration_batches(tok, fallback_batches),
-                    resume=(partial, fingerprint) if resume else None)
+                    resume=(partial, fingerprint) if resume else None,
+                    dense_from=(runs[0][0], runs[0][1], {
+                        "model": model_name, "tasks": names, "limit": limit, "shared_prefix": shared_prefix,
+                        "fidelity": _fidelity_config(fidelity)}) if runs and reuse_dense else None)
     finally:
         bar.close()
     fb = res.pop("fallback") or {"requested": fallback, "kind": "zero", "rank": None, "source": None}
@@ -415,7 +465,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
     res["config"] = {"model": model_name, "gates": gates, "suite": suite, "tasks": names, "limit": limit,
                      "policy": policy, "kv": kv, "protect_first": protect_first, "seed": seed,
                      "methods": items, "budgets": budgets, "shared_prefix": shared_prefix, "fallback": fb,
-                     "fidelity": dict(zip(("prompts", "prompt_tokens", "new_tokens"), fidelity)) if fidelity else None,
+                     "fidelity": _fidelity_config(fidelity),
                      "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1)}
     _save_raw(res, out)  # the scores are safe before the merge and the analysis run
     if resume and os.path.isfile(partial):

@@ -53,7 +53,7 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
              shortgpt_layers: str = "4,10,16", protect_first: int | None = None, fidelity_prompts: int = 32,
              fidelity_prompt_tokens: int = 48, fidelity_tokens: int = 64, shared_prefix: bool = True,
              fallback: str = "zero", fallback_rank: int = 64, fallback_batches: int = 12,
-             reference: str | None = None, resume: bool = True) -> dict:
+             reference: str | None = None, resume: bool = True, reuse_dense: bool = True) -> dict:
     """Sweep skip ratios on offline benchmarks; writes results.json, report.md and curve.png to --out.
 
     Args:
@@ -116,6 +116,9 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
             gateskip+KIND of --fallback if present, else gateskip).
         resume: suite: every task score is written to OUT/partial.json as soon as it is measured, and a rerun
             of the same sweep keeps them (an interrupted sweep resumes); --no-resume starts over.
+        reuse_dense: suite with --compare-with: take the dense row of the first run to merge when it used the
+            same model, items, prefix sharing and fidelity prompts (after re-scoring the first 8 items of
+            every task and finding them equal) instead of scoring it again; --no-reuse-dense scores it.
     """
     if suite:
         from gateskip.eval.suite_run import evaluate_suite
@@ -128,7 +131,8 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
                               fidelity=(fidelity_prompts, fidelity_prompt_tokens, fidelity_tokens)
                               if fidelity_prompts else None, shared_prefix=shared_prefix, fallback=fallback,
                               fallback_rank=fallback_rank, fallback_batches=fallback_batches,
-                              compare_with=compare_with, reference=reference, resume=resume)
+                              compare_with=compare_with, reference=reference, resume=resume,
+                              reuse_dense=reuse_dense)
     if fallback != "zero" or reference is not None:
         raise GateSkipError("--fallback and --reference apply to suite runs: pass --suite core (or extended, all)")
     _require_lm_eval()
