@@ -245,6 +245,30 @@ def test_save_load_roundtrip(tmp_path, kind):
         assert torch.equal(_logits(fresh, ids), ref)
 
 
+def test_half_precision_storage_loads_as_the_rounded_weights(tmp_path):
+    m = _fitted("llama", "lowrank")
+    gateskip.save_gates(m, tmp_path / "f32")
+    gateskip.save_gates(m, tmp_path / "f16", dtype="float16")
+    half = load_file(str(tmp_path / "f16" / "gates.safetensors"))
+    assert half["fallback.layers.0.mlp.A"].dtype == torch.float16 and half["calibration.grid"].dtype == torch.float32
+    assert (tmp_path / "f16" / "gates.safetensors").stat().st_size < 0.6 * (
+        tmp_path / "f32" / "gates.safetensors").stat().st_size
+    # reference: the float32 folder's weights rounded to float16 by hand
+    ref = gateskip.load_gates(tiny_model("llama"), tmp_path / "f32")
+    with torch.no_grad():
+        for mod in [*gate_modules(ref).values(), *fallback_modules(ref).values()]:
+            for p in mod.parameters():
+                p.copy_(p.half().float())
+    fresh = gateskip.load_gates(tiny_model("llama"), tmp_path / "f16")
+    ids = torch.randint(1, VOCAB, (2, 16))
+    with gateskip.skipping(fresh, ratio=0.3, policy="threshold"):
+        got = _logits(fresh, ids)
+    with gateskip.skipping(ref, ratio=0.3, policy="threshold"):
+        assert torch.equal(got, _logits(ref, ids))
+    with pytest.raises(GateSkipError, match="unknown storage dtype 'int8'"):
+        gateskip.save_gates(m, tmp_path / "bad", dtype="int8")
+
+
 def test_a_fallback_that_does_not_fit_is_refused(tmp_path):
     other = gateskip.add_gates(tiny_model("llama", hidden_size=96), _cfg("linear"))
     gateskip.save_gates(other, tmp_path / "other")

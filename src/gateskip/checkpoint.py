@@ -88,15 +88,25 @@ def apply_recorded_pruning(model, meta: dict) -> None:
     apply(model, meta)
 
 
+SAVE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def save_gates(model: nn.Module, directory: str | os.PathLike, *, extra_tensors: dict | None = None,
-               extra_meta: dict | None = None) -> Path:
-    """Write gates, calibration and config to ``directory`` (created if needed)."""
+               extra_meta: dict | None = None, dtype: str = "float32") -> Path:
+    """Write gates, calibration and config to ``directory`` (created if needed).
+
+    ``dtype``: how gate and fallback weights are stored: float32 (as trained; float64 fallbacks of a
+    float64 model stay float64), or float16 / bfloat16 to halve the folder (loading casts them back to
+    the model's dtype; calibration thresholds stay float32)."""
+    if dtype not in SAVE_DTYPES:
+        raise GateSkipError(f"unknown storage dtype {dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
+    store = SAVE_DTYPES[dtype]
     st = gate_state(model)
     d = Path(directory)
-    tensors = {f"gates.{name}.{k}": v.detach().float().cpu().contiguous()
+    tensors = {f"gates.{name}.{k}": v.detach().to(store or torch.float32).cpu().contiguous()
                for name, g in gate_modules(model).items() for k, v in g.state_dict().items()}
     # float32, or float64 for a float64 model: as the fallback keeps them (fallback.make_fallback)
-    tensors.update({f"fallback.{name}.{k}": v.detach().cpu().contiguous()
+    tensors.update({f"fallback.{name}.{k}": (v.detach().to(store) if store else v.detach()).cpu().contiguous()
                     for name, fb in fallback_modules(model).items() for k, v in fb.state_dict().items()})
     meta = {"format": FORMAT, "gateskip_version": __version__, "config": st.cfg.to_dict(),
             "base_model": model_identity(model), "backbone": "frozen"}

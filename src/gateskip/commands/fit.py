@@ -24,7 +24,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         compare_batches: int = 8, threads: int = 0, data: str = "mix", allocate: str = "",
         sens_batches: int = 2, sens_steps: str = "0.25,0.5,0.75,1", sequential: float = 0.3,
         sequential_batches: int = 4, baselines: str = "", sequential_budget: str | None = None,
-        compare_budgets: str = "") -> dict:
+        compare_budgets: str = "", save_dtype: str = "float32") -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
     Args:
@@ -67,6 +67,8 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
             (lowest Block Influence layers removed) and ShortGPT with each removed layer replaced by a fitted
             linear map (baselines.shortgpt.linear_replaced, fitted on the first --sequential-batches
             calibration batches), with their compute saved. Empty: none.
+        save_dtype: how the gates and fallbacks are stored: float32, or float16 / bfloat16 (half the size;
+            loading casts them back).
     """
     import torch
 
@@ -80,6 +82,10 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
 
     if threads:
         torch.set_num_threads(threads)
+    from gateskip.checkpoint import SAVE_DTYPES
+
+    if save_dtype not in SAVE_DTYPES:  # fail now, not after the fit
+        raise GateSkipError(f"unknown --save-dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
     if fallback == "zero":
         raise GateSkipError("gateskip fit needs a fallback to fit: pass --fallback mean, lowrank or linear")
     ratios = [float(r) for r in str(compare).split(",") if r.strip()] if compare else []
@@ -131,7 +137,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     cal_ratio = allocs[targets[len(targets) // 2]] if allocs else summary.get("sequential", {}).get("ratio", 0.3)
     calibrate(net, cal[: min(4, len(cal))], ratio=cal_ratio)
-    save_gates(net, out, extra_meta={"fit": {"command": "gateskip fit", "fallback": fallback,
+    save_gates(net, out, dtype=save_dtype, extra_meta={"fit": {"command": "gateskip fit", "fallback": fallback,
                                              "fallback_rank": fallback_rank, "fit_gates": bool(fit_gates),
                                              "batches": batches, "seq_len": seq_len, "batch_size": batch_size,
                                              "under_ratio": under_ratio, "data": data}})
