@@ -206,3 +206,28 @@ def test_fit_command_writes_a_folder_allocations_and_the_bracket(tmp_path):
                      sequential_budget=str(out / "alloc_0.2.json"), compare_budgets=str(out / "alloc_0.2.json"))
     assert s2["sequential"]["ratio"] == json.loads((out / "alloc_0.2.json").read_text())
     assert [r["scope"] for r in s2["compare"]["rows"]] == ["alloc_0.2"]
+
+
+def test_fit_command_keeps_a_folders_fallback_to_measure_it(tmp_path):
+    from conftest import tiny_folder
+    from safetensors.torch import load_file
+
+    from gateskip.commands.fit import fit as fit_command
+
+    d, data = tiny_folder(tmp_path)
+    kw = dict(seq_len=32, batch_size=2, batches=2, compare_batches=1, data=str(data), sequential_batches=1)
+    fit_command(model=str(d), out=str(tmp_path / "a"), fallback="lowrank", fallback_rank=8, compare="",
+                sequential=0.3, **kw)
+    s = fit_command(gates=str(tmp_path / "a"), out=str(tmp_path / "b"), fallback="keep", fit_gates=False,
+                    sequential=0, compare="0.3", **kw)
+    assert s["fallback"]["kept"] == str(tmp_path / "a") and "fallback_r2" not in s
+    a, b = (load_file(str(tmp_path / x / "gates.safetensors")) for x in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("calibration"))  # nothing refitted
+    assert [r["scope"] for r in s["compare"]["rows"]] == ["attn", "mlp", "both"]
+    with pytest.raises(GateSkipError, match="pass --gates DIR"):
+        fit_command(model=str(d), out=str(tmp_path / "c"), fallback="keep")
+    from gateskip.models import load_model
+
+    gateskip.save_gates(gateskip.add_gates(load_model(str(d))[0]), tmp_path / "zero")
+    with pytest.raises(GateSkipError, match="has no fallback"):
+        fit_command(gates=str(tmp_path / "zero"), out=str(tmp_path / "c"), fallback="keep", **kw)

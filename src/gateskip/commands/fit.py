@@ -32,7 +32,8 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         gates: start from this gates folder (its gates and backbone changes are kept unless --fit-gates);
             default: new gates.
         out: the gates folder to write (with fit.json and compare.md).
-        fallback: mean, lowrank or linear (what a skipped token gets instead of 0).
+        fallback: mean, lowrank or linear (what a skipped token gets instead of 0), or keep: the --gates folder's
+            own, unchanged (with --no-fit-gates --sequential 0: only measure a folder, e.g. a trained one).
         fallback_rank: inner size of a lowrank fallback.
         gate: new gates' kind: vector, scalar or lowrank.
         gate_rank: inner size of a lowrank gate.
@@ -88,6 +89,8 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         raise GateSkipError(f"unknown --save-dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
     if fallback == "zero":
         raise GateSkipError("gateskip fit needs a fallback to fit: pass --fallback mean, lowrank or linear")
+    if fallback == "keep" and not gates:
+        raise GateSkipError("--fallback keep keeps the fallbacks of a gates folder: pass --gates DIR")
     ratios = [float(r) for r in str(compare).split(",") if r.strip()] if compare else []
     t0 = time.perf_counter()
     if gates:
@@ -99,13 +102,20 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         add_gates(net, GateSkipConfig(gate=gate, rank=gate_rank, fallback=fallback, fallback_rank=fallback_rank,
                                       kv=kv, protect_first=protect_first))
     st = gate_state(net)
+    if fallback == "keep" and st.cfg.fallback == "zero":
+        raise GateSkipError(f"--fallback keep: {gates!r} has no fallback (zero): pass --fallback lowrank (or mean, "
+                            "linear) to fit one")
     cal = fixed_batches(tok, load_texts(data, "train"), seq_len, batch_size, batches)
     plan = {"ratio": under_ratio, "policy": "random", "kv": st.cfg.kv} if under_ratio > 0 else None
-    print(f"[gateskip fit] fitting {fallback} fallbacks on {batches} x {batch_size} x {seq_len} tokens"
-          + (f" under random skipping {under_ratio:g}" if plan else ""), flush=True)
-    fb = fit_fallback(net, cal, kind=fallback, rank=fallback_rank, ridge=ridge, under_plan=plan)
-    summary = {"fallback": {k: v for k, v in fb.items() if k != "r2"}, "fallback_r2": fb["r2"]}
-    print(f"[gateskip fit] fallback R^2 {_by_kind(fb['r2'])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if fallback == "keep":  # e.g. measure a trained folder: its fallbacks stay as they are
+        summary = {"fallback": {"kind": st.cfg.fallback, "rank": st.cfg.fallback_rank, "kept": gates}}
+        print(f"[gateskip fit] keeping the {st.cfg.fallback} fallbacks of {gates}", flush=True)
+    else:
+        print(f"[gateskip fit] fitting {fallback} fallbacks on {batches} x {batch_size} x {seq_len} tokens"
+              + (f" under random skipping {under_ratio:g}" if plan else ""), flush=True)
+        fb = fit_fallback(net, cal, kind=fallback, rank=fallback_rank, ridge=ridge, under_plan=plan)
+        summary = {"fallback": {k: v for k, v in fb.items() if k != "r2"}, "fallback_r2": fb["r2"]}
+        print(f"[gateskip fit] fallback R^2 {_by_kind(fb['r2'])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     if fit_gates:
         gf = fit_gate_params(net, cal, ridge=gate_ridge)
         summary["gate_r2"] = gf["r2"]
