@@ -1,4 +1,4 @@
-"""``gateskip inspect``: what the gates learned, for one text or for a corpus sample."""
+"""``gateskip inspect``: what the gates learned, for one text or for a corpus sample (``--stats``, ``--fallback``)."""
 
 from __future__ import annotations
 
@@ -69,26 +69,34 @@ def corpus_rows(tok, data: str, max_tokens: int, seq_len: int) -> list:
     return list(fixed_batches(tok, texts, seq_len=seq_len, batch_size=n_rows, n_batches=1)[0])
 
 
-def _check_args(text, file, stats, gates, ratio, max_tokens, seq_len) -> None:
-    if stats and (text is not None or file is not None):
-        raise GateSkipError("--stats reads a corpus sample (--data), not --text/--file: drop one of them")
-    if not stats:
+def _check_args(text, file, stats, gates, ratio, max_tokens, seq_len, fallback=False) -> None:
+    if stats and fallback:
+        raise GateSkipError("--stats and --fallback are two separate corpus analyses: drop one of them (run "
+                            "inspect twice for both)")
+    corpus = "--stats" if stats else "--fallback" if fallback else None
+    if corpus and (text is not None or file is not None):
+        raise GateSkipError(f"{corpus} reads a corpus sample (--data), not --text/--file: drop one of them")
+    if not corpus:
         if text is not None and file is not None:
             raise GateSkipError("give either --text or --file, not both")
         if file is None and (text is None or not text.strip()):
-            raise GateSkipError("empty text: pass --text \"...\" or --file prompts.txt (or --stats for a corpus "
-                                "sample)")
+            raise GateSkipError("empty text: pass --text \"...\" or --file prompts.txt (or --stats / --fallback for "
+                                "a corpus sample)")
     if not gates:
         raise GateSkipError("inspect needs trained gates: pass --gates DIR (the --out folder of gateskip train)")
     check_ratio(ratio)
+    if fallback and not 0.0 < ratio < 1.0:
+        raise GateSkipError(f"--fallback measures the gate's overlap with the oracle at --ratio, so --ratio {ratio:g} "
+                            "must be strictly between 0 and 1: pass e.g. --ratio 0.3")
     if max_tokens < 2 or seq_len < 2:
         raise GateSkipError(f"max_tokens={max_tokens} and seq_len={seq_len} must be at least 2")
 
 
 def inspect(text: str | None = None, gates: str | None = None, file: str | None = None, model: str | None = None,
             out: str = "inspect", ratio: float = 0.3, chat: bool = True, stats: bool = False, data: str = "mix",
-            max_tokens: int = 4096, seq_len: int = 256) -> dict | list[dict[str, Path]]:
-    """Show what the gates learned: per-token importance heatmap, HTML page and JSON, or category statistics.
+            max_tokens: int = 4096, seq_len: int = 256, fallback: bool = False) -> dict | list[dict[str, Path]]:
+    """Show what the gates learned: per-token importance heatmap, HTML page and JSON, category statistics, or
+    how good the fallbacks are and how well the gates rank tokens by skip cost.
 
     Args:
         text: the text to inspect.
@@ -96,20 +104,28 @@ def inspect(text: str | None = None, gates: str | None = None, file: str | None 
         file: a text file with one prompt per line (instead of --text).
         model: base model; default: the one recorded in --gates.
         out: folder for the outputs (created if needed).
-        ratio: initial skip ratio of the page's skip mask.
+        ratio: initial skip ratio of the page's skip mask; with --fallback, the share of tokens the
+            gate-vs-oracle overlap is measured at.
         chat: wrap each prompt in the tokenizer's chat template when it has one.
         stats: importance by token category and layer over a held-out corpus sample (--data).
-        data: corpus for --stats: mix, boolq, lambada, shakespeare or a file (held-out split).
-        max_tokens: about how many tokens --stats reads.
-        seq_len: row length for --stats.
+        data: corpus for --stats / --fallback: mix, boolq, lambada, shakespeare or a file (held-out split).
+        max_tokens: about how many tokens --stats / --fallback reads.
+        seq_len: row length for --stats / --fallback.
+        fallback: per gated branch, over a held-out corpus sample (--data), run densely: the held-out R²
+            of its fallback (zero fallback: y^ = 0), the mean skip cost ||g*(y - y^)|| relative to ||g*y||,
+            and how well the gate ranks tokens by that cost (Spearman, overlap at --ratio with the oracle's
+            choice). Writes fallback.md / .json / .png.
     """
     from gateskip.generate import load_for_inference
 
-    _check_args(text, file, stats, gates, ratio, max_tokens, seq_len)
-    prompts = [] if stats else (read_prompts(file) if file is not None else [text])  # read before the slow load
+    _check_args(text, file, stats, gates, ratio, max_tokens, seq_len, fallback)
+    # read before the slow load
+    prompts = [] if stats or fallback else (read_prompts(file) if file is not None else [text])
     net, tok = load_for_inference(model, gates)
     if stats:
         return _run_stats(net, tok, data, max_tokens, seq_len, Path(out))
+    if fallback:
+        return _run_fallback(net, tok, data, max_tokens, seq_len, ratio, Path(out))
     written = []
     for i, prompt in enumerate(prompts, 1):
         paths = report_text(net, tok, prompt, out, stem=f"prompt-{i:02d}", ratio=ratio, chat=chat)
@@ -131,6 +147,25 @@ def _run_stats(net, tok, data: str, max_tokens: int, seq_len: int, out_dir: Path
     png = save_lines(s, out_dir / "categories.png")
     print(md)
     for name in ("categories.md", "categories.json"):
+        print(out_dir / name, file=sys.stderr)
+    print(png, file=sys.stderr)
+    return s
+
+
+def _run_fallback(net, tok, data: str, max_tokens: int, seq_len: int, ratio: float, out_dir: Path) -> dict:
+    import torch
+
+    from gateskip.analysis.residuals import fallback_stats, markdown_table, save_plot
+
+    rows = corpus_rows(tok, data, max_tokens, seq_len)
+    s = fallback_stats(net, list(torch.stack(rows).split(8)), ratio=ratio, progress=True)  # rows: seq_len each
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = markdown_table(s)
+    (out_dir / "fallback.md").write_text(md, encoding="utf-8")
+    (out_dir / "fallback.json").write_text(json.dumps(s), encoding="utf-8")
+    png = save_plot(s, out_dir / "fallback.png")
+    print(md)
+    for name in ("fallback.md", "fallback.json"):
         print(out_dir / name, file=sys.stderr)
     print(png, file=sys.stderr)
     return s
