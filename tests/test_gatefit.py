@@ -231,3 +231,20 @@ def test_fit_command_keeps_a_folders_fallback_to_measure_it(tmp_path):
     gateskip.save_gates(gateskip.add_gates(load_model(str(d))[0]), tmp_path / "zero")
     with pytest.raises(GateSkipError, match="has no fallback"):
         fit_command(gates=str(tmp_path / "zero"), out=str(tmp_path / "c"), fallback="keep", **kw)
+
+
+def test_matched_ce_interpolates_each_method_and_never_extrapolates():
+    from gateskip.commands.fit import compare_markdown, matched_ce
+
+    def row(scope, saved, ce):
+        return {"scope": scope, "ratio": 0.3, "gap_closed": 0.5, **{f"{c}_saved": saved for c in
+                ("random", "gates", "oracle")}, "random": ce + 1, "gates": ce, "oracle": ce - 0.5}
+
+    res = {"dense": 3.0, "rows": [row("mlp", 0.15, 9.0), row("both", 0.1, 4.0), row("both", 0.3, 5.0)],
+           "baselines": [{"method": "shortgpt", "layers": 2, "saved": 0.2, "ce": 6.0},
+                         {"method": "shortgpt", "layers": 4, "saved": 0.4, "ce": 8.0}]}
+    c = matched_ce(res)
+    assert c["gateskip (fitted gates)"] == {0.1: 4.0, 0.2: 4.5, 0.3: 5.0, 0.4: None}  # the mlp-only row is not used
+    assert c["random (same fallback)"][0.2] == 5.5 and c["oracle (same fallback)"][0.2] == 4.0
+    assert c["shortgpt"] == {0.1: None, 0.2: 6.0, 0.3: 7.0, 0.4: 8.0}
+    assert "| shortgpt | - | 6.000 | 7.000 | 8.000 |" in compare_markdown(res)

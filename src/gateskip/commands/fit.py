@@ -254,7 +254,29 @@ def compare_markdown(res: dict) -> str:
                 "|---|---|---|---|"]
         for r in res["baselines"]:
             out.append(f"| {r['method']} | {r['layers']} | {r['ce']:.3f} | {100 * r['saved']:.1f}% |")
+    curves = matched_ce(res)
+    if any(v is not None for c in curves.values() for v in c.values()):
+        levels = sorted({lv for c in curves.values() for lv in c})
+        out += ["", "At matched compute (each method's CE interpolated linearly between its measured points with every "
+                "branch in scope, never extrapolated; - : outside its measured range):", "",
+                "| method | " + " | ".join(f"{100 * lv:.0f}% saved" for lv in levels) + " |",
+                "|---" * (len(levels) + 1) + "|"]
+        for m, c in curves.items():
+            out.append(f"| {m} | " + " | ".join("-" if c[lv] is None else f"{c[lv]:.3f}" for lv in levels) + " |")
     return "\n".join(out) + "\n"
+
+
+def matched_ce(res: dict, levels=(0.1, 0.2, 0.3, 0.4)) -> dict[str, dict[float, float | None]]:
+    """Held-out CE of each way of choosing at fixed levels of compute saved: gates, random and oracle over the
+    rows where every branch skips (scope ``both`` and allocations), and the static baselines."""
+    from gateskip.eval.paired import interpolate
+
+    rows = [r for r in res["rows"] if r["scope"] == "both" or r["scope"] not in SCOPES]
+    points = {f"{c} (same fallback)" if c != "gates" else "gateskip (fitted gates)":
+              [(r[f"{c}_saved"], r[c]) for r in rows] for c in CHOICES}
+    for b in res.get("baselines") or []:
+        points.setdefault(b["method"], []).append((b["saved"], b["ce"]))
+    return {m: {lv: interpolate(p, lv) for lv in levels} for m, p in points.items() if p}
 
 
 def _by_kind(r2: dict) -> str:
