@@ -24,7 +24,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         compare_batches: int = 8, threads: int = 0, data: str = "mix", allocate: str = "",
         sens_batches: int = 2, sens_steps: str = "0.25,0.5,0.75,1", sequential: float = 0.3,
         sequential_batches: int = 4, baselines: str = "", sequential_budget: str | None = None,
-        compare_budgets: str = "", save_dtype: str = "float32") -> dict:
+        compare_budgets: str = "", save_dtype: str = "float32", compare_scopes: str = "attn,mlp,both") -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
     Args:
@@ -68,6 +68,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
             (lowest Block Influence layers removed) and ShortGPT with each removed layer replaced by a fitted
             linear map (baselines.shortgpt.linear_replaced, fitted on the first --sequential-batches
             calibration batches), with their compute saved. Empty: none.
+        compare_scopes: which branches skip in the --compare rows: attn, mlp and/or both (comma-separated).
         save_dtype: how the gates and fallbacks are stored: float32, or float16 / bfloat16 (half the size;
             loading casts them back).
     """
@@ -87,6 +88,9 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
 
     if save_dtype not in SAVE_DTYPES:  # fail now, not after the fit
         raise GateSkipError(f"unknown --save-dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
+    scopes = {k.strip(): SCOPES.get(k.strip()) for k in str(compare_scopes).split(",") if k.strip()}
+    if None in scopes.values() or not scopes:
+        raise GateSkipError(f"--compare-scopes {compare_scopes!r}: choose from {', '.join(SCOPES)}, comma-separated")
     if fallback == "zero":
         raise GateSkipError("gateskip fit needs a fallback to fit: pass --fallback mean, lowrank or linear")
     if fallback == "keep" and not gates:
@@ -164,7 +168,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
     layers = [int(n) for n in str(baselines).split(",") if n.strip()] if baselines else []
     if ratios or allocs or layers:
         held = fixed_batches(tok, load_texts(data, "heldout"), seq_len, batch_size, compare_batches)
-        summary["compare"] = compare_choices(net, held, ratios, allocs=allocs)
+        summary["compare"] = compare_choices(net, held, ratios, scopes=scopes, allocs=allocs)
         if layers:
             summary["compare"]["baselines"] = static_baselines(net, cal[:sequential_batches], held, layers)
         md = compare_markdown(summary["compare"])
