@@ -114,3 +114,11 @@ def test_suite_items_come_from_lm_eval_tasks(tmp_path):
     assert lam.kind == "ll" and lam.chance == 0.0
     assert gen.kind == "gen" and gen.items[0].target and gen.items[0].max_new_tokens > 0
     assert wino.chance == 0.5 and wino.items[0].requests[0][1] == wino.items[0].requests[1][1]
+
+
+def test_a_resumed_sweep_reports_its_last_run_and_all_scoring_time():
+    from gateskip.eval.suite_report import _timing
+
+    assert _timing({"seconds": 120.0}) == "2.0 min for the whole sweep"
+    t = _timing({"seconds": 120.0, "resumed": 3, "scoring_seconds": 600.0})
+    assert t.startswith("2.0 min in the last run of a resumed sweep (3 task scores") and "10.0 min of scoring" in t

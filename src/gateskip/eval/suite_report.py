@@ -85,7 +85,7 @@ def markdown(results: dict) -> str:
     kept = an["tasks"]
     out = [f"# Core-suite quality vs compute: {cfg.get('model')} + {cfg.get('gates')}", "",
            f"{cfg.get('limit') or 'all'} items per task (the first ones, the same for every row); GateSkip policy "
-           f"{cfg.get('policy')}; {cfg.get('seconds', 0) / 60:.1f} min for the whole sweep. Cells: accuracy "
+           f"{cfg.get('policy')}; {_timing(cfg)}. Cells: accuracy "
            "(above-chance retention). Retention = (acc - chance) / (dense - chance); the suite value is the mean "
            "over tasks with a 95% paired-bootstrap band over items. Tokens skipped and compute saved "
            "(FLOP-weighted, gates counted) are measured on the evaluation text itself.", "",
@@ -252,6 +252,15 @@ def split_paths(paths) -> list[str]:
         if not os.path.isfile(p):
             raise GateSkipError(f"--compare-with {p!r} does not exist: pass an earlier suite run's results.json")
     return items
+
+
+def _timing(cfg: dict) -> str:
+    """Wall time of the sweep; for a resumed one, also what the interrupted runs measured."""
+    wall = f"{cfg.get('seconds', 0) / 60:.1f} min for the whole sweep"
+    if not cfg.get("resumed"):
+        return wall
+    return (f"{cfg['seconds'] / 60:.1f} min in the last run of a resumed sweep ({cfg['resumed']} task scores kept from "
+            f"interrupted runs); {cfg.get('scoring_seconds', 0) / 60:.1f} min of scoring time over all rows")
 
 
 def load_run(path: str, expect: dict | None = None) -> dict:

@@ -141,7 +141,7 @@ class SuiteRun:
             if list(got) != list(dense["tasks"][task.name]["correct"][:spot]):
                 _say(self.bar, f"[gateskip] the dense row of {path} scores {task.name} differently: scoring it again")
                 return False
-        saved = {"tasks": dict(dense["tasks"]), "seconds_before": 0.0}
+        saved = {"tasks": dict(dense["tasks"])}
         if "fidelity" in dense:
             saved["fidelity"] = dense["fidelity"]
         self.done[_row_key("dense", "-", {}, None)] = saved
@@ -213,8 +213,8 @@ class SuiteRun:
             with torch.no_grad(), block:
                 row["fidelity"] = saved["fidelity"] = fid.measure(self.net, self.ref, self.pad)
             self._save_partial()
-        row["seconds"] = round(time.perf_counter() - t_row, 1) + saved.get("seconds_before", 0.0)
-        saved["seconds_before"] = 0.0
+        # scoring time of every task, including those an interrupted run measured, plus this run's overhead
+        row["seconds"] = round(max(time.perf_counter() - t_row, sum(p["seconds"] for p in per_task.values())), 1)
         return row
 
     def _check_flops(self, task, flops_dense: float, row: str) -> None:
@@ -255,6 +255,7 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
     run = SuiteRun(net, tok, tasks, policy, fidelity, bar, shared_prefix)
     if resume is not None:
         n = run.resume_from(*resume)
+        run.resumed = n
         if n:
             _say(bar, f"[gateskip] resuming: {n} task scores kept from {resume[0]}")
     run.dense_reference()
@@ -304,7 +305,7 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
                     setting = {"layers_dropped": drop, "fit_tokens": fit["tokens"],
                                "r2": {k: v for k, v in fit["r2"].items() if k in plan["ratio"]}}
                     rows.append(run.row("shortgpt+linear", f"{n} layers", setting, plan))
-    return {"rows": rows, "block_influence": bi, "fallback": fb_summary}
+    return {"rows": rows, "block_influence": bi, "fallback": fb_summary, "resumed": getattr(run, "resumed", 0)}
 
 
 class _Lazy:
@@ -466,7 +467,8 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
                      "policy": policy, "kv": kv, "protect_first": protect_first, "seed": seed,
                      "methods": items, "budgets": budgets, "shared_prefix": shared_prefix, "fallback": fb,
                      "fidelity": _fidelity_config(fidelity),
-                     "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1)}
+                     "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1),
+                     "resumed": res.pop("resumed"), "scoring_seconds": round(sum(r["seconds"] for r in res["rows"]), 1)}
     _save_raw(res, out)  # the scores are safe before the merge and the analysis run
     if resume and os.path.isfile(partial):
         os.remove(partial)  # results.json holds them all now; a later run with new code must not reuse them
