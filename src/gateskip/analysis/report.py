@@ -140,16 +140,7 @@ def _run_stats(net, tok, data: str, max_tokens: int, seq_len: int, out_dir: Path
 
     rows = corpus_rows(tok, data, max_tokens, seq_len)
     s = category_stats(net, tok, rows, progress=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = markdown_tables(s)
-    (out_dir / "categories.md").write_text(md, encoding="utf-8")
-    (out_dir / "categories.json").write_text(json.dumps(s), encoding="utf-8")
-    png = save_lines(s, out_dir / "categories.png")
-    print(md)
-    for name in ("categories.md", "categories.json"):
-        print(out_dir / name, file=sys.stderr)
-    print(png, file=sys.stderr)
-    return s
+    return _write(out_dir, "categories", markdown_tables(s), s, save_lines)
 
 
 def _run_fallback(net, tok, data: str, max_tokens: int, seq_len: int, ratio: float, out_dir: Path) -> dict:
@@ -159,13 +150,17 @@ def _run_fallback(net, tok, data: str, max_tokens: int, seq_len: int, ratio: flo
 
     rows = corpus_rows(tok, data, max_tokens, seq_len)
     s = fallback_stats(net, list(torch.stack(rows).split(8)), ratio=ratio, progress=True)  # rows: seq_len each
+    return _write(out_dir, "fallback", markdown_table(s), s, save_plot)
+
+
+def _write(out_dir: Path, stem: str, md: str, s: dict, plot) -> dict:
+    """``{stem}.md``, ``.json`` and ``.png`` of a corpus analysis; the md printed, the paths to stderr."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = markdown_table(s)
-    (out_dir / "fallback.md").write_text(md, encoding="utf-8")
-    (out_dir / "fallback.json").write_text(json.dumps(s), encoding="utf-8")
-    png = save_plot(s, out_dir / "fallback.png")
+    (out_dir / f"{stem}.md").write_text(md, encoding="utf-8")
+    (out_dir / f"{stem}.json").write_text(json.dumps(s), encoding="utf-8")
+    png = plot(s, out_dir / f"{stem}.png")
     print(md)
-    for name in ("fallback.md", "fallback.json"):
+    for name in (f"{stem}.md", f"{stem}.json"):
         print(out_dir / name, file=sys.stderr)
     print(png, file=sys.stderr)
     return s
