@@ -303,3 +303,51 @@ def test_the_dense_row_of_a_run_to_merge_is_reused_after_a_spot_check(tmp_path):
     rescored = run(("a/results.json", wrong, cfg), bar)
     assert any("scores t differently" in m for m in bar.lines)
     assert rescored["rows"][0]["tasks"]["t"]["correct"] == first["rows"][0]["tasks"]["t"]["correct"]
+
+
+# ---- a task added to a finished sweep --------------------------------------------------------------
+
+def test_joining_a_later_run_on_another_task_equals_scoring_both_at_once(tmp_path):
+    other = SuiteTask("u", "mc", "acc", [Item(0, [("Snow is", " cold"), ("Snow is", " hot soup")], 0, [5.0, 9.0]),
+                                         Item(1, [("Fish live in", " water"), ("Fish live in", " trees")], 0,
+                                              [6.0, 6.0])])
+    gates = _gates_folder(tmp_path / "g")
+    budgets = {"gateskip": [0.3, 0.6]}
+
+    def run(tasks, name):
+        res = sweep(tiny_model("llama"), tiny_tokenizer(), gates, tasks, ["gateskip"], budgets, "threshold", None,
+                    None, 0, None, None, Bar())
+        res["config"] = {"model": "tiny", "gates": gates, "tasks": [t.name for t in tasks], "limit": 2,
+                         "policy": "threshold", "methods": ["gateskip"], "budgets": budgets, "seconds": 1.0,
+                         "scoring_seconds": 1.0}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+        return res
+
+    both = run([TASKS[0], other], "both")
+    first = run([TASKS[0]], "first")
+    run([other], "second")
+    joined = suite_report.join_tasks(first, str(tmp_path / "second" / "results.json"))
+    assert joined["config"]["tasks"] == ["t", "u"]
+    for a, b in zip(joined["rows"], both["rows"], strict=True):
+        assert (a["method"], a["budget"]) == (b["method"], b["budget"])
+        assert {t: v["correct"] for t, v in a["tasks"].items()} == {t: v["correct"] for t, v in b["tasks"].items()}
+        for key in ("compute_saved", "tokens_skipped", "mean_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12)
+    assert both["rows"][1]["compute_saved"] > 0  # the joined rows really skip
+    with pytest.raises(GateSkipError, match="also scores u"):  # joined twice
+        suite_report.join_tasks(joined, str(tmp_path / "second" / "results.json"))
+    third = json.loads((tmp_path / "both" / "results.json").read_text())
+    third["config"].update(tasks=["v"], policy="quantile")
+    (tmp_path / "both" / "results.json").write_text(json.dumps(third))
+    with pytest.raises(GateSkipError, match="policy differ"):
+        suite_report.join_tasks(run([TASKS[0]], "again"), str(tmp_path / "both" / "results.json"))
+
+
+def test_a_comma_list_of_tasks_is_a_custom_suite():
+    from gateskip.eval.suite import suite_tasks
+
+    assert suite_tasks("commonsense_qa", None) == ["commonsense_qa"]
+    assert suite_tasks("piqa, lambada", None) == ["piqa", "lambada"]
+    with pytest.raises(GateSkipError, match="unknown suite 'piqa,nope'"):
+        suite_tasks("piqa,nope", None)

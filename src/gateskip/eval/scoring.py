@@ -23,6 +23,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from gateskip.compat import model_cache_arg, output_cache
+
 MAX_ROWS_TOKENS = 4096  # continuation tokens (rows x longest) per call: bounds the logits' memory
 
 
@@ -74,7 +76,7 @@ class Scorer:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.net(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         last = out.logits[:, -1].float()  # the prefix's last position predicts the first token after it
-        cache = out.past_key_values
+        cache = output_cache(out)
         lens = [len(p) for p in prefixes]
         suffixes = [inp[lens[j]:] for j, inp, _, _ in rows]
         results: list[tuple[float, bool]] = [None] * len(rows)  # type: ignore[list-item]
@@ -102,7 +104,7 @@ class Scorer:
         ids, smask = _right_pad([suffixes[r] for r in part], self.pad)
         mask = torch.cat([prefix_mask[items], smask], dim=1)
         pos = torch.tensor([lens[rows[r][0]] for r in part])[:, None] + torch.arange(ids.shape[1])
-        logits = self.net(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=c,
+        logits = self.net(input_ids=ids, attention_mask=mask, position_ids=pos, **{model_cache_arg(self.net): c},
                           use_cache=True).logits.float()
         for n, r in enumerate(part):
             j, inp, k, ctx_len = rows[r]

@@ -22,9 +22,9 @@ from gateskip.eval.taskconfigs import TASKS, parse_tasks
 CORE_MARGIN = 0.08  # dense accuracy at least this far above chance to enter the core suite
 # From the dense measurement at 500 items (BENCHMARKS.md, "The evaluation suite").
 SUITES: dict[str, list[str]] = {
-    "core": ["hellaswag", "piqa", "arc_easy", "sciq", "lambada", "lambada_gen"],
-    "extended": ["arc_challenge", "openbookqa", "social_iqa", "commonsense_qa", "winogrande", "boolq", "copa",
-                 "mmlu"],
+    "core": ["hellaswag", "piqa", "arc_easy", "sciq", "commonsense_qa", "lambada", "lambada_gen"],
+    # COPA is +0.12 above chance, but on its 100 items only (SE 0.049): too few to clear the rule at 500 items
+    "extended": ["arc_challenge", "openbookqa", "social_iqa", "winogrande", "boolq", "copa", "mmlu"],
 }
 SUITES["all"] = SUITES["core"] + SUITES["extended"]
 
@@ -57,11 +57,16 @@ class SuiteTask:
 
 
 def suite_tasks(suite: str | None, tasks: str | list[str] | None) -> list[str]:
-    """Task names of ``suite`` (core, extended, all) or of an explicit task list."""
+    """Task names of ``suite`` (core, extended, all, or a comma list of tasks: a custom suite, e.g. to time
+    the same rows as an older sweep or to add a task to a finished one) or of an explicit task list."""
     if suite:
-        if suite not in SUITES:
-            raise GateSkipError(f"unknown suite {suite!r}: choose from {', '.join(SUITES)}")
-        return list(SUITES[suite])
+        if suite in SUITES:
+            return list(SUITES[suite])
+        names = [t.strip() for t in suite.split(",") if t.strip()]
+        if not names or any(t not in TASKS for t in names):
+            raise GateSkipError(f"unknown suite {suite!r}: choose from {', '.join(SUITES)}, or give a comma list "
+                                f"of tasks from {', '.join(TASKS)}")
+        return parse_tasks(names)
     return parse_tasks(tasks)
 
 

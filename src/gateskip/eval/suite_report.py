@@ -256,11 +256,12 @@ def split_paths(paths) -> list[str]:
 
 def _timing(cfg: dict) -> str:
     """Wall time of the sweep; for a resumed one, also what the interrupted runs measured."""
-    wall = f"{cfg.get('seconds', 0) / 60:.1f} min for the whole sweep"
+    joined = "".join(f"; {', '.join(j.get('tasks') or [])} joined from a later run of the same command "
+                     f"({(j.get('seconds') or 0) / 60:.1f} min)" for j in cfg.get("joined", []))
     if not cfg.get("resumed"):
-        return wall
+        return f"{cfg.get('seconds', 0) / 60:.1f} min for the whole sweep" + joined
     return (f"{cfg['seconds'] / 60:.1f} min in the last run of a resumed sweep ({cfg['resumed']} task scores kept from "
-            f"interrupted runs); {cfg.get('scoring_seconds', 0) / 60:.1f} min of scoring time over all rows")
+            f"interrupted runs){joined}; {cfg.get('scoring_seconds', 0) / 60:.1f} min of scoring time over all rows")
 
 
 def load_run(path: str, expect: dict | None = None) -> dict:
@@ -275,10 +276,17 @@ def load_run(path: str, expect: dict | None = None) -> dict:
     if expect is not None:
         cfg = data["config"]
         for key in ("tasks", "limit"):
-            if cfg.get(key) != expect.get(key):
+            if not same_key(key, cfg.get(key), expect.get(key)):
                 raise GateSkipError(f"--compare-with {path!r} was run with {key}={cfg.get(key)}, this run with "
                                     f"{key}={expect.get(key)}: merge only runs on the same tasks and items")
     return data
+
+
+def same_key(key: str, a, b) -> bool:
+    """Config values ``a`` and ``b`` agree; task lists in any order (a task joined later comes last)."""
+    if key == "tasks" and isinstance(a, list) and isinstance(b, list):
+        return sorted(a) == sorted(b)
+    return a == b
 
 
 def _own(rows: list) -> list:
@@ -345,6 +353,60 @@ def merge(results: dict, paths) -> dict:
     return results
 
 
+JOIN_KEYS = ("model", "gates", "limit", "policy", "kv", "protect_first", "seed", "shared_prefix", "fallback",
+             "methods", "budgets")
+
+
+def join_tasks(results: dict, paths) -> dict:
+    """Add the task columns of other runs of the same sweep (``paths``: results.json files), in place.
+
+    For a task added to a suite after its sweep finished: run the same command on that task alone
+    (``--suite <task>``) and join it here instead of scoring every task again. Each run must have the same
+    model, gates, items limit, policy, fallback, methods and budgets, and no task in common with this one;
+    rows are matched by method, budget and setting, and every row's aggregates (tokens skipped, compute
+    saved FLOP-weighted, mean accuracy, seconds) are recomputed over all tasks. Generation fidelity does not
+    depend on the tasks and stays this run's. Join before merging other methods (``--compare-with``)."""
+    cfg = results["config"]
+    if any("from" in r for r in results["rows"]):
+        raise GateSkipError("this run already holds rows merged from other runs: join tasks before --compare-with")
+    for path in split_paths(paths):
+        data = load_run(path)
+        oc = data["config"]
+        diff = [k for k in JOIN_KEYS if oc.get(k) != cfg.get(k)]
+        if diff:
+            raise GateSkipError(f"{path!r} is not the same sweep ({', '.join(diff)} differ): join only runs of "
+                                "the same command on other tasks")
+        common = set(oc.get("tasks", [])) & set(cfg.get("tasks", []))
+        if common:
+            raise GateSkipError(f"{path!r} also scores {', '.join(sorted(common))}: join only runs on other tasks")
+        theirs = {(r["method"], r["budget"], json.dumps(r.get("setting"), sort_keys=True)): r for r in data["rows"]}
+        for row in results["rows"]:
+            key = (row["method"], row["budget"], json.dumps(row.get("setting"), sort_keys=True))
+            if key not in theirs:
+                raise GateSkipError(f"{path!r} has no row {row['method']} {row['budget']}: join only runs of the "
+                                    "same command on other tasks")
+            other = theirs.pop(key)
+            row["tasks"].update(other["tasks"])
+            _reaggregate(row, other.get("seconds", 0.0))
+        if theirs:
+            extra = ", ".join(f"{m} {b}" for m, b, _ in theirs)
+            raise GateSkipError(f"{path!r} has rows this run lacks ({extra}): join only runs of the same command")
+        cfg["tasks"] = list(cfg.get("tasks", [])) + list(oc.get("tasks", []))
+        cfg.setdefault("joined", []).append({"path": path, "tasks": oc.get("tasks"), "seconds": oc.get("seconds")})
+        cfg["scoring_seconds"] = round(cfg.get("scoring_seconds", 0.0) + oc.get("scoring_seconds", 0.0), 1)
+    return results
+
+
+def _reaggregate(row: dict, extra_seconds: float) -> None:
+    per = row["tasks"].values()
+    dense = sum(p["flops_dense"] for p in per)
+    executed = sum(p["flops_executed"] for p in per)
+    row["tokens_skipped"] = sum(p["tokens_skipped"] for p in per) / len(per)
+    row["compute_saved"] = 1.0 - executed / dense if dense else 0.0
+    row["mean_acc"] = sum(p["acc"] for p in per) / len(per)
+    row["seconds"] = round(row.get("seconds", 0.0) + extra_seconds, 1)
+
+
 def main(argv=None) -> int:
     import argparse
     import sys
@@ -355,6 +417,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-with", default=None,
                     help="results.json of other suite runs on the same items, comma-separated: their rows are "
                          "merged in (replacing any merged before); default: keep the rows already merged")
+    ap.add_argument("--add-tasks", default=None,
+                    help="results.json of runs of the same sweep on other tasks (e.g. --suite <task>), "
+                         "comma-separated: their task columns are joined into every row")
     ap.add_argument("--reference", default=None,
                     help="the method the who-wins table compares every other against (default: gateskip+<fallback> "
                          "if present, else gateskip)")
@@ -365,6 +430,8 @@ def main(argv=None) -> int:
         if not path.is_file():
             raise GateSkipError(f"{str(path)!r} does not exist: pass the --out folder of a suite run")
         data = json.loads(path.read_text())
+        if args.add_tasks:
+            join_tasks(data, args.add_tasks)
         if args.compare_with is not None:
             merge(data, args.compare_with)
         print(write(analyse(data, reference=args.reference), folder))

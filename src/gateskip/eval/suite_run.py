@@ -122,10 +122,12 @@ class SuiteRun:
         Only when that run used the same model, tasks, limit, prefix sharing and fidelity prompts
         (``config`` holds this run's), and after a spot check: the first ``spot`` items of every task are
         scored again and must give the same per-item scores. Returns whether the row was taken."""
+        from gateskip.eval import suite_report
         from gateskip.eval.scoring import Scorer, item_scores
 
         other = data.get("config", {})
-        same = all(other.get(k) == config.get(k) for k in ("model", "tasks", "limit", "shared_prefix", "fidelity"))
+        same = all(suite_report.same_key(k, other.get(k), config.get(k))
+                   for k in ("model", "tasks", "limit", "shared_prefix", "fidelity"))
         dense = data["rows"][0]
         if not same or set(dense.get("tasks", {})) != {t.name for t in self.tasks} or (
                 self.ref is not None and "fidelity" not in dense):

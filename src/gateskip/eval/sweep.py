@@ -92,8 +92,8 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
             from the gated model, then skip with its remaining gates at every ratio.
         recalibrate: method pruned_gateskip: re-fit the remaining gates' thresholds on calibration
             text after pruning (their inputs changed).
-        suite: core, extended or all: the fast paired sweep (eval/suite_run.py) on that task suite instead
-            of --tasks: methods dense + gateskip, random, shortgpt (the default) and shortgpt_linear
+        suite: core, extended, all or a comma list of tasks: the fast paired sweep (eval/suite_run.py) on
+            that task suite instead of --tasks: methods dense + gateskip, random, shortgpt (the default) and shortgpt_linear
             (ShortGPT's layers replaced by fitted linear maps, row shortgpt+linear; on request), or none for
             dense only; per-item scores, above-chance retention, a paired who-wins table at matched compute,
             and generation fidelity. --ratios may then also name JSON files of per-branch ratios.
