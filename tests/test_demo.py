@@ -12,8 +12,8 @@ from gateskip.models import load_model
 def test_fit_recipe_writes_a_folder_with_fallbacks_and_the_matched_compute_table(tmp_path, capsys):
     d, _ = tiny_folder(tmp_path)
     out = tmp_path / "demo"
-    demo(out=str(out), model=str(d), batches=2, compare="0.3,0.6", baselines="1", prompts=1, max_new_tokens=4,
-         threads=1)
+    demo(out=str(out), model=str(d), batches=2, sequential_batches=1, compare="0.3,0.6", baselines="1", prompts=1,
+         max_new_tokens=4, threads=1)
     net, _ = load_model(str(d))
     import gateskip
 

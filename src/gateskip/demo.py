@@ -23,8 +23,9 @@ from gateskip.errors import GateSkipError
 RECIPES = ("fit", "paper")
 
 
-def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "fit", batches: int = 8,
-         compare: str = "0.15,0.3,0.45", baselines: str = "3,6,9", steps: int = 40, gate: str = "lowrank",
+def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "fit", batches: int = 32,
+         sequential_batches: int = 8, compare: str = "0.15,0.3,0.45,0.6", baselines: str = "3,6,9,12",
+         steps: int = 40, gate: str = "lowrank",
          ratio: float = 0.3, prompts: int = 2, max_new_tokens: int = 40, evaluate: bool = True,
          limit: int = 60, ratios: str = "0.15,0.3,0.45", methods: str = "gateskip,random,shortgpt",
          threads: int = 2) -> None:
@@ -42,6 +43,7 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "fit
         model: base model (the embedded smollm2-135m by default).
         recipe: fit (closed-form fallbacks and gates) or paper (trained gates, zero fallback).
         batches: fit: calibration batches of 4 x 256 tokens for the fits.
+        sequential_batches: fit: calibration batches of the refit under skipping (one pass per branch).
         compare: fit: skip ratios of every branch at which the held-out CE is compared.
         baselines: fit: ShortGPT layer counts (with and without linear replacement).
         steps: paper: gate training steps (a short run; see BENCHMARKS.md for longer ones).
@@ -69,7 +71,8 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "fit
 
         _say(f"1/3 fitting rank-64 fallbacks and rank-16 gates on {model} ({batches} x 4 x 256 tokens), refitted "
              f"under skipping 0.3 -> {gates_dir}")
-        fit(model=model, out=str(gates_dir), batches=batches, sequential=0.3, sequential_batches=2, compare="",
+        fit(model=model, out=str(gates_dir), batches=batches, sequential=0.3, sequential_batches=sequential_batches,
+            compare="",
             threads=threads)
     else:
         from gateskip.train import train
@@ -85,7 +88,7 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "fit
 
         _say(f"3/3 held-out CE at skip ratios {compare} and ShortGPT with {baselines} layers removed -> {out_dir}")
         fit(gates=str(gates_dir), out=str(out_dir / "compare"), fallback="keep", fit_gates=False, sequential=0,
-            compare=compare, compare_scopes="both", compare_batches=4, baselines=baselines, sequential_batches=2,
+            compare=compare, compare_scopes="both", compare_batches=4, baselines=baselines, sequential_batches=4,
             batches=2, threads=threads)
         _say(f"done in {(time.perf_counter() - t0) / 60:.1f} min: see {out_dir / 'compare' / 'compare.md'}")
         return

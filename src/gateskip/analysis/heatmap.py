@@ -1,4 +1,5 @@
-"""The heatmap PNG: tokens along x, one row per layer for attention and for MLP gates."""
+"""The heatmap PNG (tokens along x, one row per layer for attention and for MLP gates), and the figure
+writer the other analysis plots share."""
 
 from __future__ import annotations
 
@@ -59,6 +60,18 @@ def save_heatmap(imp: torch.Tensor, labels: list[str], branches: list[str], path
         bar.formatter = FormatStrFormatter(f"%.{decimals}f")  # plain numbers, no "1e-6 + 0.9933" offset
         bar.update_ticks()
     axes[0, 0].set_title(title or "GateSkip token importance", fontsize=10, loc="left")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_figure(fig, title: str, path: str | Path) -> Path:
+    """Title, lay out, save at the analysis plots' resolution, and close ``fig``; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

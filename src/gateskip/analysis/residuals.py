@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from gateskip.analysis.heatmap import write_figure
 from gateskip.core import _as_inputs, gate_state, skipping
 from gateskip.errors import GateSkipError
 from gateskip.gates import importance
@@ -288,9 +289,4 @@ def save_plot(s: dict, path: str | Path) -> Path:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"{fallback_name(s)}: {s['tokens']} held-out tokens per branch", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return write_figure(fig, f"{fallback_name(s)}: {s['tokens']} held-out tokens per branch", path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from gateskip.analysis.categories import CATEGORIES, WHITESPACE_LED, categorize, whitespace_led
-from gateskip.analysis.heatmap import split_by_kind
+from gateskip.analysis.heatmap import split_by_kind, write_figure
 from gateskip.analysis.importance import branch_importances, token_texts
 from gateskip.core import gate_state
 
@@ -137,9 +137,4 @@ def save_lines(s: dict, path: str | Path) -> Path:
             if r == 1:
                 ax.set_xlabel("layer")
     axes[0, -1].legend(fontsize=8, loc="best")
-    fig.suptitle(f"Importance by token category ({s['tokens']} tokens)", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return write_figure(fig, f"Importance by token category ({s['tokens']} tokens)", path)

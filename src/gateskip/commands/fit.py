@@ -19,11 +19,11 @@ from gateskip.errors import GateSkipError
 
 def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/fit", fallback: str = "lowrank",
         fallback_rank: int = 64, gate: str = "lowrank", gate_rank: int = 16, fit_gates: bool = True,
-        protect_first: int = 1, kv: str = "compute", batches: int = 12, seq_len: int = 256, batch_size: int = 4,
+        protect_first: int = 1, kv: str = "compute", batches: int = 32, seq_len: int = 256, batch_size: int = 4,
         ridge: float = 1e-3, gate_ridge: float = 1e-2, under_ratio: float = 0.0, compare: str = "0.15,0.3,0.5",
         compare_batches: int = 8, threads: int = 0, data: str = "mix", allocate: str = "",
         sens_batches: int = 2, sens_steps: str = "0.25,0.5,0.75,1", sequential: float = 0.3,
-        sequential_batches: int = 4, baselines: str = "", sequential_budget: str | None = None,
+        sequential_batches: int = 8, baselines: str = "", sequential_budget: str | None = None,
         compare_budgets: str = "", save_dtype: str = "float32", compare_scopes: str = "attn,mlp,both") -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
