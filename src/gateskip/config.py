@@ -2,7 +2,7 @@
 
 Defaults are the paper's: one vector gate per attention and per MLP branch, placed after the
 module, initialised almost open (bias 5 -> sigmoid 0.993, weights N(0, 0.01)), fed the module's
-own (pre-normed, detached) input. See ``../shared/METHOD.md`` / docs for the numbers.
+own (pre-normed, detached) input. docs/method-notes.md says where gateskip departs from the paper and why.
 """
 
 from __future__ import annotations

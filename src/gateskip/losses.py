@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gateskip.errors import GateSkipError
+
 
 def _branch_means(gates, fn) -> torch.Tensor:
     per_branch = []
@@ -36,8 +38,19 @@ def sparsity_kl(gates, target: float) -> torch.Tensor:
     return (t * (t / rates).log() + (1 - t) * ((1 - t) / (1 - rates)).log()).mean()
 
 
+SPARSITY_KINDS = ("l2", "l1", "kl")
+
+
+def check_sparsity_kind(kind: str) -> str:
+    """``kind`` if it names a sparsity penalty, else a one-line error (a typo must not train with another loss)."""
+    if kind not in SPARSITY_KINDS:
+        raise GateSkipError(f"sparsity kind {kind!r} is not supported: choose one of {', '.join(SPARSITY_KINDS)}")
+    return kind
+
+
 def sparsity(gates, kind: str = "l2", target: float = 0.5) -> torch.Tensor:
-    if kind == "l2":
+    """The sparsity penalty ``kind`` (l2: the paper's; l1; kl to the open rate ``target``)."""
+    if check_sparsity_kind(kind) == "l2":
         return sparsity_l2(gates)
     if kind == "l1":
         return sparsity_l1(gates)

@@ -42,7 +42,7 @@ from gateskip.fallback import gated_fallback
 from gateskip.kv import GatheredKV, flat_positions, skipped_kv, take_positions
 
 # Below this fraction of skipped tokens in a call, the masked path is faster. Measured per branch on
-# SmolLM2-135M (layer 10, 4 x 512 tokens, 1 CPU thread, CPU time, medians of 6; runs/minskip15.py):
+# SmolLM2-135M (layer 10, 4 x 512 tokens, 1 CPU thread, CPU time, medians of 6; a one-off timing script):
 # attention physical vs masked 84 vs 77 ms at 10% skipped, 85 vs 80 at 20%, 76-77 vs 80-83 at 30%, in
 # both KV modes (an explicit mask instead of sdpa's causal flag, plus the K/V bookkeeping); the MLP was
 # already faster at 2-5% (138 vs 142, 135 vs 151 ms). See BENCHMARKS.md. Decode at batch 1 skips all

@@ -36,7 +36,7 @@ from gateskip.core import (
 )
 from gateskip.errors import GateSkipError
 from gateskip.fallback import fallback_parameters
-from gateskip.losses import distillation_kl, next_token_ce, sparsity
+from gateskip.losses import check_sparsity_kind, distillation_kl, next_token_ce, sparsity
 from gateskip.policies import check_ratio
 
 BACKBONES = ("frozen", "lora", "full")
@@ -136,6 +136,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         raise GateSkipError(f"backbone={backbone!r} is not supported: choose one of {', '.join(BACKBONES)}")
     if objective not in OBJECTIVES:
         raise GateSkipError(f"objective={objective!r} is not supported: choose one of {', '.join(OBJECTIVES)}")
+    check_sparsity_kind(sparsity_kind)
     for name, value, least in (("steps", steps, 1), ("batch_size", batch_size, 1), ("grad_accum", grad_accum, 1),
                                ("seq_len", seq_len, 2), ("save_every", save_every, 1),
                                ("keep_checkpoints", keep_checkpoints, 1), ("calibrate_batches", calibrate_batches, 1)):
@@ -345,7 +346,7 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
                         with gates_bypassed(teacher):
                             teacher_logits = teacher(input_ids=ids, use_cache=False).logits
                     else:
-                        with gates_bypassed(net), _lora_disabled(peft_model):
+                        with gates_bypassed(net), _LoraDisabled(peft_model):
                             teacher_logits = net(input_ids=ids, use_cache=False).logits
             st.collect = True
             try:
@@ -473,7 +474,7 @@ def _attach_lora(net, rank: int):
     return net
 
 
-class _lora_disabled:
+class _LoraDisabled:
     """Context: LoRA layers of ``net`` switched off (teacher = the original backbone)."""
 
     def __init__(self, net):
