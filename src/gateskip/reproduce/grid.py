@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 BASE = {"gate": "vector", "shared": False, "placement": "after", "modules": "attn,mlp", "sparsity_kind": "l2",
         "backbone": "full", "objective": "ce"}
 BASELINE_METHODS = ("mod", "mod_topk", "early_exit")
+TARGETS = (0.15, 0.25, 0.35)  # compute-saved levels every cell's sweep must cover (ratios_for aims at them)
 
 
 @dataclass(frozen=True)

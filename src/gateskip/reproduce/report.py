@@ -8,8 +8,7 @@ from pathlib import Path
 
 from gateskip.checkpoint import atomic_write
 from gateskip.reproduce.curve import Z, acc_at, curve_of, overall, pair_verdict, saved_at_level
-from gateskip.reproduce.grid import BASE, COMPARISONS, GATESKIP_AT_30
-from gateskip.reproduce.run import TARGETS
+from gateskip.reproduce.grid import BASE, COMPARISONS, GATESKIP_AT_30, TARGETS
 
 LEVELS = (0.0, *TARGETS)
 

@@ -23,9 +23,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from gateskip.errors import GateSkipError
-from gateskip.reproduce.grid import BASE, BY_NAME, CELLS, Cell
+from gateskip.reproduce.grid import BASE, BY_NAME, CELLS, TARGETS, Cell
 
-TARGETS = (0.15, 0.25, 0.35)
 MARGIN = 0.02  # aim each ratio slightly past its target so that the target lies inside the measured curve
 BASELINE_MODULES = {"mod": "mod", "mod_topk": "mod", "early_exit": "earlyexit"}
 MOD_METHODS = ("mod", "mod_topk")
