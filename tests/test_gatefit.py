@@ -224,6 +224,13 @@ def test_fit_command_keeps_a_folders_fallback_to_measure_it(tmp_path):
     a, b = (load_file(str(tmp_path / x / "gates.safetensors")) for x in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("calibration"))  # nothing refitted
     assert [r["scope"] for r in s["compare"]["rows"]] == ["attn", "mlp", "both"]
+    t = fit_command(gates=str(tmp_path / "a"), out=str(tmp_path / "t"), fallback="keep", fit_gates=False,
+                    sequential=0, compare="0.3", compare_policy="threshold", **kw)
+    for q, th in zip(s["compare"]["rows"], t["compare"]["rows"], strict=True):  # only the gates' choice changes
+        assert (q["random"], q["oracle"]) == (th["random"], th["oracle"])
+    assert any(q["gates"] != th["gates"] for q, th in zip(s["compare"]["rows"], t["compare"]["rows"]))
+    with pytest.raises(GateSkipError, match="--compare-policy 'exact'"):
+        fit_command(gates=str(tmp_path / "a"), out=str(tmp_path / "u"), fallback="keep", compare_policy="exact")
     with pytest.raises(GateSkipError, match="pass --gates DIR"):
         fit_command(model=str(d), out=str(tmp_path / "c"), fallback="keep")
     from gateskip.models import load_model

@@ -24,7 +24,8 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         compare_batches: int = 8, threads: int = 0, data: str = "mix", allocate: str = "",
         sens_batches: int = 2, sens_steps: str = "0.25,0.5,0.75,1", sequential: float = 0.3,
         sequential_batches: int = 8, baselines: str = "", sequential_budget: str | None = None,
-        compare_budgets: str = "", save_dtype: str = "float32", compare_scopes: str = "attn,mlp,both") -> dict:
+        compare_budgets: str = "", save_dtype: str = "float32", compare_scopes: str = "attn,mlp,both",
+        compare_policy: str = "quantile") -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
     Args:
@@ -69,6 +70,9 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
             linear map (baselines.shortgpt.linear_replaced, fitted on the first --sequential-batches
             calibration batches), with their compute saved. Empty: none.
         compare_scopes: which branches skip in the --compare rows: attn, mlp and/or both (comma-separated).
+        compare_policy: how the gates rows pick tokens: quantile (exactly the ratio of each branch per batch,
+            like the oracle) or threshold (the folder's calibrated per-token thresholds: causal, what eval and
+            generate run; the ratio skipped then follows the text).
         save_dtype: how the gates and fallbacks are stored: float32, or float16 / bfloat16 (half the size;
             loading casts them back).
     """
@@ -88,6 +92,8 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
 
     if save_dtype not in SAVE_DTYPES:  # fail now, not after the fit
         raise GateSkipError(f"unknown --save-dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
+    if compare_policy not in ("quantile", "threshold"):
+        raise GateSkipError(f"--compare-policy {compare_policy!r} is not supported: choose quantile or threshold")
     scopes = {k.strip(): SCOPES.get(k.strip()) for k in str(compare_scopes).split(",") if k.strip()}
     if None in scopes.values() or not scopes:
         raise GateSkipError(f"--compare-scopes {compare_scopes!r}: choose from {', '.join(SCOPES)}, comma-separated")
@@ -168,7 +174,8 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
     layers = [int(n) for n in str(baselines).split(",") if n.strip()] if baselines else []
     if ratios or allocs or layers:
         held = fixed_batches(tok, load_texts(data, "heldout"), seq_len, batch_size, compare_batches)
-        summary["compare"] = compare_choices(net, held, ratios, scopes=scopes, allocs=allocs)
+        summary["compare"] = compare_choices(net, held, ratios, scopes=scopes, allocs=allocs,
+                                             gates_policy=compare_policy)
         if layers:
             summary["compare"]["baselines"] = static_baselines(net, cal[:sequential_batches], held, layers)
         md = compare_markdown(summary["compare"])
@@ -186,13 +193,16 @@ CHOICES = ("random", "gates", "oracle")
 SCOPES = {"attn": ("attn",), "mlp": ("mlp",), "both": ("attn", "mlp")}
 
 
-def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dict | None = None) -> dict:
+def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dict | None = None,
+                    gates_policy: str = "quantile") -> dict:
     """Held-out CE: dense, and per scope and ratio the three ways of choosing tokens with the model's fallback.
 
     Gates and oracle skip exactly ``ratio`` of the eligible tokens of each branch in scope, per batch (quantile
     ranking of gate importances or of the oracle's residual norms); random skips each token with probability
     ``ratio``. The oracle keeps skipped tokens' own K/V (kv="compute"); the others use the gates' kv mode.
-    ``allocs``: {target: per-branch ratios} compared the same way (scope ``alloc <target>``)."""
+    ``allocs``: {target: per-branch ratios} compared the same way (scope ``alloc <target>``). ``gates_policy``
+    "threshold": the gates rows use the calibrated thresholds instead (causal; the ratio skipped follows the
+    text, so read those rows at matched compute, not at matched ratio)."""
     from tqdm.auto import tqdm
 
     from gateskip.core import gates_bypassed, skipping, stats
@@ -206,7 +216,7 @@ def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dic
     for scope, modules, label, ratio in settings:
         row = {"scope": scope, "ratio": label}
         for choice in CHOICES:
-            policy = {"random": "random", "gates": "quantile", "oracle": "oracle"}[choice]
+            policy = {"random": "random", "gates": gates_policy, "oracle": "oracle"}[choice]
             with skipping(net, ratio=ratio, policy=policy, modules=modules, seed=seed,
                           kv="compute" if choice == "oracle" else None):
                 row[choice] = language_ce(net, held)
