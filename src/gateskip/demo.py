@@ -31,7 +31,7 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "fit
          threads: int = 2) -> None:
     """Run the main job on the embedded default model: make gates, generate with skipping, compare.
 
-    Recipe ``fit`` (default, the best measured one; ~10 min on 2 cores): rank-64 fallbacks for skipped
+    Recipe ``fit`` (default, the best measured one; ~9 min on 2 cores): rank-64 fallbacks for skipped
     tokens and rank-16 gates fitted in closed form, then refitted under skipping (``gateskip fit``); then
     generation with and without skipping; then held-out CE at matched compute against random skipping
     with the same fallback, the residual oracle, ShortGPT and ShortGPT with linear replacement.
