@@ -72,8 +72,7 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "fit
         _say(f"1/3 fitting rank-64 fallbacks and rank-16 gates on {model} ({batches} x 4 x 256 tokens), refitted "
              f"under skipping 0.3 -> {gates_dir}")
         fit(model=model, out=str(gates_dir), batches=batches, sequential=0.3, sequential_batches=sequential_batches,
-            compare="",
-            threads=threads)
+            compare="", threads=threads)
     else:
         from gateskip.train import train
 
