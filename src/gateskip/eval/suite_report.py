@@ -397,13 +397,18 @@ def join_tasks(results: dict, paths) -> dict:
     return results
 
 
-def _reaggregate(row: dict, extra_seconds: float) -> None:
-    per = row["tasks"].values()
+def task_totals(per_task: dict) -> dict:
+    """A row's aggregates over its tasks: mean tokens skipped, FLOP-weighted compute saved, mean accuracy."""
+    per = per_task.values()
     dense = sum(p["flops_dense"] for p in per)
     executed = sum(p["flops_executed"] for p in per)
-    row["tokens_skipped"] = sum(p["tokens_skipped"] for p in per) / len(per)
-    row["compute_saved"] = 1.0 - executed / dense if dense else 0.0
-    row["mean_acc"] = sum(p["acc"] for p in per) / len(per)
+    return {"tokens_skipped": sum(p["tokens_skipped"] for p in per) / len(per),
+            "compute_saved": 1.0 - executed / dense if dense else 0.0,
+            "mean_acc": sum(p["acc"] for p in per) / len(per)}
+
+
+def _reaggregate(row: dict, extra_seconds: float) -> None:
+    row.update(task_totals(row["tasks"]))
     row["seconds"] = round(row.get("seconds", 0.0) + extra_seconds, 1)
 
 

@@ -162,6 +162,7 @@ class SuiteRun:
             removed: tuple[int, ...] = (), counters: dict | None = None) -> dict:
         """Score every task under ``plan`` (kwargs of gateskip.skipping; None: no gates active)."""
         from gateskip.core import skipping, stats
+        from gateskip.eval import suite_report
         from gateskip.eval.scoring import Scorer, item_scores
 
         shared = self.shared_prefix and not (plan and plan.get("policy") == "quantile" and _skips(plan))
@@ -199,13 +200,8 @@ class SuiteRun:
             saved["tasks"][task.name] = per_task[task.name]
             self._save_partial()
             self.bar.update(1)
-        dense = sum(p["flops_dense"] for p in per_task.values())
-        executed = sum(p["flops_executed"] for p in per_task.values())
         row = {"method": method, "budget": budget, "setting": setting, "policy": plan.get("policy") if plan else None,
-               "exact_prefix_sharing": shared,
-               "tokens_skipped": sum(p["tokens_skipped"] for p in per_task.values()) / len(per_task),
-               "compute_saved": 1.0 - executed / dense if dense else 0.0,
-               "mean_acc": sum(p["acc"] for p in per_task.values()) / len(per_task), "tasks": per_task}
+               "exact_prefix_sharing": shared, **suite_report.task_totals(per_task), "tasks": per_task}
         if self.ref is not None and "fidelity" in saved:
             row["fidelity"] = saved["fidelity"]
         elif self.ref is not None:
