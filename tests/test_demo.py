@@ -1,30 +1,32 @@
-"""``make demo``'s workflow on a tiny model: both recipes run end to end and write what they announce."""
+"""``make demo``'s workflow on a tiny model: the recipes run end to end and write what they announce."""
 
 import pytest
 from conftest import tiny_folder
 
+import gateskip
 from gateskip import GateSkipError
 from gateskip.core import gate_state
 from gateskip.demo import demo
 from gateskip.models import load_model
 
 
-def test_fit_recipe_writes_a_folder_with_fallbacks_and_the_matched_compute_table(tmp_path, capsys):
+@pytest.mark.parametrize("recipe", ["fit", "best"])
+def test_recipe_writes_a_folder_with_fallbacks_and_the_matched_compute_table(tmp_path, capsys, recipe):
     d, _ = tiny_folder(tmp_path)
     out = tmp_path / "demo"
-    demo(out=str(out), model=str(d), batches=2, sequential_batches=1, compare="0.3,0.6", baselines="1", prompts=1,
-         max_new_tokens=4, threads=1)
+    demo(out=str(out), model=str(d), recipe=recipe, batches=2, heal_steps=2, compare="0.3,0.6", baselines="1",
+         prompts=1, max_new_tokens=4, threads=1)
     net, _ = load_model(str(d))
-    import gateskip
-
     gateskip.load_gates(net, out / "gates")
-    assert gate_state(net).cfg.fallback == "lowrank"
+    st = gate_state(net)
+    assert st.cfg.fallback == "lowrank"
+    assert bool(st.backup) == (recipe == "best")  # healed: LoRA deltas merged into the backbone
     md = (out / "compare" / "compare.md").read_text()
     assert "shortgpt+linear" in md and "At matched compute" in md
     printed = capsys.readouterr().out
-    assert "--- skip 0:" in printed and "--- skip 0.3:" in printed
+    assert "--- dense (the original model)" in printed and "--- skip 0.3:" in printed
 
 
 def test_unknown_recipe_is_refused_before_any_work(tmp_path):
-    with pytest.raises(GateSkipError, match="unknown recipe 'best'"):
-        demo(out=str(tmp_path), recipe="best")
+    with pytest.raises(GateSkipError, match="unknown recipe 'nope'"):
+        demo(out=str(tmp_path), recipe="nope")

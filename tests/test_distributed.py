@@ -31,8 +31,10 @@ def test_shard_takes_disjoint_equal_slices():
 
 # Skipping is off (max_ratio 0): a quantile over b rows differs from one over 2b rows, so with
 # skipping on, ranks skip (slightly) different tokens than one big batch would; see docs/distributed.md.
+# New vector gates on a frozen backbone (--init none: --fsdp starts from new gates), as the paper's.
 ARGS = ["--steps", "5", "--seq-len", "32", "--lr", "0.05", "--lam", "0.5", "--objective", "ce",
-        "--max-ratio", "0.0", "--warmup", "1", "--calibrate-batches", "1", "--save-every", "2", "--seed", "3"]
+        "--max-ratio", "0.0", "--warmup", "1", "--calibrate-batches", "1", "--save-every", "2", "--seed", "3",
+        "--init", "none", "--gate", "vector", "--fallback", "zero", "--backbone", "frozen", "--protect-first", "0"]
 
 
 def test_two_ranks_match_one_process_with_double_batch(tmp_path):
@@ -95,6 +97,6 @@ def tiny_gates_at_init(key, t):
 
 
 def _types(args):
-    ints = {"--steps", "--seq-len", "--warmup", "--calibrate-batches", "--save-every", "--seed"}
+    ints = {"--steps", "--seq-len", "--warmup", "--calibrate-batches", "--save-every", "--seed", "--protect-first"}
     floats = {"--lr", "--lam", "--max-ratio"}
     return [int if a in ints else float if a in floats else str for a in args[::2]]

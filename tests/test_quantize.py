@@ -305,7 +305,7 @@ def test_train_cli_on_a_quantized_backbone(tmp_path):
     out = tmp_path / "q"
     assert main(["train", "--model", str(d), "--data", str(data), "--steps", "3", "--seq-len", "32",
                  "--batch-size", "2", "--lam", "1", "--lr", "0.05", "--calibrate-batches", "2", "--quant", "int4",
-                 "--out", str(out)]) == 0
+                 "--backbone", "frozen", "--init", "none", "--gate", "vector", "--fallback", "zero", "--out", str(out)]) == 0
     from gateskip.checkpoint import read_meta
 
     meta = read_meta(out)
@@ -320,3 +320,42 @@ def test_train_cli_on_a_quantized_backbone(tmp_path):
         assert torch.isfinite(m(ids()).logits).all()
     assert main(["train", "--model", str(d), "--data", str(data), "--steps", "1", "--quant", "int4",
                  "--backbone", "lora", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_original_backbone_runs_the_base_model_and_puts_the_deltas_back(tmp_path, quantized):
+    from gateskip.core import original_backbone
+
+    folder = lora_gates(tmp_path)
+    x = ids()
+    base, net = tiny_model("llama"), tiny_model("llama")
+    if quantized:
+        quantize(base, group_size=GROUP)
+        quantize(net, group_size=GROUP, keep_float=True)
+    gateskip.load_gates(net, folder)
+    with torch.no_grad():
+        tuned = net(x).logits
+        with original_backbone(net):
+            assert torch.equal(net(x).logits, base(x).logits)
+        assert torch.equal(net(x).logits, tuned)
+        assert not torch.equal(tuned, base(x).logits)
+
+
+def test_lora_folder_saved_in_float16_is_half_the_size_and_loads_close(tmp_path):
+    folder = lora_gates(tmp_path)
+    x = ids()
+    net = tiny_model("llama")
+    gateskip.load_gates(net, folder)
+    with torch.no_grad():
+        ref = net(x).logits
+    gateskip.save_gates(net, tmp_path / "h", dtype="float16")  # re-saved: the LoRA deltas come along, halved
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "h" / "gates.safetensors")
+    assert {v.dtype for k, v in saved.items() if k.startswith("lora.")} == {torch.float16}
+    again = tiny_model("llama")
+    gateskip.load_gates(again, tmp_path / "h")
+    with torch.no_grad():
+        out = again(x).logits
+    assert not torch.equal(out, tiny_model("llama")(x).logits)  # the deltas were applied
+    assert torch.allclose(out, ref, atol=1e-2)

@@ -176,7 +176,7 @@ def test_train_passes_placement_and_shared_to_the_gates(tiny, tmp_path):
     from gateskip.train import train
 
     out = train(model=str(tiny / "model"), data=str(tiny / "text.txt"), out=str(tmp_path / "g"), steps=1, seq_len=32,
-                batch_size=2, placement="before", shared=True, calibrate_batches=1)
+                batch_size=2, placement="before", shared=True, calibrate_batches=1, init="none")
     cfg = read_meta(out)["config"]
     assert cfg["placement"] == "before" and cfg["shared"] is True
     with pytest.raises(GateSkipError, match="placement"):

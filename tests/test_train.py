@@ -300,3 +300,24 @@ def test_train_from_a_fit_folder_with_a_budget_file(tmp_path):
     with pytest.raises(GateSkipError, match="skip ratio for layers.1.mlp"):
         (tmp_path / "big.json").write_text(json.dumps({"layers.1.mlp": 2}))
         read_budget(str(tmp_path / "big.json"))
+
+
+def test_shipped_recipes_best_is_trains_defaults_and_paper_is_the_papers(capsys):
+    import inspect
+
+    from gateskip.cli import main
+    from gateskip.recipes import load_recipe, names
+    from gateskip.train import train
+
+    assert {"best", "paper"} <= set(names())
+    defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
+    best = load_recipe("best")
+    assert best and {k: defaults[k] for k in best} == best  # written out, the defaults themselves
+    paper = load_recipe("paper")
+    assert paper["fallback"] == "zero" and paper["gate"] == "vector" and paper["objective"] == "ce"
+    assert paper["max_ratio"] == 0.2 and paper["lam"] > 0 and paper["init"] == "none"
+    from gateskip.cli import _load_yaml
+
+    assert _load_yaml("paper", train) == paper  # --config paper: a shipped name resolves like a path
+    assert main(["train", "--config", "no-such-recipe"]) == 2
+    assert "shipped recipe" in capsys.readouterr().err

@@ -95,9 +95,9 @@ def save_gates(model: nn.Module, directory: str | os.PathLike, *, extra_tensors:
                extra_meta: dict | None = None, dtype: str = "float32") -> Path:
     """Write gates, calibration and config to ``directory`` (created if needed).
 
-    ``dtype``: how gate and fallback weights are stored: float32 (as trained; float64 fallbacks of a
+    ``dtype``: how gate, fallback and LoRA weights are stored: float32 (as trained; float64 fallbacks of a
     float64 model stay float64), or float16 / bfloat16 to halve the folder (loading casts them back to
-    the model's dtype; calibration thresholds stay float32)."""
+    the model's dtype; calibration thresholds and full fine-tuned weights stay float32)."""
     if dtype not in SAVE_DTYPES:
         raise GateSkipError(f"unknown storage dtype {dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
     store = SAVE_DTYPES[dtype]
@@ -117,6 +117,8 @@ def save_gates(model: nn.Module, directory: str | os.PathLike, *, extra_tensors:
         tensors[k] = v.detach().float().cpu().contiguous()
     meta.update(pruning_meta(model))  # load_gates prunes a full base model the same way
     backbone = None if "backbone" in (extra_meta or {}) else _loaded_backbone(model, tensors, meta)
+    if store:  # LoRA deltas too (loading computes B @ A in float32)
+        tensors.update({k: v.to(store) for k, v in tensors.items() if k.startswith("lora.")})
     meta.update(extra_meta or {})
     d.mkdir(parents=True, exist_ok=True)
     if backbone:
@@ -240,7 +242,8 @@ def _apply_backbone(model: nn.Module, tensors: dict, d: Path, meta: dict) -> dic
     backup = gate_state(model).backup  # originals, so that remove_gates restores the base model exactly
     for key in [k for k in tensors if k.startswith("lora.") and k.endswith(".A")]:
         name = key[len("lora."):-len(".A")]
-        a, b = tensors[key], tensors.get(f"lora.{name}.B")
+        a, b = tensors[key].float(), tensors.get(f"lora.{name}.B")
+        b = None if b is None else b.float()
         target = mods.get(name)
         if b is None or target is None or not hasattr(target, "weight") or \
                 tuple(target.weight.shape) != (b.shape[0], a.shape[1]):

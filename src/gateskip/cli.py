@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn in _commands().items():
         summary, helps = _doc_args(fn)
         p = sub.add_parser(name, help=summary, description=summary)
-        p.add_argument("--config", help="YAML file whose keys supply values for this command's flags")
+        p.add_argument("--config", help="YAML file whose keys supply values for this command's flags, or a "
+                       "shipped recipe: paper, best (gateskip train)")
         hints = typing.get_type_hints(fn)
         for i, (pname, param) in enumerate(inspect.signature(fn).parameters.items()):
             typ = _base_type(hints.get(pname, str))
@@ -99,19 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_yaml(path: str, fn: Callable) -> dict:
-    import yaml
+    from gateskip.recipes import load_recipe
 
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise GateSkipError(f"cannot read config {path!r}: {e.strerror}") from None
-    except yaml.YAMLError:
-        raise GateSkipError(f"config {path!r} is not valid YAML: fix its syntax") from None
-    if not isinstance(values, dict):
-        raise GateSkipError(f"config {path!r} must be a mapping of flag names to values")
+    values = load_recipe(path)
     known = set(inspect.signature(fn).parameters)
-    values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = set(values) - known
     if unknown:
         raise GateSkipError(f"config {path!r} has unknown keys {sorted(unknown)}: valid keys are {sorted(known)}")

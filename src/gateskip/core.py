@@ -397,3 +397,25 @@ def gates_bypassed(model: nn.Module):
         yield
     finally:
         st.bypass = previous
+
+
+@contextlib.contextmanager
+def original_backbone(model: nn.Module):
+    """Run with the backbone weights the gates folder changed (LoRA / full deltas) put back to the original's, gates
+    bypassed: the base model, the reference a fine-tuned folder is measured against. A no-op swap for frozen gates."""
+    from gateskip.quantize import is_quantized_linear, restore_weight
+
+    st = gate_state(model)
+    changed = {}
+    for name, original in st.backup.items():
+        owner, attr = name.rpartition(".")[0], name.rpartition(".")[2]
+        module = model.get_submodule(owner)
+        current = getattr(module, attr)  # a quantized weight is swapped back as is, a float one copied back
+        changed[name] = current if is_quantized_linear(module) and attr == "weight" else current.detach().clone()
+        restore_weight(model, name, original)
+    try:
+        with gates_bypassed(model):
+            yield
+    finally:
+        for name, current in changed.items():
+            restore_weight(model, name, current)

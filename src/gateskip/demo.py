@@ -1,12 +1,14 @@
 """The main job (``make demo``): make gates for SmolLM2, then show what skipping does and costs.
 
-1. Fit fallbacks and gates in closed form (recipe ``fit``, the default) or train the paper's gates
-   (recipe ``paper``), on offline text, never on evaluation items.
-2. Generate from a few instructions with the dense model and with skipping, printing the tokens
+1. Make gates on offline text, never on evaluation items: recipe ``best`` (the default) fits fallbacks and
+   gates in closed form and heals them end to end for a short run (``gateskip train``'s defaults, fewer
+   steps); ``fit`` stops after the closed-form fit (``gateskip fit``); ``paper`` trains the paper's gates
+   (``gateskip train --config paper``).
+2. Generate from a few instructions with the original dense model and with skipping, printing the tokens
    skipped (the paper's measure) and the FLOP-weighted compute saved (gates and fallbacks counted).
-3. Compare at matched compute: held-out CE against random skipping with the same fallback, the
-   oracle, ShortGPT and ShortGPT with linear replacement (``fit``), or the core benchmark suite
-   against random and ShortGPT (``paper``, needs the evaluation extra).
+3. Compare at matched compute: held-out CE against the original dense model, random skipping with the same
+   fallback, the oracle, ShortGPT and ShortGPT with linear replacement (``best``, ``fit``), or the core
+   benchmark suite against random and ShortGPT (``paper``, needs the evaluation extra).
 """
 
 from __future__ import annotations
@@ -20,32 +22,35 @@ import torch
 
 from gateskip.errors import GateSkipError
 
-RECIPES = ("fit", "paper")
+RECIPES = ("best", "fit", "paper")
 
 
-def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "fit", batches: int = 32,
-         sequential_batches: int = 8, compare: str = "0.15,0.3,0.45,0.6", baselines: str = "3,6,9,12",
+def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "best", batches: int = 8,
+         heal_steps: int = 60, compare: str = "0.15,0.3,0.45,0.6", baselines: str = "3,6,9,12",
          steps: int = 40, gate: str = "lowrank",
          ratio: float = 0.3, prompts: int = 2, max_new_tokens: int = 40, evaluate: bool = True,
          limit: int = 60, ratios: str = "0.15,0.3,0.45", methods: str = "gateskip,random,shortgpt",
          threads: int = 2) -> None:
     """Run the main job on the embedded default model: make gates, generate with skipping, compare.
 
-    Recipe ``fit`` (default, the best measured one; ~9 min on 2 cores): rank-64 fallbacks for skipped
-    tokens and rank-16 gates fitted in closed form, then refitted under skipping (``gateskip fit``); then
-    generation with and without skipping; then held-out CE at matched compute against random skipping
+    Recipe ``best`` (default, the best measured one; ~12 min on 2 cores): rank-64 fallbacks for skipped
+    tokens and rank-16 gates fitted in closed form and refitted under skipping, then ``heal_steps`` steps of
+    end-to-end self-distillation with LoRA at 40% skipped (``gateskip train``'s defaults; it trains 300);
+    then generation with and without skipping; then held-out CE at matched compute against random skipping
     with the same fallback, the residual oracle, ShortGPT and ShortGPT with linear replacement.
-    Recipe ``paper``: the paper's gates (zero for skipped tokens) trained for ``steps`` steps
-    (``gateskip train``), then the core benchmark suite against random skipping and ShortGPT.
+    Recipe ``fit``: the closed-form fit alone (``gateskip fit``), then the same. Recipe ``paper``: the
+    paper's gates (zero for skipped tokens) trained for ``steps`` steps (``gateskip train --config paper``),
+    then the core benchmark suite against random skipping and ShortGPT.
 
     Args:
         out: output folder (gates/ and the recipe's reports).
         model: base model (the embedded smollm2-135m by default).
-        recipe: fit (closed-form fallbacks and gates) or paper (trained gates, zero fallback).
-        batches: fit: calibration batches of 4 x 256 tokens for the fits.
-        sequential_batches: fit: calibration batches of the refit under skipping (one pass per branch).
-        compare: fit: skip ratios of every branch at which the held-out CE is compared.
-        baselines: fit: ShortGPT layer counts (with and without linear replacement).
+        recipe: best (fitted, then healed), fit (closed-form fallbacks and gates) or paper (trained gates,
+            zero fallback).
+        batches: best, fit: calibration batches of 4 x 256 tokens for the closed-form fits.
+        heal_steps: best: end-to-end training steps after the fit.
+        compare: best, fit: skip ratios of every branch at which the held-out CE is compared.
+        baselines: best, fit: ShortGPT layer counts (with and without linear replacement).
         steps: paper: gate training steps (a short run; see BENCHMARKS.md for longer ones).
         gate: paper: gate kind: lowrank (cheap: ~1% FLOPs on SmolLM2), vector (the paper's), scalar.
         ratio: skip ratio of the generation examples.
@@ -71,18 +76,26 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "fit
 
         _say(f"1/3 fitting rank-64 fallbacks and rank-16 gates on {model} ({batches} x 4 x 256 tokens), refitted "
              f"under skipping 0.3 -> {gates_dir}")
-        fit(model=model, out=str(gates_dir), batches=batches, sequential=0.3, sequential_batches=sequential_batches,
+        fit(model=model, out=str(gates_dir), batches=batches, sequential=0.3, sequential_batches=batches,
             compare="", threads=threads)
+    elif recipe == "best":
+        from gateskip.train import train
+
+        _say(f"1/3 fitting fallbacks and gates on {model} in closed form, then healing them for {heal_steps} "
+             f"steps (LoRA, self-distillation, 40% skipped) -> {gates_dir}")
+        train(model=model, out=str(gates_dir), steps=heal_steps, fallback_batches=batches, resume=False)
     else:
+        from gateskip.recipes import load_recipe
         from gateskip.train import train
 
         _say(f"1/3 training {gate} gates on {model} for {steps} steps (the paper's recipe) -> {gates_dir}")
-        train(model=model, out=str(gates_dir), steps=steps, gate=gate)
+        train(**{**load_recipe("paper"), "model": model, "out": str(gates_dir), "steps": steps, "gate": gate,
+                 "resume": False})
     _say(f"    done in {time.perf_counter() - t0:.0f}s")
     _generate(model, gates_dir, ratio, prompts, max_new_tokens)
     if not evaluate:
         return
-    if recipe == "fit":
+    if recipe in ("best", "fit"):
         from gateskip.commands.fit import fit
 
         _say(f"3/3 held-out CE at skip ratios {compare} and ShortGPT with {baselines} layers removed -> {out_dir}")
@@ -106,7 +119,7 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "fit
 
 def _generate(model: str, gates_dir: Path, ratio: float, prompts: int, max_new_tokens: int) -> None:
     from gateskip.checkpoint import load_gates
-    from gateskip.core import remove_gates
+    from gateskip.core import original_backbone, remove_gates
     from gateskip.data import sample_prompts
     from gateskip.generate import complete, summary_line
     from gateskip.models import load_model
@@ -116,10 +129,13 @@ def _generate(model: str, gates_dir: Path, ratio: float, prompts: int, max_new_t
     load_gates(net, gates_dir)
     for prompt in sample_prompts()[:prompts]:
         print(f"\n### {prompt}")
-        for r in (0.0, ratio):
-            text, s, seconds, n = complete(net, tok, prompt, skip=r, max_new_tokens=max_new_tokens)
-            print(f"--- skip {r:g}: {summary_line(s, 'threshold', r)}, {n / seconds:.1f} tokens/s")
-            print(text.strip())
+        with original_backbone(net):  # the original model (a healed folder's LoRA deltas taken out)
+            text, _s, seconds, n = complete(net, tok, prompt, skip=0.0, max_new_tokens=max_new_tokens)
+        print(f"--- dense (the original model): {n / seconds:.1f} tokens/s")
+        print(text.strip())
+        text, s, seconds, n = complete(net, tok, prompt, skip=ratio, max_new_tokens=max_new_tokens)
+        print(f"--- skip {ratio:g}: {summary_line(s, 'threshold', ratio)}, {n / seconds:.1f} tokens/s")
+        print(text.strip())
     remove_gates(net)
 
 

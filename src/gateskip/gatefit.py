@@ -60,6 +60,8 @@ def fit_gates(model, batches, ridge: float = 1e-2, open_logit: float = 8.0, spre
                             "with gate='vector', 'lowrank' or 'scalar'")
     if st.cfg.placement != "after":
         raise GateSkipError("fit_gates needs gates placed after the branch (placement='after')")
+    if st.cfg.shared:
+        raise GateSkipError("fit_gates fits one gate per branch: build the gates with shared=False")
     if ridge < 0 or spread <= 0:
         raise GateSkipError(f"fit_gates: ridge={ridge} must be >= 0 and spread={spread} > 0")
     hidden = text_config(model).hidden_size
@@ -163,8 +165,9 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
     cfg = st.cfg
     if cfg.fallback == "zero" and not fit_gates:
         raise GateSkipError("refit_under_plan has nothing to fit: the gates have fallback='zero' and fit_gates=False")
-    if fit_gates and (cfg.gate == "mlp" or cfg.placement != "after"):
-        raise GateSkipError("refit_under_plan fits gates of kind vector, scalar or lowrank placed after the branch")
+    if fit_gates and (cfg.gate == "mlp" or cfg.placement != "after" or cfg.shared):
+        raise GateSkipError("refit_under_plan fits gates of kind vector, scalar or lowrank placed after the branch, "
+                            "one per branch (shared=False)")
     hidden = text_config(model).hidden_size
     device = next(model.parameters()).device
     inputs = _inputs(model, batches, "refit_under_plan")
@@ -201,3 +204,61 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
     finally:
         model.train(was_training)
     return {"fallback_r2": fb_r2, "gate_r2": gate_r2, "tokens": tokens}
+
+
+_fit_every_gate = fit_gates  # fit_closed_form's flag of the same name shadows it
+
+
+def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: int = 64, ridge: float = 1e-3,
+                    gate_ridge: float = 1e-2, fit_gates: bool = True, under_plan: dict | None = None,
+                    sequential: float | dict = 0.3, sequential_batches: int = 8, log=None) -> dict:
+    """The closed-form recipe on a gated model (``gateskip fit``'s, and ``gateskip train``'s start): no backprop.
+
+    1. ``fit_fallback`` (kind ``fallback``, or ``"keep"``: the model's fallbacks stay as they are) on ``batches``;
+    2. ``fit_gates``: every gate ranks tokens by the fallback's residual (``fit_gates=False``: gates unchanged);
+    3. with ``sequential`` (a ratio for every branch, or per-branch ratios), ``refit_under_plan`` on the first
+       ``sequential_batches`` batches: fallback and gate of each branch refitted in execution order under
+       quantile skipping, so each is fitted on the inputs it sees when skipping is on. It replaces 1-2: a
+       branch's inputs depend only on the branches before it, which are refitted first.
+
+    ``log``: a function called with one progress line per stage. Returns a summary (R^2 per branch, tokens).
+    """
+    import time
+
+    from gateskip.core import gate_state
+    from gateskip.fallback import fit_fallback
+
+    say = log or (lambda _line: None)
+    t0 = time.perf_counter()
+    st = gate_state(model)
+    if fallback == "keep":
+        summary = {"fallback": {"kind": st.cfg.fallback, "rank": st.cfg.fallback_rank, "kept": True}}
+        say(f"keeping the model's {st.cfg.fallback} fallbacks")
+    else:
+        say(f"fitting {fallback} fallbacks on {len(batches)} batches"
+            + (f" under {under_plan['policy']} skipping {under_plan['ratio']:g}" if under_plan else ""))
+        fb = fit_fallback(model, batches, kind=fallback, rank=fallback_rank, ridge=ridge, under_plan=under_plan)
+        summary = {"fallback": {k: v for k, v in fb.items() if k != "r2"}, "fallback_r2": fb["r2"]}
+        say(f"fallback R^2 {by_kind(fb['r2'])}  ({time.perf_counter() - t0:.0f} s)")
+    if fit_gates:
+        gf = _fit_every_gate(model, batches, ridge=gate_ridge)
+        summary["gate_r2"] = gf["r2"]
+        say(f"gate log-cost R^2 {by_kind(gf['r2'])}  ({time.perf_counter() - t0:.0f} s)")
+    if sequential:
+        seq = refit_under_plan(model, batches[:sequential_batches], {"ratio": sequential, "policy": "quantile"},
+                               ridge=ridge, gate_ridge=gate_ridge, fit_gates=fit_gates)
+        summary["sequential"] = {"ratio": sequential, "batches": min(sequential_batches, len(batches)), **seq}
+        what = f"{sequential:g}" if isinstance(sequential, float | int) else "per-branch ratios"
+        say(f"refit under skipping {what}: fallback R^2 {by_kind(seq['fallback_r2'])}; "
+            f"gate R^2 {by_kind(seq['gate_r2'])}  ({time.perf_counter() - t0:.0f} s)")
+    return summary
+
+
+def by_kind(r2: dict) -> str:
+    """``attn mean .. (min .., max ..), mlp mean ..`` of per-branch values named ``layers.<i>.<kind>``."""
+    parts = []
+    for kind in ("attn", "mlp"):
+        v = [x for k, x in r2.items() if k.endswith("." + kind)]
+        if v:
+            parts.append(f"{kind} mean {sum(v) / len(v):.3f} (min {min(v):.3f}, max {max(v):.3f})")
+    return ", ".join(parts)

@@ -92,7 +92,8 @@ def _with_fallback(branch, out, x, g, skip, n_skip, static):
         sidx = flat.nonzero().squeeze(1)
     v = gated_fallback(branch._fast_fallback, x.reshape(b * t, h).index_select(0, sidx),
                        None if g is None else g.reshape(b * t, -1).index_select(0, sidx))
-    return out.reshape(b * t, h).index_copy(0, sidx, v.to(out.dtype)).view(b, t, h)
+    # in place: ``out`` is the fresh tensor _mlp / _attention built, so no second B x T x H copy
+    return out.view(b * t, h).index_copy_(0, sidx, v.to(out.dtype)).view(b, t, h)
 
 
 def _mlp(branch, x, g, skip, n_skip, args, kwargs, static):

@@ -56,20 +56,26 @@ def ramp_ratio(step: int, ramp_steps: int, max_ratio: float) -> float:
     return max_ratio * min(1.0, step / max(1, ramp_steps))
 
 
-def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix", steps: int = 200,
+def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix", steps: int = 300,
           seq_len: int = 256, batch_size: int = 4, grad_accum: int = 1, lr: float = 1e-3,
-          backbone: str = "frozen", backbone_lr: float = 1e-4, lora_rank: int = 8,
-          objective: str = "distill", sparsity_kind: str = "l2", lam: float = 0.1, kl_target: float = 0.5,
-          max_ratio: float = 0.2, ramp_steps: int | None = None, modules: str = "attn,mlp", warmup: int = 20,
-          gate: str = "vector", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
+          backbone: str = "lora", backbone_lr: float = 1e-3, lora_rank: int = 8,
+          objective: str = "distill", sparsity_kind: str = "l2", lam: float = 0.0, kl_target: float = 0.5,
+          max_ratio: float = 0.4, ramp_steps: int | None = None, modules: str = "attn,mlp", warmup: int = 20,
+          gate: str = "lowrank", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
           placement: str = "after", shared: bool = False,
           calibrate_ratio: float = 0.3, calibrate_batches: int = 8, save_every: int = 50, seed: int = 0,
           dtype: str = "float32", resume: bool = True, limit_texts: int | None = None, fsdp: bool = False,
-          keep_checkpoints: int = 2, device: str = "auto", protect_first: int = 0, quant: str = "none",
-          straight_through: bool = False, init: str | None = None, budget: str | None = None,
-          fallback: str = "zero", fallback_rank: int = 64, fallback_batches: int = 12, train_fallback: bool = False,
-          fallback_lr: float = 1e-4) -> Path:
+          keep_checkpoints: int = 2, device: str = "auto", protect_first: int = 1, quant: str = "none",
+          straight_through: bool = False, init: str | None = "fit", budget: str | None = None,
+          fallback: str | None = None, fallback_rank: int = 64, fallback_batches: int = 8, train_fallback: bool = True,
+          fallback_lr: float = 1e-4, fit_ratio: float = 0.3, save_dtype: str = "float32") -> Path:
     """Train gates on offline text and write a gates folder.
+
+    The defaults are the best measured recipe on SmolLM2-135M (BENCHMARKS.md, "Healing"): low-rank fallbacks
+    and gates fitted in closed form (``init="fit"``, as ``gateskip fit``), then trained end to end by
+    self-distillation with LoRA on the backbone, skipping 40% of every branch's tokens (no sparsity penalty:
+    the budget sets the skipping). The paper's recipe is one flag away: ``--config paper`` (vector gates,
+    zero for skipped tokens, cross-entropy + 0.1 L2 sparsity, ratio ramped to 0.2, full fine-tuning).
 
     Args:
         model: base model: ``smollm2-135m`` (embedded), a local HF folder or a hub id.
@@ -117,17 +123,25 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             weights plus gate training state do not fit one GPU; see docs/distributed.md).
         keep_checkpoints: newest checkpoints kept on disk (>= 2 keeps a fallback if the latest is damaged).
         device: auto (a GPU when there is one), cpu, cuda or cuda:N; under torchrun each process uses its LOCAL_RANK GPU.
-        init: start from this gates folder (e.g. from ``gateskip fit``: fitted fallbacks and gates) instead of new
-            gates; its config is kept and the gate flags above are ignored.
+        init: fit: new gates (the flags above), their fallbacks and gates fitted in closed form on
+            ``fallback_batches`` training batches and refitted under skipping ``fit_ratio`` (``gateskip fit``'s
+            recipe; kept in out/fit, reused on resume); a gates folder (e.g. from ``gateskip fit``): start from
+            it, its config kept and the gate flags above ignored; none: new gates as initialised (the paper).
         budget: JSON file of per-branch skip ratios (e.g. ``alloc_0.25.json`` from ``gateskip fit --allocate``):
             training skips those ratios, ramped from 0 over ``ramp_steps`` (``max_ratio`` is then unused), and
             thresholds are calibrated under them.
-        fallback: what a skipped token gets for new gates (or to replace --init's): zero (paper), mean, lowrank or
-            linear, fitted in closed form (gateskip.fit_fallback) on the training text before training.
+        fallback: what a skipped token gets: zero (paper), mean, lowrank or linear, fitted in closed form
+            (gateskip.fit_fallback) on the training text before training; default: lowrank for new gates, the
+            folder's own with --init DIR (given, it replaces the folder's unless the same).
         fallback_rank: inner size of a lowrank fallback.
-        fallback_batches: batches of batch_size x seq_len training tokens the fallback is fitted on.
-        train_fallback: train the fallbacks end to end with the gates (learning rate ``fallback_lr``).
+        fallback_batches: batches of batch_size x seq_len training tokens the fallback (and with init=fit, the
+            gates) are fitted on.
+        train_fallback: train the fallbacks end to end with the gates (learning rate ``fallback_lr``; nothing to
+            train with fallback zero).
         fallback_lr: learning rate of the fallbacks.
+        fit_ratio: init=fit: the skip ratio (every branch, quantile) the closed-form fit is refitted under.
+        save_dtype: how the gates folder stores gates, fallbacks and LoRA deltas: float32, float16 or bfloat16
+            (half the size; loading casts them back).
     """
     from gateskip.data import load_texts, pack
     from gateskip.models import load_model
@@ -143,6 +157,10 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         if value < least:
             raise GateSkipError(f"{name}={value} is invalid: use a value >= {least}")
     check_ratio(max_ratio, "max_ratio")
+    from gateskip.checkpoint import SAVE_DTYPES
+
+    if save_dtype not in SAVE_DTYPES:  # fail now, not after training
+        raise GateSkipError(f"unknown --save-dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
     if straight_through and placement != "after":
         raise GateSkipError("--straight-through needs gates after the branch (placement=after): a gate before it "
                             "changes the branch input, so a skipped token has no output to pass the gradient through")
@@ -152,13 +170,28 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         raise GateSkipError(f"--quant {quant} trains gates on a frozen quantized backbone: use --backbone frozen "
                             "without --fsdp (LoRA / full fine-tuning of rounded weights is not supported)")
     skip_modules = tuple(m.strip() for m in modules.split(",") if m.strip())
-    ramp_steps = ramp_steps if ramp_steps is not None else max(1, int(0.8 * steps))
-    if init is not None and fsdp:
-        raise GateSkipError("--init with --fsdp is not supported: start from new gates, or train without --fsdp")
+    init = None if init in (None, "", "none") else init
+    if fallback is None:
+        fallback = "lowrank" if init is None or init == "fit" else "keep"
+    if init == "fit" and fallback == "zero":
+        raise GateSkipError("--init fit fits fallbacks and gates in closed form: pass --fallback lowrank (or mean, "
+                            "linear), or --init none for new gates with zero fallbacks")
+    if init == "fit" and (gate == "mlp" or placement != "after" or shared):
+        raise GateSkipError(f"--init fit writes a fitted cost predictor into one gate per branch placed after it: "
+                            f"gate={gate!r}, placement={placement!r}, shared={shared} cannot hold it; pass --gate "
+                            "lowrank/vector/scalar --placement after --no-shared, or --init none for new gates")
+    if init is not None and init != "fit" and not Path(init, "gateskip.json").is_file():
+        raise GateSkipError(f"--init {init!r} is not a gates folder (no gateskip.json): pass a folder written by "
+                            "gateskip fit / train, fit (closed-form start) or none")
+    # fitted gates need only a short ramp; new gates the paper's long one
+    ramp_steps = ramp_steps if ramp_steps is not None else max(1, int((0.8 if init is None else 0.1) * steps))
+    if init not in (None, "fit") and fsdp:
+        raise GateSkipError("--init DIR with --fsdp is not supported: start from new gates (--init fit or none), or "
+                            "train without --fsdp")
     budget_ratios = read_budget(budget) if budget else None  # allocate.py
     gate_cfg = GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv,
                               placement=placement, shared=shared, protect_first=protect_first,
-                              fallback=fallback, fallback_rank=fallback_rank)
+                              fallback="zero" if fallback == "keep" else fallback, fallback_rank=fallback_rank)
     out_dir = Path(out)
     d = gdist.init_from_env()
     if fsdp and not d.enabled:
@@ -170,7 +203,11 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         dev = d.device if d.enabled else _device(device)
         net, tok = load_model(model, dtype=dtype)
         quantize_for_run(net, quant)  # no-op for none; gates stay float32 either way
-        if init is not None:
+        if init == "fit":
+            _fitted_start(net, tok, gate_cfg, out_dir / "fit", data=data, limit_texts=limit_texts, seq_len=seq_len,
+                          batch_size=batch_size, batches=fallback_batches, ratio=fit_ratio, resume=resume,
+                          main=d.is_main)
+        elif init is not None:
             from gateskip.checkpoint import load_gates
 
             load_gates(net, init)
@@ -178,7 +215,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             add_gates(net, gate_cfg)
         net.to(dev)
         st = gate_state(net)
-        if fallback != "zero" and (init is None or (st.cfg.fallback, st.cfg.fallback_rank) != (fallback, fallback_rank)):
+        if fallback not in ("zero", "keep") and init != "fit" and (
+                init is None or (st.cfg.fallback, st.cfg.fallback_rank) != (fallback, fallback_rank)):
             from gateskip.data import fixed_batches
             from gateskip.fallback import fit_fallback
 
@@ -194,7 +232,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
                          sparsity_kind=sparsity_kind, lam=lam, kl_target=kl_target, max_ratio=max_ratio,
                          ramp_steps=ramp_steps, modules=skip_modules, warmup=warmup, save_every=save_every,
                          resume=resume, dist=d, keep_checkpoints=keep_checkpoints, fsdp=fsdp,
-                         straight_through=straight_through, budget=budget_ratios, train_fallback=train_fallback,
+                         straight_through=straight_through, budget=budget_ratios,
+                         train_fallback=train_fallback and st.cfg.fallback != "zero",
                          fallback_lr=fallback_lr)
         if fsdp:  # gather the sharded weights (a collective); rank 0 calibrates an unsharded copy
             full = gdist.full_state(net)
@@ -209,7 +248,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             return out_dir
         _finish(net, tok, peft_model, out_dir, data=data, backbone=backbone,
                 calibrate_ratio=budget_ratios if budget_ratios else calibrate_ratio,
-                calibrate_batches=calibrate_batches, seq_len=seq_len, batch_size=batch_size,
+                calibrate_batches=calibrate_batches, seq_len=seq_len, batch_size=batch_size, save_dtype=save_dtype,
                 meta_training={"quant": quant, "data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
                                "world_size": d.world, "grad_accum": grad_accum, "lr": lr, "objective": objective,
                                "sparsity": sparsity_kind, "lam": lam, "max_ratio": max_ratio,
@@ -219,6 +258,30 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         return out_dir
     finally:
         gdist.shutdown(d)
+
+
+def _fitted_start(net, tok, cfg: GateSkipConfig, folder: Path, *, data, limit_texts, seq_len, batch_size, batches,
+                  ratio, resume, main) -> None:
+    """``init="fit"``: gates and fallbacks fitted in closed form (``gatefit.fit_closed_form``), saved in ``folder``;
+    a resumed run loads that folder instead of fitting again."""
+    from gateskip.checkpoint import load_gates
+
+    if resume and (folder / "gateskip.json").is_file():
+        load_gates(net, folder)
+        return
+    from gateskip.data import fixed_batches, load_texts
+    from gateskip.gatefit import fit_closed_form
+
+    add_gates(net, cfg)
+    cal = fixed_batches(tok, load_texts(data, split="train", limit=limit_texts), seq_len, batch_size, batches)
+    fit_closed_form(net, cal, fallback=cfg.fallback, fallback_rank=cfg.fallback_rank, sequential=ratio,
+                    sequential_batches=batches,
+                    log=(lambda line: print(f"[gateskip train] init fit: {line}", flush=True)) if main else None)
+    calibrate(net, cal[: min(4, len(cal))], ratio=ratio)
+    if main:
+        save_gates(net, folder, extra_meta={"fit": {"command": "gateskip train --init fit", "batches": batches,
+                                                    "seq_len": seq_len, "batch_size": batch_size, "data": data,
+                                                    "sequential": ratio}})
 
 
 def _device(name: str) -> torch.device:
@@ -234,7 +297,7 @@ def _device(name: str) -> torch.device:
 
 
 def _finish(net, tok, peft_model, out_dir: Path, *, data, backbone, calibrate_ratio, calibrate_batches, seq_len,
-            batch_size, meta_training) -> None:
+            batch_size, meta_training, save_dtype: str = "float32") -> None:
     """Merge LoRA, calibrate thresholds on held-out text and write the gates folder."""
     from gateskip.data import fixed_batches, load_texts
 
@@ -242,7 +305,7 @@ def _finish(net, tok, peft_model, out_dir: Path, *, data, backbone, calibrate_ra
     heldout = load_texts(data, split="heldout", limit=None)
     cal = calibrate(net, fixed_batches(tok, heldout, seq_len, batch_size, calibrate_batches), ratio=calibrate_ratio)
     meta = {"backbone": backbone, "training": {**meta_training, "calibration": cal}}
-    save_gates(net, out_dir, extra_tensors=extra, extra_meta=meta)
+    save_gates(net, out_dir, extra_tensors=extra, extra_meta=meta, dtype=save_dtype)
     if backbone == "full":
         from safetensors.torch import save_file
         changed = {k: v.detach().float().cpu().clone() for k, v in net.named_parameters() if ".gate." not in k}

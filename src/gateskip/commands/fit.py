@@ -19,7 +19,7 @@ from gateskip.errors import GateSkipError
 
 def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/fit", fallback: str = "lowrank",
         fallback_rank: int = 64, gate: str = "lowrank", gate_rank: int = 16, fit_gates: bool = True,
-        protect_first: int = 1, kv: str = "compute", batches: int = 32, seq_len: int = 256, batch_size: int = 4,
+        protect_first: int = 1, kv: str = "compute", batches: int = 8, seq_len: int = 256, batch_size: int = 4,
         ridge: float = 1e-3, gate_ridge: float = 1e-2, under_ratio: float = 0.0, compare: str = "0.15,0.3,0.5",
         compare_batches: int = 8, threads: int = 0, data: str = "mix", allocate: str = "",
         sens_batches: int = 2, sens_steps: str = "0.25,0.5,0.75,1", sequential: float = 0.3,
@@ -34,14 +34,17 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
             default: new gates.
         out: the gates folder to write (with fit.json and compare.md).
         fallback: mean, lowrank or linear (what a skipped token gets instead of 0), or keep: the --gates folder's
-            own, unchanged (with --no-fit-gates --sequential 0: only measure a folder, e.g. a trained one).
+            own, unchanged (with --no-fit-gates --sequential 0: only measure a folder, e.g. a trained one, with its
+            own calibrated thresholds).
         fallback_rank: inner size of a lowrank fallback.
         gate: new gates' kind: vector, scalar or lowrank.
         gate_rank: inner size of a lowrank gate.
         fit_gates: fit each gate to rank tokens by the fallback's residual (no: keep the gates as they are).
         protect_first: never skip the first N tokens of a sequence (BOS, the attention sink).
         kv: K/V of skipped attention tokens of new gates: copy or compute.
-        batches: calibration batches of batch_size x seq_len tokens (train split of --data).
+        batches: calibration batches of batch_size x seq_len tokens (train split of --data). With --sequential
+            the refit on the first --sequential-batches decides every fit (a branch's inputs depend only on the
+            branches before it, refitted first): more batches than that only cost time.
         seq_len: tokens per calibration row.
         batch_size: rows per calibration batch.
         ridge: fallback ridge penalty (relative to the mean input variance).
@@ -82,8 +85,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
     from gateskip.config import GateSkipConfig
     from gateskip.core import add_gates, calibrate, gate_state
     from gateskip.data import fixed_batches, load_texts
-    from gateskip.fallback import fit_fallback
-    from gateskip.gatefit import fit_gates as fit_gate_params
+    from gateskip.gatefit import fit_closed_form
     from gateskip.models import load_model
 
     if threads:
@@ -117,30 +119,17 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
                             "linear) to fit one")
     cal = fixed_batches(tok, load_texts(data, "train"), seq_len, batch_size, batches)
     plan = {"ratio": under_ratio, "policy": "random", "kv": st.cfg.kv} if under_ratio > 0 else None
-    if fallback == "keep":  # e.g. measure a trained folder: its fallbacks stay as they are
-        summary = {"fallback": {"kind": st.cfg.fallback, "rank": st.cfg.fallback_rank, "kept": gates}}
-        print(f"[gateskip fit] keeping the {st.cfg.fallback} fallbacks of {gates}", flush=True)
-    else:
-        print(f"[gateskip fit] fitting {fallback} fallbacks on {batches} x {batch_size} x {seq_len} tokens"
-              + (f" under random skipping {under_ratio:g}" if plan else ""), flush=True)
-        fb = fit_fallback(net, cal, kind=fallback, rank=fallback_rank, ridge=ridge, under_plan=plan)
-        summary = {"fallback": {k: v for k, v in fb.items() if k != "r2"}, "fallback_r2": fb["r2"]}
-        print(f"[gateskip fit] fallback R^2 {_by_kind(fb['r2'])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    if fit_gates:
-        gf = fit_gate_params(net, cal, ridge=gate_ridge)
-        summary["gate_r2"] = gf["r2"]
-        print(f"[gateskip fit] gate log-cost R^2 {_by_kind(gf['r2'])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    if sequential > 0 or sequential_budget:
+    under = sequential
+    if sequential_budget:
         from gateskip.allocate import read_budget
-        from gateskip.gatefit import refit_under_plan
 
-        under = read_budget(sequential_budget) if sequential_budget else sequential
-        seq = refit_under_plan(net, cal[:sequential_batches], {"ratio": under, "policy": "quantile"},
-                               ridge=ridge, gate_ridge=gate_ridge, fit_gates=fit_gates)
-        summary["sequential"] = {"ratio": under, "batches": min(sequential_batches, len(cal)), **seq}
-        what = sequential_budget or f"{sequential:g}"
-        print(f"[gateskip fit] refit under skipping {what}: fallback R^2 {_by_kind(seq['fallback_r2'])}; "
-              f"gate R^2 {_by_kind(seq['gate_r2'])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        under = read_budget(sequential_budget)
+    summary = fit_closed_form(net, cal, fallback=fallback, fallback_rank=fallback_rank, ridge=ridge,
+                              gate_ridge=gate_ridge, fit_gates=fit_gates, under_plan=plan, sequential=under,
+                              sequential_batches=sequential_batches,
+                              log=lambda line: print(f"[gateskip fit] {line}", flush=True))
+    if fallback == "keep":
+        summary["fallback"]["kept"] = gates
     allocs = {}
     targets = [float(t) for t in str(allocate).split(",") if t.strip()] if allocate else []
     if targets:
@@ -156,7 +145,9 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         print(f"[gateskip fit] allocations for {', '.join(f'{t:g}' for t in targets)} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     cal_ratio = allocs[targets[len(targets) // 2]] if allocs else summary.get("sequential", {}).get("ratio", 0.3)
-    calibrate(net, cal[: min(4, len(cal))], ratio=cal_ratio)
+    measure_only = fallback == "keep" and not fit_gates and "sequential" not in summary
+    if not (measure_only and st.calibration is not None):  # a folder only measured keeps its own thresholds
+        calibrate(net, cal[: min(4, len(cal))], ratio=cal_ratio)
     save_gates(net, out, dtype=save_dtype, extra_meta={"fit": {"command": "gateskip fit", "fallback": fallback,
                                              "fallback_rank": fallback_rank, "fit_gates": bool(fit_gates),
                                              "batches": batches, "seq_len": seq_len, "batch_size": batch_size,
@@ -205,10 +196,10 @@ def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dic
     text, so read those rows at matched compute, not at matched ratio)."""
     from tqdm.auto import tqdm
 
-    from gateskip.core import gates_bypassed, skipping, stats
+    from gateskip.core import original_backbone, skipping, stats
     from gateskip.eval.fidelity import language_ce
 
-    with gates_bypassed(net):
+    with original_backbone(net):  # the base model, also for a folder with LoRA / full backbone changes
         res = {"dense": language_ce(net, held), "rows": []}
     settings = [(scope, modules, r, r) for scope, modules in scopes.items() for r in ratios]
     settings += [(f"alloc {t:g}" if isinstance(t, float) else t, ("attn", "mlp"), t, a) for t, a in (allocs or {}).items()]
@@ -292,11 +283,3 @@ def matched_ce(res: dict, levels=(0.1, 0.2, 0.3, 0.4)) -> dict[str, dict[float, 
         points.setdefault(b["method"], []).append((b["saved"], b["ce"]))
     return {m: {lv: interpolate(p, lv) for lv in levels} for m, p in points.items() if p}
 
-
-def _by_kind(r2: dict) -> str:
-    parts = []
-    for kind in ("attn", "mlp"):
-        v = [x for k, x in r2.items() if k.endswith("." + kind)]
-        if v:
-            parts.append(f"{kind} mean {sum(v) / len(v):.3f} (min {min(v):.3f}, max {max(v):.3f})")
-    return ", ".join(parts)

@@ -30,7 +30,8 @@ def default_reference(methods, config: dict | None = None) -> str | None:
     else ``gateskip``, else the first gateskip variant, else the first method."""
     methods = list(methods)
     kind = ((config or {}).get("fallback") or {}).get("kind") or "zero"
-    for name in ([f"gateskip+{kind}"] if kind != "zero" else []) + ["gateskip"]:
+    tuned = [f"gateskip+{kind}+lora", f"gateskip+{kind}+ft"] if kind != "zero" else ["gateskip+lora", "gateskip+ft"]
+    for name in tuned + ([f"gateskip+{kind}"] if kind != "zero" else []) + ["gateskip"]:
         if name in methods:
             return name
     return next((m for m in methods if m.startswith(("gateskip+", "gateskip@"))), methods[0] if methods else None)

@@ -269,6 +269,7 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
         try:
             fb_summary = install_fallback(net, gates, fallback, batches, bar)
             suffix = "" if fb_summary["kind"] == "zero" else f"+{fb_summary['kind']}"
+            suffix += backbone_suffix(gates)  # a healed folder's rows are told apart from frozen-backbone ones
             if "gateskip" in methods:
                 if policy == "threshold" and gate_state(net).calibration is None:
                     raise GateSkipError(f"gates in {gates!r} have no calibration for policy 'threshold': "
@@ -322,6 +323,13 @@ class _Lazy:
 
 def _say(bar, msg: str) -> None:
     (getattr(bar, "write", None) or print)(msg)
+
+
+def backbone_suffix(gates: str) -> str:
+    """``+lora`` / ``+ft`` for a gates folder that changes the backbone (LoRA / full fine-tuning), else ``""``."""
+    from gateskip.checkpoint import read_meta
+
+    return {"lora": "+lora", "full": "+ft"}.get(read_meta(gates).get("backbone"), "")
 
 
 def install_fallback(net, gates: str, fallback: dict | None, batches, bar) -> dict:

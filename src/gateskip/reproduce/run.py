@@ -23,7 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from gateskip.errors import GateSkipError
-from gateskip.reproduce.grid import BASE, BY_NAME, CELLS, TARGETS, Cell
+from gateskip.reproduce.grid import BASE, BY_NAME, CELLS, PAPER_PINS, TARGETS, Cell
 
 MARGIN = 0.02  # aim each ratio slightly past its target so that the target lies inside the measured curve
 BASELINE_MODULES = {"mod": "mod", "mod_topk": "mod", "early_exit": "earlyexit"}
@@ -223,7 +223,8 @@ def _ensure_trained(train_dir: Path, tr: dict) -> None:
     else:
         from gateskip.train import train
 
-        train(out=str(train_dir), calibrate_batches=1, save_every=every, keep_checkpoints=1, resume=True, **tr)
+        train(out=str(train_dir), calibrate_batches=1, save_every=every, keep_checkpoints=1, resume=True,
+              **{**PAPER_PINS, **tr})
     # The gates folder holds everything the eval needs; full-backbone checkpoints are ~1.5 GB each.
     shutil.rmtree(train_dir / "checkpoint", ignore_errors=True)
     done.write_text(json.dumps(tr, indent=2))
