@@ -257,7 +257,8 @@ def load_checkpoint(run: str, kv: str = "compute", lora_rank: int = 4, calibrate
                     protect: int = 1):
     """Model + gates from a run's resumable ``checkpoint/train_state.pt`` (mid-run probing), calibrated
     on 4 x 4 x 128 held-out tokens under the quantile policy (first ``protect`` positions kept)."""
-    from gateskip.train import _attach_lora, _merge_lora
+    from gateskip.lora import attach_lora as _attach_lora
+    from gateskip.lora import merge_lora as _merge_lora
 
     model, tok = gateskip.load_model("smollm2-135m")
     model.eval()

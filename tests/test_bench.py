@@ -139,10 +139,20 @@ def test_bench_with_a_fallback_charges_it():
     """A lowrank fallback runs on the skipped tokens: the same skipping saves less compute than with zero."""
     kw = dict(model="tiny-llama", random_gates=True, gate="scalar", ratios="0.5", prefill_batch=2, prefill_len=16,
               decode_batches="1", prompt_len=4, new_tokens=3, repeats=1, warmup=0, threads=1)
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
     zero = bench(**kw)["results"][1]["prefill"]
+    assert hf_logging.get_verbosity() == before  # bench quiets transformers while it runs, not afterwards
     low = bench(**kw, fallback="lowrank", fallback_rank=8)["results"][1]["prefill"]
     assert low["tokens_skipped"] == pytest.approx(zero["tokens_skipped"])
     assert low["compute_saved"] < zero["compute_saved"]
+    both = {r["setting"]: r["prefill"] for r in bench(**kw, fallback="zero,lowrank", fallback_rank=8)["results"]}
+    assert set(both) == {"dense", "scalar+zero@0.5", "scalar+lowrank@0.5"}  # one run, one dense timing
+    # each variant calibrates its thresholds on its own random tokens: the same skipping, not the same bits
+    assert both["scalar+zero@0.5"]["tokens_skipped"] == pytest.approx(zero["tokens_skipped"], abs=0.03)
+    assert both["scalar+lowrank@0.5"]["tokens_skipped"] == pytest.approx(low["tokens_skipped"], abs=0.03)
+    assert both["scalar+lowrank@0.5"]["compute_saved"] < both["scalar+zero@0.5"]["compute_saved"]
     with pytest.raises(GateSkipError, match="fallback='half' is not supported"):
         bench(**kw, fallback="half")
     with pytest.raises(GateSkipError, match="brings its own fallback"):

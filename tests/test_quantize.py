@@ -15,13 +15,9 @@ from gateskip.models import tiny_model
 
 quanto = pytest.importorskip("optimum.quanto")
 
-from gateskip.quantize import (  # noqa: E402
-    combine_results,
-    is_quantized_linear,
-    quantize,
-    quantize_command,
-    weight_bytes,
-)
+from gateskip.commands.quantize import quantize_command  # noqa: E402
+from gateskip.eval.report import combine_results  # noqa: E402
+from gateskip.quantize import is_quantized_linear, quantize, weight_bytes  # noqa: E402
 
 DIVERSE = GateSkipConfig(init_std=0.3, init_bias=0.0)  # importances differ from token to token
 GROUP = 32  # divides the tiny models' input sizes (64, 128)

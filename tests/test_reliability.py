@@ -20,11 +20,13 @@ from safetensors.torch import load_file, save_file
 
 import gateskip
 import gateskip.train as gtrain
-from gateskip.checkpoint import load_train_state, save_gates
+import gateskip.train_state as gstate
+from gateskip.checkpoint import save_gates
 from gateskip.cli import main
 from gateskip.errors import GateSkipError
 from gateskip.models import tiny_model, tiny_tokenizer
 from gateskip.train import fit
+from gateskip.train_state import load_train_state
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -146,14 +148,14 @@ def _full_disk_after(limit):
 
 
 def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    real = gtrain._write_state
+    real = gstate._write_state
     saves = {"n": 0}
 
     def flaky(state, path):
         saves["n"] += 1
         return real(state, path) if saves["n"] == 1 else _full_disk_after(1000)(state, path)
 
-    monkeypatch.setattr(gtrain, "_write_state", flaky)
+    monkeypatch.setattr(gstate, "_write_state", flaky)
     with pytest.raises(GateSkipError, match=r"step 4 \(No space left on device\).*last good checkpoint \(step 2\)"):
         _fit(tmp_path, steps=6)
     ck = tmp_path / "checkpoint"
@@ -163,7 +165,7 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch)
 
 def test_disk_full_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
     d, data = tiny_folder(tmp_path)
-    monkeypatch.setattr(gtrain, "_write_state", _full_disk_after(10))
+    monkeypatch.setattr(gstate, "_write_state", _full_disk_after(10))
     capsys.readouterr()
     assert main(["train", "--model", str(d), "--data", str(data), "--steps", "2", "--seq-len", "32",
                  "--batch-size", "2", "--save-every", "1", "--out", str(tmp_path / "g")]) == 2

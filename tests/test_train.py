@@ -112,6 +112,17 @@ def test_schedules():
     assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.1)
 
 
+def test_budget_ladder_draws_every_ratio_in_range_and_repeats_on_resume():
+    drawn = [ramp_ratio(s, 10, 0.6, 0.2, seed=3) for s in range(10, 400)]
+    assert min(drawn) >= 0.2 and max(drawn) <= 0.6
+    assert min(drawn) < 0.25 and max(drawn) > 0.55  # the whole ladder is visited, not one rung
+    assert drawn == [ramp_ratio(s, 10, 0.6, 0.2, seed=3) for s in range(10, 400)]  # a function of (seed, step)
+    assert drawn != [ramp_ratio(s, 10, 0.6, 0.2, seed=4) for s in range(10, 400)]
+    assert ramp_ratio(5, 10, 0.6, 0.6) == pytest.approx(0.3)  # min == max: the plain ramp
+    with pytest.raises(GateSkipError, match="min_ratio"):
+        fit(None, iter(()), steps=1, min_ratio=0.7, max_ratio=0.5)
+
+
 def test_fit_rejects_bad_settings():
     m = tiny_model("llama")
     with pytest.raises(GateSkipError, match="add_gates"):
@@ -309,8 +320,10 @@ def test_shipped_recipes_best_is_trains_defaults_and_paper_is_the_papers(capsys)
     from gateskip.recipes import load_recipe, names
     from gateskip.train import train
 
-    assert {"best", "paper"} <= set(names())
+    assert {"best", "demo", "paper"} <= set(names())
     defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
+    demo = load_recipe("demo")  # make demo's training: train's defaults with a short run, nothing else changed
+    assert set(demo) == {"steps", "fallback_batches"} and demo["steps"] < defaults["steps"]
     best = load_recipe("best")
     assert best and {k: defaults[k] for k in best} == best  # written out, the defaults themselves
     paper = load_recipe("paper")

@@ -14,7 +14,7 @@ from gateskip.checkpoint import load_gates, save_gates
 from gateskip.config import GateSkipConfig
 from gateskip.core import add_gates, calibrate, gate_parameters, is_gated, remove_gates, skipping, stats
 from gateskip.errors import GateSkipError
-from gateskip.fallback import fit_fallback
+from gateskip.fallback_fit import fit_fallback
 from gateskip.speculative import speculative_generate
 from gateskip.version import __version__
 

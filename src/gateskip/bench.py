@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json as jsonlib
 import math
 import os
@@ -44,6 +45,25 @@ DECODE_TIMINGS = ("interleaved", "generate")
 PHASES = ("prefill",)  # decode phases are added per batch size: "decode_b1", "decode_b8", ...
 
 
+def _quiet_transformers(fn):
+    """Run ``fn`` with transformers' logging at error level, restored afterwards (the timings print tables;
+    load and generation warnings would interleave with them)."""
+
+    @functools.wraps(fn)  # keeps the signature and docstring the CLI is built from
+    def quiet(*args, **kwargs):
+        from transformers.utils import logging as hf_logging
+
+        before = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            hf_logging.set_verbosity(before)
+
+    return quiet
+
+
+@_quiet_transformers
 def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: bool = False,
           gate: str = "vector", rank: int = 16, ratios: str = "0,0.25,0.5", policy: str = "threshold",
           kv: str = "copy", path: str = "auto", prefill_batch: int = 4, prefill_len: int = 512,
@@ -90,11 +110,11 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         plot: write a PNG of speed-up against compute saved, per phase, to this file.
         fallback: with --random-gates: what skipped tokens get, zero (paper) or a mean, lowrank or linear
             fallback (unfitted: the same operations as a fitted one, so the same speed); a gates folder
-            brings its own.
+            brings its own. Comma-separated (``zero,lowrank``): every kind is measured in the same run,
+            against the same dense timings, settings named ``gate+fallback@ratio``.
         fallback_rank: inner size of a lowrank fallback.
     """
     from tqdm import tqdm
-    from transformers.utils import logging as hf_logging
 
     ratio_list = _floats(ratios, "ratios")
     batch_list = [int(b) for b in _floats(decode_batches, "decode-batches")]
@@ -111,14 +131,17 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         raise GateSkipError(f"decode-timing={decode_timing!r} is not supported: choose interleaved or generate")
     from gateskip.config import FALLBACK_KINDS
 
-    if fallback not in FALLBACK_KINDS:
-        raise GateSkipError(f"fallback={fallback!r} is not supported: choose one of {', '.join(FALLBACK_KINDS)}")
-    if fallback != "zero" and gates is not None:
+    fallbacks = [f.strip() for f in str(fallback).split(",") if f.strip()] or ["zero"]
+    for fb in fallbacks:
+        if fb not in FALLBACK_KINDS:
+            raise GateSkipError(f"fallback={fb!r} is not supported: choose one of {', '.join(FALLBACK_KINDS)}")
+    if fallbacks != ["zero"] and gates is not None:
         raise GateSkipError("--fallback applies to --random-gates: a gates folder brings its own fallback")
     torch.set_num_threads(threads)
-    hf_logging.set_verbosity_error()
-    m, tok = _load(model)
-    from gateskip.quantize import quantize_for_run
+    from gateskip.loading import load_named
+
+    m, tok = load_named(model, tiny_tokenizer=False)
+    from gateskip.loading import quantize_for_run
 
     quantize_for_run(m, quant, gates)
     if speculative:
@@ -129,7 +152,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
     prefill_ids = rand_ids(prefill_batch, prefill_len)
     prompts = {b: rand_ids(b, prompt_len) for b in batch_list}
     variants = _variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy, ratio_list,
-                         fallback=(fallback, fallback_rank))
+                         fallbacks=fallbacks, fallback_rank=fallback_rank)
     settings = [("dense", None, 0.0)] + [(f"{k}@{r:g}", k, r) for k in variants for r in ratio_list]
     live = _live_models(m, variants, settings)
     ctxs = {name: {} if kind is None else dict(ratio=ratio, policy=policy, kv=kv, path=path)
@@ -213,19 +236,12 @@ def _floats(text: str, what: str) -> list[float]:
         raise GateSkipError(f"--{what} {text!r} is not a comma-separated list of numbers: e.g. 0,0.25,0.5") from None
 
 
-def _load(name: str):
-    """(model, tokenizer); tiny random models have no tokenizer (None)."""
-    if name.startswith("tiny-"):
-        from gateskip.models import tiny_model
-
-        return tiny_model(name[len("tiny-"):]), None
-    from gateskip.models import load_model
-
-    return load_model(name)
-
-
-def _variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy, ratios=(0.25,), fallback=("zero", 64)) -> dict:
+def _variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy, ratios=(0.25,), fallbacks=("zero",),
+              fallback_rank: int = 64) -> dict:
     """Per gate kind: how to install it (a folder to load, or random gate weights + calibration).
+
+    With several ``fallbacks`` there is one variant per (kind, fallback), named ``kind+fallback``,
+    with the same random gate weights (the seed) and so the same skip decisions.
 
     Thresholds are calibrated at each measured ratio (``calibration``: {ratio: calibration}). One
     calibration serves every ratio only near its own: it records importances while skipping at that
@@ -248,11 +264,11 @@ def _variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy, ratios=(
         remove_gates(m)
         return {kind: variant}
     out = {}
-    for k in kinds:
-        cfg = GateSkipConfig(gate=k, rank=rank, fallback=fallback[0], fallback_rank=fallback[1])
+    for k, fb in ((k, fb) for k in kinds for fb in fallbacks):
+        cfg = GateSkipConfig(gate=k, rank=rank, fallback=fb, fallback_rank=fallback_rank)
         add_gates(m, cfg)
         _randomise(m, seed)
-        out[k] = {"cfg": cfg, "weights": {n: {p: t.clone() for p, t in g.state_dict().items()}
+        out[k if len(fallbacks) == 1 else f"{k}+{fb}"] = {"cfg": cfg, "weights": {n: {p: t.clone() for p, t in g.state_dict().items()}
                                           for n, g in gate_modules(m).items()},
                   "calibration": _calibrations(m, rand_ids, calib_len, points)}
         remove_gates(m)
@@ -441,13 +457,14 @@ def _summarise(settings, phases, times, saved, skipped, prefill_tokens, batch_li
 
 
 def format_table(results: list[dict], phases: list[str]) -> str:
-    head = f"{'setting':<14}" + "".join(f" | {p:^38}" for p in phases)
-    sub = f"{'':<14}" + " | {:>8} {:>6} {:>6} {:>6} {:>6}".format("tok/s", "x", "skip", "saved", "eff") * len(phases)
+    w = max([14] + [len(r["setting"]) for r in results])  # long names (gate+fallback@ratio) keep the columns
+    head = f"{'setting':<{w}}" + "".join(f" | {p:^38}" for p in phases)
+    sub = f"{'':<{w}}" + " | {:>8} {:>6} {:>6} {:>6} {:>6}".format("tok/s", "x", "skip", "saved", "eff") * len(phases)
     lines = [head, sub, "-" * len(sub)]
     for r in results:
         cells = "".join(" | {tokens_per_s:8.1f} {speedup:6.2f} {tokens_skipped:6.2f} {compute_saved:6.2f} "
                         "{efficiency:6.2f}".format(**r[p]) for p in phases)
-        lines.append(f"{r['setting']:<14}{cells}")
+        lines.append(f"{r['setting']:<{w}}{cells}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,6 @@ written to a temporary name and renamed, so a crash never leaves a half-written 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -271,99 +270,3 @@ def _apply_backbone(model: nn.Module, tensors: dict, d: Path, meta: dict) -> dic
         return {"kind": "full", "params": sorted(weights)}
     lora = {k: v for k, v in tensors.items() if k.startswith("lora.")}
     return {"kind": "lora", "tensors": lora} if lora else None
-
-
-# ---- training checkpoints ------------------------------------------------------------------------
-# A training checkpoint is ``checkpoint/step-00000050.pt`` (a torch.save dict of tensors and plain
-# values, read back with weights_only=True so a crafted pickle cannot run code) plus
-# ``step-00000050.pt.sha256``. The .pt is written to a temp name, hashed and test-loaded before it
-# is renamed; the .sha256 is written last, so a checkpoint without a matching .sha256 is incomplete.
-# The newest ``keep`` checkpoints stay on disk: if the latest is damaged, the one before is used.
-
-CKPT_GLOB, LEGACY_CKPT = "step-*.pt", "train_state.pt"
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _ckpt_step(p: Path) -> int:
-    try:
-        return int(p.stem.split("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def list_train_states(ckpt_dir: Path) -> list[Path]:
-    """Checkpoint files, newest first (a pre-checksum ``train_state.pt`` last)."""
-    found = sorted((p for p in Path(ckpt_dir).glob(CKPT_GLOB) if _ckpt_step(p) >= 0), key=_ckpt_step, reverse=True)
-    legacy = Path(ckpt_dir) / LEGACY_CKPT
-    return found + ([legacy] if legacy.is_file() else [])
-
-
-def save_train_state(ckpt_dir: Path, state: dict, step: int, keep: int = 2, write=torch.save) -> Path:
-    """Write a verified checkpoint for ``step``; then drop all but the newest ``keep``.
-
-    ``write(obj, path)`` does the serialising (a parameter so tests can make it fail midway). On
-    any error nothing new is left on disk and the earlier checkpoints are untouched.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_dir.glob(".step-*.tmp"):  # left by a process killed while writing
-        stale.unlink(missing_ok=True)
-    path = ckpt_dir / f"step-{step:08d}.pt"
-    digest = {}
-
-    def write_verified(tmp: str) -> None:
-        write(state, tmp)
-        digest["sha"] = sha256_of(tmp)
-        torch.load(tmp, map_location="cpu", weights_only=True)  # readable back, before it replaces anything
-
-    atomic_write(path, write_verified)
-    try:
-        atomic_write(path.with_name(path.name + ".sha256"), lambda p: Path(p).write_text(digest["sha"] + "\n"))
-    except BaseException:
-        path.unlink(missing_ok=True)  # without its checksum the new file would not count: remove it
-        raise
-    for old in list_train_states(ckpt_dir)[keep:]:
-        old.unlink(missing_ok=True)
-        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
-    return path
-
-
-def load_train_state(ckpt_dir: Path, warn=None) -> tuple[dict, Path] | None:
-    """The newest checkpoint that passes its checksum and loads, or None when there is none.
-
-    A damaged newer checkpoint is reported through ``warn(message)`` and the previous one is used;
-    if every checkpoint is damaged, GateSkipError.
-    """
-    problems = []
-    for path in list_train_states(ckpt_dir):
-        sha_file = path.with_name(path.name + ".sha256")
-        reason = None
-        if path.name != LEGACY_CKPT:
-            if not sha_file.is_file():
-                reason = "no checksum: it was never completed"
-            elif sha_file.read_text().strip() != sha256_of(path):
-                reason = "checksum mismatch"
-        if reason is None:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                if not isinstance(state, dict) or "step" not in state or "trainable" not in state:
-                    raise ValueError("not a gateskip training checkpoint")
-            except Exception as e:  # noqa: BLE001 - unreadable for any reason means: try the previous one
-                reason = f"unreadable: {type(e).__name__}"
-        if reason is None:
-            if problems and warn is not None:
-                warn(f"checkpoint {problems[-1][0].name} is damaged ({problems[-1][1]}); "
-                     f"resuming from the previous good one, {path.name}")
-            return state, path
-        problems.append((path, reason))
-    if problems:
-        names = ", ".join(f"{p.name} ({r})" for p, r in problems)
-        raise GateSkipError(f"no usable checkpoint in {ckpt_dir}: {names}; delete the folder or pass --no-resume")
-    return None

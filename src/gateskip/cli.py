@@ -26,10 +26,10 @@ def _commands() -> dict[str, Callable]:
     from gateskip.baselines.mod import train_mod
     from gateskip.bench import bench
     from gateskip.commands.fit import fit
+    from gateskip.commands.quantize import quantize_command
     from gateskip.demo import demo
     from gateskip.eval import evaluate
     from gateskip.generate import generate
-    from gateskip.quantize import quantize_command
     from gateskip.reproduce import reproduce
     from gateskip.train import train
 
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         summary, helps = _doc_args(fn)
         p = sub.add_parser(name, help=summary, description=summary)
         p.add_argument("--config", help="YAML file whose keys supply values for this command's flags, or a "
-                       "shipped recipe: paper, best (gateskip train)")
+                       "shipped recipe of gateskip train: best, demo, paper")
         hints = typing.get_type_hints(fn)
         for i, (pname, param) in enumerate(inspect.signature(fn).parameters.items()):
             typ = _base_type(hints.get(pname, str))

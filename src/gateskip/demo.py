@@ -25,8 +25,8 @@ from gateskip.errors import GateSkipError
 RECIPES = ("best", "fit", "paper")
 
 
-def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "best", batches: int = 8,
-         heal_steps: int = 60, compare: str = "0.15,0.3,0.45,0.6", baselines: str = "3,6,9,12",
+def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "best", batches: int | None = None,
+         heal_steps: int | None = None, compare: str = "0.15,0.3,0.45,0.6", baselines: str = "3,6,9,12",
          steps: int = 40, gate: str = "lowrank",
          ratio: float = 0.3, prompts: int = 2, max_new_tokens: int = 40, evaluate: bool = True,
          limit: int = 60, ratios: str = "0.15,0.3,0.45", methods: str = "gateskip,random,shortgpt",
@@ -47,8 +47,9 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
         model: base model (the embedded smollm2-135m by default).
         recipe: best (fitted, then healed), fit (closed-form fallbacks and gates) or paper (trained gates,
             zero fallback).
-        batches: best, fit: calibration batches of 4 x 256 tokens for the closed-form fits.
-        heal_steps: best: end-to-end training steps after the fit.
+        batches: best, fit: calibration batches of 4 x 256 tokens for the closed-form fits (default: the
+            shipped ``demo`` recipe's, 8).
+        heal_steps: best: end-to-end training steps after the fit (default: the shipped ``demo`` recipe's, 60).
         compare: best, fit: skip ratios of every branch at which the held-out CE is compared.
         baselines: best, fit: ShortGPT layer counts (with and without linear replacement).
         steps: paper: gate training steps (a short run; see BENCHMARKS.md for longer ones).
@@ -68,6 +69,11 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
     if recipe not in RECIPES:
         raise GateSkipError(f"unknown recipe {recipe!r}: choose from {', '.join(RECIPES)}")
     torch.set_num_threads(threads)
+    from gateskip.recipes import load_recipe
+
+    shipped = load_recipe("demo")  # what the best recipe trains here: train's defaults, a short healing run
+    batches = shipped["fallback_batches"] if batches is None else batches
+    heal_steps = shipped["steps"] if heal_steps is None else heal_steps
     out_dir = Path(out)
     gates_dir = out_dir / "gates"
     t0 = time.perf_counter()
@@ -83,9 +89,9 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
 
         _say(f"1/3 fitting fallbacks and gates on {model} in closed form, then healing them for {heal_steps} "
              f"steps (LoRA, self-distillation, 40% skipped) -> {gates_dir}")
-        train(model=model, out=str(gates_dir), steps=heal_steps, fallback_batches=batches, resume=False)
+        train(**{**shipped, "model": model, "out": str(gates_dir), "steps": heal_steps, "fallback_batches": batches,
+                 "resume": False})
     else:
-        from gateskip.recipes import load_recipe
         from gateskip.train import train
 
         _say(f"1/3 training {gate} gates on {model} for {steps} steps (the paper's recipe) -> {gates_dir}")

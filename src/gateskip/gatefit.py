@@ -52,7 +52,7 @@ def fit_gates(model, batches, ridge: float = 1e-2, open_logit: float = 8.0, spre
     """
     from gateskip.arch import text_config
     from gateskip.core import gate_state, gates_bypassed, skipping
-    from gateskip.fallback import _collect
+    from gateskip.fallback_fit import _collect
 
     st = gate_state(model)
     if st.cfg.gate == "mlp":
@@ -159,7 +159,7 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
     """
     from gateskip.arch import text_config
     from gateskip.core import gate_state, skipping
-    from gateskip.fallback import Moments, _collect, set_solution
+    from gateskip.fallback_fit import Moments, _collect, set_solution
 
     st = gate_state(model)
     cfg = st.cfg
@@ -226,7 +226,7 @@ def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: in
     import time
 
     from gateskip.core import gate_state
-    from gateskip.fallback import fit_fallback
+    from gateskip.fallback_fit import fit_fallback
 
     say = log or (lambda _line: None)
     t0 = time.perf_counter()

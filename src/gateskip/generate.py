@@ -10,21 +10,6 @@ import torch
 from gateskip.errors import GateSkipError
 
 
-def load_for_inference(model: str | None, gates: str | None, dtype: str = "float32"):
-    """Base model (from ``model``, or the one a gates folder records) with those gates attached."""
-    from gateskip.checkpoint import load_gates, read_meta
-    from gateskip.models import load_model
-
-    if model is None:
-        model = read_meta(gates)["base_model"].get("source") if gates else "smollm2-135m"
-        if not model:
-            raise GateSkipError(f"{gates!r} does not record its base model: pass --model")
-    net, tok = load_model(model, dtype=dtype)
-    if gates:
-        load_gates(net, gates)
-    return net, tok
-
-
 def encode_prompt(tok, prompt: str, chat: bool, max_positions: int | None, max_new_tokens: int) -> dict:
     if chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -88,6 +73,8 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
                                 "model's; set the draft's skipping with --draft-ratio")
         if gates is None and policy != "random":
             raise GateSkipError("the speculative draft skips by importance: pass --gates DIR (or --policy random)")
+    from gateskip.loading import load_for_inference
+
     net, tok = load_for_inference(model, gates)
     if gates is None:
         add_gates(net)  # ~open gates: only the random policy or skip 0 make sense without training

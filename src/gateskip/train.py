@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from gateskip import distributed as gdist
 from gateskip.allocate import read_budget
-from gateskip.checkpoint import atomic_write, load_train_state, save_gates, save_train_state
+from gateskip.checkpoint import atomic_write, save_gates
 from gateskip.config import GateSkipConfig
 from gateskip.core import (
     add_gates,
@@ -36,8 +36,10 @@ from gateskip.core import (
 )
 from gateskip.errors import GateSkipError
 from gateskip.fallback import fallback_parameters
+from gateskip.lora import LoraDisabled, attach_lora, merge_lora
 from gateskip.losses import check_sparsity_kind, distillation_kl, next_token_ce, sparsity
 from gateskip.policies import check_ratio
+from gateskip.train_state import load_checkpoint, save_checkpoint
 
 BACKBONES = ("frozen", "lora", "full")
 OBJECTIVES = ("ce", "distill", "ce+distill")
@@ -51,17 +53,37 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def ramp_ratio(step: int, ramp_steps: int, max_ratio: float) -> float:
-    """Skip ratio during training: rises linearly from 0 to ``max_ratio`` over ``ramp_steps``."""
-    return max_ratio * min(1.0, step / max(1, ramp_steps))
+def ramp_ratio(step: int, ramp_steps: int, max_ratio: float, min_ratio: float | None = None,
+               seed: int = 0) -> float:
+    """Skip ratio during training: rises linearly from 0 to ``max_ratio`` over ``ramp_steps``.
+
+    With ``min_ratio`` (a budget ladder) each step draws its target uniformly from
+    [min_ratio, max_ratio] instead, from a generator keyed by (seed, step), so a resumed run draws
+    the same ratios; the ramp scales the draw.
+    """
+    target = max_ratio
+    if min_ratio is not None:
+        u = random.Random(seed * 1_000_003 + step).random()
+        target = min_ratio + u * (max_ratio - min_ratio)
+    return target * min(1.0, step / max(1, ramp_steps))
+
+
+def _check_ladder(min_ratio: float | None, max_ratio: float, budget) -> None:
+    if min_ratio is None:
+        return
+    if budget:
+        raise GateSkipError("min_ratio (a budget ladder) and budget (fixed per-branch ratios) exclude each other: "
+                            "pass one")
+    if not 0.0 <= min_ratio <= max_ratio:
+        raise GateSkipError(f"min_ratio={min_ratio} is invalid: use 0 <= min_ratio <= max_ratio ({max_ratio})")
 
 
 def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix", steps: int = 300,
           seq_len: int = 256, batch_size: int = 4, grad_accum: int = 1, lr: float = 1e-3,
           backbone: str = "lora", backbone_lr: float = 1e-3, lora_rank: int = 8,
           objective: str = "distill", sparsity_kind: str = "l2", lam: float = 0.0, kl_target: float = 0.5,
-          max_ratio: float = 0.4, ramp_steps: int | None = None, modules: str = "attn,mlp", warmup: int = 20,
-          gate: str = "lowrank", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
+          max_ratio: float = 0.4, min_ratio: float | None = None, ramp_steps: int | None = None,
+          modules: str = "attn,mlp", warmup: int = 20, gate: str = "lowrank", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
           placement: str = "after", shared: bool = False,
           calibrate_ratio: float = 0.3, calibrate_batches: int = 8, save_every: int = 50, seed: int = 0,
           dtype: str = "float32", resume: bool = True, limit_texts: int | None = None, fsdp: bool = False,
@@ -94,6 +116,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         lam: weight of the sparsity penalty.
         kl_target: target open rate for ``sparsity_kind=kl``.
         max_ratio: skip ratio reached at the end of the ramp (paper: 0.2).
+        min_ratio: a budget ladder: each step skips a ratio drawn uniformly from [min_ratio, max_ratio], so one
+            folder serves every budget in between; None: ``max_ratio`` every step.
         ramp_steps: steps of the linear ramp 0 -> max_ratio (default: 80% of steps).
         modules: branch kinds that skip during training, comma-separated (both kinds always get gates).
         warmup: learning-rate warm-up steps.
@@ -157,6 +181,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         if value < least:
             raise GateSkipError(f"{name}={value} is invalid: use a value >= {least}")
     check_ratio(max_ratio, "max_ratio")
+    _check_ladder(min_ratio, max_ratio, budget)
     from gateskip.checkpoint import SAVE_DTYPES
 
     if save_dtype not in SAVE_DTYPES:  # fail now, not after training
@@ -164,7 +189,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     if straight_through and placement != "after":
         raise GateSkipError("--straight-through needs gates after the branch (placement=after): a gate before it "
                             "changes the branch input, so a skipped token has no output to pass the gradient through")
-    from gateskip.quantize import check_quant, quantize_for_run
+    from gateskip.loading import quantize_for_run
+    from gateskip.quantize import check_quant
 
     if check_quant(quant) and (backbone != "frozen" or fsdp):
         raise GateSkipError(f"--quant {quant} trains gates on a frozen quantized backbone: use --backbone frozen "
@@ -218,7 +244,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         if fallback not in ("zero", "keep") and init != "fit" and (
                 init is None or (st.cfg.fallback, st.cfg.fallback_rank) != (fallback, fallback_rank)):
             from gateskip.data import fixed_batches
-            from gateskip.fallback import fit_fallback
+            from gateskip.fallback_fit import fit_fallback
 
             fb = fit_fallback(net, fixed_batches(tok, load_texts(data, split="train", limit=limit_texts), seq_len,
                                                  batch_size, fallback_batches), kind=fallback, rank=fallback_rank)
@@ -230,8 +256,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         peft_model = fit(net, stream, steps=steps, out=out_dir, grad_accum=grad_accum, lr=lr, backbone=backbone,
                          backbone_lr=backbone_lr, lora_rank=lora_rank, objective=objective,
                          sparsity_kind=sparsity_kind, lam=lam, kl_target=kl_target, max_ratio=max_ratio,
-                         ramp_steps=ramp_steps, modules=skip_modules, warmup=warmup, save_every=save_every,
-                         resume=resume, dist=d, keep_checkpoints=keep_checkpoints, fsdp=fsdp,
+                         min_ratio=min_ratio, ramp_steps=ramp_steps, modules=skip_modules, warmup=warmup,
+                         save_every=save_every, resume=resume, seed=seed, dist=d, keep_checkpoints=keep_checkpoints, fsdp=fsdp,
                          straight_through=straight_through, budget=budget_ratios,
                          train_fallback=train_fallback and st.cfg.fallback != "zero",
                          fallback_lr=fallback_lr)
@@ -240,7 +266,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             if d.is_main:
                 net, _ = load_model(model, dtype=dtype)
                 add_gates(net, gate_cfg)
-                peft_model = _attach_lora(net, lora_rank) if backbone == "lora" else None
+                peft_model = attach_lora(net, lora_rank) if backbone == "lora" else None
                 net.load_state_dict(full)
                 net.eval()
         if not d.is_main:  # rank 0 alone calibrates and writes the gates folder
@@ -252,7 +278,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
                 meta_training={"quant": quant, "data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
                                "world_size": d.world, "grad_accum": grad_accum, "lr": lr, "objective": objective,
                                "sparsity": sparsity_kind, "lam": lam, "max_ratio": max_ratio,
-                               "ramp_steps": ramp_steps, "seed": seed, "straight_through": straight_through,
+                               "min_ratio": min_ratio, "ramp_steps": ramp_steps, "seed": seed, "straight_through": straight_through,
                                "init": init, "budget": budget, "train_fallback": train_fallback})
         gdist.barrier(d)
         return out_dir
@@ -301,7 +327,7 @@ def _finish(net, tok, peft_model, out_dir: Path, *, data, backbone, calibrate_ra
     """Merge LoRA, calibrate thresholds on held-out text and write the gates folder."""
     from gateskip.data import fixed_batches, load_texts
 
-    extra = _merge_lora(net, peft_model) if peft_model is not None else {}
+    extra = merge_lora(net, peft_model) if peft_model is not None else {}
     heldout = load_texts(data, split="heldout", limit=None)
     cal = calibrate(net, fixed_batches(tok, heldout, seq_len, batch_size, calibrate_batches), ratio=calibrate_ratio)
     meta = {"backbone": backbone, "training": {**meta_training, "calibration": cal}}
@@ -315,8 +341,8 @@ def _finish(net, tok, peft_model, out_dir: Path, *, data, backbone, calibrate_ra
 def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1, lr: float = 1e-3,
         backbone: str = "frozen", backbone_lr: float = 1e-4, lora_rank: int = 8, objective: str = "distill",
         sparsity_kind: str = "l2", lam: float = 0.1, kl_target: float = 0.5, max_ratio: float = 0.2,
-        ramp_steps: int | None = None, modules: tuple[str, ...] = ("attn", "mlp"), warmup: int = 20,
-        save_every: int = 50, resume: bool = True, dist: gdist.Dist | None = None, keep_checkpoints: int = 2,
+        min_ratio: float | None = None, ramp_steps: int | None = None, modules: tuple[str, ...] = ("attn", "mlp"),
+        warmup: int = 20, save_every: int = 50, resume: bool = True, seed: int = 0, dist: gdist.Dist | None = None, keep_checkpoints: int = 2,
         fsdp: bool = False, straight_through: bool = False, budget: dict | None = None,
         train_fallback: bool = False, fallback_lr: float = 1e-4):
     """The training loop on a gated model and an iterator of ``input_ids`` batches.
@@ -328,12 +354,14 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
     ``fsdp`` shards the model with FSDP2 instead of replicating it (see docs/distributed.md).
     ``straight_through``: see ``train``. ``budget``: per-branch ratios reached at the end of the ramp
     (instead of ``max_ratio`` for every branch). ``train_fallback``: the fallbacks train too (``fallback_lr``).
+    ``min_ratio``: a budget ladder, each step's ratio drawn from [min_ratio, max_ratio] (``ramp_ratio``).
     """
     d = dist or gdist.SINGLE
     if backbone not in BACKBONES:
         raise GateSkipError(f"backbone={backbone!r} is not supported: choose one of {', '.join(BACKBONES)}")
     if objective not in OBJECTIVES:
         raise GateSkipError(f"objective={objective!r} is not supported: choose one of {', '.join(OBJECTIVES)}")
+    _check_ladder(min_ratio, max_ratio, budget)
     if not is_gated(net):
         raise GateSkipError("fit() needs a gated model: call gateskip.add_gates(model) first")
     if steps < 1:
@@ -349,7 +377,7 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
         p.requires_grad_(False)
     peft_model = None
     if backbone == "lora":
-        peft_model = _attach_lora(net, lora_rank)
+        peft_model = attach_lora(net, lora_rank)
     elif backbone == "full":
         for p in net.parameters():
             p.requires_grad_(True)
@@ -377,7 +405,7 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
     start = 0
     ckpt = Path(out) / "checkpoint" if out is not None else None
     if resume and ckpt is not None:
-        start = _load_checkpoint(ckpt, net, opt, stream, warn=_warn if d.is_main else None, fsdp=fsdp)
+        start = load_checkpoint(ckpt, net, opt, stream, warn=_warn if d.is_main else None, fsdp=fsdp)
     last_good = start
     log_path = None
     if out is not None and d.is_main:
@@ -394,7 +422,7 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train gates", dynamic_ncols=True,
                disable=not d.is_main)
     for step in bar:
-        ratio = ramp_ratio(step, ramp_steps, 1.0 if budget else max_ratio)
+        ratio = ramp_ratio(step, ramp_steps, 1.0 if budget else max_ratio, min_ratio, seed)
         plan_ratio = {k: v * ratio for k, v in budget.items()} if budget else ratio
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, warmup, group["base_lr"])
@@ -409,7 +437,7 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
                         with gates_bypassed(teacher):
                             teacher_logits = teacher(input_ids=ids, use_cache=False).logits
                     else:
-                        with gates_bypassed(net), _LoraDisabled(peft_model):
+                        with gates_bypassed(net), LoraDisabled(peft_model):
                             teacher_logits = net(input_ids=ids, use_cache=False).logits
             st.collect = True
             try:
@@ -460,9 +488,9 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
             weights = gdist.gathered_trainable(net, opt) if fsdp else None
             if d.is_main:
                 try:
-                    _save_checkpoint(ckpt, net, opt, stream, step + 1, keep=keep_checkpoints,
+                    save_checkpoint(ckpt, net, opt, stream, step + 1, keep=keep_checkpoints,
                                      schedule={"steps": steps, "warmup": warmup, "ramp_steps": ramp_steps,
-                                               "max_ratio": max_ratio}, gathered=weights)
+                                               "max_ratio": max_ratio, "min_ratio": min_ratio}, gathered=weights)
                 except OSError as e:
                     error = e
             if gdist.any_rank(error is not None, d):
@@ -522,141 +550,3 @@ def _skipped_fraction(st) -> float:
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-# ---- LoRA (peft) ---------------------------------------------------------------------------------
-
-def _attach_lora(net, rank: int):
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError:
-        raise GateSkipError("backbone=lora needs peft: pip install 'gateskip[lora]'") from None
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    inject_adapter_in_model(config, net)
-    return net
-
-
-class _LoraDisabled:
-    """Context: LoRA layers of ``net`` switched off (teacher = the original backbone)."""
-
-    def __init__(self, net):
-        self.layers = [] if net is None else [m for m in net.modules() if hasattr(m, "disable_adapters")
-                                             and hasattr(m, "lora_A")]
-
-    def __enter__(self):
-        for m in self.layers:
-            m.enable_adapters(False)
-
-    def __exit__(self, *exc):
-        for m in self.layers:
-            m.enable_adapters(True)
-
-
-@torch.no_grad()
-def _merge_lora(net, _peft_model) -> dict:
-    """Fold LoRA into the base weights; return the deltas (``lora.<module>.A/B``) for the gates file."""
-    tensors = {}
-    for name, m in list(net.named_modules()):
-        if not (hasattr(m, "lora_A") and hasattr(m, "base_layer")) or "default" not in m.lora_A:
-            continue
-        a = m.lora_A["default"].weight.detach().float()
-        b = m.lora_B["default"].weight.detach().float() * m.scaling["default"]
-        base = m.base_layer
-        base.weight += (b @ a).to(base.weight.dtype)
-        tensors[f"lora.{name}.A"], tensors[f"lora.{name}.B"] = a, b
-        parent_name, _, child = name.rpartition(".")
-        setattr(net.get_submodule(parent_name), child, base)
-    return tensors
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-    except ImportError:
-        return state
-    ns = np.random.get_state(legacy=False)  # plain ints + one uint32 array: stored as a tensor
-    state["numpy"] = {"key": torch.from_numpy(ns["state"]["key"].astype("int64")), "pos": int(ns["state"]["pos"]),
-                      "has_gauss": int(ns["has_gauss"]), "gauss": float(ns["gauss"])}
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-        n = state["numpy"]
-        np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype("uint32"),
-                             "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
-
-
-def _write_state(state: dict, path: str) -> None:
-    torch.save(state, path)  # a module-level hook: tests replace it to simulate a full disk
-
-
-def _save_checkpoint(ckpt: Path, net, opt, stream, step: int, keep: int = 2, schedule: dict | None = None,
-                     gathered: tuple[dict, dict] | None = None) -> None:
-    if gathered is None:
-        trainable = {k: v.detach().cpu() for k, v in net.named_parameters() if v.requires_grad}
-        optim = opt.state_dict()
-    else:
-        trainable, optim = gathered
-    data = stream.state_dict() if hasattr(stream, "state_dict") else {}
-    # The LR and skip-ratio schedules are functions of the step: the step is their whole state.
-    state = {"step": step, "trainable": trainable, "optimizer": optim, "data": data, "fsdp": gathered is not None,
-             "schedule": schedule or {}, "rng": _rng_state()}
-    save_train_state(ckpt, state, step, keep=keep, write=lambda s, p: _write_state(s, p))
-
-
-def _load_checkpoint(ckpt: Path, net, opt, stream, warn=None, fsdp: bool = False) -> int:
-    """Restore the newest good checkpoint under ``ckpt``; return its step (0 when there is none)."""
-    found = load_train_state(ckpt, warn=warn)
-    if found is None:
-        return 0
-    state, path = found
-    if bool(state.get("fsdp", False)) != fsdp:
-        raise GateSkipError(f"checkpoint {path} was written {'with' if state.get('fsdp') else 'without'} --fsdp: "
-                            "resume the same way, or use another --out")
-    if fsdp:
-        _load_sharded(net, opt, state, path)
-    else:
-        _load_plain(net, opt, state, path, ckpt)
-    if hasattr(stream, "load_state_dict") and state.get("data"):
-        stream.load_state_dict(state["data"])
-    if "rng" in state:
-        _set_rng_state(state["rng"])
-    elif "torch_rng" in state:  # written before RNG states were grouped
-        torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
-
-
-def _load_sharded(net, opt, state: dict, path: Path) -> None:
-    try:
-        gdist.load_sharded(net, opt, state)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise GateSkipError(f"checkpoint {path} does not fit this model or settings "
-                            f"({str(e).splitlines()[0][:80]}): use another --out") from None
-
-
-def _load_plain(net, opt, state: dict, path: Path, ckpt: Path) -> None:
-    params = dict(net.named_parameters())
-    missing = set(state["trainable"]) - set(params)
-    wrong = [k for k, v in state["trainable"].items() if k in params and params[k].shape != v.shape]
-    if missing or wrong:
-        raise GateSkipError(f"checkpoint {path} is for another configuration: delete {ckpt} or use another --out")
-    with torch.no_grad():
-        for k, v in state["trainable"].items():
-            params[k].copy_(v)
-    try:
-        opt.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise GateSkipError(f"checkpoint {path} has optimizer state for other settings ({e}): delete {ckpt} or "
-                            "use another --out") from None

@@ -116,7 +116,7 @@ def inspect(text: str | None = None, gates: str | None = None, file: str | None 
             and how well the gate ranks tokens by that cost (Spearman, overlap at --ratio with the oracle's
             choice). Writes fallback.md / .json / .png.
     """
-    from gateskip.generate import load_for_inference
+    from gateskip.loading import load_for_inference
 
     _check_args(text, file, stats, gates, ratio, max_tokens, seq_len, fallback)
     # read before the slow load

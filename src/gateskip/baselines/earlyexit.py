@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from gateskip.arch import arch_spec, decoder_layers, text_config
 from gateskip.core import call_tokens, is_gated
 from gateskip.errors import GateSkipError
-from gateskip.eval.flopcount import TokenCounter
+from gateskip.flopcount import TokenCounter
 
 MEASURES = ("softmax", "saturation")
 MAX_CALIB_TOKENS = 1024  # one LM-head pass per layer over these: the calibration's cost

@@ -323,9 +323,9 @@ def train_mod(model: str = "smollm2-135m", out: str = "runs/mod", data: str = "m
         limit_texts: use at most this many training texts.
         threads: torch CPU threads (0: leave as is).
     """
-    from gateskip.checkpoint import load_train_state, save_train_state
     from gateskip.data import fixed_batches, load_texts, pack
     from gateskip.models import load_model
+    from gateskip.train_state import load_train_state, save_train_state
 
     for name, value, least in (("steps", steps, 1), ("batch_size", batch_size, 1), ("seq_len", seq_len, 2),
                                ("save_every", save_every, 1), ("calibrate_batches", calibrate_batches, 1)):

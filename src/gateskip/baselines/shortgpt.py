@@ -117,7 +117,7 @@ def linear_replaced(net, drop, batches, seed: int = 0):
     """
     from gateskip.config import GateSkipConfig
     from gateskip.core import add_gates, remove_gates
-    from gateskip.fallback import fit_fallback
+    from gateskip.fallback_fit import fit_fallback
 
     add_gates(net, GateSkipConfig(**LINEAR_GATES))
     try:

@@ -226,7 +226,7 @@ def static_baselines(net, cal, held, layers) -> list[dict]:
     from gateskip.baselines.shortgpt import block_influence, least_influential, linear_replaced, pruned
     from gateskip.core import remove_gates, skipping, stats
     from gateskip.eval.fidelity import language_ce
-    from gateskip.eval.flopcount import TokenCounter
+    from gateskip.flopcount import TokenCounter
 
     remove_gates(net)
     bi = block_influence(net, cal)

@@ -26,7 +26,7 @@ from lm_eval.models.huggingface import HFLM
 
 from gateskip.core import is_gated, skipping, stats
 from gateskip.errors import GateSkipError
-from gateskip.eval.flopcount import merge_stats
+from gateskip.flopcount import merge_stats
 from gateskip.policies import check_policy
 
 

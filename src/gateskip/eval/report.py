@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gateskip.errors import GateSkipError
+from gateskip.quantize import check_quant
+
 LEVELS = (0.90, 0.95)
 
 
@@ -105,3 +108,30 @@ def write_report(results: dict, out: str | Path) -> str:
     (out / "report.md").write_text(md)
     plot_curve(results, out / "curve.png")
     return md
+
+
+def combine_results(results: dict, quant: str, compare_with: str | None = None) -> dict:
+    """Suffix a quantized sweep's methods (``gateskip[int4]``) and put the rows of ``compare_with``
+    (another sweep's results.json, normally full precision) first, so one report and curve hold both."""
+    if check_quant(quant) is not None:
+        results["methods"] = {f"{m}[{quant}]": pts for m, pts in results["methods"].items()}
+    if not compare_with:
+        return results
+    try:
+        with open(compare_with) as f:
+            other = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise GateSkipError(f"--compare-with {compare_with!r} is not a readable results.json ({e}): "
+                            "pass the results.json of an earlier `gateskip eval`") from None
+    oc, rc = other.get("config", {}), results["config"]
+    for key in ("tasks", "limit"):
+        if oc.get(key) != rc.get(key):
+            raise GateSkipError(f"--compare-with {compare_with!r} was run with {key}={oc.get(key)}, this run "
+                                f"{rc.get(key)}: compare sweeps over the same items")
+    clash = set(other["methods"]) & set(results["methods"])
+    if clash:
+        raise GateSkipError(f"--compare-with {compare_with!r} has rows named like this run's ({sorted(clash)}): "
+                            "compare a full-precision sweep with a --quant one")
+    results["methods"] = {**other["methods"], **results["methods"]}
+    rc["compared_with"] = {"path": compare_with, "quant": oc.get("quant", "none"), "gates": oc.get("gates")}
+    return results

@@ -77,7 +77,7 @@ class SuiteRun:
     def __init__(self, net, tok, tasks, policy: str, fidelity: tuple[int, int, int] | None, bar,
                  shared_prefix: bool = True):
         from gateskip.eval import fidelity as fid
-        from gateskip.eval.flopcount import TokenCounter
+        from gateskip.flopcount import TokenCounter
 
         self.net, self.tok, self.tasks, self.policy, self.bar = net, tok, tasks, policy, bar
         self.shared_prefix = shared_prefix
@@ -341,7 +341,7 @@ def install_fallback(net, gates: str, fallback: dict | None, batches, bar) -> di
     Returns the summary recorded in results.json config.
     """
     from gateskip.core import gate_state
-    from gateskip.fallback import fit_fallback
+    from gateskip.fallback_fit import fit_fallback
 
     cfg = gate_state(net).cfg
     want = dict(fallback or {})
@@ -407,12 +407,12 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
     from tqdm.auto import tqdm
 
     from gateskip.eval import suite_report
+    from gateskip.eval.inputs import calibration_batches, prepare_run, require_lm_eval, resolve_model
     from gateskip.eval.suite import load_items, suite_tasks
-    from gateskip.eval.sweep import _calibration_batches, _prepare_run, _require_lm_eval, _resolve_model
     from gateskip.eval.taskconfigs import task_manager
     from gateskip.policies import check_policy
 
-    _require_lm_eval()
+    require_lm_eval()
     check_policy(policy)
     check_fallback(fallback, fallback_rank, fallback_batches)
     names = suite_tasks(suite, None)
@@ -444,13 +444,13 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
     if reference is not None and reference not in merged:
         raise GateSkipError(f"--reference {reference!r} names no method of this report: choose one of "
                             f"{', '.join(merged) or 'none (dense only)'}")
-    _prepare_run(limit, out, threads)
-    net, tok, model_name = _resolve_model(model, tokenizer, gates)
+    prepare_run(limit, out, threads)
+    net, tok, model_name = resolve_model(model, tokenizer, gates)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gateskip-suite-") as tmp:
         tasks = load_items(names, limit or None, task_manager(f"{tmp}/tasks"))
     n_rows = 1 + sum(len(budgets[m]) for m in items)
-    calib = _calibration_batches(tok, calib_batches) if {"shortgpt", "shortgpt_linear"} & set(items) else None
+    calib = calibration_batches(tok, calib_batches) if {"shortgpt", "shortgpt_linear"} & set(items) else None
     bar = tqdm(total=n_rows * len(tasks), desc="gateskip eval --suite", unit="task")
     try:
         fingerprint = {"model": model_name, "gates": gates, "tasks": names, "limit": limit, "policy": policy, "kv": kv,
@@ -460,7 +460,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
         partial = os.path.join(out, "partial.json")
         res = sweep(net, tok, gates, tasks, items, budgets, policy, kv, protect_first, seed, calib, fidelity, bar,
                     shared_prefix, fallback={"kind": fallback, "rank": fallback_rank, "batches": fallback_batches},
-                    fit_batches=lambda: _calibration_batches(tok, fallback_batches),
+                    fit_batches=lambda: calibration_batches(tok, fallback_batches),
                     resume=(partial, fingerprint) if resume else None,
                     dense_from=(runs[0][0], runs[0][1], {
                         "model": model_name, "tasks": names, "limit": limit, "shared_prefix": shared_prefix,

@@ -28,9 +28,8 @@ import os
 import tempfile
 import time
 
-import torch
-
 from gateskip.errors import GateSkipError
+from gateskip.eval.inputs import calibration_batches, prepare_run, require_lm_eval, resolve_model
 from gateskip.eval.runner import Runner
 from gateskip.eval.taskconfigs import TASKS, parse_tasks, task_manager
 
@@ -39,7 +38,6 @@ METHODS = ("gateskip", "random", "static", "gatefree_random", "shortgpt", "mod",
 NO_GATES = {"shortgpt", "gatefree_random", "mod", "mod_topk", "early_exit"}  # methods that run without --gates
 DEFAULT_TASKS = "hellaswag,piqa,arc_easy,winogrande,boolq"
 DEFAULT_METHODS = "gateskip,random,static,gatefree_random,shortgpt"  # mod needs --mod; early_exit on request
-CALIB_SEQ_LEN, CALIB_BATCH = 256, 4
 
 
 def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
@@ -135,7 +133,7 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
                               reuse_dense=reuse_dense)
     if fallback != "zero" or reference is not None:
         raise GateSkipError("--fallback and --reference apply to suite runs: pass --suite core (or extended, all)")
-    _require_lm_eval()
+    require_lm_eval()
     from gateskip.policies import check_policy
 
     task_names = parse_tasks(tasks)
@@ -146,7 +144,9 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
     if "early_exit" in method_list and exit_measure not in ("softmax", "saturation"):
         raise GateSkipError(f"exit_measure={exit_measure!r} is not supported: choose softmax or saturation")
     check_policy(policy)
-    from gateskip.quantize import check_quant, combine_results, quantize_for_run
+    from gateskip.eval.report import combine_results
+    from gateskip.loading import quantize_for_run
+    from gateskip.quantize import check_quant
 
     check_quant(quant)
     if compare_with and not os.path.isfile(compare_with):  # fail now, not after the sweep
@@ -155,8 +155,8 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
         from gateskip.budget import check_allocation
 
         check_allocation(allocation)
-    _prepare_run(limit, out, threads)
-    net, tok, model_name = _resolve_model(model, tokenizer, gates)
+    prepare_run(limit, out, threads)
+    net, tok, model_name = resolve_model(model, tokenizer, gates)
     quantize_for_run(net, quant, gates)
     mods = tuple(m.strip() for m in modules.split(",") if m.strip()) if isinstance(modules, str) else tuple(modules)
     lm_log = logging.getLogger("lm_eval")
@@ -193,14 +193,14 @@ def _sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches,
            exit_measure="softmax", prune=4, recalibrate=True) -> dict:
     from gateskip.checkpoint import load_gates
     from gateskip.core import gate_state, remove_gates
-    from gateskip.eval.flopcount import TokenCounter
+    from gateskip.flopcount import TokenCounter
 
     res = {"config": {"ratios": ratios, "methods": methods}, "tasks": run.tasks,
            "metrics": {t: TASKS[t].metric for t in run.tasks}, "methods": {}}
     counters = {t: TokenCounter(run.net) for t in run.tasks}  # dense tokens: the FLOPs of any layer or branch
     res["methods"]["dense"] = [run.point("dense", 0.0, {}, {}, counters=counters)]
     calibrated = {"static", "shortgpt", "early_exit", "pruned_gateskip"}  # methods that measure something on calibration text
-    calib = _calibration_batches(run.tok, calib_batches) if calibrated & set(methods) else None
+    calib = calibration_batches(run.tok, calib_batches) if calibrated & set(methods) else None
     skip = {"modules": mods, "kv": kv, "seed": run.seed}
     if gates and {"gateskip", "random", "static"} & set(methods):
         load_gates(run.net, gates)
@@ -242,7 +242,7 @@ def _pruned_gateskip(run: Runner, res, gates, ratios, calib, prune, recalibrate,
 
     from gateskip.baselines.shortgpt import block_influence, least_influential
     from gateskip.checkpoint import load_gates
-    from gateskip.eval.flopcount import TokenCounter
+    from gateskip.flopcount import TokenCounter
     from gateskip.prune import prune_layers
 
     if not gates:
@@ -338,7 +338,7 @@ def _shortgpt(run: Runner, res, counters, ratios, calib) -> list[dict]:
     """The original model without its lowest-Block-Influence layers, as many as match gateskip's compute."""
     from gateskip.baselines import match_prefix
     from gateskip.baselines.shortgpt import block_influence, least_influential, pruned
-    from gateskip.eval.flopcount import TokenCounter
+    from gateskip.flopcount import TokenCounter
 
     n_layers = next(iter(counters.values())).n_layers
     bi = block_influence(run.net, calib)
@@ -361,25 +361,6 @@ def _shortgpt(run: Runner, res, counters, ratios, calib) -> list[dict]:
 
 # ---- inputs ------------------------------------------------------------------------------------
 
-def _prepare_run(limit, out: str, threads: int) -> None:
-    """Checks made before the model loads (fail now, not after an hour of evaluation), and the threads."""
-    if limit is not None and limit < 0:
-        raise GateSkipError(f"limit={limit} is invalid: give a number of items per task, or 0 for all")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise GateSkipError(f"cannot create output folder {out!r} ({e.strerror}): pass a writable --out") from None
-    if threads:
-        torch.set_num_threads(threads)
-
-
-def _require_lm_eval() -> None:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise GateSkipError("gateskip eval needs lm-evaluation-harness: run `pip install 'gateskip[eval]'`") from None
-
-
 def _parse_ratios(ratios) -> list[float]:
     from gateskip.policies import check_ratio
 
@@ -399,30 +380,6 @@ def _parse_methods(methods) -> list[str]:
     return [m for m in METHODS if m in items]  # fixed order: baselines match gateskip's measured compute
 
 
-def _resolve_model(model, tokenizer, gates):
-    from gateskip.checkpoint import read_meta
-    from gateskip.models import load_model
-
-    if model is None or isinstance(model, str):
-        name = model or (read_meta(gates)["base_model"].get("source") if gates else "smollm2-135m")
-        if not name:
-            raise GateSkipError(f"{gates!r} does not record its base model: pass --model")
-        net, tok = load_model(name)
-        return net, tok, name
-    folder = getattr(model.config, "_name_or_path", "")
-    if tokenizer is None and folder and os.path.isdir(folder):
-        tokenizer = folder  # load_model reads aliases from a local cache folder that holds the tokenizer
-    if tokenizer is None:
-        raise GateSkipError("a model object needs its tokenizer: pass tokenizer=<the model's tokenizer>")
-    if isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, getattr(model, "gateskip_source", None) or model.config.model_type
-
-
 @contextlib.contextmanager
 def _gates_restored(net, gates, tmp):
     """The sweep needs the model without gates; a gated model object gets its gates back afterwards."""
@@ -440,11 +397,3 @@ def _gates_restored(net, gates, tmp):
             remove_gates(net)
         if restore:
             load_gates(net, restore)
-
-
-def _calibration_batches(tok, n: int) -> list[torch.Tensor]:
-    from gateskip.data import fixed_batches, load_texts
-
-    if n < 1:
-        raise GateSkipError(f"calib_batches={n} is invalid: static and shortgpt need at least 1 batch")
-    return fixed_batches(tok, load_texts("mix", split="train"), CALIB_SEQ_LEN, CALIB_BATCH, n)

@@ -1,0 +1,228 @@
+"""Closed-form fit of the fallbacks (fallback.py) from calibration text.
+
+Per branch ``fit_fallback`` streams float64 sums of X^T X, X^T Y, sum X, sum Y and the token count
+(O(H^2) memory, any number of batches), then ridge-solves the centered least-squares problem with an
+intercept. ``lowrank`` is the reduced-rank regression of that solution: W projected onto the top-R
+right singular vectors of the fitted values X W, found from (X W)^T (X W) = W^T X^T X W without
+materialising X. Optionally under a skipping plan, branch by branch in execution order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from gateskip.arch import text_config
+from gateskip.core import _as_inputs, gate_state, skipping
+from gateskip.errors import GateSkipError
+from gateskip.fallback import make_fallback
+from gateskip.flops import model_flops
+
+
+class Moments:
+    """Streaming float64 sums of one branch's (x, y) pairs: enough for a ridge fit with intercept."""
+
+    def __init__(self, hidden: int, full: bool, device, out: int | None = None):
+        dev = torch.device("cpu") if torch.device(device).type == "mps" else device  # mps has no float64
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=dev)  # noqa: E731
+        out = hidden if out is None else out  # width of y (gatefit.py regresses one value per token)
+        self.n, self.yy = 0, z(())
+        self.sx, self.sy = z(hidden), z(out)
+        self.xx, self.xy = (z(hidden, hidden), z(hidden, out)) if full else (None, None)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """``x``, ``y``: [N, H] (real tokens only)."""
+        x, y = x.to(self.sx.device, torch.float64), y.to(self.sx.device, torch.float64)
+        self.n += x.shape[0]
+        self.sx += x.sum(0)
+        self.sy += y.sum(0)
+        self.yy += (y * y).sum()
+        if self.xx is not None:
+            self.xx.addmm_(x.T, x)
+            self.xy.addmm_(x.T, y)
+
+    def solve(self, kind: str, rank: int, ridge: float) -> tuple[object, torch.Tensor, float]:
+        """(weights, bias, R^2 on the fitted data). Weights: None (mean), W (linear) or (A, B) (lowrank)."""
+        n = self.n
+        mx, my = self.sx / n, self.sy / n
+        sst = float(self.yy - n * my.dot(my))
+        if kind == "mean":
+            return None, my, 0.0
+        cxx = self.xx - n * torch.outer(mx, mx)
+        cxy = self.xy - n * torch.outer(mx, my)
+        h = cxx.shape[0]
+        # ridge relative to the mean input variance: scale-free, and the same for any split of the data
+        lam = ridge * float(cxx.diagonal().sum()) / h
+        lam = lam if lam > 0 else max(ridge, 1e-12)
+        w = torch.linalg.solve(cxx + lam * torch.eye(h, dtype=cxx.dtype, device=cxx.device), cxy)
+        fitted = w.T @ cxx @ w  # (X W)^T (X W), centered: its eigenvectors are X W's right singular vectors
+        if kind == "lowrank":
+            _, vecs = torch.linalg.eigh((fitted + fitted.T) / 2)
+            v = vecs[:, -rank:].flip(1)  # top-R, largest first
+            weights = (w @ v, v.T)
+            w = weights[0] @ weights[1]
+            fitted = w.T @ cxx @ w
+        else:
+            weights = w
+        sse = sst - 2 * float((w * cxy).sum()) + float(fitted.diagonal().sum())
+        return weights, my - mx @ w, (1.0 - sse / sst) if sst > 0 else 0.0
+
+
+def set_solution(fb: nn.Module, w, bias: torch.Tensor) -> None:
+    """Write a ``Moments.solve`` solution (weights: None, W or (A, B); bias) into fallback ``fb``."""
+    fb.set(None if w is None else (w.to(fb.bias) if torch.is_tensor(w) else tuple(t.to(fb.bias) for t in w)),
+           bias.to(fb.bias))
+
+
+class _Stop(Exception):
+    """Raised inside a forward once the branch being fitted has been seen: the rest need not run."""
+
+
+@torch.no_grad()
+def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, rank: int | None = None,
+                 ridge: float = 1e-3, under_plan: Mapping | None = None, exclude_first: int | None = None,
+                 branches: Iterable[str] | None = None) -> dict:
+    """Fit every branch's fallback in closed form on calibration ``batches``; returns a summary.
+
+    Args:
+        batches: ``input_ids`` tensors or tokenizer outputs (padding, from ``attention_mask``, is ignored).
+        kind / rank: ``mean``, ``linear`` or ``lowrank`` (rank ``rank``); default: the gate config's.
+            Another kind or rank than the config's replaces it (``save_gates`` then records it).
+        ridge: L2 penalty, relative to the mean input variance (trace(X^T X) / H, centered).
+        under_plan: ``skipping()`` keyword arguments (e.g. ``{"ratio": 0.3, "policy": "threshold"}``).
+            Without it every branch is fitted in one pass of the dense model. With it, branches are
+            fitted one at a time in execution order, each under that plan with every earlier branch's
+            fallback installed, so each fits the inputs it sees at inference (masked path: the module
+            runs on every token; a pass stops once its branch has been seen; K/V computed for every token, so
+            an attention branch's target is its own output, not one altered by copied K/V).
+        exclude_first: leave the first N tokens of each sequence out of the fit; default: the gate config's
+            ``protect_first`` (tokens that never skip need no fallback, and BOS, the attention sink, is an
+            outlier that would pull a least-squares fit).
+        branches: names (``layers.3.mlp``) of the branches to fit; default: all. The others keep their
+            fallback as it is (e.g. branches a plan never skips need none).
+
+    Returns ``{"kind", "rank", "tokens", "batches", "passes", "r2"}``; ``r2``: per branch, the fraction
+    of its (centered) output variance the fallback explains on the calibration data.
+    """
+
+    st = gate_state(model)
+    kind = kind or st.cfg.fallback
+    cfg = dataclasses.replace(st.cfg, fallback=kind, fallback_rank=st.cfg.fallback_rank if rank is None else rank)
+    if cfg.fallback == "zero":
+        raise GateSkipError("fit_fallback has nothing to fit for fallback='zero': pass kind='mean', 'linear' or "
+                            "'lowrank' (or build the gates with GateSkipConfig(fallback=...))")
+    hidden = text_config(model).hidden_size
+    cfg.check_model(hidden)
+    if under_plan is not None and not isinstance(under_plan, Mapping):
+        raise GateSkipError(f"under_plan must be a dict of skipping() arguments, not {type(under_plan).__name__}")
+    if ridge < 0:
+        raise GateSkipError(f"ridge={ridge} is invalid: use a value >= 0")
+    batches = list(batches)  # the plan fits branch by branch: one pass over the data each
+    if not batches:
+        raise GateSkipError("fit_fallback got no batches: pass an iterable of input_ids tensors or tokenizer outputs")
+    device = next(model.parameters()).device
+    inputs = [_as_inputs(batch, device) for batch in batches]
+    # put back if the fit fails (a refit changes the parameters in place)
+    before = st.cfg, st.flops, [(b.fallback, None if b.fallback is None else
+                                 {k: v.clone() for k, v in b.fallback.state_dict().items()}) for b in st.branches]
+    if (cfg.fallback, cfg.fallback_rank) != (st.cfg.fallback, st.cfg.fallback_rank):
+        dtype = model.get_input_embeddings().weight.dtype
+        for b in st.branches:
+            b.fallback = make_fallback(cfg, hidden, dtype, device)
+        st.cfg, st.flops = cfg, model_flops(model, cfg)
+    was_training = model.training
+    model.eval()
+    r2, tokens, passes = {}, 0, 0
+    try:
+        chosen = st.branches
+        if branches is not None:
+            names = set(branches)
+            unknown = names - {b.name for b in st.branches}
+            if unknown:
+                raise GateSkipError(f"fit_fallback: no gated branch named {sorted(unknown)[0]!r}: use names like "
+                                    f"{st.branches[0].name!r}")
+            chosen = [b for b in st.branches if b.name in names]
+        if under_plan is None:
+            groups, plan = [chosen], None
+        else:
+            # kv="compute": under "copy" a skipped token's attention runs on the K/V of the layer below, and that
+            # altered output is not the branch the fallback stands in for
+            groups, plan = [[b] for b in chosen], {**under_plan, "path": "masked", "kv": "compute"}
+        for group in groups:
+            moments = _collect(model, st, inputs, group, hidden, cfg.fallback != "mean", plan, skipping,
+                               first=st.cfg.protect_first if exclude_first is None else int(exclude_first))
+            passes += 1
+            for b in group:
+                m = moments[b.index]
+                if m.n == 0:
+                    raise GateSkipError("fit_fallback saw no real tokens (every position is padding): pass batches "
+                                        "whose attention_mask keeps some tokens")
+                w, bias, r2[b.name] = m.solve(cfg.fallback, cfg.fallback_rank, ridge)
+                set_solution(b.fallback, w, bias)
+                tokens = tokens or m.n
+    except BaseException:
+        st.cfg, st.flops = before[0], before[1]
+        for b, (fb, values) in zip(st.branches, before[2]):
+            b.fallback = fb
+            if fb is not None:
+                fb.load_state_dict(values)
+        raise
+    finally:
+        model.train(was_training)
+    return {"kind": cfg.fallback, "rank": cfg.fallback_rank if cfg.fallback == "lowrank" else None,
+            "tokens": tokens, "batches": len(inputs), "passes": passes, "r2": r2}
+
+
+def _collect(model, st, inputs: list[dict], branches: list, hidden: int, full: bool, plan: dict | None,
+             skipping, add=None, first: int = 0) -> dict[int, Moments]:
+    """One pass over ``inputs``: Moments of each branch's module input and (post-normed) output.
+
+    ``add(branch, moments, x, y)``, if given, accumulates instead of ``moments.add(x, y)`` (``x``, ``y``: the
+    branch's real tokens, [N, H]); gatefit.py uses it to regress one value per token. ``first``: leave out the
+    first N tokens of each sequence (those ``protect_first`` never skips)."""
+    moments = {b.index: Moments(hidden, full, next(model.parameters()).device, None if add is None else 1)
+               for b in branches}
+    seen: dict[int, torch.Tensor] = {}
+    stop = plan is not None  # one branch per pass: stop the forward once it has been seen
+    handles = []
+
+    def take_input(b):
+        def hook(_mod, args, kwargs):
+            seen[b.index] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def take_output(b):
+        def hook(_mod, _args, out):
+            x = seen.pop(b.index)
+            y = out[0] if isinstance(out, tuple) else out
+            valid = st.valid_for(x)
+            if first and st.ctx is not None and st.ctx.shape == valid.shape:
+                valid = valid & (st.ctx.to(valid.device) > first)
+            if add is None:
+                moments[b.index].add(x[valid], y[valid])
+            else:
+                add(b, moments[b.index], x[valid], y[valid])
+            if stop:
+                raise _Stop
+        return hook
+
+    for b in branches:
+        handles.append(b.module.register_forward_pre_hook(take_input(b), with_kwargs=True))
+        # y where the gate multiplies: after the post-norm where the family has one (Gemma)
+        handles.append((b.module if b.post_norm is None else b.post_norm).register_forward_hook(take_output(b)))
+    try:
+        with skipping(model, **plan) if plan is not None else contextlib.nullcontext():
+            for inp in inputs:
+                try:
+                    model(**inp, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return moments
+
