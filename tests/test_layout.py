@@ -84,3 +84,4 @@ def test_library_modules_never_import_a_command():
     bad = sorted((m, n) for m, deps in graph.items() if not m.startswith(COMMAND_LAYER)
                  for n in deps if n.startswith("gateskip.commands"))
     assert not bad, f"library modules importing commands: {bad}"
+

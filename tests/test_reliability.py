@@ -425,3 +425,28 @@ def test_every_command_prints_its_help(capsys):
             main([name, "--help"])
         assert e.value.code == 0, name
         assert "--" in capsys.readouterr().out
+
+
+def test_base_model_of_a_gates_folder(tmp_path):
+    """loading.base_model_name: the flag wins, else the folder's record, else the default; no record is one line."""
+    import json
+
+    import pytest
+
+    from gateskip import GateSkipConfig, GateSkipError, add_gates, save_gates
+    from gateskip.loading import DEFAULT_MODEL, base_model_name
+    from gateskip.models import tiny_model
+
+    m = tiny_model("llama")
+    add_gates(m, GateSkipConfig())
+    folder = save_gates(m, tmp_path / "g")
+    meta_path = folder / "gateskip.json"
+    meta = json.loads(meta_path.read_text())
+    meta["base_model"]["source"] = "some/model"
+    meta_path.write_text(json.dumps(meta))
+    assert base_model_name(None, str(folder)) == "some/model"
+    assert base_model_name("other", str(folder)) == "other" and base_model_name(None, None) == DEFAULT_MODEL
+    del meta["base_model"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(GateSkipError, match="does not record its base model: pass --model"):
+        base_model_name(None, str(folder))

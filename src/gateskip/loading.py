@@ -20,7 +20,7 @@ def base_model_name(model: str | None, gates: str | None) -> str:
         return model
     if not gates:
         return DEFAULT_MODEL
-    name = read_meta(gates)["base_model"].get("source")
+    name = read_meta(gates).get("base_model", {}).get("source")
     if not name:
         raise GateSkipError(f"{gates!r} does not record its base model: pass --model")
     return name
