@@ -138,11 +138,9 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
     if fallbacks != ["zero"] and gates is not None:
         raise GateSkipError("--fallback applies to --random-gates: a gates folder brings its own fallback")
     torch.set_num_threads(threads)
-    from gateskip.loading import load_named
+    from gateskip.loading import load_named, quantize_for_run
 
     m, tok = load_named(model, tiny_tokenizer=False)
-    from gateskip.loading import quantize_for_run
-
     quantize_for_run(m, quant, gates)
     if speculative:
         return _speculative(m, tok, gates, random_gates, kinds, rank, seed, policy, locals())
