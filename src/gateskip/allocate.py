@@ -77,7 +77,7 @@ def saved_per_token(model, kv: str | None = None, context: float = 128.0) -> dic
         else:
             ctx = context if not b.window else min(context, b.window)
             full = f.attn_qo + (f.attn_kv if kv == "copy" else 0) + f.attn_ctx * ctx
-        out[b.name] = max(0.0, float(full - f.fallback))
+        out[b.name] = max(0.0, float(full - f.fallback_for(b.kind)))
     return out
 
 

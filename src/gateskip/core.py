@@ -61,7 +61,7 @@ def add_gates(model: nn.Module, cfg: GateSkipConfig | None = None) -> nn.Module:
             branch = GatedBranch(getattr(layer, attr), gate, kind=kind, layer=i, index=len(state.branches),
                                  post_norm=post, placement=cfg.placement, detach_input=cfg.detach_input,
                                  window=flops.windows[i] if i < len(flops.windows) else None, state=state,
-                                 fallback=make_fallback(cfg, hidden, dtype, device))
+                                 fallback=make_fallback(cfg, hidden, dtype, device, kind))
             branch.post_attr = post_attr
             setattr(layer, attr, branch)
             if post_attr:  # the norm now runs inside the branch, before the gate (see arch.py)
@@ -201,8 +201,7 @@ def _global_ratios(st: GateState, ratio, modules: tuple[str, ...], kv: str) -> l
     f = st.flops
     # what a skipped token saves: with kv="compute" its K/V are still projected; its fallback runs instead
     per_token = {"attn": f.attn_qo + (f.attn_kv if kv == "copy" else 0.0), "mlp": f.mlp}
-    if f.fallback:
-        per_token = {k: max(0.0, v - f.fallback) for k, v in per_token.items()}
+    per_token = {k: max(0.0, v - f.fallback_for(k)) for k, v in per_token.items()}
     weights = [per_token[b.kind] if b.kind in modules else 0.0 for b in st.branches]
     return global_ratios(st.calibration["grid"], weights, r)
 
@@ -245,8 +244,7 @@ def stats(model: nn.Module) -> dict:
         else:
             d, e = n * f.mlp, kept * f.mlp
         e += n * f.gate
-        if f.fallback:  # a skipped token runs its fallback instead (fallback.py)
-            e += s * f.fallback
+        e += s * f.fallback_for(b.kind)  # a skipped token runs its fallback instead (fallback.py)
         dense += d
         executed += e
         frac = s / n if n else 0.0

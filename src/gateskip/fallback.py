@@ -86,16 +86,18 @@ class LowRankFallback(nn.Module):
         self.bias.copy_(b)
 
 
-def make_fallback(cfg, hidden: int, dtype: torch.dtype, device) -> nn.Module | None:
-    """The (unfitted: output 0) fallback module of ``cfg.fallback``, or None for ``zero``.
+def make_fallback(cfg, hidden: int, dtype: torch.dtype, device, kind: str = "attn") -> nn.Module | None:
+    """The (unfitted: output 0) fallback module of a ``kind`` branch (``cfg.fallback_of(kind)``), or None
+    for ``zero``.
 
     ``dtype``: the model's; parameters are kept at float32 precision at least."""
-    if cfg.fallback == "zero":
+    what = cfg.fallback_of(kind)
+    if what == "zero":
         return None
     dt = torch.promote_types(torch.float32, dtype) if dtype.is_floating_point else torch.float32
-    if cfg.fallback == "mean":
+    if what == "mean":
         m = MeanFallback(hidden, dt)
-    elif cfg.fallback == "linear":
+    elif what == "linear":
         m = LinearFallback(hidden, dt)
     else:
         m = LowRankFallback(hidden, cfg.fallback_rank, dt)

@@ -85,13 +85,15 @@ class _Stop(Exception):
 @torch.no_grad()
 def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, rank: int | None = None,
                  ridge: float = 1e-3, under_plan: Mapping | None = None, exclude_first: int | None = None,
-                 branches: Iterable[str] | None = None) -> dict:
+                 branches: Iterable[str] | None = None, mlp_kind: str | None = None) -> dict:
     """Fit every branch's fallback in closed form on calibration ``batches``; returns a summary.
 
     Args:
         batches: ``input_ids`` tensors or tokenizer outputs (padding, from ``attention_mask``, is ignored).
         kind / rank: ``mean``, ``linear`` or ``lowrank`` (rank ``rank``); default: the gate config's.
             Another kind or rank than the config's replaces it (``save_gates`` then records it).
+        mlp_kind: the MLP branches' kind when it differs (``GateSkipConfig.fallback_mlp``), e.g.
+            ``kind="lowrank", mlp_kind="linear"``; default: ``kind`` when ``kind`` is given, else the config's.
         ridge: L2 penalty, relative to the mean input variance (trace(X^T X) / H, centered).
         under_plan: ``skipping()`` keyword arguments (e.g. ``{"ratio": 0.3, "policy": "threshold"}``).
             Without it every branch is fitted in one pass of the dense model. With it, branches are
@@ -110,9 +112,11 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
     """
 
     st = gate_state(model)
+    mlp = mlp_kind if (kind or mlp_kind) else st.cfg.fallback_mlp
     kind = kind or st.cfg.fallback
-    cfg = dataclasses.replace(st.cfg, fallback=kind, fallback_rank=st.cfg.fallback_rank if rank is None else rank)
-    if cfg.fallback == "zero":
+    cfg = dataclasses.replace(st.cfg, fallback=kind, fallback_mlp=None if mlp in (None, kind) else mlp,
+                              fallback_rank=st.cfg.fallback_rank if rank is None else rank)
+    if not cfg.has_fallback:
         raise GateSkipError("fit_fallback has nothing to fit for fallback='zero': pass kind='mean', 'linear' or "
                             "'lowrank' (or build the gates with GateSkipConfig(fallback=...))")
     hidden = text_config(model).hidden_size
@@ -129,10 +133,11 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
     # put back if the fit fails (a refit changes the parameters in place)
     before = st.cfg, st.flops, [(b.fallback, None if b.fallback is None else
                                  {k: v.clone() for k, v in b.fallback.state_dict().items()}) for b in st.branches]
-    if (cfg.fallback, cfg.fallback_rank) != (st.cfg.fallback, st.cfg.fallback_rank):
+    if (cfg.fallback, cfg.fallback_mlp, cfg.fallback_rank) != (st.cfg.fallback, st.cfg.fallback_mlp,
+                                                                 st.cfg.fallback_rank):
         dtype = model.get_input_embeddings().weight.dtype
         for b in st.branches:
-            b.fallback = make_fallback(cfg, hidden, dtype, device)
+            b.fallback = make_fallback(cfg, hidden, dtype, device, b.kind)
         st.cfg, st.flops = cfg, model_flops(model, cfg)
     was_training = model.training
     model.eval()
@@ -146,6 +151,7 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
                 raise GateSkipError(f"fit_fallback: no gated branch named {sorted(unknown)[0]!r}: use names like "
                                     f"{st.branches[0].name!r}")
             chosen = [b for b in st.branches if b.name in names]
+        chosen = [b for b in chosen if b.fallback is not None]  # a kind with fallback "zero" has nothing to fit
         if under_plan is None:
             groups, plan = [chosen], None
         else:
@@ -153,7 +159,8 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
             # altered output is not the branch the fallback stands in for
             groups, plan = [[b] for b in chosen], {**under_plan, "path": "masked", "kv": "compute"}
         for group in groups:
-            moments = _collect(model, st, inputs, group, hidden, cfg.fallback != "mean", plan, skipping,
+            full = any(cfg.fallback_of(b.kind) != "mean" for b in group)
+            moments = _collect(model, st, inputs, group, hidden, full, plan, skipping,
                                first=st.cfg.protect_first if exclude_first is None else int(exclude_first))
             passes += 1
             for b in group:
@@ -161,7 +168,7 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
                 if m.n == 0:
                     raise GateSkipError("fit_fallback saw no real tokens (every position is padding): pass batches "
                                         "whose attention_mask keeps some tokens")
-                w, bias, r2[b.name] = m.solve(cfg.fallback, cfg.fallback_rank, ridge)
+                w, bias, r2[b.name] = m.solve(cfg.fallback_of(b.kind), cfg.fallback_rank, ridge)
                 set_solution(b.fallback, w, bias)
                 tokens = tokens or m.n
     except BaseException:
@@ -173,7 +180,8 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
         raise
     finally:
         model.train(was_training)
-    return {"kind": cfg.fallback, "rank": cfg.fallback_rank if cfg.fallback == "lowrank" else None,
+    return {"kind": cfg.fallback, "mlp_kind": cfg.fallback_mlp,
+            "rank": cfg.fallback_rank if "lowrank" in cfg.fallback_kinds else None,
             "tokens": tokens, "batches": len(inputs), "passes": passes, "r2": r2}
 
 

@@ -24,7 +24,12 @@ class LayerFlops:
     gate: int  # one gate, per token
     lm_head: int  # per computed logits row
     windows: tuple[int | None, ...]  # per layer: sliding window or None (full causal)
-    fallback: int = 0  # one fallback (fallback.py), per skipped token: 0 for the paper's zero output
+    fallback: int = 0  # one attention branch's fallback (fallback.py), per skipped token: 0 for the paper's zero
+    fallback_mlp: int = 0  # one MLP branch's fallback, per skipped token
+
+    def fallback_for(self, kind: str) -> int:
+        """FLOPs a skipped token of a ``kind`` branch spends in its fallback."""
+        return self.fallback_mlp if kind == "mlp" else self.fallback
 
 
 def model_flops(model, cfg: GateSkipConfig) -> LayerFlops:
@@ -45,17 +50,19 @@ def model_flops(model, cfg: GateSkipConfig) -> LayerFlops:
         gate=gate_flops(h, cfg),
         lm_head=2 * h * c.vocab_size,
         windows=windows,
-        fallback=fallback_flops(h, cfg),
+        fallback=fallback_flops(h, cfg, "attn"),
+        fallback_mlp=fallback_flops(h, cfg, "mlp"),
     )
 
 
-def fallback_flops(hidden: int, cfg: GateSkipConfig) -> int:
-    """FLOPs one skipped token spends in its fallback: mean adds a vector (H), linear is a H x H matmul
-    (2 H^2), lowrank two thin ones (2 * 2 H R). Bias adds are ignored, as for the gates."""
-    if cfg.fallback == "mean":
+def fallback_flops(hidden: int, cfg: GateSkipConfig, kind: str = "attn") -> int:
+    """FLOPs one skipped token of a ``kind`` branch spends in its fallback: mean adds a vector (H), linear
+    is a H x H matmul (2 H^2), lowrank two thin ones (2 * 2 H R). Bias adds are ignored, as for the gates."""
+    what = cfg.fallback_of(kind)
+    if what == "mean":
         return hidden
-    if cfg.fallback == "linear":
+    if what == "linear":
         return 2 * hidden * hidden
-    if cfg.fallback == "lowrank":
+    if what == "lowrank":
         return 2 * 2 * hidden * cfg.fallback_rank
     return 0

@@ -163,7 +163,7 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
 
     st = gate_state(model)
     cfg = st.cfg
-    if cfg.fallback == "zero" and not fit_gates:
+    if not cfg.has_fallback and not fit_gates:
         raise GateSkipError("refit_under_plan has nothing to fit: the gates have fallback='zero' and fit_gates=False")
     if fit_gates and (cfg.gate == "mlp" or cfg.placement != "after" or cfg.shared):
         raise GateSkipError("refit_under_plan fits gates of kind vector, scalar or lowrank placed after the branch, "
@@ -190,10 +190,11 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
                 raise GateSkipError("refit_under_plan saw no real tokens: pass batches with tokens past the prefix")
             fb = b.fallback
             if fb is not None:
-                m = Moments(hidden, cfg.fallback != "mean", device)
+                what = cfg.fallback_of(b.kind)
+                m = Moments(hidden, what != "mean", device)
                 for x, y in kept:
                     m.add(x, y)
-                w, bias, fb_r2[b.name] = m.solve(cfg.fallback, cfg.fallback_rank, ridge)
+                w, bias, fb_r2[b.name] = m.solve(what, cfg.fallback_rank, ridge)
                 set_solution(fb, w, bias)
                 tokens = tokens or m.n
             if fit_gates:
@@ -211,10 +212,12 @@ _fit_every_gate = fit_gates  # fit_closed_form's flag of the same name shadows i
 
 def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: int = 64, ridge: float = 1e-3,
                     gate_ridge: float = 1e-2, fit_gates: bool = True, under_plan: dict | None = None,
-                    sequential: float | dict = 0.3, sequential_batches: int = 8, log=None) -> dict:
+                    sequential: float | dict = 0.3, sequential_batches: int = 8, log=None,
+                    fallback_mlp: str | None = None) -> dict:
     """The closed-form recipe on a gated model (``gateskip fit``'s, and ``gateskip train``'s start): no backprop.
 
-    1. ``fit_fallback`` (kind ``fallback``, or ``"keep"``: the model's fallbacks stay as they are) on ``batches``;
+    1. ``fit_fallback`` (kind ``fallback``, the MLP branches' ``fallback_mlp`` if given; or ``"keep"``: the
+       model's fallbacks stay as they are) on ``batches``;
     2. ``fit_gates``: every gate ranks tokens by the fallback's residual (``fit_gates=False``: gates unchanged);
     3. with ``sequential`` (a ratio for every branch, or per-branch ratios), ``refit_under_plan`` on the first
        ``sequential_batches`` batches: fallback and gate of each branch refitted in execution order under
@@ -232,12 +235,15 @@ def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: in
     t0 = time.perf_counter()
     st = gate_state(model)
     if fallback == "keep":
-        summary = {"fallback": {"kind": st.cfg.fallback, "rank": st.cfg.fallback_rank, "kept": True}}
-        say(f"keeping the model's {st.cfg.fallback} fallbacks")
+        summary = {"fallback": {"kind": st.cfg.fallback, "mlp_kind": st.cfg.fallback_mlp,
+                                "rank": st.cfg.fallback_rank, "kept": True}}
+        say(f"keeping the model's {st.cfg.fallback_name()} fallbacks")
     else:
-        say(f"fitting {fallback} fallbacks on {len(batches)} batches"
+        what = fallback if fallback_mlp in (None, fallback) else f"attn {fallback} / mlp {fallback_mlp}"
+        say(f"fitting {what} fallbacks on {len(batches)} batches"
             + (f" under {under_plan['policy']} skipping {under_plan['ratio']:g}" if under_plan else ""))
-        fb = fit_fallback(model, batches, kind=fallback, rank=fallback_rank, ridge=ridge, under_plan=under_plan)
+        fb = fit_fallback(model, batches, kind=fallback, rank=fallback_rank, ridge=ridge, under_plan=under_plan,
+                          mlp_kind=fallback_mlp)
         summary = {"fallback": {k: v for k, v in fb.items() if k != "r2"}, "fallback_r2": fb["r2"]}
         say(f"fallback R^2 {by_kind(fb['r2'])}  ({time.perf_counter() - t0:.0f} s)")
     if fit_gates:

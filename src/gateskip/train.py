@@ -90,7 +90,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           keep_checkpoints: int = 2, device: str = "auto", protect_first: int = 1, quant: str = "none",
           straight_through: bool = False, init: str | None = "fit", budget: str | None = None,
           fallback: str | None = None, fallback_rank: int = 64, fallback_batches: int = 8, train_fallback: bool = True,
-          fallback_lr: float = 1e-4, fit_ratio: float = 0.3, save_dtype: str = "float32") -> Path:
+          fallback_lr: float = 1e-4, fit_ratio: float = 0.3, save_dtype: str = "float32",
+          fallback_mlp: str | None = None) -> Path:
     """Train gates on offline text and write a gates folder.
 
     The defaults are the best measured recipe on SmolLM2-135M (BENCHMARKS.md, "Healing"): low-rank fallbacks
@@ -158,6 +159,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             (gateskip.fit_fallback) on the training text before training; default: lowrank for new gates, the
             folder's own with --init DIR (given, it replaces the folder's unless the same).
         fallback_rank: inner size of a lowrank fallback.
+        fallback_mlp: the MLP branches' fallback when it differs from ``fallback`` (new or refitted fallbacks
+            only), e.g. lowrank for attention and linear for the MLPs.
         fallback_batches: batches of batch_size x seq_len training tokens the fallback (and with init=fit, the
             gates) are fitted on.
         train_fallback: train the fallbacks end to end with the gates (learning rate ``fallback_lr``; nothing to
@@ -199,7 +202,9 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     init = None if init in (None, "", "none") else init
     if fallback is None:
         fallback = "lowrank" if init is None or init == "fit" else "keep"
-    if init == "fit" and fallback == "zero":
+    if fallback == "keep" and fallback_mlp:
+        raise GateSkipError("--fallback-mlp sets the kind of new fallbacks: pass --fallback too (e.g. lowrank)")
+    if init == "fit" and fallback == "zero" and fallback_mlp in (None, "zero"):
         raise GateSkipError("--init fit fits fallbacks and gates in closed form: pass --fallback lowrank (or mean, "
                             "linear), or --init none for new gates with zero fallbacks")
     if init == "fit" and (gate == "mlp" or placement != "after" or shared):
@@ -217,7 +222,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     budget_ratios = read_budget(budget) if budget else None  # allocate.py
     gate_cfg = GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv,
                               placement=placement, shared=shared, protect_first=protect_first,
-                              fallback="zero" if fallback == "keep" else fallback, fallback_rank=fallback_rank)
+                              fallback="zero" if fallback == "keep" else fallback, fallback_rank=fallback_rank,
+                              fallback_mlp=None if fallback == "keep" else fallback_mlp)
     out_dir = Path(out)
     d = gdist.init_from_env()
     if fsdp and not d.enabled:
@@ -242,14 +248,17 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         net.to(dev)
         st = gate_state(net)
         if fallback not in ("zero", "keep") and init != "fit" and (
-                init is None or (st.cfg.fallback, st.cfg.fallback_rank) != (fallback, fallback_rank)):
+                init is None or (st.cfg.fallback, st.cfg.fallback_mlp, st.cfg.fallback_rank)
+                != (fallback, fallback_mlp, fallback_rank)):
             from gateskip.data import fixed_batches
             from gateskip.fallback_fit import fit_fallback
 
             fb = fit_fallback(net, fixed_batches(tok, load_texts(data, split="train", limit=limit_texts), seq_len,
-                                                 batch_size, fallback_batches), kind=fallback, rank=fallback_rank)
+                                                 batch_size, fallback_batches), kind=fallback, rank=fallback_rank,
+                              mlp_kind=fallback_mlp)
             if d.is_main:
-                print(f"[gateskip train] fitted {fallback} fallbacks on {fb['tokens']} tokens", flush=True)
+                print(f"[gateskip train] fitted {gate_state(net).cfg.fallback_name()} fallbacks on {fb['tokens']} "
+                      "tokens", flush=True)
         # Every rank reads the same global batches (world x batch_size rows) and keeps its own slice.
         stream = pack(tok, load_texts(data, split="train", limit=limit_texts), seq_len=seq_len,
                       batch_size=batch_size * d.world, seed=seed)
@@ -259,7 +268,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
                          min_ratio=min_ratio, ramp_steps=ramp_steps, modules=skip_modules, warmup=warmup,
                          save_every=save_every, resume=resume, seed=seed, dist=d, keep_checkpoints=keep_checkpoints, fsdp=fsdp,
                          straight_through=straight_through, budget=budget_ratios,
-                         train_fallback=train_fallback and st.cfg.fallback != "zero",
+                         train_fallback=train_fallback and st.cfg.has_fallback,
                          fallback_lr=fallback_lr)
         if fsdp:  # gather the sharded weights (a collective); rank 0 calibrates an unsharded copy
             full = gdist.full_state(net)
@@ -300,7 +309,8 @@ def _fitted_start(net, tok, cfg: GateSkipConfig, folder: Path, *, data, limit_te
 
     add_gates(net, cfg)
     cal = fixed_batches(tok, load_texts(data, split="train", limit=limit_texts), seq_len, batch_size, batches)
-    fit_closed_form(net, cal, fallback=cfg.fallback, fallback_rank=cfg.fallback_rank, sequential=ratio,
+    fit_closed_form(net, cal, fallback=cfg.fallback, fallback_rank=cfg.fallback_rank, fallback_mlp=cfg.fallback_mlp,
+                    sequential=ratio,
                     sequential_batches=batches,
                     log=(lambda line: print(f"[gateskip train] init fit: {line}", flush=True)) if main else None)
     calibrate(net, cal[: min(4, len(cal))], ratio=ratio)

@@ -347,14 +347,14 @@ def install_fallback(net, gates: str, fallback: dict | None, batches, bar) -> di
     want = dict(fallback or {})
     kind, rank = want.get("kind") or "zero", int(want.get("rank") or cfg.fallback_rank)
     base = {"requested": kind, "batches": want.get("batches")}
-    if kind == "zero" or (cfg.fallback == kind and (kind != "lowrank" or cfg.fallback_rank == rank)):
-        have = cfg.fallback
+    if kind == "zero" or (fallback_label(cfg.to_dict()) == kind and (kind != "lowrank" or cfg.fallback_rank == rank)):
+        have = fallback_label(cfg.to_dict())
         if kind == "zero" and have != "zero":
-            _say(bar, f"[gateskip] the gates folder holds a {_fb_name(have, cfg.fallback_rank)} fallback: "
+            _say(bar, f"[gateskip] the gates folder holds a {cfg.fallback_name()} fallback: "
                       f"gateskip/random rows run with it (named +{have})")
         elif have != "zero":
-            _say(bar, f"[gateskip] using the {_fb_name(have, cfg.fallback_rank)} fallback stored in {gates}")
-        return {**base, "kind": have, "rank": cfg.fallback_rank if have == "lowrank" else None,
+            _say(bar, f"[gateskip] using the {cfg.fallback_name()} fallback stored in {gates}")
+        return {**base, "kind": have, "rank": cfg.fallback_rank if "lowrank" in cfg.fallback_kinds else None,
                 "source": "gates folder" if have != "zero" else None, "tokens": None, "r2": None, "r2_mean": None}
     fit = fit_fallback(net, batches(), kind=kind, rank=rank)
     means = r2_means(fit["r2"])
@@ -362,6 +362,12 @@ def install_fallback(net, gates: str, fallback: dict | None, batches, bar) -> di
               f"tokens ({fit['batches']} batches): mean R² attn {_r2(means.get('attn'))}, mlp {_r2(means.get('mlp'))}")
     return {**base, "kind": kind, "rank": fit["rank"], "source": "fitted", "tokens": fit["tokens"],
             "r2": fit["r2"], "r2_mean": means}
+
+
+def fallback_label(config: dict) -> str:
+    """A gates config's fallback as rows name it: ``lowrank``, or ``lowrank/linear`` (attention / MLP kinds)."""
+    kind, mlp = config.get("fallback", "zero"), config.get("fallback_mlp")
+    return kind if mlp in (None, kind) else f"{kind}/{mlp}"
 
 
 def _fb_name(kind: str, rank: int) -> str:
@@ -438,7 +444,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
     if kind == "zero" and gates and {"gateskip", "random"} & set(items):
         from gateskip.checkpoint import read_meta
 
-        kind = read_meta(gates)["config"].get("fallback", "zero")  # a folder saved with a fallback runs with it
+        kind = fallback_label(read_meta(gates)["config"])  # a folder saved with a fallback runs with it
     own = row_names(items, kind)
     merged = own + [n for _, renamed in suite_report.renames(own, runs) for n in renamed.values()]
     if reference is not None and reference not in merged:
