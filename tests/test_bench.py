@@ -5,7 +5,7 @@ import json
 import pytest
 
 from gateskip import GateSkipError
-from gateskip.bench import bench
+from gateskip.commands.bench import bench
 
 
 def test_bench_smoke(tmp_path, capsys):
@@ -41,7 +41,7 @@ def test_decode_phase_figures_exclude_the_prefill():
     from conftest import VOCAB
 
     import gateskip
-    from gateskip.bench import _saved
+    from gateskip.commands.bench import _saved
     from gateskip.compat import model_cache_arg, output_cache
     from gateskip.core import gate_state
     from gateskip.models import tiny_model
@@ -79,7 +79,7 @@ def test_bench_calibrates_thresholds_at_each_measured_ratio():
     from conftest import VOCAB
 
     import gateskip
-    from gateskip.bench import _install, _variants
+    from gateskip.commands.bench import _install, _variants
     from gateskip.core import gate_state, is_gated
     from gateskip.models import tiny_model
 
@@ -108,7 +108,7 @@ def test_interleaved_decode_does_what_generate_does():
     import torch
     from conftest import VOCAB
 
-    from gateskip.bench import _decode_generate, _decode_interleaved, _live_models, _variants
+    from gateskip.commands.bench import _decode_generate, _decode_interleaved, _live_models, _variants
     from gateskip.core import is_gated
     from gateskip.models import tiny_model
 

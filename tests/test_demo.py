@@ -5,8 +5,8 @@ from conftest import tiny_folder
 
 import gateskip
 from gateskip import GateSkipError
+from gateskip.commands.demo import demo
 from gateskip.core import gate_state
-from gateskip.demo import demo
 from gateskip.models import load_model
 
 

@@ -11,8 +11,8 @@ import torch
 from conftest import tiny_folder
 from safetensors.torch import load_file
 
+from gateskip.commands.train import train
 from gateskip.distributed import SINGLE, Dist, mean_over_ranks, shard
-from gateskip.train import train
 
 
 def _free_port() -> int:

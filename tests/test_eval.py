@@ -191,11 +191,11 @@ def test_lm_eval_command_line_reaches_the_gateskip_model(tmp_path):
     args = {"pretrained": "smollm2-135m", "gates": str(gates), "ratio": "0.45", "policy": "threshold"}
     main(["run", "--model", "gateskip", "--model_args", ",".join(f"{k}={v}" for k, v in args.items()),
           "--tasks", "arc_easy", "--limit", "4", "--include_path", str(write_task_yamls(tmp_path / "t")),
-          "--output_path", str(tmp_path / "out"), "--bootstrap_iters", "0"])
+          "--output_path", str(tmp_path / "out")])
     got = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert got["config"]["model"] == "gateskip"
     ref = lm_eval.simple_evaluate(model="gateskip", model_args=args, tasks=["arc_easy"], limit=4,
-                                  task_manager=task_manager(tmp_path), bootstrap_iters=0)["results"]["arc_easy"]
+                                  task_manager=task_manager(tmp_path))["results"]["arc_easy"]
     assert got["results"]["arc_easy"]["acc,none"] == ref["acc,none"]
     assert got["results"]["arc_easy"]["acc_norm,none"] == ref["acc_norm,none"]
 
@@ -294,7 +294,7 @@ def test_open_gates_reproduce_the_model():
 
 @needs_data
 def test_evaluate_end_to_end_on_tiny_model(tmp_path):
-    from gateskip.eval import evaluate
+    from gateskip.commands.eval import evaluate
 
     m, tok = tiny_model("llama"), tiny_tokenizer()
     gateskip.add_gates(m, DIVERSE)

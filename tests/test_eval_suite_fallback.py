@@ -216,8 +216,8 @@ def test_reference_choice():
 
 
 def test_suite_flags_are_checked_before_the_model_loads(tmp_path):
-    from gateskip.cli import build_parser
-    from gateskip.eval import evaluate
+    from gateskip.commands.cli import build_parser
+    from gateskip.commands.eval import evaluate
 
     args = build_parser().parse_args(["eval", "--suite", "core", "--fallback", "lowrank", "--fallback-rank", "32",
                                       "--fallback-batches", "3", "--reference", "gateskip", "--compare-with", "a,b"])

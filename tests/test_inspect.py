@@ -14,7 +14,7 @@ from gateskip.analysis.html import RATIO_STEPS, thresholds_by_kind
 from gateskip.analysis.importance import visible
 from gateskip.analysis.report import report_text
 from gateskip.analysis.stats import category_stats, markdown_tables, save_lines
-from gateskip.cli import main
+from gateskip.commands.cli import main
 from gateskip.models import tiny_model, tiny_tokenizer
 from gateskip.policies import threshold_from_grid
 

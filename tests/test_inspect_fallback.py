@@ -10,7 +10,6 @@ from conftest import VOCAB, left_padded, tiny_folder
 
 import gateskip
 from gateskip import GateSkipConfig
-from gateskip.analysis.report import inspect
 from gateskip.analysis.residuals import (
     average_ranks,
     fallback_stats,
@@ -20,7 +19,8 @@ from gateskip.analysis.residuals import (
     save_plot,
     spearman,
 )
-from gateskip.cli import main
+from gateskip.commands.cli import main
+from gateskip.commands.inspect import inspect
 from gateskip.core import gate_state
 from gateskip.gates import importance
 from gateskip.models import tiny_model

@@ -10,7 +10,7 @@ import gateskip
 
 ROOT = Path(gateskip.__file__).parent
 # commands still outside gateskip/commands/ (demo) count as commands
-COMMAND_LAYER = ("gateskip.commands", "gateskip.cli", "gateskip.__main__", "gateskip.demo")
+COMMAND_LAYER = ("gateskip.commands", "gateskip.__main__")
 
 
 def _module_name(path: Path) -> str:

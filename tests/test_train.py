@@ -133,7 +133,7 @@ def test_fit_rejects_bad_settings():
 
 
 def test_train_cli_then_generate_cli(tmp_path, capsys):
-    from gateskip.cli import main
+    from gateskip.commands.cli import main
 
     d, data = tiny_folder(tmp_path)
     out = tmp_path / "gates"
@@ -161,7 +161,7 @@ def test_train_cli_then_generate_cli(tmp_path, capsys):
     (["train", "--config", "/nonexistent.yaml"], "cannot read config"),
 ])
 def test_cli_errors_are_one_line(argv, match, capsys):
-    from gateskip.cli import main
+    from gateskip.commands.cli import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -170,7 +170,7 @@ def test_cli_errors_are_one_line(argv, match, capsys):
 
 @pytest.mark.parametrize("backbone", ["lora", "full"])
 def test_trained_backbone_roundtrips_through_gates_folder(tmp_path, backbone):
-    from gateskip.cli import main
+    from gateskip.commands.cli import main
 
     d, data = tiny_folder(tmp_path)
     out = tmp_path / backbone
@@ -194,7 +194,7 @@ def test_trained_backbone_roundtrips_through_gates_folder(tmp_path, backbone):
     with torch.no_grad():
         assert torch.equal(base(input_ids=ids).logits, ref)  # and is undone exactly
     # gateskip bench gives each setting of a gates folder its own copy: the change must not reach the dense model
-    from gateskip.bench import _live_models
+    from gateskip.commands.bench import _live_models
 
     live = _live_models(base, {"folder": {"dir": str(out), "calibration": {}}},
                         [("dense", None, 0.0), ("folder@0", "folder", 0.0)])
@@ -205,7 +205,7 @@ def test_trained_backbone_roundtrips_through_gates_folder(tmp_path, backbone):
 
 
 def test_yaml_config_supplies_flags_and_flags_win(tmp_path, capsys):
-    from gateskip.cli import main
+    from gateskip.commands.cli import main
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("skip: 0.5\npolicy: best\n")
@@ -246,14 +246,15 @@ def test_straight_through_keeps_the_forward_and_gives_skipped_gates_the_task_gra
 
 
 def test_straight_through_needs_gates_after_the_branch(tmp_path):
+    from gateskip.commands.train import train
+
     with pytest.raises(GateSkipError, match="placement=after"):
-        gateskip.train.train(model="tiny-llama", out=str(tmp_path / "g"), steps=1, placement="before",
-                             straight_through=True)
+        train(model="tiny-llama", out=str(tmp_path / "g"), steps=1, placement="before", straight_through=True)
 
 
 def test_train_straight_through_flag_reaches_the_training_forward(tmp_path, monkeypatch):
     import gateskip.train as T
-    from gateskip.cli import main
+    from gateskip.commands.cli import main
 
     seen = []
     real = T.skipping
@@ -291,7 +292,7 @@ def test_fallback_trains_end_to_end_under_a_per_branch_budget(tmp_path):
 def test_train_from_a_fit_folder_with_a_budget_file(tmp_path):
     from gateskip.allocate import read_budget
     from gateskip.commands.fit import fit as fit_command
-    from gateskip.train import train
+    from gateskip.commands.train import train
 
     d, data = tiny_folder(tmp_path)
     fit_command(model=str(d), out=str(tmp_path / "f"), fallback="lowrank", fallback_rank=8, batches=2, seq_len=32,
@@ -316,9 +317,9 @@ def test_train_from_a_fit_folder_with_a_budget_file(tmp_path):
 def test_shipped_recipes_best_is_trains_defaults_and_paper_is_the_papers(capsys):
     import inspect
 
-    from gateskip.cli import main
+    from gateskip.commands.cli import main
+    from gateskip.commands.train import train
     from gateskip.recipes import load_recipe, names
-    from gateskip.train import train
 
     assert {"best", "demo", "paper"} <= set(names())
     defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
@@ -329,7 +330,7 @@ def test_shipped_recipes_best_is_trains_defaults_and_paper_is_the_papers(capsys)
     paper = load_recipe("paper")
     assert paper["fallback"] == "zero" and paper["gate"] == "vector" and paper["objective"] == "ce"
     assert paper["max_ratio"] == 0.2 and paper["lam"] > 0 and paper["init"] == "none"
-    from gateskip.cli import _load_yaml
+    from gateskip.commands.cli import _load_yaml
 
     assert _load_yaml("paper", train) == paper  # --config paper: a shipped name resolves like a path
     assert main(["train", "--config", "no-such-recipe"]) == 2

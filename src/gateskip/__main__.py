@@ -1,5 +1,5 @@
 import sys
 
-from gateskip.cli import main
+from gateskip.commands.cli import main
 
 sys.exit(main())

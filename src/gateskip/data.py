@@ -292,3 +292,18 @@ def sample_prompts() -> list[str]:
         "Summarize the plot of Romeo and Juliet in one paragraph.",
         "If a train travels 60 km in 45 minutes, what is its average speed in km/h?",
     ]
+
+
+def encode_prompt(tok, prompt: str, chat: bool, max_positions: int | None, max_new_tokens: int) -> dict:
+    """``prompt`` tokenized for generation (as a user message in the chat template with ``chat``, when the
+    tokenizer has one); a one-line error when it and ``max_new_tokens`` do not fit in ``max_positions``."""
+    if chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tok(prompt, return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    if max_positions and n + max_new_tokens > max_positions:
+        raise GateSkipError(f"prompt has {n} tokens; with {max_new_tokens} new tokens it exceeds the model's "
+                            f"context of {max_positions}: shorten the prompt or lower --max-new-tokens")
+    return enc

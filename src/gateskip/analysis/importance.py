@@ -52,7 +52,7 @@ def encode(tok, text: str, chat: bool = False, add_bos: bool = True) -> torch.Te
     Gates are trained on rows that start with BOS (``gateskip.data.pack``), so plain text gets a
     BOS too unless the tokenizer already added one: otherwise the first word would play BOS.
     """
-    from gateskip.generate import encode_prompt
+    from gateskip.data import encode_prompt
 
     if not text or not text.strip():
         raise GateSkipError("empty text: give the text to inspect, e.g. gateskip inspect --text \"The cat sat.\"")

@@ -6,7 +6,7 @@ API (what the eval sweep and ``gateskip reproduce`` call)::
     fit_mod(model, stream, steps=...)                   # training loop on input_ids batches -> log rows
     calibrate_mod(model, batches)                       # predictor-logit quantiles: any ratio at inference
     save_mod(model, dir) / load_mod(model, dir)         # a "MoD folder" (gates.safetensors + gateskip.json)
-    train_mod(model="smollm2-135m", out=..., steps=...) # all of the above on offline text (gateskip train-mod)
+    train_mod(model="smollm2-135m", out=..., steps=...) # all of the above on offline text (`gateskip train-mod`, commands/train_mod.py)
     set_mode(model, "predictor" | "topk")               # causal predictor (default) or non-causal top-k
     with gateskip.skipping(model, ratio=r): ...; gateskip.stats(model)   # as for GateSkip gates
     gateskip.remove_gates(model)                        # back to the original model, bit-identical
@@ -31,7 +31,6 @@ so prefill and decode are causal. Router and predictor FLOPs are counted as gate
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,7 +43,6 @@ from gateskip.checkpoint import GATES_FILE, _load_gate_tensors, _read_tensors, r
 from gateskip.config import GateSkipConfig
 from gateskip.core import (
     add_gates,
-    gate_modules,
     gate_parameters,
     gate_state,
     gates_bypassed,
@@ -293,96 +291,6 @@ def load_mod(model: nn.Module, directory) -> nn.Module:
         raise
     return model
 
-
-def train_mod(model: str = "smollm2-135m", out: str = "runs/mod", data: str = "mix", steps: int = 60,
-              seq_len: int = 256, batch_size: int = 4, lr: float = 1e-3, capacity: float = 0.8, decay: float = 1500.0,
-              objective: str = "distill", bce_weight: float = 1.0, predictor_hidden: int = 64, kv: str = "compute",
-              warmup: int = 10, calibrate_batches: int = 4, save_every: int = 20, seed: int = 0, resume: bool = True,
-              limit_texts: int | None = None, threads: int = 0) -> Path:
-    """Train a Mixture-of-Depths router baseline on offline text and write a MoD folder for `gateskip eval --mod`.
-
-    Args:
-        model: base model: smollm2-135m (embedded), a local HF folder or a hub id.
-        out: output folder (gates.safetensors, gateskip.json with method "mod", train_log.jsonl, checkpoint/).
-        data: training text: boolq, lambada, shakespeare, mix, or a .txt/.jsonl file.
-        steps: optimizer steps (one batch each).
-        seq_len: tokens per packed row.
-        batch_size: rows per step.
-        lr: learning rate of routers and predictors (backbone frozen).
-        capacity: final fraction of tokens each branch processes (paper: 0.8).
-        decay: steps constant of the capacity schedule c + (1 - c) / (step / decay + 1) (paper: 1500).
-        objective: ce (next-token cross-entropy) or distill (KL to the model without routers).
-        bce_weight: weight of the predictor's BCE loss.
-        predictor_hidden: hidden units of the causal predictor MLP.
-        kv: K/V of skipped attention tokens: compute or copy (as gateskip train).
-        warmup: learning-rate warm-up steps.
-        calibrate_batches: batches of held-out text for the predictor's thresholds.
-        save_every: checkpoint interval in steps.
-        seed: data order seed.
-        resume: continue from out/checkpoint if present.
-        limit_texts: use at most this many training texts.
-        threads: torch CPU threads (0: leave as is).
-    """
-    from gateskip.data import fixed_batches, load_texts, pack
-    from gateskip.models import load_model
-    from gateskip.train_state import load_train_state, save_train_state
-
-    for name, value, least in (("steps", steps, 1), ("batch_size", batch_size, 1), ("seq_len", seq_len, 2),
-                               ("save_every", save_every, 1), ("calibrate_batches", calibrate_batches, 1)):
-        if value < least:
-            raise GateSkipError(f"{name}={value} is invalid: use a value >= {least}")
-    if not 0.0 < capacity <= 1.0:
-        raise GateSkipError(f"capacity={capacity} is invalid: use a fraction in (0, 1]")
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    net, tok = load_model(model)
-    add_mod(net, predictor_hidden=predictor_hidden, kv=kv)
-    stream = pack(tok, load_texts(data, split="train", limit=limit_texts), seq_len=seq_len, batch_size=batch_size,
-                  seed=seed)
-    params = gate_parameters(net)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.001)
-    ckpt, log_path, start = out_dir / "checkpoint", out_dir / "train_log.jsonl", 0
-    found = load_train_state(ckpt) if resume else None
-    if found is not None:
-        state, _ = found
-        _load_router_state(net, state["trainable"])
-        opt.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["data"])
-        start = int(state["step"])
-    if log_path.exists():  # rows past the checkpoint are re-done: keep only those before it
-        kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
-
-    def on_step(step, opt, row):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if step % save_every == 0 or step == steps:
-            routers = {f"{n}.{k}": v.detach().clone() for n, g in gate_modules(net).items()
-                       for k, v in g.state_dict().items()}
-            save_train_state(ckpt, {"trainable": routers, "optimizer": opt.state_dict(), "data": stream.state_dict(),
-                                    "step": step}, step)
-
-    if start < steps:
-        fit_mod(net, stream, steps, lr=lr, capacity=capacity, decay=decay, objective=objective,
-                bce_weight=bce_weight, warmup=warmup, start=start, opt=opt, on_step=on_step)
-    cal = calibrate_mod(net, fixed_batches(tok, load_texts(data, split="heldout"), seq_len, batch_size,
-                                           calibrate_batches), ratio=round(1.0 - capacity, 6))
-    save_mod(net, out_dir, {"training": {"data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
-                                         "lr": lr, "capacity": capacity, "decay": decay, "objective": objective,
-                                         "bce_weight": bce_weight, "seed": seed, "calibration": cal}})
-    print(f"[gateskip] wrote MoD folder {out_dir}")
-    return out_dir
-
-
-def _load_router_state(net, flat: dict) -> None:
-    for name, g in gate_modules(net).items():
-        g.load_state_dict({k: flat[f"{name}.{k}"] for k in g.state_dict()})
-
-
-# ---- the eval sweep's rows ---------------------------------------------------------------------
 
 def sweep_rows(run, mod_dir: str | None, ratios: list[float], methods: list[str], plan: dict) -> dict[str, list]:
     """Rows ``mod`` (causal predictor) and/or ``mod_topk`` (non-causal top-k) at the sweep's ratios.

@@ -17,8 +17,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    import gateskip.eval.lm  # noqa: F401  (registers the model name "gateskip" with lm-eval)
     from lm_eval.__main__ import cli_evaluate
+
+    import gateskip.eval.lm  # noqa: F401  (registers the model name "gateskip" with lm-eval)
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

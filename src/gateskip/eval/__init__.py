@@ -1,9 +1,4 @@
-"""Evaluation on real benchmarks, offline: an lm-eval model with skipping, task configs, the sweep.
-
-``evaluate`` (``gateskip eval``) is importable without lm-evaluation-harness and says how to install
-it when called; ``gateskip.eval.lm`` (the registered lm-eval model ``gateskip``) needs it.
+"""Evaluation on real benchmarks, offline: an lm-eval model with skipping (``lm.py``, needs
+lm-evaluation-harness), task configs, the lm-eval sweep (``sweep.py``) and the core suite with paired
+comparisons (``suite_run.py``, ``suite_report.py``). The command is ``gateskip eval`` (commands/eval.py).
 """
-
-from gateskip.eval.sweep import evaluate
-
-__all__ = ["evaluate"]

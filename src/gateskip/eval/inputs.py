@@ -13,16 +13,14 @@ from gateskip.loading import base_model_name, load_named
 CALIB_SEQ_LEN, CALIB_BATCH = 256, 4
 
 
-def prepare_run(limit, out: str, threads: int) -> None:
-    """Checks made before the model loads (fail now, not after an hour of evaluation), and the threads."""
+def prepare_run(limit, out: str) -> None:
+    """Checks made before the model loads (fail now, not after an hour of evaluation)."""
     if limit is not None and limit < 0:
         raise GateSkipError(f"limit={limit} is invalid: give a number of items per task, or 0 for all")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise GateSkipError(f"cannot create output folder {out!r} ({e.strerror}): pass a writable --out") from None
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def require_lm_eval() -> None:

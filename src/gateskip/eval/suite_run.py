@@ -392,108 +392,15 @@ SUITE_METHODS = ("gateskip", "random", "shortgpt", "shortgpt_linear")
 DEFAULT_SUITE_METHODS = ("gateskip", "random", "shortgpt")  # shortgpt_linear on request (a fit per count)
 
 
-def _fidelity_config(fidelity) -> dict | None:
+def fidelity_config(fidelity) -> dict | None:
     return dict(zip(("prompts", "prompt_tokens", "new_tokens"), fidelity)) if fidelity else None
 
 
-def _save_raw(res: dict, out: str) -> None:
+def save_raw(res: dict, out: str) -> None:
     tmp = os.path.join(out, "results.json.tmp")
     with open(tmp, "w") as f:
         json.dump(res, f)
     os.replace(tmp, os.path.join(out, "results.json"))
-
-
-def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods, policy, kv, limit, out, model,
-                   tokenizer, seed, threads, calib_batches, protect_first, fidelity, shared_prefix=True,
-                   fallback="zero", fallback_rank=64, fallback_batches=12, compare_with=None,
-                   reference=None, resume=True, reuse_dense=True) -> dict:
-    """``gateskip eval --suite``: see ``gateskip.eval.evaluate`` for the arguments."""
-    import tempfile
-
-    from tqdm.auto import tqdm
-
-    from gateskip.eval import suite_report
-    from gateskip.eval.inputs import calibration_batches, prepare_run, require_lm_eval, resolve_model
-    from gateskip.eval.suite import load_items, suite_tasks
-    from gateskip.eval.taskconfigs import task_manager
-    from gateskip.policies import check_policy
-
-    require_lm_eval()
-    check_policy(policy)
-    check_fallback(fallback, fallback_rank, fallback_batches)
-    names = suite_tasks(suite, None)
-    if methods is None:
-        methods = list(DEFAULT_SUITE_METHODS) if gates else ["shortgpt"]
-    items = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
-    if items == ["none"]:
-        items = []
-    unknown = [m for m in items if m not in SUITE_METHODS]
-    if unknown:
-        raise GateSkipError(f"unknown suite method(s) {', '.join(unknown)}: choose from {', '.join(SUITE_METHODS)} "
-                            "or none (dense is always included)")
-    budgets = {"gateskip": parse_budgets(ratios, "ratios")}
-    numeric = [b for b in budgets["gateskip"] if not isinstance(b, str)]
-    budgets["random"] = parse_budgets(random_ratios, "random") if random_ratios else numeric
-    budgets["shortgpt"] = parse_budgets(shortgpt_layers, "layers")
-    budgets["shortgpt_linear"] = budgets["shortgpt"]
-    # fail now, not after the sweep: the runs to merge must cover the same tasks and items, and the
-    # reference must name a row of the report
-    paths = suite_report.split_paths(compare_with)
-    runs = [(p, suite_report.load_run(p, {"tasks": names, "limit": limit})) for p in paths]
-    kind = fallback
-    if kind == "zero" and gates and {"gateskip", "random"} & set(items):
-        from gateskip.checkpoint import read_meta
-
-        kind = fallback_label(read_meta(gates)["config"])  # a folder saved with a fallback runs with it
-    own = row_names(items, kind)
-    merged = own + [n for _, renamed in suite_report.renames(own, runs) for n in renamed.values()]
-    if reference is not None and reference not in merged:
-        raise GateSkipError(f"--reference {reference!r} names no method of this report: choose one of "
-                            f"{', '.join(merged) or 'none (dense only)'}")
-    prepare_run(limit, out, threads)
-    net, tok, model_name = resolve_model(model, tokenizer, gates)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gateskip-suite-") as tmp:
-        tasks = load_items(names, limit or None, task_manager(f"{tmp}/tasks"))
-    n_rows = 1 + sum(len(budgets[m]) for m in items)
-    calib = calibration_batches(tok, calib_batches) if {"shortgpt", "shortgpt_linear"} & set(items) else None
-    bar = tqdm(total=n_rows * len(tasks), desc="gateskip eval --suite", unit="task")
-    try:
-        fingerprint = {"model": model_name, "gates": gates, "tasks": names, "limit": limit, "policy": policy, "kv": kv,
-                       "protect_first": protect_first, "seed": seed, "shared_prefix": shared_prefix,
-                       "fidelity": list(fidelity) if fidelity else None, "calib_batches": calib_batches,
-                       "fallback": [fallback, fallback_rank, fallback_batches]}
-        partial = os.path.join(out, "partial.json")
-        res = sweep(net, tok, gates, tasks, items, budgets, policy, kv, protect_first, seed, calib, fidelity, bar,
-                    shared_prefix, fallback={"kind": fallback, "rank": fallback_rank, "batches": fallback_batches},
-                    fit_batches=lambda: calibration_batches(tok, fallback_batches),
-                    resume=(partial, fingerprint) if resume else None,
-                    dense_from=(runs[0][0], runs[0][1], {
-                        "model": model_name, "tasks": names, "limit": limit, "shared_prefix": shared_prefix,
-                        "fidelity": _fidelity_config(fidelity)}) if runs and reuse_dense else None)
-    finally:
-        bar.close()
-    fb = res.pop("fallback") or {"requested": fallback, "kind": "zero", "rank": None, "source": None}
-    fb.update(batches=fallback_batches, requested_rank=fallback_rank)
-    res["config"] = {"model": model_name, "gates": gates, "suite": suite, "tasks": names, "limit": limit,
-                     "policy": policy, "kv": kv, "protect_first": protect_first, "seed": seed,
-                     "methods": items, "budgets": budgets, "shared_prefix": shared_prefix, "fallback": fb,
-                     "fidelity": _fidelity_config(fidelity),
-                     "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1),
-                     "resumed": res.pop("resumed"), "scoring_seconds": round(sum(r["seconds"] for r in res["rows"]), 1)}
-    _save_raw(res, out)  # the scores are safe before the merge and the analysis run
-    if resume and os.path.isfile(partial):
-        os.remove(partial)  # results.json holds them all now; a later run with new code must not reuse them
-    if paths:
-        try:
-            suite_report.merge(res, paths)
-        except GateSkipError as e:
-            raise GateSkipError(f"{e} (this run's scores are in {out}/results.json: "
-                                "python -m gateskip.eval.suite_report DIR regenerates the report)") from None
-    suite_report.analyse(res, reference=reference)
-    print(suite_report.write(res, out))
-    print(f"[gateskip] wrote {out}/results.json, report.md, curve.png")
-    return res
 
 
 def check_fallback(kind: str, rank, batches) -> None:

@@ -1,4 +1,5 @@
-"""``gateskip eval``: quality vs FLOP-weighted compute for GateSkip and its baselines, on one set of items.
+"""The lm-eval sweep behind ``gateskip eval`` (commands/eval.py): quality vs FLOP-weighted compute for GateSkip
+and its baselines, on one set of items.
 
 Order of a sweep (each method reuses what an earlier one measured):
 1. dense: the original model without gates, the reference row (tokens counted for the FLOP model);
@@ -23,15 +24,11 @@ BoolQ passages that evaluation uses.
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
-import tempfile
-import time
 
 from gateskip.errors import GateSkipError
-from gateskip.eval.inputs import calibration_batches, prepare_run, require_lm_eval, resolve_model
+from gateskip.eval.inputs import calibration_batches
 from gateskip.eval.runner import Runner
-from gateskip.eval.taskconfigs import TASKS, parse_tasks, task_manager
+from gateskip.eval.taskconfigs import TASKS
 
 METHODS = ("gateskip", "random", "static", "gatefree_random", "shortgpt", "mod", "mod_topk", "early_exit",
            "pruned_gateskip")
@@ -40,156 +37,7 @@ DEFAULT_TASKS = "hellaswag,piqa,arc_easy,winogrande,boolq"
 DEFAULT_METHODS = "gateskip,random,static,gatefree_random,shortgpt"  # mod needs --mod; early_exit on request
 
 
-def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
-             ratios: str | list[float] = "0,0.1,0.2,0.3,0.4,0.5,0.6", policy: str = "threshold",
-             methods: str | list[str] = DEFAULT_METHODS, modules: str = "attn,mlp", kv: str | None = None,
-             limit: int | None = 50, out: str = "runs/eval", model: str | None = None, tokenizer=None,
-             batch_size: int = 1, calib_batches: int = 4, seed: int = 0, threads: int = 0,
-             allocation: str = "uniform", mod: str | None = None, exit_measure: str = "softmax",
-             quant: str = "none", compare_with: str | None = None, prune: int = 4,
-             recalibrate: bool = True, suite: str | None = None, random_ratios: str | None = None,
-             shortgpt_layers: str = "4,10,16", protect_first: int | None = None, fidelity_prompts: int = 32,
-             fidelity_prompt_tokens: int = 48, fidelity_tokens: int = 64, shared_prefix: bool = True,
-             fallback: str = "zero", fallback_rank: int = 64, fallback_batches: int = 12,
-             reference: str | None = None, resume: bool = True, reuse_dense: bool = True) -> dict:
-    """Sweep skip ratios on offline benchmarks; writes results.json, report.md and curve.png to --out.
-
-    Args:
-        gates: a gates folder (``gateskip train --out``); needed by every method but shortgpt.
-        tasks: comma-separated tasks: hellaswag, piqa, arc_easy, arc_challenge, winogrande, boolq,
-            openbookqa, commonsense_qa, mmlu, lambada, lambada_gen, gsm8k.
-        ratios: comma-separated skip ratios per branch, e.g. 0,0.1,0.2,0.3,0.4,0.5,0.6.
-        policy: how GateSkip picks tokens: threshold (calibrated, per token), quantile (paper) or random.
-        methods: comma-separated methods besides the dense reference: gateskip, random, static,
-            gatefree_random, shortgpt, mod, mod_topk (need --mod), early_exit.
-        modules: branch kinds that skip: attn, mlp or attn,mlp.
-        kv: K/V of skipped attention tokens: copy or compute; default: the gates' config.
-        limit: items per task (the first N, same for every row); 0 for all.
-        out: output folder.
-        model: base model name or folder (a loaded model object from Python); default: the one
-            recorded in the gates folder.
-        tokenizer: with a model object: its tokenizer.
-        batch_size: requests per forward pass. Padding is masked, so threshold results do not depend on it;
-            the quantile policy ranks the whole batch, so only 1 keeps its decisions per request.
-        calib_batches: batches of 4 x 256 tokens for Block Influence and mean gate values (train
-            split of the mix text: BoolQ passages + Shakespeare, never evaluation items).
-        seed: seed of random skipping.
-        threads: torch CPU threads (0: leave as is).
-        allocation: how GateSkip spreads the budget over branches: uniform (paper) or global
-            (see gateskip.skipping); baselines are unaffected.
-        mod: a MoD folder (``gateskip train-mod --out``) for methods mod and mod_topk.
-        exit_measure: confidence of method early_exit: softmax (top-1 minus top-2) or saturation.
-        quant: quantize the backbone's linear layers first: none, int4 or int8 (gateskip.quantize);
-            rows are then named e.g. gateskip[int4] and dense[int4]. A model object is quantized in place.
-        compare_with: results.json of another sweep (e.g. full precision) whose rows are added to this
-            report and curve, e.g. ``--quant int4 --compare-with runs/eval/results.json``. Suite: one or
-            more suite results.json, comma-separated, on the same tasks and items (same --limit, dense rows
-            identical item by item); their rows follow this run's (their dense dropped), a method name
-            this run already has suffixed with @<folder of that results.json>.
-        prune: method pruned_gateskip: remove this many layers of lowest Block Influence (ShortGPT)
-            from the gated model, then skip with its remaining gates at every ratio.
-        recalibrate: method pruned_gateskip: re-fit the remaining gates' thresholds on calibration
-            text after pruning (their inputs changed).
-        suite: core, extended, all or a comma list of tasks: the fast paired sweep (eval/suite_run.py) on
-            that task suite instead of --tasks: methods dense + gateskip, random, shortgpt (the default) and shortgpt_linear
-            (ShortGPT's layers replaced by fitted linear maps, row shortgpt+linear; on request), or none for
-            dense only; per-item scores, above-chance retention, a paired who-wins table at matched compute,
-            and generation fidelity. --ratios may then also name JSON files of per-branch ratios.
-        random_ratios: suite: ratios of the random method (default: the numeric --ratios).
-        shortgpt_layers: suite: numbers of layers ShortGPT removes, one row each.
-        protect_first: suite: never skip the first N tokens (default: the gates' config).
-        fidelity_prompts: suite: held-out prompts for generation fidelity (0: off).
-        fidelity_prompt_tokens: suite: length of each fidelity prompt in tokens.
-        fidelity_tokens: suite: greedy tokens generated per fidelity prompt.
-        shared_prefix: suite: score a multiple-choice item's shared context once and its choices from
-            the KV cache (exact under the threshold policy; the quantile policy always runs whole requests).
-        fallback: suite: what skipped tokens of the gateskip and random rows get instead of 0: zero (the
-            paper; a gates folder saved with a fallback keeps its own), mean, linear or lowrank. The gates
-            folder's fallback is used when it is of that kind (and rank), otherwise one is fitted
-            (gateskip.fit_fallback); rows are then named gateskip+KIND and random+KIND.
-        fallback_rank: suite: rank of a lowrank fallback.
-        fallback_batches: suite: batches of 4 x 256 tokens (train split of the mix text) to fit fallbacks
-            on: --fallback and method shortgpt_linear.
-        reference: suite: the method the who-wins table compares every other against (default:
-            gateskip+KIND of --fallback if present, else gateskip).
-        resume: suite: every task score is written to OUT/partial.json as soon as it is measured, and a rerun
-            of the same sweep keeps them (an interrupted sweep resumes); --no-resume starts over.
-        reuse_dense: suite with --compare-with: take the dense row of the first run to merge when it used the
-            same model, items, prefix sharing and fidelity prompts (after re-scoring the first 8 items of
-            every task and finding them equal) instead of scoring it again; --no-reuse-dense scores it.
-    """
-    if suite:
-        from gateskip.eval.suite_run import evaluate_suite
-
-        return evaluate_suite(gates=gates, suite=suite, ratios=ratios, random_ratios=random_ratios,
-                              shortgpt_layers=shortgpt_layers,
-                              methods=None if methods == DEFAULT_METHODS else methods, policy=policy, kv=kv,
-                              limit=limit, out=out, model=model, tokenizer=tokenizer, seed=seed, threads=threads,
-                              calib_batches=calib_batches, protect_first=protect_first,
-                              fidelity=(fidelity_prompts, fidelity_prompt_tokens, fidelity_tokens)
-                              if fidelity_prompts else None, shared_prefix=shared_prefix, fallback=fallback,
-                              fallback_rank=fallback_rank, fallback_batches=fallback_batches,
-                              compare_with=compare_with, reference=reference, resume=resume,
-                              reuse_dense=reuse_dense)
-    if fallback != "zero" or reference is not None:
-        raise GateSkipError("--fallback and --reference apply to suite runs: pass --suite core (or extended, all)")
-    require_lm_eval()
-    from gateskip.policies import check_policy
-
-    task_names = parse_tasks(tasks)
-    ratio_list = _parse_ratios(ratios)
-    method_list = _parse_methods(methods)
-    if {"mod", "mod_topk"} & set(method_list) and not mod:
-        raise GateSkipError("methods mod/mod_topk need a MoD folder: pass --mod DIR (from `gateskip train-mod`)")
-    if "early_exit" in method_list and exit_measure not in ("softmax", "saturation"):
-        raise GateSkipError(f"exit_measure={exit_measure!r} is not supported: choose softmax or saturation")
-    check_policy(policy)
-    from gateskip.eval.report import combine_results
-    from gateskip.loading import quantize_for_run
-    from gateskip.quantize import check_quant
-
-    check_quant(quant)
-    if compare_with and not os.path.isfile(compare_with):  # fail now, not after the sweep
-        raise GateSkipError(f"--compare-with {compare_with!r} does not exist: pass an earlier sweep's results.json")
-    if allocation != "uniform":
-        from gateskip.budget import check_allocation
-
-        check_allocation(allocation)
-    prepare_run(limit, out, threads)
-    net, tok, model_name = resolve_model(model, tokenizer, gates)
-    quantize_for_run(net, quant, gates)
-    mods = tuple(m.strip() for m in modules.split(",") if m.strip()) if isinstance(modules, str) else tuple(modules)
-    lm_log = logging.getLogger("lm_eval")
-    level = lm_log.level
-    lm_log.setLevel(logging.ERROR)  # lm-eval warns on every model object and default metric setting
-    with tempfile.TemporaryDirectory(prefix="gateskip-eval-") as tmp, _gates_restored(net, gates, tmp) as gates_dir:
-        if gates_dir is None and set(method_list) - NO_GATES:
-            raise GateSkipError("methods gateskip/random/static need trained gates: pass --gates DIR "
-                                "(or --methods shortgpt,gatefree_random)")
-        runner = Runner(net, tok, task_names, limit or None, batch_size, seed, task_manager(f"{tmp}/tasks"),
-                         total=(1 + len(ratio_list) * len(method_list)) * len(task_names))
-        t0 = time.perf_counter()
-        try:
-            results = _sweep(runner, gates_dir, ratio_list, method_list, policy, mods, kv, calib_batches, allocation,
-                             mod=mod, exit_measure=exit_measure, prune=prune, recalibrate=recalibrate)
-        finally:
-            runner.close()
-            lm_log.setLevel(level)
-    results["config"].update(model=model_name, gates=gates, tasks=task_names, limit=limit, policy=policy,
-                             modules=list(mods), kv=kv, seed=seed, batch_size=batch_size, allocation=allocation,
-                             mod=mod, exit_measure=exit_measure if "early_exit" in method_list else None,
-                             seconds=round(time.perf_counter() - t0, 1), quant=quant)
-    results = combine_results(results, quant, compare_with)
-    from gateskip.eval.report import write_report
-
-    print(write_report(results, out))
-    print(f"[gateskip] wrote {out}/results.json, report.md, curve.png")
-    return results
-
-
-# ---- the sweep ---------------------------------------------------------------------------------
-
-def _sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches, allocation, mod=None,
+def sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches, allocation, mod=None,
            exit_measure="softmax", prune=4, recalibrate=True) -> dict:
     from gateskip.checkpoint import load_gates
     from gateskip.core import gate_state, remove_gates
@@ -361,7 +209,7 @@ def _shortgpt(run: Runner, res, counters, ratios, calib) -> list[dict]:
 
 # ---- inputs ------------------------------------------------------------------------------------
 
-def _parse_ratios(ratios) -> list[float]:
+def parse_ratios(ratios) -> list[float]:
     from gateskip.policies import check_ratio
 
     items = ratios.split(",") if isinstance(ratios, str) else ratios
@@ -371,7 +219,7 @@ def _parse_ratios(ratios) -> list[float]:
     return out
 
 
-def _parse_methods(methods) -> list[str]:
+def parse_methods(methods) -> list[str]:
     items = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
     unknown = [m for m in items if m not in METHODS]
     if unknown:
@@ -381,7 +229,7 @@ def _parse_methods(methods) -> list[str]:
 
 
 @contextlib.contextmanager
-def _gates_restored(net, gates, tmp):
+def gates_restored(net, gates, tmp):
     """The sweep needs the model without gates; a gated model object gets its gates back afterwards."""
     from gateskip.checkpoint import load_gates, save_gates
     from gateskip.core import is_gated, remove_gates

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Train switches of the base cell (``gateskip.train.train`` keyword arguments).
+# Train switches of the base cell (``gateskip.commands.train.train`` keyword arguments).
 BASE = {"gate": "vector", "shared": False, "placement": "after", "modules": "attn,mlp", "sparsity_kind": "l2",
         "backbone": "full", "objective": "ce"}
 # train()'s defaults are the best measured recipe (fitted fallbacks, LoRA healing); the grid reproduces the

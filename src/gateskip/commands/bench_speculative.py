@@ -148,8 +148,7 @@ def _prompts(m, tok, n: int, seed: int) -> list[dict]:
         vocab = m.get_output_embeddings().weight.shape[0]
         ids = [torch.randint(min(10, vocab - 1), vocab, (1, 16), generator=g) for _ in range(n)]
         return [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids]
-    from gateskip.data import sample_prompts
-    from gateskip.generate import encode_prompt
+    from gateskip.data import encode_prompt, sample_prompts
 
     texts = sample_prompts()
     return [encode_prompt(tok, texts[i % len(texts)], True, None, 0) for i in range(n)]

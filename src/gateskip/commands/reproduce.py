@@ -111,7 +111,7 @@ def _key(settings: dict) -> str:
 
 
 def train_settings(cell: Cell, budget: dict) -> dict:
-    """Training keyword arguments of a cell: ``gateskip.train.train``'s (early exit: the base cell's, as
+    """Training keyword arguments of a cell: ``gateskip.commands.train.train``'s (early exit: the base cell's, as
     it runs on the base cell's model) or ``gateskip.baselines.mod.train_mod``'s (marked ``trainer``)."""
     if cell.method in MOD_METHODS:  # routers on the frozen model, trained on the same text and budget
         keep = ("model", "data", "steps", "seq_len", "batch_size", "seed")
@@ -191,7 +191,7 @@ def _run_cell(root: Path, cell: Cell, budget: dict, spec: dict, threads: int) ->
         ev = eval_settings(cell, budget, spec)
         eval_dir.mkdir(parents=True, exist_ok=True)
         (eval_dir / "eval_settings.json").write_text(json.dumps(ev, indent=2))
-        from gateskip.eval import evaluate
+        from gateskip.commands.eval import evaluate
 
         is_mod = cell.method in MOD_METHODS
         evaluate(gates=None if is_mod else str(train_dir), mod=str(train_dir) if is_mod else None,
@@ -216,12 +216,12 @@ def _ensure_trained(train_dir: Path, tr: dict) -> None:
     (train_dir / "train_settings.json").write_text(json.dumps(tr, indent=2))
     every = max(1, tr["steps"] // 3)
     if tr.get("trainer") == "train_mod":
-        from gateskip.baselines.mod import train_mod
+        from gateskip.commands.train_mod import train_mod
 
         train_mod(out=str(train_dir), calibrate_batches=1, save_every=every, resume=True,
                   **{k: v for k, v in tr.items() if k != "trainer"})
     else:
-        from gateskip.train import train
+        from gateskip.commands.train import train
 
         train(out=str(train_dir), calibrate_batches=1, save_every=every, keep_checkpoints=1, resume=True,
               **{**PAPER_PINS, **tr})

@@ -192,7 +192,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
     if json:
         Path(json).write_text(jsonlib.dumps(report, indent=2))
     if plot:
-        from gateskip.bench_plot import plot_speed
+        from gateskip.commands.bench_plot import plot_speed
 
         plot_speed(results, plot)
     return report
@@ -202,14 +202,14 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
 
 def _speculative(m, tok, gates, random_gates, kinds, rank, seed, policy, args) -> dict:
     """``--speculative``: see gateskip.bench_speculative."""
-    from gateskip.bench_speculative import bench_speculative
+    from gateskip.commands.bench_speculative import bench_speculative
 
     if len(kinds) != 1 and random_gates:
         raise GateSkipError("--speculative benchmarks one gate kind: pass a single --gate")
     gen = torch.Generator().manual_seed(seed)
     vocab = m.get_output_embeddings().weight.shape[0]
     rand_ids = lambda b, t: torch.randint(min(10, vocab - 1), vocab, (b, t), generator=gen)  # noqa: E731
-    from gateskip.bench_speculative import draft_list, parse_draft_ratio
+    from gateskip.commands.bench_speculative import draft_list, parse_draft_ratio
 
     # thresholds calibrated at every numeric draft ratio, as for the speed settings (see _variants)
     numeric = [r for r in map(parse_draft_ratio, draft_list(args["draft_ratio"])) if isinstance(r, float)]

@@ -3,7 +3,7 @@
 One panel per phase (prefill, decode at each batch size). Each gate kind is a line through its skip
 ratios; the dashed curve is the ideal ``1 / (1 - saved)``, where time falls exactly as FLOPs do, so a
 point's height under that curve is its efficiency. Re-plot a saved run with
-``python -m gateskip.bench_plot run.json out.png``.
+``python -m gateskip.commands.bench_plot run.json out.png``.
 """
 
 from __future__ import annotations
@@ -47,5 +47,5 @@ def plot_speed(results: list[dict], path: str | Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m gateskip.bench_plot RUN.json OUT.png")
+        sys.exit("usage: python -m gateskip.commands.bench_plot RUN.json OUT.png")
     plot_speed(json.loads(Path(sys.argv[1]).read_text())["results"], sys.argv[2])

@@ -1,6 +1,6 @@
 """One entry point; each sub-command is a plain function whose signature and docstring make its flags.
 
-``gateskip train --steps 200 --out runs/s`` calls ``gateskip.train.train(steps=200, out="runs/s")``.
+``gateskip train --steps 200 --out runs/s`` calls ``gateskip.commands.train.train(steps=200, out="runs/s")``.
 Parameters without a default become positional arguments; ``bool`` parameters become
 ``--flag / --no-flag``; ``--config file.yaml`` supplies values for any flags (flags given on the
 command line win). Any ``GateSkipError`` is printed as one line on stderr with exit code 2.
@@ -22,16 +22,16 @@ _POSITIONAL = "_positional_"
 
 
 def _commands() -> dict[str, Callable]:
-    from gateskip.analysis import inspect
-    from gateskip.baselines.mod import train_mod
-    from gateskip.bench import bench
+    from gateskip.commands.bench import bench
+    from gateskip.commands.demo import demo
+    from gateskip.commands.eval import evaluate
     from gateskip.commands.fit import fit
+    from gateskip.commands.generate import generate
+    from gateskip.commands.inspect import inspect
     from gateskip.commands.quantize import quantize_command
-    from gateskip.demo import demo
-    from gateskip.eval import evaluate
-    from gateskip.generate import generate
-    from gateskip.reproduce import reproduce
-    from gateskip.train import train
+    from gateskip.commands.reproduce import reproduce
+    from gateskip.commands.train import train
+    from gateskip.commands.train_mod import train_mod
 
     return {"train": train, "generate": generate, "demo": demo, "eval": evaluate, "bench": bench, "inspect": inspect,
             "reproduce": reproduce, "train-mod": train_mod, "quantize": quantize_command,

@@ -7,20 +7,8 @@ import time
 
 import torch
 
+from gateskip.data import encode_prompt
 from gateskip.errors import GateSkipError
-
-
-def encode_prompt(tok, prompt: str, chat: bool, max_positions: int | None, max_new_tokens: int) -> dict:
-    if chat and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        enc = tok(text, return_tensors="pt", add_special_tokens=False)
-    else:
-        enc = tok(prompt, return_tensors="pt")
-    n = enc["input_ids"].shape[1]
-    if max_positions and n + max_new_tokens > max_positions:
-        raise GateSkipError(f"prompt has {n} tokens; with {max_new_tokens} new tokens it exceeds the model's "
-                            f"context of {max_positions}: shorten the prompt or lower --max-new-tokens")
-    return enc
 
 
 def generate(prompt: str, model: str | None = None, gates: str | None = None, skip: float = 0.0,

@@ -85,14 +85,14 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
         fit(model=model, out=str(gates_dir), batches=batches, sequential=0.3, sequential_batches=batches,
             compare="", threads=threads)
     elif recipe == "best":
-        from gateskip.train import train
+        from gateskip.commands.train import train
 
         _say(f"1/3 fitting fallbacks and gates on {model} in closed form, then healing them for {heal_steps} "
              f"steps (LoRA, self-distillation, 40% skipped) -> {gates_dir}")
         train(**{**shipped, "model": model, "out": str(gates_dir), "steps": heal_steps, "fallback_batches": batches,
                  "resume": False})
     else:
-        from gateskip.train import train
+        from gateskip.commands.train import train
 
         _say(f"1/3 training {gate} gates on {model} for {steps} steps (the paper's recipe) -> {gates_dir}")
         train(**{**load_recipe("paper"), "model": model, "out": str(gates_dir), "steps": steps, "gate": gate,
@@ -114,7 +114,7 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
         _say("3/3 skipped: the benchmark suite needs lm-eval (pip install 'gateskip[eval]')")
         return
     try:
-        from gateskip.eval import evaluate as run_eval
+        from gateskip.commands.eval import evaluate as run_eval
     except ImportError as e:
         raise GateSkipError(f"the evaluation module is unavailable ({e}): reinstall gateskip") from None
     _say(f"3/3 core suite: {methods} (limit {limit}) at ratios {ratios} -> {out_dir}")
@@ -125,9 +125,9 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
 
 def _generate(model: str, gates_dir: Path, ratio: float, prompts: int, max_new_tokens: int) -> None:
     from gateskip.checkpoint import load_gates
+    from gateskip.commands.generate import complete, summary_line
     from gateskip.core import original_backbone, remove_gates
     from gateskip.data import sample_prompts
-    from gateskip.generate import complete, summary_line
     from gateskip.models import load_model
 
     _say(f"2/3 generating with and without skipping (threshold policy, ratio {ratio})")
