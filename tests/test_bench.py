@@ -41,7 +41,7 @@ def test_decode_phase_figures_exclude_the_prefill():
     from conftest import VOCAB
 
     import gateskip
-    from gateskip.commands.bench import _saved
+    from gateskip.commands.bench_timing import saved
     from gateskip.compat import model_cache_arg, output_cache
     from gateskip.core import gate_state
     from gateskip.models import tiny_model
@@ -66,7 +66,7 @@ def test_decode_phase_figures_exclude_the_prefill():
 
     first, total = run(False)
     _, decode_only = run(True)
-    saved, skipped = _saved(total, first)
+    saved, skipped = saved(total, first)
     assert first["tokens_skipped"] != pytest.approx(decode_only["tokens_skipped"])  # the prefill differs
     assert skipped == pytest.approx(decode_only["tokens_skipped"], abs=1e-9)
     assert saved == pytest.approx(decode_only["compute_saved"], abs=1e-9)
@@ -79,23 +79,23 @@ def test_bench_calibrates_thresholds_at_each_measured_ratio():
     from conftest import VOCAB
 
     import gateskip
-    from gateskip.commands.bench import _install, _variants
+    from gateskip.commands.bench_timing import install, variants
     from gateskip.core import gate_state, is_gated
     from gateskip.models import tiny_model
 
     m = tiny_model("llama")
     g = torch.Generator().manual_seed(0)
     rand_ids = lambda b, t: torch.randint(1, VOCAB, (b, t), generator=g)  # noqa: E731
-    variant = _variants(m, None, ["lowrank"], 4, 0, rand_ids, 32, "threshold", [0.0, 0.25, 0.5])["lowrank"]
+    variant = variants(m, None, ["lowrank"], 4, 0, rand_ids, 32, "threshold", [0.0, 0.25, 0.5])["lowrank"]
     assert not is_gated(m) and sorted(variant["calibration"]) == [0.25, 0.5]
     held_out = rand_ids(8, 32)
     for ratio in (0.25, 0.5):
-        _install(m, variant, ratio)
+        install(m, variant, ratio)
         assert gate_state(m).calibration["ratio"] == ratio
         with torch.no_grad(), gateskip.skipping(m, ratio=ratio, policy="threshold"):
             m(input_ids=held_out)
             assert gateskip.stats(m)["tokens_skipped"] == pytest.approx(ratio, abs=0.06)
-    _install(m, variant, 0.0)  # ratio 0: any calibration will do, the gates stay installed
+    install(m, variant, 0.0)  # ratio 0: any calibration will do, the gates stay installed
     assert is_gated(m)
 
 
@@ -108,27 +108,27 @@ def test_interleaved_decode_does_what_generate_does():
     import torch
     from conftest import VOCAB
 
-    from gateskip.commands.bench import _decode_generate, _decode_interleaved, _live_models, _variants
+    from gateskip.commands.bench_timing import decode_generate, decode_interleaved, live_models, variants
     from gateskip.core import is_gated
     from gateskip.models import tiny_model
 
     m = tiny_model("llama")
     g = torch.Generator().manual_seed(0)
     rand_ids = lambda b, t: torch.randint(1, VOCAB, (b, t), generator=g)  # noqa: E731
-    variants = _variants(m, None, ["scalar"], 4, 0, rand_ids, 32, "threshold", [0.5])
+    variants = variants(m, None, ["scalar"], 4, 0, rand_ids, 32, "threshold", [0.5])
     settings = [("dense", None, 0.0), ("scalar@0", "scalar", 0.0), ("scalar@0.5", "scalar", 0.5)]
     ids = rand_ids(2, 6)
     with torch.no_grad():
         dense_before = m(input_ids=ids).logits
-    live = _live_models(m, variants, settings)
+    live = live_models(m, variants, settings)
     assert live["dense"] is m and not is_gated(m) and is_gated(live["scalar@0.5"])
     assert live["scalar@0.5"].model.embed_tokens.weight is m.model.embed_tokens.weight  # shared, not copied
     ctxs = {n: {} if k is None else dict(ratio=r, policy="threshold", kv="copy") for n, k, r in settings}
     for b in (1, 2):
-        got = _decode_interleaved(live, ctxs, ids[:b], 7, time.perf_counter)
+        got = decode_interleaved(live, ctxs, ids[:b], 7, time.perf_counter)
         assert set(got) == set(live)
         for name in live:
-            want = _decode_generate(live[name], ctxs[name], ids[:b], 7, 0, time.perf_counter)[1]
+            want = decode_generate(live[name], ctxs[name], ids[:b], 7, 0, time.perf_counter)[1]
             assert got[name][1] == pytest.approx(want, abs=1e-12), (b, name)
         assert got["scalar@0.5"][1][1] > 0.2  # it did skip
     with torch.no_grad():

@@ -16,7 +16,7 @@ from gateskip.models import tiny_model, tiny_tokenizer
 pytest.importorskip("lm_eval")
 
 from gateskip.baselines.shortgpt import linear_replaced  # noqa: E402
-from gateskip.eval import suite_report  # noqa: E402
+from gateskip.eval import suite_merge, suite_report  # noqa: E402
 from gateskip.eval.suite import Item, SuiteTask  # noqa: E402
 from gateskip.eval.suite_run import row_names, sweep  # noqa: E402
 
@@ -173,7 +173,7 @@ def test_merge_renames_collisions_and_refuses_other_items(tmp_path, monkeypatch)
     monkeypatch.setattr(suite_report, "ITERS", 50)
     a = _run(tmp_path / "a", ["gateskip+lowrank", "random+lowrank", "shortgpt+linear"], "lowrank")
     _run(tmp_path / "b", ["gateskip", "shortgpt+linear"])
-    suite_report.merge(a, str(tmp_path / "b" / "results.json"))
+    suite_merge.merge(a, str(tmp_path / "b" / "results.json"))
     methods = list(dict.fromkeys(r["method"] for r in a["rows"]))
     assert methods == ["dense", "gateskip+lowrank", "random+lowrank", "shortgpt+linear", "gateskip",
                        "shortgpt+linear@b"]
@@ -202,7 +202,7 @@ def test_merge_renames_collisions_and_refuses_other_items(tmp_path, monkeypatch)
     _run(tmp_path / "d", ["gateskip"], limit=50)
     for folder, what in (("c", "dense row scores b differently"), ("d", "limit=50")):
         with pytest.raises(GateSkipError, match=what) as e:
-            suite_report.merge(a, str(tmp_path / folder / "results.json"))
+            suite_merge.merge(a, str(tmp_path / folder / "results.json"))
         assert "\n" not in str(e.value)
 
 
@@ -327,7 +327,7 @@ def test_joining_a_later_run_on_another_task_equals_scoring_both_at_once(tmp_pat
     both = run([TASKS[0], other], "both")
     first = run([TASKS[0]], "first")
     run([other], "second")
-    joined = suite_report.join_tasks(first, str(tmp_path / "second" / "results.json"))
+    joined = suite_merge.join_tasks(first, str(tmp_path / "second" / "results.json"))
     assert joined["config"]["tasks"] == ["t", "u"]
     for a, b in zip(joined["rows"], both["rows"], strict=True):
         assert (a["method"], a["budget"]) == (b["method"], b["budget"])
@@ -336,12 +336,12 @@ def test_joining_a_later_run_on_another_task_equals_scoring_both_at_once(tmp_pat
             assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12)
     assert both["rows"][1]["compute_saved"] > 0  # the joined rows really skip
     with pytest.raises(GateSkipError, match="also scores u"):  # joined twice
-        suite_report.join_tasks(joined, str(tmp_path / "second" / "results.json"))
+        suite_merge.join_tasks(joined, str(tmp_path / "second" / "results.json"))
     third = json.loads((tmp_path / "both" / "results.json").read_text())
     third["config"].update(tasks=["v"], policy="quantile")
     (tmp_path / "both" / "results.json").write_text(json.dumps(third))
     with pytest.raises(GateSkipError, match="policy differ"):
-        suite_report.join_tasks(run([TASKS[0]], "again"), str(tmp_path / "both" / "results.json"))
+        suite_merge.join_tasks(run([TASKS[0]], "again"), str(tmp_path / "both" / "results.json"))
 
 
 def test_a_comma_list_of_tasks_is_a_custom_suite():

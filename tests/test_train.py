@@ -194,9 +194,9 @@ def test_trained_backbone_roundtrips_through_gates_folder(tmp_path, backbone):
     with torch.no_grad():
         assert torch.equal(base(input_ids=ids).logits, ref)  # and is undone exactly
     # gateskip bench gives each setting of a gates folder its own copy: the change must not reach the dense model
-    from gateskip.commands.bench import _live_models
+    from gateskip.commands.bench_timing import live_models
 
-    live = _live_models(base, {"folder": {"dir": str(out), "calibration": {}}},
+    live = live_models(base, {"folder": {"dir": str(out), "calibration": {}}},
                         [("dense", None, 0.0), ("folder@0", "folder", 0.0)])
     with torch.no_grad():
         assert torch.equal(base(input_ids=ids).logits, ref)

@@ -21,11 +21,8 @@ removed) and, for each gate kind, the gated model at each skip ratio. Per settin
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 import json as jsonlib
-import math
 import os
 import platform
 import statistics
@@ -34,10 +31,7 @@ from pathlib import Path
 
 import torch
 
-from gateskip.compat import model_cache_arg, output_cache
-from gateskip.config import GateSkipConfig
-from gateskip.core import add_gates, calibrate, gate_modules, gate_state, is_gated, remove_gates, skipping
-from gateskip.core import stats as gate_stats
+from gateskip.commands import bench_timing as timing
 from gateskip.errors import GateSkipError
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -149,10 +143,10 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
     rand_ids = lambda b, t: torch.randint(min(10, vocab - 1), vocab, (b, t), generator=gen)  # noqa: E731
     prefill_ids = rand_ids(prefill_batch, prefill_len)
     prompts = {b: rand_ids(b, prompt_len) for b in batch_list}
-    variants = _variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy, ratio_list,
+    variants = timing.variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy, ratio_list,
                          fallbacks=fallbacks, fallback_rank=fallback_rank)
     settings = [("dense", None, 0.0)] + [(f"{k}@{r:g}", k, r) for k in variants for r in ratio_list]
-    live = _live_models(m, variants, settings)
+    live = timing.live_models(m, variants, settings)
     ctxs = {name: {} if kind is None else dict(ratio=ratio, policy=policy, kv=kv, path=path)
             for name, kind, ratio in settings}
     phases = list(PHASES) + [f"decode_b{b}" for b in batch_list]
@@ -172,13 +166,13 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
                 bar.update(1)
 
             for name, _, _ in settings:
-                record(name, "prefill", *_prefill(live[name], ctxs[name], prefill_ids, now))
+                record(name, "prefill", *timing.prefill(live[name], ctxs[name], prefill_ids, now))
                 if decode_timing == "generate":
                     for b, ids in prompts.items():
-                        record(name, f"decode_b{b}", *_decode_generate(live[name], ctxs[name], ids, steps, pad, now))
+                        record(name, f"decode_b{b}", *timing.decode_generate(live[name], ctxs[name], ids, steps, pad, now))
             if decode_timing == "interleaved":
                 for b, ids in prompts.items():
-                    for name, (dt, s) in _decode_interleaved(live, ctxs, ids, steps, now).items():
+                    for name, (dt, s) in timing.decode_interleaved(live, ctxs, ids, steps, now).items():
                         record(name, f"decode_b{b}", dt, s)
             if json and not warm:  # partial results survive an interrupted run
                 partial = _summarise(settings, phases, times, saved, skipped, prefill_batch * prefill_len,
@@ -211,10 +205,10 @@ def _speculative(m, tok, gates, random_gates, kinds, rank, seed, policy, args) -
     rand_ids = lambda b, t: torch.randint(min(10, vocab - 1), vocab, (b, t), generator=gen)  # noqa: E731
     from gateskip.commands.bench_speculative import draft_list, parse_draft_ratio
 
-    # thresholds calibrated at every numeric draft ratio, as for the speed settings (see _variants)
+    # thresholds calibrated at every numeric draft ratio, as for the speed settings (see variants)
     numeric = [r for r in map(parse_draft_ratio, draft_list(args["draft_ratio"])) if isinstance(r, float)]
-    variant = next(iter(_variants(m, gates, kinds, rank, seed, rand_ids, 256, policy, numeric).values()))
-    _install(m, variant)
+    variant = next(iter(timing.variants(m, gates, kinds, rank, seed, rand_ids, 256, policy, numeric).values()))
+    timing.install(m, variant)
     keys = ["model", "gates", "random_gates", "gate", "rank", "policy", "kv", "draft_ratio", "k", "verify", "prompts",
             "new_tokens", "repeats", "warmup", "threads", "clock", "seed", "quant"]
     flag = lambda k, v: f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k} {v}"  # noqa: E731
@@ -224,7 +218,7 @@ def _speculative(m, tok, gates, random_gates, kinds, rank, seed, policy, args) -
                              policy=policy, kv=args["kv"], prompts=args["prompts"], new_tokens=args["new_tokens"],
                              repeats=args["repeats"], warmup=args["warmup"], clock=CLOCKS[args["clock"]], seed=seed,
                              json=args["json"], command=command, machine=_machine(args["threads"]),
-                             on_ratio=lambda r: _use_calibration(m, variant, r))
+                             on_ratio=lambda r: timing.use_calibration(m, variant, r))
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -232,208 +226,6 @@ def _floats(text: str, what: str) -> list[float]:
         return [float(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise GateSkipError(f"--{what} {text!r} is not a comma-separated list of numbers: e.g. 0,0.25,0.5") from None
-
-
-def _variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy, ratios=(0.25,), fallbacks=("zero",),
-              fallback_rank: int = 64) -> dict:
-    """Per gate kind: how to install it (a folder to load, or random gate weights + calibration).
-
-    With several ``fallbacks`` there is one variant per (kind, fallback), named ``kind+fallback``,
-    with the same random gate weights (the seed) and so the same skip decisions.
-
-    Thresholds are calibrated at each measured ratio (``calibration``: {ratio: calibration}). One
-    calibration serves every ratio only near its own: it records importances while skipping at that
-    ratio, and skipping more upstream shifts what later branches see. Random low-rank gates calibrated
-    at 0.25 skipped 56% at ratio 0.5 (59% of MLP tokens); calibrated at 0.5, 49.6% (BENCHMARKS.md).
-    A gates folder's own calibration (from real text) is used as it is.
-    """
-    points = sorted({r for r in ratios if r > 0.0}) or [0.25]
-    if gates is not None:
-        from gateskip.checkpoint import load_gates
-
-        load_gates(m, gates)
-        kind = gate_state(m).cfg.gate
-        own = gate_state(m).calibration
-        # keyed by calibration ratio; a per-branch calibration (a dict) is the folder's only one anyway
-        key = None if own is None else own["ratio"] if not isinstance(own["ratio"], dict) else 0.0
-        variant = {"dir": gates, "calibration": {key: own} if own is not None else {}}
-        if own is None and policy == "threshold":  # calibrate on random tokens
-            variant["calibration"] = _calibrations(m, rand_ids, calib_len, points)
-        remove_gates(m)
-        return {kind: variant}
-    out = {}
-    for k, fb in ((k, fb) for k in kinds for fb in fallbacks):
-        cfg = GateSkipConfig(gate=k, rank=rank, fallback=fb, fallback_rank=fallback_rank)
-        add_gates(m, cfg)
-        _randomise(m, seed)
-        out[k if len(fallbacks) == 1 else f"{k}+{fb}"] = {"cfg": cfg, "weights": {n: {p: t.clone() for p, t in g.state_dict().items()}
-                                          for n, g in gate_modules(m).items()},
-                  "calibration": _calibrations(m, rand_ids, calib_len, points)}
-        remove_gates(m)
-    return out
-
-
-@torch.no_grad()
-def _randomise(m, seed: int) -> None:
-    """Gate weights ~ N(0, 1/fan_in), bias 2: gates mostly open, importances differ from token to token."""
-    g = torch.Generator().manual_seed(seed)
-    for gate in gate_modules(m).values():
-        linears = [x for x in gate.modules() if isinstance(x, torch.nn.Linear)]
-        for lin in linears:
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / math.sqrt(lin.in_features))
-        linears[-1].bias.fill_(2.0)
-
-
-def _calibrations(m, rand_ids, length: int, ratios) -> dict:
-    """{ratio: calibration at that ratio} on random tokens (4 batches of 2 x ``length``)."""
-    out = {}
-    for r in ratios:
-        calibrate(m, [rand_ids(2, length) for _ in range(4)], ratio=r)
-        out[r] = gate_state(m).calibration
-    return out
-
-
-def _install(m, variant, ratio: float | None = None) -> None:
-    """Put the model in a setting's state: no gates (dense) or one gate kind's gates, with the
-    calibration made nearest ``ratio`` (see ``_variants``)."""
-    current = getattr(m, "_bench_variant", None)
-    if current is variant and (variant is None) != is_gated(m):
-        _use_calibration(m, variant, ratio)
-        return
-    if is_gated(m):
-        remove_gates(m)
-    m._bench_variant = variant
-    if variant is None:
-        return
-    if "dir" in variant:
-        from gateskip.checkpoint import load_gates
-
-        load_gates(m, variant["dir"])
-    else:
-        add_gates(m, variant["cfg"])
-        for name, g in gate_modules(m).items():
-            g.load_state_dict(variant["weights"][name])
-    _use_calibration(m, variant, ratio)
-
-
-def _use_calibration(m, variant, ratio: float | None) -> None:
-    cals = variant["calibration"] if variant is not None else None
-    if cals:
-        near = min(cals) if ratio is None else min(cals, key=lambda r: abs(r - ratio))
-        gate_state(m).calibration = cals[near]
-
-
-# ---- measuring -----------------------------------------------------------------------------------
-
-def _live_models(m, variants, settings) -> dict:
-    """{setting: model}: the dense model itself, and per gated setting a gated copy of it.
-
-    The copies share the dense model's weight tensors (only the gates are their own), so N settings
-    cost one model's memory and read the same weights. A gates folder may change backbone weights
-    (LoRA merged in place): its settings get full copies.
-    """
-    live = {}
-    for name, kind, ratio in settings:
-        if kind is None:
-            live[name] = m
-            continue
-        variant = variants[kind]
-        shared = {} if "dir" in variant else {id(t): t for t in (*m.parameters(), *m.buffers())}
-        live[name] = copy.deepcopy(m, shared)
-        _install(live[name], variant, ratio)
-    return live
-
-
-@torch.no_grad()
-def _timed(m, ctx: dict, now, fn, **kw):
-    """(seconds, the gate statistics after the call or None) of ``fn(**kw)`` under ``skipping(m, **ctx)``."""
-    with skipping(m, **ctx) if ctx else contextlib.nullcontext():
-        t0 = now()
-        fn(**kw)
-        dt = now() - t0
-        return dt, gate_stats(m) if ctx else None
-
-
-def _prefill(m, ctx: dict, ids, now):
-    """(seconds, (compute saved, tokens skipped)) of one prefill as ``generate`` runs it."""
-    dt, s = _timed(m, ctx, now, m, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                   logits_to_keep=1)
-    return dt, _saved(s)
-
-
-def _decode_generate(m, ctx: dict, ids, new_tokens: int, pad: int, now):
-    """(seconds, (saved, skipped)) of the decode steps of ``m.generate`` (its prefill excluded)."""
-    clock = _StepClock(m, bool(ctx), now)
-    _, s = _timed(m, ctx, now, m.generate, input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                  pad_token_id=pad, max_new_tokens=new_tokens, min_new_tokens=new_tokens, stopping_criteria=[clock])
-    return clock.marks[-1] - clock.marks[0], _saved(s, clock.first)
-
-
-@torch.no_grad()
-def _decode_interleaved(live: dict, ctxs: dict, ids, new_tokens: int, now) -> dict:
-    """{setting: (seconds, (saved, skipped))} of greedy decoding, the settings taking turns step by step.
-
-    Each setting prefills ``ids`` (untimed, as in the generate timing), then all of them run decode step
-    1, then step 2, ... with their own caches, in an order that rotates every step. A step is what
-    ``generate`` does for a new token: extend the attention mask, run the model on the last token with
-    the cache, take the argmax.
-    """
-    names = list(live)
-    arg = model_cache_arg(live[names[0]])
-    runs = {}
-    with contextlib.ExitStack() as stack:
-        for n in names:
-            if ctxs[n]:
-                stack.enter_context(skipping(live[n], **ctxs[n]))
-        for n in names:
-            mask = torch.ones_like(ids)
-            out = live[n](input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-            first = gate_stats(live[n]) if ctxs[n] else None  # the prompt's share, subtracted at the end
-            runs[n] = [out.logits[:, -1:].argmax(-1), output_cache(out), mask, 0.0, first]
-        for step in range(new_tokens - 1):
-            k = step % len(names)
-            for n in names[k:] + names[:k]:
-                nxt, cache, mask, secs, first = runs[n]
-                t0 = now()
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-                out = live[n](input_ids=nxt, attention_mask=mask, use_cache=True, logits_to_keep=1, **{arg: cache})
-                nxt = out.logits[:, -1:].argmax(-1)
-                runs[n] = [nxt, output_cache(out), mask, secs + now() - t0, first]
-        return {n: (r[3], _saved(gate_stats(live[n]) if ctxs[n] else None, r[4])) for n, r in runs.items()}
-
-
-class _StepClock:
-    """A generate stopping criterion that never stops: it timestamps each new token.
-
-    The first call comes right after the prefill, so the decode time is last - first mark, for
-    ``new_tokens - 1`` steps; the statistics at that point are the prefill's (subtracted later).
-    """
-
-    def __init__(self, m, gated: bool, now):
-        self.m, self.gated, self.now, self.marks, self.first = m, gated, now, [], None
-
-    def __call__(self, input_ids, scores, **kwargs):
-        if not self.marks and self.gated:
-            self.first = gate_stats(self.m)
-        self.marks.append(self.now())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def _saved(s, minus=None) -> tuple[float, float]:
-    """(compute saved, tokens skipped) of a run, or of the part of ``s`` not in ``minus``."""
-    if s is None:
-        return 0.0, 0.0
-    if minus is None:
-        return s["compute_saved"], s["tokens_skipped"]
-    dense = s["flops_dense"] - minus["flops_dense"]
-    done = s["flops_executed"] - minus["flops_executed"]
-    # tokens skipped of the decode steps alone: per-branch counts minus the prefill's
-    skipped = tokens = 0.0
-    for name, mod in s["per_module"].items():
-        before = minus["per_module"].get(name, {"skipped": 0.0, "tokens": 0})
-        skipped += mod["skipped"] * mod["tokens"] - before["skipped"] * before["tokens"]
-        tokens += mod["tokens"] - before["tokens"]
-    return (1.0 - done / dense if dense else 0.0), (skipped / tokens if tokens else 0.0)
 
 
 def _summarise(settings, phases, times, saved, skipped, prefill_tokens, batch_list, new_tokens) -> list[dict]:

@@ -14,7 +14,7 @@ import time
 import torch
 
 from gateskip.errors import GateSkipError
-from gateskip.eval import suite_run
+from gateskip.eval import suite_fallback, suite_merge, suite_run
 from gateskip.eval.inputs import prepare_run, require_lm_eval, resolve_model
 from gateskip.eval.runner import Runner
 from gateskip.eval.sweep import (
@@ -196,7 +196,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
 
     require_lm_eval()
     check_policy(policy)
-    suite_run.check_fallback(fallback, fallback_rank, fallback_batches)
+    suite_fallback.check_fallback(fallback, fallback_rank, fallback_batches)
     names = suite_tasks(suite, None)
     if methods is None:
         methods = list(suite_run.DEFAULT_SUITE_METHODS) if gates else ["shortgpt"]
@@ -214,15 +214,15 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
     budgets["shortgpt_linear"] = budgets["shortgpt"]
     # fail now, not after the sweep: the runs to merge must cover the same tasks and items, and the
     # reference must name a row of the report
-    paths = suite_report.split_paths(compare_with)
-    runs = [(p, suite_report.load_run(p, {"tasks": names, "limit": limit})) for p in paths]
+    paths = suite_merge.split_paths(compare_with)
+    runs = [(p, suite_merge.load_run(p, {"tasks": names, "limit": limit})) for p in paths]
     kind = fallback
     if kind == "zero" and gates and {"gateskip", "random"} & set(items):
         from gateskip.checkpoint import read_meta
 
-        kind = suite_run.fallback_label(read_meta(gates)["config"])  # a folder saved with a fallback runs with it
+        kind = suite_fallback.fallback_label(read_meta(gates)["config"])  # a folder saved with a fallback runs with it
     own = suite_run.row_names(items, kind)
-    merged = own + [n for _, renamed in suite_report.renames(own, runs) for n in renamed.values()]
+    merged = own + [n for _, renamed in suite_merge.renames(own, runs) for n in renamed.values()]
     if reference is not None and reference not in merged:
         raise GateSkipError(f"--reference {reference!r} names no method of this report: choose one of "
                             f"{', '.join(merged) or 'none (dense only)'}")
@@ -262,7 +262,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
         os.remove(partial)  # results.json holds them all now; a later run with new code must not reuse them
     if paths:
         try:
-            suite_report.merge(res, paths)
+            suite_merge.merge(res, paths)
         except GateSkipError as e:
             raise GateSkipError(f"{e} (this run's scores are in {out}/results.json: "
                                 "python -m gateskip.eval.suite_report DIR regenerates the report)") from None

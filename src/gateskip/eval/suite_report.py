@@ -5,7 +5,7 @@ Retention is above-chance retention, (acc - chance) / (dense - chance), per task
 mean: 100% keeps all of the dense model's advantage over guessing, 0% is chance. Intervals are
 paired bootstraps over items (paired.py): every row scored the same items in the same order.
 
-Rows of other suite runs on the same items can be merged in (``merge``, ``--compare-with``): they are
+Rows of other suite runs on the same items can be merged in (suite_merge.py, ``--compare-with``): they are
 paired with this run's rows through the items, which the dense rows prove identical.
 
 ``python -m gateskip.eval.suite_report DIR [--compare-with A/results.json,B/results.json]
@@ -15,11 +15,11 @@ paired with this run's rows through the items, which the dense rows prove identi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from gateskip.errors import GateSkipError
 from gateskip.eval import paired
+from gateskip.eval.suite_merge import join_tasks, merge
 
 LEVELS = (0.10, 0.20, 0.30, 0.40)
 ITERS = 2000
@@ -244,15 +244,6 @@ def write(results: dict, out) -> str:
     return md
 
 
-# ---- merging runs ------------------------------------------------------------------------------
-
-def split_paths(paths) -> list[str]:
-    """``--compare-with``: a comma list (or list) of results.json paths, each checked to exist."""
-    items = [p.strip() for p in (paths.split(",") if isinstance(paths, str) else paths or []) if str(p).strip()]
-    for p in items:
-        if not os.path.isfile(p):
-            raise GateSkipError(f"--compare-with {p!r} does not exist: pass an earlier suite run's results.json")
-    return items
 
 
 def _timing(cfg: dict) -> str:
@@ -263,154 +254,6 @@ def _timing(cfg: dict) -> str:
         return f"{cfg.get('seconds', 0) / 60:.1f} min for the whole sweep" + joined
     return (f"{cfg['seconds'] / 60:.1f} min in the last run of a resumed sweep ({cfg['resumed']} task scores kept from "
             f"interrupted runs){joined}; {cfg.get('scoring_seconds', 0) / 60:.1f} min of scoring time over all rows")
-
-
-def load_run(path: str, expect: dict | None = None) -> dict:
-    """A suite run's results.json; with ``expect`` (``tasks``, ``limit``), checked to cover the same items."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise GateSkipError(f"--compare-with {path!r} is not a readable results.json ({e})") from None
-    rows = data.get("rows") if isinstance(data, dict) else None
-    if not rows or rows[0].get("method") != "dense" or "config" not in data:
-        raise GateSkipError(f"--compare-with {path!r} is not a suite run's results.json (gateskip eval --suite)")
-    if expect is not None:
-        cfg = data["config"]
-        for key in ("tasks", "limit"):
-            if not same_key(key, cfg.get(key), expect.get(key)):
-                raise GateSkipError(f"--compare-with {path!r} was run with {key}={cfg.get(key)}, this run with "
-                                    f"{key}={expect.get(key)}: merge only runs on the same tasks and items")
-    return data
-
-
-def same_key(key: str, a, b) -> bool:
-    """Config values ``a`` and ``b`` agree; task lists in any order (a task joined later comes last)."""
-    if key == "tasks" and isinstance(a, list) and isinstance(b, list):
-        return sorted(a) == sorted(b)
-    return a == b
-
-
-def _own(rows: list) -> list:
-    """A run's own rows (not those it merged from other runs)."""
-    return [r for r in rows if "from" not in r]
-
-
-def renames(own_names, runs) -> list[tuple[str, dict[str, str]]]:
-    """Per run ``(path, data)``: its non-dense methods mapped to their names in the merged report. A name
-    already taken (by this run or a run merged before) gets ``@<folder of that results.json>``."""
-    taken = {"dense", *own_names}
-    out = []
-    for path, data in runs:
-        label = Path(os.path.abspath(path)).parent.name or "other"
-        names: dict[str, str] = {}
-        for r in _own(data["rows"]):
-            m = r["method"]
-            if m == "dense" or m in names:
-                continue
-            new, k = m, 2
-            if new in taken:
-                new = f"{m}@{label}"
-            while new in taken:
-                new, k = f"{m}@{label}-{k}", k + 1
-            names[m] = new
-            taken.add(new)
-        out.append((path, names))
-    return out
-
-
-def _check_dense(dense: dict, other: dict, path: str) -> None:
-    if set(other["tasks"]) != set(dense["tasks"]):
-        raise GateSkipError(f"--compare-with {path!r} has tasks {sorted(other['tasks'])}, this run "
-                            f"{sorted(dense['tasks'])}: merge only runs on the same tasks")
-    for t, v in dense["tasks"].items():
-        a, b = v["correct"], other["tasks"][t]["correct"]
-        if a != b:
-            n = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
-            raise GateSkipError(f"--compare-with {path!r}: its dense row scores {t} differently ({n} of {len(a)} "
-                                "items differ): not the same model or items, so its rows cannot be paired")
-
-
-def merge(results: dict, paths) -> dict:
-    """Add the rows of other suite runs (``paths``: results.json files) after this run's own, in place.
-
-    Each must cover the same tasks with the same limit, and its dense row must score every item exactly
-    as this run's (same model, same items); its dense row is dropped and its methods renamed where they
-    collide (``renames``). Rows merged before are replaced. Merged rows carry ``from`` (their file)."""
-    paths = split_paths(paths)
-    cfg = results["config"]
-    own = _own(results["rows"])
-    runs = [(p, load_run(p, {"tasks": cfg.get("tasks"), "limit": cfg.get("limit")})) for p in paths]
-    rows, sources = list(own), []
-    for (path, data), (_, names) in zip(runs, renames([r["method"] for r in own], runs)):
-        _check_dense(own[0], data["rows"][0], path)
-        rows += [{**r, "method": names[r["method"]], "from": path} for r in _own(data["rows"])
-                 if r["method"] != "dense"]
-        oc = data["config"]
-        sources.append({"path": path, "model": oc.get("model"), "gates": oc.get("gates"),
-                        "fallback": oc.get("fallback"), "methods": list(names.values()), "renamed": {
-                            k: v for k, v in names.items() if k != v}})
-    results["rows"] = rows
-    cfg["compare_with"] = sources
-    return results
-
-
-JOIN_KEYS = ("model", "gates", "limit", "policy", "kv", "protect_first", "seed", "shared_prefix", "fallback",
-             "methods", "budgets")
-
-
-def join_tasks(results: dict, paths) -> dict:
-    """Add the task columns of other runs of the same sweep (``paths``: results.json files), in place.
-
-    For a task added to a suite after its sweep finished: run the same command on that task alone
-    (``--suite <task>``) and join it here instead of scoring every task again. Each run must have the same
-    model, gates, items limit, policy, fallback, methods and budgets, and no task in common with this one;
-    rows are matched by method, budget and setting, and every row's aggregates (tokens skipped, compute
-    saved FLOP-weighted, mean accuracy, seconds) are recomputed over all tasks. Generation fidelity does not
-    depend on the tasks and stays this run's. Join before merging other methods (``--compare-with``)."""
-    cfg = results["config"]
-    if any("from" in r for r in results["rows"]):
-        raise GateSkipError("this run already holds rows merged from other runs: join tasks before --compare-with")
-    for path in split_paths(paths):
-        data = load_run(path)
-        oc = data["config"]
-        diff = [k for k in JOIN_KEYS if oc.get(k) != cfg.get(k)]
-        if diff:
-            raise GateSkipError(f"{path!r} is not the same sweep ({', '.join(diff)} differ): join only runs of "
-                                "the same command on other tasks")
-        common = set(oc.get("tasks", [])) & set(cfg.get("tasks", []))
-        if common:
-            raise GateSkipError(f"{path!r} also scores {', '.join(sorted(common))}: join only runs on other tasks")
-        theirs = {(r["method"], r["budget"], json.dumps(r.get("setting"), sort_keys=True)): r for r in data["rows"]}
-        for row in results["rows"]:
-            key = (row["method"], row["budget"], json.dumps(row.get("setting"), sort_keys=True))
-            if key not in theirs:
-                raise GateSkipError(f"{path!r} has no row {row['method']} {row['budget']}: join only runs of the "
-                                    "same command on other tasks")
-            other = theirs.pop(key)
-            row["tasks"].update(other["tasks"])
-            _reaggregate(row, other.get("seconds", 0.0))
-        if theirs:
-            extra = ", ".join(f"{m} {b}" for m, b, _ in theirs)
-            raise GateSkipError(f"{path!r} has rows this run lacks ({extra}): join only runs of the same command")
-        cfg["tasks"] = list(cfg.get("tasks", [])) + list(oc.get("tasks", []))
-        cfg.setdefault("joined", []).append({"path": path, "tasks": oc.get("tasks"), "seconds": oc.get("seconds")})
-        cfg["scoring_seconds"] = round(cfg.get("scoring_seconds", 0.0) + oc.get("scoring_seconds", 0.0), 1)
-    return results
-
-
-def task_totals(per_task: dict) -> dict:
-    """A row's aggregates over its tasks: mean tokens skipped, FLOP-weighted compute saved, mean accuracy."""
-    per = per_task.values()
-    dense = sum(p["flops_dense"] for p in per)
-    executed = sum(p["flops_executed"] for p in per)
-    return {"tokens_skipped": sum(p["tokens_skipped"] for p in per) / len(per),
-            "compute_saved": 1.0 - executed / dense if dense else 0.0,
-            "mean_acc": sum(p["acc"] for p in per) / len(per)}
-
-
-def _reaggregate(row: dict, extra_seconds: float) -> None:
-    row.update(task_totals(row["tasks"]))
-    row["seconds"] = round(row.get("seconds", 0.0) + extra_seconds, 1)
 
 
 def main(argv=None) -> int:

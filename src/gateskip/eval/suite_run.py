@@ -13,7 +13,7 @@ can be compared item by item (paired.py). Rows:
 
 With ``--fallback KIND`` the gateskip and random rows give skipped tokens a fitted fallback
 (gateskip.fit_fallback; the gates folder's own when it holds that kind) and are named ``gateskip+KIND``
-and ``random+KIND``, so they can sit next to zero-fallback rows of another run (suite_report.merge).
+and ``random+KIND``, so they can sit next to zero-fallback rows of another run (suite_merge.merge).
 
 Each row records the tokens skipped and FLOP-weighted compute saved on the evaluation text itself
 (gates counted), and, unless switched off, generation fidelity against the dense model's greedy
@@ -33,6 +33,7 @@ import warnings
 import torch
 
 from gateskip.errors import GateSkipError
+from gateskip.eval.suite_fallback import install_fallback
 
 
 def parse_budgets(values, what: str) -> list:
@@ -122,11 +123,11 @@ class SuiteRun:
         Only when that run used the same model, tasks, limit, prefix sharing and fidelity prompts
         (``config`` holds this run's), and after a spot check: the first ``spot`` items of every task are
         scored again and must give the same per-item scores. Returns whether the row was taken."""
-        from gateskip.eval import suite_report
+        from gateskip.eval import suite_merge
         from gateskip.eval.scoring import Scorer, item_scores
 
         other = data.get("config", {})
-        same = all(suite_report.same_key(k, other.get(k), config.get(k))
+        same = all(suite_merge.same_key(k, other.get(k), config.get(k))
                    for k in ("model", "tasks", "limit", "shared_prefix", "fidelity"))
         dense = data["rows"][0]
         if not same or set(dense.get("tasks", {})) != {t.name for t in self.tasks} or (
@@ -162,7 +163,7 @@ class SuiteRun:
             removed: tuple[int, ...] = (), counters: dict | None = None) -> dict:
         """Score every task under ``plan`` (kwargs of gateskip.skipping; None: no gates active)."""
         from gateskip.core import skipping, stats
-        from gateskip.eval import suite_report
+        from gateskip.eval import suite_merge
         from gateskip.eval.scoring import Scorer, item_scores
 
         shared = self.shared_prefix and not (plan and plan.get("policy") == "quantile" and _skips(plan))
@@ -201,7 +202,7 @@ class SuiteRun:
             self._save_partial()
             self.bar.update(1)
         row = {"method": method, "budget": budget, "setting": setting, "policy": plan.get("policy") if plan else None,
-               "exact_prefix_sharing": shared, **suite_report.task_totals(per_task), "tasks": per_task}
+               "exact_prefix_sharing": shared, **suite_merge.task_totals(per_task), "tasks": per_task}
         if self.ref is not None and "fidelity" in saved:
             row["fidelity"] = saved["fidelity"]
         elif self.ref is not None:
@@ -332,62 +333,6 @@ def backbone_suffix(gates: str) -> str:
     return {"lora": "+lora", "full": "+ft"}.get(read_meta(gates).get("backbone"), "")
 
 
-def install_fallback(net, gates: str, fallback: dict | None, batches, bar) -> dict:
-    """The fallback of the gated ``net`` (gates just loaded from ``gates``) for the gateskip/random rows.
-
-    Kind ``zero`` (or None) keeps what the folder holds (a folder saved with a fallback runs with it).
-    Another kind: the folder's own when it holds that kind (and, for lowrank, that rank); otherwise
-    fitted once on ``batches()`` (plain fit, no plan), announced with its mean R^2 per branch kind.
-    Returns the summary recorded in results.json config.
-    """
-    from gateskip.core import gate_state
-    from gateskip.fallback_fit import fit_fallback
-
-    cfg = gate_state(net).cfg
-    want = dict(fallback or {})
-    kind, rank = want.get("kind") or "zero", int(want.get("rank") or cfg.fallback_rank)
-    base = {"requested": kind, "batches": want.get("batches")}
-    if kind == "zero" or (fallback_label(cfg.to_dict()) == kind and (kind != "lowrank" or cfg.fallback_rank == rank)):
-        have = fallback_label(cfg.to_dict())
-        if kind == "zero" and have != "zero":
-            _say(bar, f"[gateskip] the gates folder holds a {cfg.fallback_name()} fallback: "
-                      f"gateskip/random rows run with it (named +{have})")
-        elif have != "zero":
-            _say(bar, f"[gateskip] using the {cfg.fallback_name()} fallback stored in {gates}")
-        return {**base, "kind": have, "rank": cfg.fallback_rank if "lowrank" in cfg.fallback_kinds else None,
-                "source": "gates folder" if have != "zero" else None, "tokens": None, "r2": None, "r2_mean": None}
-    fit = fit_fallback(net, batches(), kind=kind, rank=rank)
-    means = r2_means(fit["r2"])
-    _say(bar, f"[gateskip] fitted a {_fb_name(kind, rank)} fallback for every gated branch on {fit['tokens']} "
-              f"tokens ({fit['batches']} batches): mean R² attn {_r2(means.get('attn'))}, mlp {_r2(means.get('mlp'))}")
-    return {**base, "kind": kind, "rank": fit["rank"], "source": "fitted", "tokens": fit["tokens"],
-            "r2": fit["r2"], "r2_mean": means}
-
-
-def fallback_label(config: dict) -> str:
-    """A gates config's fallback as rows name it: ``lowrank``, or ``lowrank/linear`` (attention / MLP kinds)."""
-    kind, mlp = config.get("fallback", "zero"), config.get("fallback_mlp")
-    return kind if mlp in (None, kind) else f"{kind}/{mlp}"
-
-
-def _fb_name(kind: str, rank: int) -> str:
-    return f"{kind} (rank {rank})" if kind == "lowrank" else kind
-
-
-def _r2(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def r2_means(r2: dict) -> dict:
-    """Mean R^2 over the ``attn`` and over the ``mlp`` branches (names ``layers.{i}.{kind}``)."""
-    out = {}
-    for kind in ("attn", "mlp"):
-        vals = [v for k, v in r2.items() if k.endswith("." + kind)]
-        if vals:
-            out[kind] = sum(vals) / len(vals)
-    return out
-
-
 SUITE_METHODS = ("gateskip", "random", "shortgpt", "shortgpt_linear")
 DEFAULT_SUITE_METHODS = ("gateskip", "random", "shortgpt")  # shortgpt_linear on request (a fit per count)
 
@@ -401,18 +346,6 @@ def save_raw(res: dict, out: str) -> None:
     with open(tmp, "w") as f:
         json.dump(res, f)
     os.replace(tmp, os.path.join(out, "results.json"))
-
-
-def check_fallback(kind: str, rank, batches) -> None:
-    """The --fallback flags, checked before the model loads."""
-    from gateskip.config import FALLBACK_KINDS
-
-    if kind not in FALLBACK_KINDS:
-        raise GateSkipError(f"--fallback {kind!r} is not supported: choose one of {', '.join(FALLBACK_KINDS)}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise GateSkipError(f"--fallback-rank {rank!r} is invalid: use a positive whole number")
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        raise GateSkipError(f"--fallback-batches {batches!r} is invalid: use at least 1 batch")
 
 
 def row_names(methods, kind: str = "zero") -> list[str]:
