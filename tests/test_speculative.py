@@ -159,19 +159,19 @@ def test_sampled_tokens_follow_the_full_model():
 
 
 def test_bench_speculative_reports_identity_and_acceptance(tmp_path, monkeypatch):
-    import gateskip.commands.bench as gb
+    import gateskip.commands.bench_timing as gb
     from gateskip.commands.bench import bench
     from gateskip.core import gate_state
 
     installed = set()  # (draft ratio, ratio of the calibration then in use)
-    real = gb._use_calibration
+    real = gb.use_calibration
 
     def spy(m, variant, ratio):
         real(m, variant, ratio)
         if ratio is not None:
             installed.add((ratio, gate_state(m).calibration["ratio"]))
 
-    monkeypatch.setattr(gb, "_use_calibration", spy)
+    monkeypatch.setattr(gb, "use_calibration", spy)
     rep = bench(model="tiny-qwen2", random_gates=True, gate="lowrank", speculative=True, draft_ratio="0.3,0.7",
                 k="1,3", prompts=2, new_tokens=12, repeats=1, warmup=0, threads=1, json=str(tmp_path / "b.json"))
     rows = {r["setting"]: r for r in rep["results"]}
