@@ -77,7 +77,7 @@ class Gate(nn.Module):
         ``forward`` in the fewest ops: matrix-vector products on the flat token, no module call. The values
         broadcast over a [1, 1, H] branch output and come in ``x``'s dtype, as the branch uses them (the
         importance is ``one_token_importance``). At batch 1 a decode step runs 60 gates; each op and
-        Python frame saved here is a few microseconds per gate (BENCHMARKS.md, "What stops it").
+        Python frame saved here is a few microseconds per gate (docs/benchmark-log.md, "What stops it").
         """
         lin = self._linears
         if lin is None:

@@ -81,7 +81,7 @@ def take_positions(z: torch.Tensor, idx: torch.Tensor, flat: torch.Tensor) -> to
     """``z`` [R or 1, t, ...] at positions ``idx`` [R, n] -> [R, n, ...] (``flat``: ``idx`` + row * t, flattened).
 
     ``index_select`` over the flattened rows: ~10x faster on CPU than ``gather`` with an expanded index
-    (SmolLM2 prefill shapes, BENCHMARKS.md). A tensor shared by the batch (leading 1) is not expanded.
+    (SmolLM2 prefill shapes, docs/benchmark-log.md). A tensor shared by the batch (leading 1) is not expanded.
     """
     r, n = idx.shape
     rest = z.shape[2:]

@@ -30,7 +30,7 @@ fallback computed for the skipped tokens only (attention too: its K/V handling i
 a fallback (the paper's zero) the path is the one above, op for op.
 
 When only a few tokens skip, gather/scatter costs more than it saves: ``MIN_SKIP`` (measured, see
-BENCHMARKS.md) sends such calls down the masked path instead.
+docs/benchmark-log.md) sends such calls down the masked path instead.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from gateskip.kv import GatheredKV, flat_positions, skipped_kv, take_positions
 # SmolLM2-135M (layer 10, 4 x 512 tokens, 1 CPU thread, CPU time, medians of 6; a one-off timing script):
 # attention physical vs masked 84 vs 77 ms at 10% skipped, 85 vs 80 at 20%, 76-77 vs 80-83 at 30%, in
 # both KV modes (an explicit mask instead of sdpa's causal flag, plus the K/V bookkeeping); the MLP was
-# already faster at 2-5% (138 vs 142, 135 vs 151 ms). See BENCHMARKS.md. Decode at batch 1 skips all
+# already faster at 2-5% (138 vs 142, 135 vs 151 ms). See docs/benchmark-log.md. Decode at batch 1 skips all
 # or nothing, so the rule only matters for prefill and batched decode.
 MIN_SKIP = {"attn": 0.25, "mlp": 0.02}
 # A call with fewer tokens than this (batched decode) is bound by reading the weights, not by rows:

@@ -105,7 +105,7 @@ class GatedBranch(nn.Module):
         host (``decide_one``), a skipped branch is not called (physical path) and a kept one runs as is.
         Same decisions and outputs as ``forward``; this is just its shortest route. At batch 1 a decode
         step of SmolLM2 is ~60 branch calls of ~0.3-0.7 ms each, so tens of microseconds of Python per
-        branch are a few percent of the step (BENCHMARKS.md, "What stops it").
+        branch are a few percent of the step (docs/benchmark-log.md, "What stops it").
         """
         st = self.state
         g = self._fast_gate.one_token(x.detach() if self.detach_input and x.requires_grad else x)

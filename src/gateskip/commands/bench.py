@@ -33,6 +33,7 @@ import torch
 
 from gateskip.commands import bench_timing as timing
 from gateskip.errors import GateSkipError
+from gateskip.options import as_list
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 DECODE_TIMINGS = ("interleaved", "generate")
@@ -59,28 +60,28 @@ def _quiet_transformers(fn):
 
 @_quiet_transformers
 def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: bool = False,
-          gate: str = "vector", rank: int = 16, ratios: str = "0,0.25,0.5", policy: str = "threshold",
+          gate: list[str] = ("vector",), rank: int = 16, ratios: list[float] = (0.0, 0.25, 0.5), policy: str = "threshold",
           kv: str = "copy", path: str = "auto", prefill_batch: int = 4, prefill_len: int = 512,
-          decode_batches: str = "1,8", prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3,
+          decode_batches: list[int] = (1, 8), prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3,
           warmup: int = 1, threads: int = 2, clock: str = "wall", seed: int = 0, json: str | None = None,
-          quant: str = "none", speculative: bool = False, draft_ratio: str = "0.25,0.5", k: str = "2,4",
+          quant: str = "none", speculative: bool = False, draft_ratio: list[str] = ("0.25", "0.5"), k: list[int] = (2, 4),
           verify: str = "gated", prompts: int = 4, decode_timing: str = "interleaved", plot: str | None = None,
-          fallback: str = "zero", fallback_rank: int = 64) -> dict:
+          fallback: list[str] = ("zero",), fallback_rank: int = 64) -> dict:
     """Measure prefill and decode speed of the dense and the gated model at several skip ratios.
 
     Args:
         model: model alias, hub id or folder (``tiny-<family>`` for a tiny random model).
         gates: folder of trained gates (``gateskip train`` output); or use --random-gates.
         random_gates: attach untrained gates with diverse random importances (no trained run needed).
-        gate: gate kind(s) for --random-gates, comma-separated: vector, lowrank, scalar, mlp.
+        gate: gate kind(s) for --random-gates: vector, lowrank, scalar, mlp.
         rank: inner size of lowrank gates.
-        ratios: comma-separated skip ratios (each branch skips this fraction of tokens).
+        ratios: skip ratios (each branch skips this fraction of tokens).
         policy: skip policy; ``threshold`` (calibrated per token) is what skips at decode batch 1.
         kv: what skipped tokens leave in the KV cache: copy or compute.
         path: auto / physical / masked (masked computes every token: no speed-up expected).
         prefill_batch: prompts per prefill batch.
         prefill_len: tokens per prefill prompt.
-        decode_batches: comma-separated batch sizes for decode.
+        decode_batches: batch sizes for decode.
         prompt_len: prompt tokens before decoding.
         new_tokens: tokens generated per decode run.
         repeats: timed repeats per setting (medians reported).
@@ -94,9 +95,9 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
             or int8 (gateskip.quantize; gates and LM head stay full precision).
         speculative: benchmark lossless self-speculative decoding against dense greedy decoding of the
             same prompts instead (acceptance rate, mean accepted length, tokens/s, output identity).
-        draft_ratio: with --speculative: comma-separated draft skip ratios, or JSON files mapping
+        draft_ratio: with --speculative: draft skip ratios, or JSON files mapping
             branch names to ratios.
-        k: with --speculative: comma-separated draft lengths.
+        k: with --speculative: draft lengths.
         verify: with --speculative: gated (gates on, nothing skipped) or ungated (gates bypassed).
         prompts: with --speculative: number of instruction prompts (chat template), decoded one by one.
         decode_timing: ``interleaved`` (settings take turns one decode step at a time, each with its own
@@ -110,9 +111,9 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
     """
     from tqdm import tqdm
 
-    ratio_list = _floats(ratios, "ratios")
-    batch_list = [int(b) for b in _floats(decode_batches, "decode-batches")]
-    kinds = [k.strip() for k in gate.split(",") if k.strip()]
+    ratio_list = as_list(ratios, float, "--ratios")
+    batch_list = as_list(decode_batches, int, "--decode-batches")
+    kinds = as_list(gate, str, "--gate")
     if gates is None and not random_gates:
         raise GateSkipError("bench needs gates: pass --gates DIR (a trained run) or --random-gates")
     if gates is not None and random_gates:
@@ -125,7 +126,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         raise GateSkipError(f"decode-timing={decode_timing!r} is not supported: choose interleaved or generate")
     from gateskip.config import FALLBACK_KINDS
 
-    fallbacks = [f.strip() for f in str(fallback).split(",") if f.strip()] or ["zero"]
+    fallbacks = as_list(fallback, str, "--fallback") or ["zero"]
     for fb in fallbacks:
         if fb not in FALLBACK_KINDS:
             raise GateSkipError(f"fallback={fb!r} is not supported: choose one of {', '.join(FALLBACK_KINDS)}")
@@ -211,21 +212,13 @@ def _speculative(m, tok, gates, random_gates, kinds, rank, seed, policy, args) -
     timing.install(m, variant)
     keys = ["model", "gates", "random_gates", "gate", "rank", "policy", "kv", "draft_ratio", "k", "verify", "prompts",
             "new_tokens", "repeats", "warmup", "threads", "clock", "seed", "quant"]
-    flag = lambda k, v: f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k} {v}"  # noqa: E731
     command = "gateskip bench --speculative " + " ".join(
-        flag(k.replace("_", "-"), args[k]) for k in keys if args.get(k) is not None)
+        _flag(k, args[k]) for k in keys if args.get(k) is not None)
     return bench_speculative(m, tok, draft_ratios=args["draft_ratio"], ks=args["k"], verify=args["verify"],
                              policy=policy, kv=args["kv"], prompts=args["prompts"], new_tokens=args["new_tokens"],
                              repeats=args["repeats"], warmup=args["warmup"], clock=CLOCKS[args["clock"]], seed=seed,
                              json=args["json"], command=command, machine=_machine(args["threads"]),
                              on_ratio=lambda r: timing.use_calibration(m, variant, r))
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise GateSkipError(f"--{what} {text!r} is not a comma-separated list of numbers: e.g. 0,0.25,0.5") from None
 
 
 def _summarise(settings, phases, times, saved, skipped, prefill_tokens, batch_list, new_tokens) -> list[dict]:
@@ -262,8 +255,17 @@ def _command(args: dict) -> str:
     keys = ["model", "gates", "random_gates", "gate", "rank", "ratios", "policy", "kv", "path", "prefill_batch",
             "prefill_len", "decode_batches", "prompt_len", "new_tokens", "repeats", "warmup", "threads", "clock", "seed", "quant",
             "decode_timing"]
-    flag = lambda k, v: f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k} {v}"  # noqa: E731
-    return "gateskip bench " + " ".join(flag(k.replace("_", "-"), args[k]) for k in keys if args.get(k) is not None)
+    return "gateskip bench " + " ".join(_flag(k, args[k]) for k in keys if args.get(k) is not None)
+
+
+def _flag(name: str, value) -> str:
+    """One flag of the command line that reproduces a run (lists comma-joined, booleans --x / --no-x)."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{flag}"
+    if isinstance(value, list | tuple):
+        value = ",".join(str(v) for v in value)
+    return f"--{flag} {value}"
 
 
 def _machine(threads: int) -> dict:

@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 
 from gateskip.errors import GateSkipError
+from gateskip.options import as_list
 
 
-def draft_list(text) -> list[str]:
-    """``--draft-ratio`` as a list of items (floats or JSON files), comma- or space-separated."""
-    return [d.strip() for d in str(text).replace(";", " ").split() for d in d.split(",") if d.strip()]
+def draft_list(value) -> list[str]:
+    """``--draft-ratio`` as a list of items (floats or JSON files): a list, or comma- or space-separated text."""
+    if not isinstance(value, str):
+        return [str(v) for v in as_list(value, str, "--draft-ratio")]
+    return [d.strip() for d in value.replace(";", " ").split() for d in d.split(",") if d.strip()]
 
 
 def parse_draft_ratio(text):
@@ -57,7 +60,7 @@ def bench_speculative(m, tok, *, draft_ratios: str, ks: str, verify: str, policy
     from gateskip.speculative import speculative_generate
 
     drafts = draft_list(draft_ratios)
-    k_list = [int(x) for x in str(ks).split(",") if x.strip()]
+    k_list = as_list(ks, int, "--k")
     if not drafts or not k_list or min(k_list) < 1:
         raise GateSkipError("--draft-ratio and --k need at least one value each, k >= 1 (e.g. --k 2,4)")
     inputs = _prompts(m, tok, prompts, seed)

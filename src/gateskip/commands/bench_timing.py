@@ -26,7 +26,7 @@ def variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy, ratios=(0
     Thresholds are calibrated at each measured ratio (``calibration``: {ratio: calibration}). One
     calibration serves every ratio only near its own: it records importances while skipping at that
     ratio, and skipping more upstream shifts what later branches see. Random low-rank gates calibrated
-    at 0.25 skipped 56% at ratio 0.5 (59% of MLP tokens); calibrated at 0.5, 49.6% (BENCHMARKS.md).
+    at 0.25 skipped 56% at ratio 0.5 (59% of MLP tokens); calibrated at 0.5, 49.6% (docs/benchmark-log.md).
     A gates folder's own calibration (from real text) is used as it is.
     """
     points = sorted({r for r in ratios if r > 0.0}) or [0.25]

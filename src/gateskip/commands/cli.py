@@ -17,6 +17,7 @@ import typing
 from collections.abc import Callable
 
 from gateskip.errors import GateSkipError
+from gateskip.options import as_list
 
 _POSITIONAL = "_positional_"
 
@@ -60,8 +61,22 @@ def _doc_args(fn: Callable) -> tuple[str, dict[str, str]]:
     return summary, helps
 
 
+def _list_of(cast):
+    """argparse type of a ``list[cast]`` parameter: a comma-separated flag value."""
+    def parse(text: str) -> list:
+        try:
+            return as_list(text, cast)
+        except GateSkipError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = f"list of {cast.__name__}"
+    return parse
+
+
 def _base_type(annotation):
-    """int / float / str / bool from an annotation such as ``int | None``."""
+    """int / float / str / bool, or a comma-list parser for ``list[X]``, from an annotation such as ``int | None``."""
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation) or (str,)
+        return _list_of(item if item in (int, float, str) else str)
     if isinstance(annotation, str):
         annotation = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation.split("|")[0].strip(), str)
     origin = typing.get_origin(annotation)
@@ -94,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(flag, dest=pname, action=argparse.BooleanOptionalAction, default=None,
                                help=f"{h} (default: {param.default})")
             else:
-                p.add_argument(flag, dest=pname, type=typ, default=None, help=f"{h} (default: {param.default})")
+                shown = param.default
+                if isinstance(shown, list | tuple):  # a list parameter: shown as it is typed
+                    shown = ",".join(str(v) for v in shown) or "none"
+                p.add_argument(flag, dest=pname, type=typ, default=None, help=f"{h} (default: {shown})")
         p.set_defaults(_fn=fn)
     return parser
 

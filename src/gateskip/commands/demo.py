@@ -26,10 +26,10 @@ RECIPES = ("best", "fit", "paper")
 
 
 def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "best", batches: int | None = None,
-         heal_steps: int | None = None, compare: str = "0.15,0.3,0.45,0.6", baselines: str = "3,6,9,12",
+         heal_steps: int | None = None, compare: list[float] = (0.15, 0.3, 0.45, 0.6), baselines: list[int] = (3, 6, 9, 12),
          steps: int = 40, gate: str = "lowrank",
          ratio: float = 0.3, prompts: int = 2, max_new_tokens: int = 40, evaluate: bool = True,
-         limit: int = 60, ratios: str = "0.15,0.3,0.45", methods: str = "gateskip,random,shortgpt",
+         limit: int = 60, ratios: list[str] = ("0.15", "0.3", "0.45"), methods: list[str] = ("gateskip", "random", "shortgpt"),
          threads: int = 2) -> None:
     """Run the main job on the embedded default model: make gates, generate with skipping, compare.
 
@@ -52,14 +52,14 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
         heal_steps: best: end-to-end training steps after the fit (default: the shipped ``demo`` recipe's, 60).
         compare: best, fit: skip ratios of every branch at which the held-out CE is compared.
         baselines: best, fit: ShortGPT layer counts (with and without linear replacement).
-        steps: paper: gate training steps (a short run; see BENCHMARKS.md for longer ones).
+        steps: paper: gate training steps (a short run; see docs/benchmark-log.md for longer ones).
         gate: paper: gate kind: lowrank (cheap: ~1% FLOPs on SmolLM2), vector (the paper's), scalar.
         ratio: skip ratio of the generation examples.
         prompts: number of example instructions to generate from.
         max_new_tokens: tokens generated per example.
         evaluate: run the comparison (paper: the core suite, needs the eval extra: lm-eval).
         limit: paper: items per task of the suite.
-        ratios: paper: skip ratios of GateSkip and random in the suite, comma-separated.
+        ratios: paper: skip ratios of GateSkip and random in the suite.
         methods: paper: suite methods besides dense (see ``gateskip eval --help``).
         threads: torch CPU threads.
     """
@@ -104,7 +104,8 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
     if recipe in ("best", "fit"):
         from gateskip.commands.fit import fit
 
-        _say(f"3/3 held-out CE at skip ratios {compare} and ShortGPT with {baselines} layers removed -> {out_dir}")
+        _say(f"3/3 held-out CE at skip ratios {_csv(compare)} and ShortGPT with {_csv(baselines)} layers removed "
+             f"-> {out_dir}")
         fit(gates=str(gates_dir), out=str(out_dir / "compare"), fallback="keep", fit_gates=False, sequential=0,
             compare=compare, compare_scopes="both", compare_batches=4, baselines=baselines, sequential_batches=4,
             batches=2, threads=threads)
@@ -117,7 +118,7 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
         from gateskip.commands.eval import evaluate as run_eval
     except ImportError as e:
         raise GateSkipError(f"the evaluation module is unavailable ({e}): reinstall gateskip") from None
-    _say(f"3/3 core suite: {methods} (limit {limit}) at ratios {ratios} -> {out_dir}")
+    _say(f"3/3 core suite: {_csv(methods)} (limit {limit}) at ratios {_csv(ratios)} -> {out_dir}")
     run_eval(gates=str(gates_dir), suite="core", ratios=ratios, limit=limit, out=str(out_dir), threads=threads,
              methods=methods, fidelity_prompts=0)
     _say(f"done in {(time.perf_counter() - t0) / 60:.1f} min: see {out_dir / 'report.md'} and {out_dir / 'curve.png'}")
@@ -147,3 +148,7 @@ def _generate(model: str, gates_dir: Path, ratio: float, prompts: int, max_new_t
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def _csv(values) -> str:
+    return values if isinstance(values, str) else ",".join(str(v) for v in values)

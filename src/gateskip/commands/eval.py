@@ -27,17 +27,18 @@ from gateskip.eval.sweep import (
     sweep,
 )
 from gateskip.eval.taskconfigs import parse_tasks, task_manager
+from gateskip.options import as_list
 
 
-def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
-             ratios: str | list[float] = "0,0.1,0.2,0.3,0.4,0.5,0.6", policy: str = "threshold",
-             methods: str | list[str] = DEFAULT_METHODS, modules: str = "attn,mlp", kv: str | None = None,
+def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
+             ratios: list[str] = ("0", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6"), policy: str = "threshold",
+             methods: list[str] = DEFAULT_METHODS, modules: list[str] = ("attn", "mlp"), kv: str | None = None,
              limit: int | None = 50, out: str = "runs/eval", model: str | None = None, tokenizer=None,
              batch_size: int = 1, calib_batches: int = 4, seed: int = 0, threads: int = 0,
              allocation: str = "uniform", mod: str | None = None, exit_measure: str = "softmax",
-             quant: str = "none", compare_with: str | None = None, prune: int = 4,
-             recalibrate: bool = True, suite: str | None = None, random_ratios: str | None = None,
-             shortgpt_layers: str = "4,10,16", protect_first: int | None = None, fidelity_prompts: int = 32,
+             quant: str = "none", compare_with: list[str] | None = None, prune: int = 4,
+             recalibrate: bool = True, suite: str | None = None, random_ratios: list[str] | None = None,
+             shortgpt_layers: list[int] = (4, 10, 16), protect_first: int | None = None, fidelity_prompts: int = 32,
              fidelity_prompt_tokens: int = 48, fidelity_tokens: int = 64, shared_prefix: bool = True,
              fallback: str = "zero", fallback_rank: int = 64, fallback_batches: int = 12,
              reference: str | None = None, resume: bool = True, reuse_dense: bool = True) -> dict:
@@ -138,6 +139,10 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
     from gateskip.quantize import check_quant
 
     check_quant(quant)
+    merge_with = as_list(compare_with, str, "--compare-with")
+    if len(merge_with) > 1:
+        raise GateSkipError("--compare-with takes one results.json for an lm-eval sweep (several for --suite runs)")
+    compare_with = merge_with[0] if merge_with else None
     if compare_with and not os.path.isfile(compare_with):  # fail now, not after the sweep
         raise GateSkipError(f"--compare-with {compare_with!r} does not exist: pass an earlier sweep's results.json")
     if allocation != "uniform":
@@ -147,7 +152,7 @@ def evaluate(gates: str | None = None, tasks: str | list[str] = DEFAULT_TASKS,
     prepare_run(limit, out)
     net, tok, model_name = resolve_model(model, tokenizer, gates)
     quantize_for_run(net, quant, gates)
-    mods = tuple(m.strip() for m in modules.split(",") if m.strip()) if isinstance(modules, str) else tuple(modules)
+    mods = tuple(as_list(modules, str, "--modules"))
     lm_log = logging.getLogger("lm_eval")
     level = lm_log.level
     lm_log.setLevel(logging.ERROR)  # lm-eval warns on every model object and default metric setting

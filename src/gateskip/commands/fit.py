@@ -15,16 +15,17 @@ import time
 from pathlib import Path
 
 from gateskip.errors import GateSkipError
+from gateskip.options import as_list
 
 
 def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/fit", fallback: str = "lowrank",
         fallback_rank: int = 64, gate: str = "lowrank", gate_rank: int = 16, fit_gates: bool = True,
         protect_first: int = 1, kv: str = "compute", batches: int = 8, seq_len: int = 256, batch_size: int = 4,
-        ridge: float = 1e-3, gate_ridge: float = 1e-2, under_ratio: float = 0.0, compare: str = "0.15,0.3,0.5",
-        compare_batches: int = 8, threads: int = 0, data: str = "mix", allocate: str = "",
-        sens_batches: int = 2, sens_steps: str = "0.25,0.5,0.75,1", sequential: float = 0.3,
-        sequential_batches: int = 8, baselines: str = "", sequential_budget: str | None = None,
-        compare_budgets: str = "", save_dtype: str = "float32", compare_scopes: str = "attn,mlp,both",
+        ridge: float = 1e-3, gate_ridge: float = 1e-2, under_ratio: float = 0.0, compare: list[float] = (0.15, 0.3, 0.5),
+        compare_batches: int = 8, threads: int = 0, data: str = "mix", allocate: list[float] = (),
+        sens_batches: int = 2, sens_steps: list[float] = (0.25, 0.5, 0.75, 1.0), sequential: float = 0.3,
+        sequential_batches: int = 8, baselines: list[int] = (), sequential_budget: str | None = None,
+        compare_budgets: list[str] = (), save_dtype: str = "float32", compare_scopes: list[str] = ("attn", "mlp", "both"),
         compare_policy: str = "quantile", fallback_mlp: str | None = None) -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
@@ -64,18 +65,18 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         sens_steps: skip ratios at which each branch's sensitivity is measured.
         sequential: after the one-pass fits, refit each branch's fallback and gate in execution order under
             skipping at this ratio (quantile policy, every branch, the earlier branches already refitted), so
-            each is fitted on the inputs it sees when skipping is on (BENCHMARKS.md: at 0.3 on every MLP the
+            each is fitted on the inputs it sees when skipping is on (docs/benchmark-log.md: at 0.3 on every MLP the
             one-pass gates are worse than random, the refitted ones close 82% of the gap to the oracle).
             0: one pass only.
         sequential_batches: calibration batches of the sequential refit (one pass per branch).
         sequential_budget: refit under this JSON file of per-branch ratios (e.g. an alloc_<t>.json) instead of
             --sequential's uniform ratio.
-        compare_budgets: JSON files of per-branch ratios also compared (random / gates / oracle), comma-separated.
+        compare_budgets: JSON files of per-branch ratios also compared (random / gates / oracle).
         baselines: ShortGPT layer counts, e.g. 3,6,9: after the comparison, the same held-out CE for ShortGPT
             (lowest Block Influence layers removed) and ShortGPT with each removed layer replaced by a fitted
             linear map (baselines.shortgpt.linear_replaced, fitted on the first --sequential-batches
             calibration batches), with their compute saved. Empty: none.
-        compare_scopes: which branches skip in the --compare rows: attn, mlp and/or both (comma-separated).
+        compare_scopes: which branches skip in the --compare rows: attn, mlp and/or both .
         compare_policy: how the gates rows pick tokens: quantile (exactly the ratio of each branch per batch,
             like the oracle) or threshold (the folder's calibrated per-token thresholds: causal, what eval and
             generate run; the ratio skipped then follows the text).
@@ -99,7 +100,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         raise GateSkipError(f"unknown --save-dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
     if compare_policy not in ("quantile", "threshold"):
         raise GateSkipError(f"--compare-policy {compare_policy!r} is not supported: choose quantile or threshold")
-    scopes = {k.strip(): SCOPES.get(k.strip()) for k in str(compare_scopes).split(",") if k.strip()}
+    scopes = {k: SCOPES.get(k) for k in as_list(compare_scopes, str, "--compare-scopes")}
     if None in scopes.values() or not scopes:
         raise GateSkipError(f"--compare-scopes {compare_scopes!r}: choose from {', '.join(SCOPES)}, comma-separated")
     if fallback == "zero":
@@ -108,7 +109,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         raise GateSkipError("--fallback-mlp sets the kind of fallbacks to fit: it does not go with --fallback keep")
     if fallback == "keep" and not gates:
         raise GateSkipError("--fallback keep keeps the fallbacks of a gates folder: pass --gates DIR")
-    ratios = [float(r) for r in str(compare).split(",") if r.strip()] if compare else []
+    ratios = as_list(compare, float, "--compare")
     t0 = time.perf_counter()
     if gates:
         model = read_meta(gates)["base_model"].get("source") or model
@@ -136,12 +137,12 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
     if fallback == "keep":
         summary["fallback"]["kept"] = gates
     allocs = {}
-    targets = [float(t) for t in str(allocate).split(",") if t.strip()] if allocate else []
+    targets = as_list(allocate, float, "--allocate")
     if targets:
         from gateskip.allocate import allocate as spread
         from gateskip.allocate import dense_per_token, saved_per_token, sensitivity
 
-        steps = [float(v) for v in str(sens_steps).split(",") if v.strip()]
+        steps = as_list(sens_steps, float, "--sens-steps")
         sens = sensitivity(net, cal[:sens_batches], steps=steps)
         saved, dense = saved_per_token(net, context=seq_len / 2), dense_per_token(net, context=seq_len / 2)
         summary["sensitivity"] = sens
@@ -161,13 +162,12 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         tmp = Path(out, f"alloc_{t:g}.json.tmp")
         tmp.write_text(json.dumps(r, indent=0))
         tmp.replace(Path(out, f"alloc_{t:g}.json"))
-    if compare_budgets:
+    if as_list(compare_budgets):
         from gateskip.allocate import read_budget
 
-        for f in str(compare_budgets).split(","):
-            if f.strip():
-                allocs[Path(f.strip()).stem] = read_budget(f.strip())
-    layers = [int(n) for n in str(baselines).split(",") if n.strip()] if baselines else []
+        for f in as_list(compare_budgets, str, "--compare-budgets"):
+            allocs[Path(f).stem] = read_budget(f)
+    layers = as_list(baselines, int, "--baselines")
     if ratios or allocs or layers:
         held = fixed_batches(tok, load_texts(data, "heldout"), seq_len, batch_size, compare_batches)
         summary["compare"] = compare_choices(net, held, ratios, scopes=scopes, allocs=allocs,

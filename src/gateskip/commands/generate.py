@@ -9,10 +9,11 @@ import torch
 
 from gateskip.data import encode_prompt
 from gateskip.errors import GateSkipError
+from gateskip.options import as_list
 
 
 def generate(prompt: str, model: str | None = None, gates: str | None = None, skip: float = 0.0,
-             policy: str = "threshold", modules: str = "attn,mlp", kv: str | None = None,
+             policy: str = "threshold", modules: list[str] = ("attn", "mlp"), kv: str | None = None,
              max_new_tokens: int = 64, chat: bool = True, sample: bool = False, temperature: float = 0.7,
              top_p: float = 0.9, seed: int = 0, allocation: str = "uniform", speculative: bool = False,
              draft_ratio: float = 0.5, k: int = 4, verify: str = "gated", protect_first: int | None = None) -> str:
@@ -66,7 +67,7 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
     net, tok = load_for_inference(model, gates)
     if gates is None:
         add_gates(net)  # ~open gates: only the random policy or skip 0 make sense without training
-    mods = tuple(m.strip() for m in modules.split(",") if m.strip())
+    mods = tuple(as_list(modules, str, "--modules"))
     if speculative:
         return _speculative(net, tok, prompt, mods, kv, max_new_tokens, chat, sample, temperature, top_p, seed,
                             allocation, draft_ratio, k, verify, policy)

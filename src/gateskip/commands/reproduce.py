@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from gateskip.errors import GateSkipError
+from gateskip.options import as_list
 from gateskip.reproduce.grid import BASE, BY_NAME, CELLS, PAPER_PINS, TARGETS, Cell
 
 MARGIN = 0.02  # aim each ratio slightly past its target so that the target lies inside the measured curve
@@ -31,7 +32,7 @@ MOD_METHODS = ("mod", "mod_topk")
 CTX = 64  # typical context length of a log-likelihood request, for the FLOP estimate that picks ratios
 
 
-def reproduce(out: str = "runs/reproduce", cells: str = "all", model: str = "smollm2-135m", data: str = "mix",
+def reproduce(out: str = "runs/reproduce", cells: list[str] = ("all",), model: str = "smollm2-135m", data: str = "mix",
               steps: int = 30, seq_len: int = 128, batch_size: int = 4, lr: float = 1e-2, backbone_lr: float = 1e-4,
               lam: float = 1.0, tasks: str = "hellaswag,piqa", limit: int = 50, policy: str = "quantile",
               threads: int = 1, seed: int = 0, run: bool = True, doc: str | None = None,
@@ -40,7 +41,7 @@ def reproduce(out: str = "runs/reproduce", cells: str = "all", model: str = "smo
 
     Args:
         out: output folder (one sub-folder per cell, reproduction.md, reproduction.png).
-        cells: comma-separated cells to run, in order, or ``all``: vector, scalar, before, attn_only,
+        cells: cells to run, in order, or ``all``: vector, scalar, before, attn_only,
             mlp_only, l1, kl, frozen, lowrank, mlp_gate, shared, lora, distill, mod (with mod_topk),
             early_exit. Baseline cells run only when their module exists (else marked not available).
         model: base model (alias, local folder or hub id).
@@ -81,8 +82,9 @@ def reproduce(out: str = "runs/reproduce", cells: str = "all", model: str = "smo
     return _write(root, budget, spec, status, command, doc, date)
 
 
-def _choose(cells: str) -> list[Cell]:
-    names = [c.name for c in CELLS] if cells.strip() == "all" else [n.strip() for n in cells.split(",") if n.strip()]
+def _choose(cells) -> list[Cell]:
+    names = as_list(cells, str, "--cells")
+    names = [c.name for c in CELLS] if names == ["all"] else names
     unknown = [n for n in names if n not in BY_NAME]
     if unknown or not names:
         raise GateSkipError(f"unknown cell(s) {', '.join(unknown) or '(none given)'}: choose from "
@@ -235,7 +237,8 @@ def _ensure_trained(train_dir: Path, tr: dict) -> None:
 def _command_line(args: dict) -> str:
     flags = ["out", "cells", "model", "data", "steps", "seq_len", "batch_size", "lr", "backbone_lr", "lam", "tasks",
              "limit", "policy", "threads", "seed"]
-    return "gateskip reproduce " + " ".join(f"--{k.replace('_', '-')} {args[k]}" for k in flags)
+    shown = {k: ",".join(map(str, v)) if isinstance(v, list | tuple) else v for k, v in args.items()}
+    return "gateskip reproduce " + " ".join(f"--{k.replace('_', '-')} {shown[k]}" for k in flags)
 
 
 def _write(root: Path, budget: dict, spec: dict, status: dict, command: str, doc: str | None, date: str | None) -> Path:

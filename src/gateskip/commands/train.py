@@ -21,6 +21,7 @@ from gateskip.core import add_gates, calibrate, gate_state
 from gateskip.errors import GateSkipError
 from gateskip.lora import attach_lora, merge_lora
 from gateskip.losses import check_sparsity_kind
+from gateskip.options import as_list
 from gateskip.policies import check_ratio
 from gateskip.train import BACKBONES, OBJECTIVES, _check_ladder, fit
 
@@ -30,7 +31,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           backbone: str = "lora", backbone_lr: float = 1e-3, lora_rank: int = 8,
           objective: str = "distill", sparsity_kind: str = "l2", lam: float = 0.0, kl_target: float = 0.5,
           max_ratio: float = 0.4, min_ratio: float | None = None, ramp_steps: int | None = None,
-          modules: str = "attn,mlp", warmup: int = 20, gate: str = "lowrank", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
+          modules: list[str] = ("attn", "mlp"), warmup: int = 20, gate: str = "lowrank", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
           placement: str = "after", shared: bool = False,
           calibrate_ratio: float = 0.3, calibrate_batches: int = 8, save_every: int = 50, seed: int = 0,
           dtype: str = "float32", resume: bool = True, limit_texts: int | None = None, fsdp: bool = False,
@@ -41,7 +42,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           fallback_mlp: str | None = None) -> Path:
     """Train gates on offline text and write a gates folder.
 
-    The defaults are the best measured recipe on SmolLM2-135M (BENCHMARKS.md, "Healing"): low-rank fallbacks
+    The defaults are the best measured recipe on SmolLM2-135M (docs/benchmark-log.md, "Healing"): low-rank fallbacks
     and gates fitted in closed form (``init="fit"``, as ``gateskip fit``), then trained end to end by
     self-distillation with LoRA on the backbone, skipping 40% of every branch's tokens (no sparsity penalty:
     the budget sets the skipping). The paper's recipe is one flag away: ``--config paper`` (vector gates,
@@ -67,7 +68,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         min_ratio: a budget ladder: each step skips a ratio drawn uniformly from [min_ratio, max_ratio], so one
             folder serves every budget in between; None: ``max_ratio`` every step.
         ramp_steps: steps of the linear ramp 0 -> max_ratio (default: 80% of steps).
-        modules: branch kinds that skip during training, comma-separated (both kinds always get gates).
+        modules: branch kinds that skip during training (both kinds always get gates).
         warmup: learning-rate warm-up steps.
         gate: gate kind: vector, scalar, lowrank or mlp.
         rank: rank of lowrank gates.
@@ -145,7 +146,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     if check_quant(quant) and (backbone != "frozen" or fsdp):
         raise GateSkipError(f"--quant {quant} trains gates on a frozen quantized backbone: use --backbone frozen "
                             "without --fsdp (LoRA / full fine-tuning of rounded weights is not supported)")
-    skip_modules = tuple(m.strip() for m in modules.split(",") if m.strip())
+    skip_modules = tuple(as_list(modules, str, "--modules"))
     init = None if init in (None, "", "none") else init
     if fallback is None:
         fallback = "lowrank" if init is None or init == "fit" else "keep"

@@ -1,7 +1,7 @@
 """Task suites and their items, read once per sweep through lm-eval's own task objects.
 
 A suite is a named list of tasks. ``core`` holds the tasks on which the dense SmolLM2-135M-Instruct
-is clearly above chance (at least ``CORE_MARGIN`` at 500 items; the measurement is in BENCHMARKS.md
+is clearly above chance (at least ``CORE_MARGIN`` at 500 items; the measurement is in docs/benchmark-log.md
 and re-made by ``gateskip eval --suite all --methods none``), plus LAMBADA scored both ways. A task
 near chance measures nothing about skipping: its "retention" is noise, and a yes/no task rewards a
 drift toward one answer. The rest form ``extended``.
@@ -20,7 +20,7 @@ from gateskip.errors import GateSkipError
 from gateskip.eval.taskconfigs import TASKS, parse_tasks
 
 CORE_MARGIN = 0.08  # dense accuracy at least this far above chance to enter the core suite
-# From the dense measurement at 500 items (BENCHMARKS.md, "The evaluation suite").
+# From the dense measurement at 500 items (docs/benchmark-log.md, "The evaluation suite").
 SUITES: dict[str, list[str]] = {
     "core": ["hellaswag", "piqa", "arc_easy", "sciq", "commonsense_qa", "lambada", "lambada_gen"],
     # COPA is +0.12 above chance, but on its 100 items only (SE 0.049): too few to clear the rule at 500 items

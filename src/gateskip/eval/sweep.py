@@ -29,12 +29,13 @@ from gateskip.errors import GateSkipError
 from gateskip.eval.inputs import calibration_batches
 from gateskip.eval.runner import Runner
 from gateskip.eval.taskconfigs import TASKS
+from gateskip.options import as_list
 
 METHODS = ("gateskip", "random", "static", "gatefree_random", "shortgpt", "mod", "mod_topk", "early_exit",
            "pruned_gateskip")
 NO_GATES = {"shortgpt", "gatefree_random", "mod", "mod_topk", "early_exit"}  # methods that run without --gates
-DEFAULT_TASKS = "hellaswag,piqa,arc_easy,winogrande,boolq"
-DEFAULT_METHODS = "gateskip,random,static,gatefree_random,shortgpt"  # mod needs --mod; early_exit on request
+DEFAULT_TASKS = ("hellaswag", "piqa", "arc_easy", "winogrande", "boolq")
+DEFAULT_METHODS = ("gateskip", "random", "static", "gatefree_random", "shortgpt")  # mod needs --mod; early_exit asked
 
 
 def sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches, allocation, mod=None,
@@ -212,8 +213,7 @@ def _shortgpt(run: Runner, res, counters, ratios, calib) -> list[dict]:
 def parse_ratios(ratios) -> list[float]:
     from gateskip.policies import check_ratio
 
-    items = ratios.split(",") if isinstance(ratios, str) else ratios
-    out = sorted({check_ratio(r) for r in items if str(r).strip()})
+    out = sorted({check_ratio(r) for r in as_list(ratios, float, "--ratios")})
     if not out:
         raise GateSkipError("no ratios given: pass e.g. --ratios 0,0.1,0.2,0.3")
     return out
