@@ -222,7 +222,7 @@ def test_suite_flags_are_checked_before_the_model_loads(tmp_path):
     args = build_parser().parse_args(["eval", "--suite", "core", "--fallback", "lowrank", "--fallback-rank", "32",
                                       "--fallback-batches", "3", "--reference", "gateskip", "--compare-with", "a,b"])
     assert (args.fallback, args.fallback_rank, args.fallback_batches, args.reference, args.compare_with) == (
-        "lowrank", 32, 3, "gateskip", "a,b")
+        "lowrank", 32, 3, "gateskip", ["a", "b"])
     kw = {"suite": "core", "out": str(tmp_path / "o"), "model": "no-such-model"}
     with pytest.raises(GateSkipError, match="--fallback 'cubic'"):
         evaluate(fallback="cubic", **kw)
