@@ -413,3 +413,38 @@ def test_protect_first_comes_from_the_gates_config_and_ends_in_decode():
         GateSkipConfig(protect_first=-1)
     with pytest.raises(GateSkipError, match="protect_first"), gateskip.skipping(m, ratio=0.2, protect_first=0.5):
         pass
+
+
+def test_a_state_subclass_is_the_extension_point_for_other_deciders():
+    """add_gates(state_cls=...): a GateState subclass that overrides on_gate decides which tokens skip; skipping,
+    statistics and remove_gates stay the same (here: every odd position skips every branch)."""
+    from gateskip.state import GateState
+
+    class OddTokens(GateState):
+        one_token_fast = False
+
+        def on_gate(self, branch, x, g, imp=None):
+            valid = self.valid_for(x)
+            skip = None
+            if self.plan is not None and self.plan.ratios[branch.index] > 0:
+                skip = (torch.arange(x.shape[1]) % 2 == 1).expand(x.shape[0], -1) & valid
+            if self.plan is not None:
+                self._queue(branch, skip, valid)
+            return skip
+
+    ids = torch.randint(3, 99, (2, 10))
+    ref = tiny_model("llama")
+    dense = ref(ids).logits
+    m = gateskip.add_gates(tiny_model("llama"), GateSkipConfig(init_bias=50.0, init_std=0.0), state_cls=OddTokens)
+    outs = {}
+    for path in ("masked", "physical"):
+        with torch.no_grad(), gateskip.skipping(m, ratio=0.5, path=path):
+            outs[path] = m(ids).logits
+            assert gateskip.stats(m)["tokens_skipped"] == pytest.approx(0.5)
+    assert torch.allclose(outs["masked"], outs["physical"], atol=1e-5)
+    assert torch.allclose(outs["masked"][:, 0], dense[:, 0], atol=1e-5)  # position 0 never skips here
+    assert not torch.allclose(outs["masked"][:, 1], dense[:, 1], atol=1e-3)
+    gateskip.remove_gates(m)
+    assert torch.equal(m(ids).logits, dense)
+    with pytest.raises(GateSkipError, match="not a GateState subclass"):
+        gateskip.add_gates(tiny_model("llama"), state_cls=dict)

@@ -44,8 +44,18 @@ def is_gated(model: nn.Module) -> bool:
     return getattr(model, "gateskip_state", None) is not None
 
 
-def add_gates(model: nn.Module, cfg: GateSkipConfig | None = None) -> nn.Module:
-    """Attach one gate to every attention and MLP branch (in place); returns ``model``."""
+def add_gates(model: nn.Module, cfg: GateSkipConfig | None = None, state_cls: type[GateState] = GateState
+              ) -> nn.Module:
+    """Attach one gate to every attention and MLP branch (in place); returns ``model``.
+
+    ``state_cls``: the extension point for other skip deciders. The runtime state's ``on_gate(branch, x, g)``
+    decides which tokens of a call skip a branch (returns the skip mask, or None) and queues the decision
+    (``_queue``); a subclass of ``GateState`` that overrides it changes *which* tokens skip while skipping,
+    K/V, fallbacks, statistics and ``remove_gates`` stay GateSkip's (Mixture-of-Depths routing, baselines/mod.py).
+    Under thresholds, a one-token decode call is decided by ``decide_one``; a subclass whose decision is not a
+    gate threshold sets ``one_token_fast = False``."""
+    if not (isinstance(state_cls, type) and issubclass(state_cls, GateState)):
+        raise GateSkipError(f"state_cls={state_cls!r} is not a GateState subclass: subclass gateskip.state.GateState")
     cfg = cfg or GateSkipConfig()
     if is_gated(model):
         raise GateSkipError("this model already has gates: call gateskip.remove_gates(model) first")
@@ -53,7 +63,7 @@ def add_gates(model: nn.Module, cfg: GateSkipConfig | None = None) -> nn.Module:
     hidden = text_config(model).hidden_size
     cfg.check_model(hidden)
     flops = model_flops(model, cfg)
-    state = GateState(cfg=cfg, flops=flops)
+    state = state_cls(cfg=cfg, flops=flops)
     device = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
     shared = {kind: Gate(hidden, cfg).to(device) for kind in cfg.modules} if cfg.shared else {}

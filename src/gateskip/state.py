@@ -92,6 +92,9 @@ def _one_true(like: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class GateState:
+    # A subclass whose decision is not a gate threshold (add_gates' state_cls) turns the one-token decode shortcut off.
+    one_token_fast = True
+
     cfg: GateSkipConfig
     flops: LayerFlops
     branches: list = field(default_factory=list)  # GatedBranch, in execution order
@@ -138,7 +141,8 @@ class GateState:
         self.gate_log = []
         p = self.plan
         # not under sync_free: deciding one token on the host reads its gate value back (a GPU sync)
-        self.one_token = (p is not None and p.policy == "threshold" and valid.numel() == 1 and not self.collect
+        self.one_token = (self.one_token_fast and p is not None and p.policy == "threshold" and valid.numel() == 1
+                          and not self.collect
                           and self.record is None and not p.sync_free and bool(self._eligible(valid)))
         if self.one_token and self.tally is not None:
             self.ctx_one = float(ctx) if ctx.numel() == 1 else 1.0

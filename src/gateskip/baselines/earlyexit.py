@@ -8,7 +8,7 @@ API (what the eval sweep and ``gateskip reproduce`` call)::
     ee.stats()                                 # FLOP-weighted compute saved, exits per layer (TokenCounter's keys)
     cal = layer_confidences(model, batches, measure)   # one dense pass on held-out text
     choose_exit(cal, target_saved, measure)    # -> {"threshold", "check_layers", "predicted_saved", ...}
-    sweep_rows(run, dense_row, ratios, targets, batches, measure)   # the ``early_exit`` rows of ``gateskip eval``
+    # the ``early_exit`` rows of ``gateskip eval``: eval/baseline_rows.early_exit_rows
 
 Confidence after layer l (``measure``): ``softmax`` = top-1 minus top-2 probability of
 ``lm_head(final_norm(h_l))`` (CALM's softmax response); ``saturation`` = cos(h_l, h_{l-1}).
@@ -46,7 +46,7 @@ MEASURES = ("softmax", "saturation")
 MAX_CALIB_TOKENS = 1024  # one LM-head pass per layer over these: the calibration's cost
 
 
-def _check_measure(measure: str) -> None:
+def check_measure(measure: str) -> None:
     if measure not in MEASURES:
         raise GateSkipError(f"exit measure {measure!r} is not supported: choose softmax or saturation")
 
@@ -92,7 +92,7 @@ class EarlyExit(TokenCounter):
     """
 
     def __init__(self, model, threshold: float, check_layers: Iterable[int], measure: str = "softmax"):
-        _check_measure(measure)
+        check_measure(measure)
         if is_gated(model):
             raise GateSkipError("early exit runs on the model without gates: call gateskip.remove_gates(model) first")
         super().__init__(model)
@@ -189,7 +189,7 @@ def layer_confidences(model, batches: Iterable[torch.Tensor], measure: str = "so
                       max_tokens: int = MAX_CALIB_TOKENS) -> dict:
     """One dense pass: per layer and token, the exit confidence and the NLL of the next token if it
     exited there. ``batches``: packed input_ids (no padding). Returns tensors conf/nll [L, N], ctx [N]."""
-    _check_measure(measure)
+    check_measure(measure)
     head, layers = _Head(model), decoder_layers(model)
     confs, nlls, ctxs = [], [], []
     seen = 0
@@ -298,32 +298,4 @@ def choose_exit(cal: dict, target: float, tol: float = 0.01, iters: int = 40) ->
     return best[1]
 
 
-# ---- the eval sweep's rows ---------------------------------------------------------------------
-
-def sweep_rows(run, dense_row: dict, ratios: list[float], targets: list[float], batches,
-               measure: str = "softmax") -> list[dict]:
-    """``early_exit`` rows: at each ratio, exits calibrated to save ``targets[i]`` of the FLOPs.
-
-    ``run``: the sweep's ``Runner`` (model without gates); ``dense_row``: its dense row; ``targets``: compute saved to match (what
-    GateSkip measured at that ratio, or the ratio itself); ``batches``: calibration input_ids (never
-    evaluation items). A target <= 0 is the dense model (no checks): its row is copied.
-    """
-    _check_measure(measure)
-    cal = layer_confidences(run.net, batches, measure)
-    rows, done = [], {}
-    for r, target in zip(ratios, targets):
-        if target <= 0:
-            rows.append(run.copy(dense_row, r, "dense", {"target_saved": target, "check_layers": []}))
-            continue
-        choice = choose_exit(cal, target)
-        setting = {"target_saved": target, **{k: choice[k] for k in ("threshold", "check_layers", "predicted_saved",
-                                                                       "predicted_nll", "measure")}}
-        key = (choice["threshold"], tuple(choice["check_layers"]))
-        if key in done:
-            rows.append(run.copy(done[key], r, f"early_exit@{done[key]['ratio']:g}", setting))
-            continue
-        counters = {t: EarlyExit(run.net, choice["threshold"], choice["check_layers"], measure) for t in run.tasks}
-        rows.append(run.point("early_exit", r, setting, {}, counters=counters))
-        done[key] = rows[-1]
-    return rows
 

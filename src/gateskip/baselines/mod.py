@@ -90,6 +90,7 @@ class MoDState(GateState):
     (r = 1 - capacity); ``mode`` says how: per-sequence top-k on the router, or the predictor.
     """
 
+    one_token_fast = False  # the decision is the router's (on_gate), at decode too
     mode: str = "predictor"
     pred_grid: torch.Tensor | None = None  # [branches, GRID_POINTS] predictor-logit quantiles
     bce_log: list | None = None  # training: (predictor logit, kept, valid) per branch call
@@ -146,13 +147,12 @@ def add_mod(model: nn.Module, predictor_hidden: int = 64, kv: str = "compute", i
     Built on ``add_gates`` with scalar gates whose modules are then replaced by ``MoDRouter``, so
     skipping, K/V handling, stats and ``remove_gates`` are GateSkip's own.
     """
-    add_gates(model, GateSkipConfig(gate="scalar", kv=kv, init_bias=init_bias, init_std=init_std))
+    add_gates(model, GateSkipConfig(gate="scalar", kv=kv, init_bias=init_bias, init_std=init_std), state_cls=MoDState)
     st = gate_state(model)
     hidden = st.branches[0].gate.proj.in_features
     device = next(model.parameters()).device
     for b in st.branches:
         b.gate = MoDRouter(hidden, predictor_hidden, init_bias, init_std).to(device)
-    st.__class__ = MoDState  # same fields; only the decision differs
     st.costs = router_flops(hidden, predictor_hidden)
     st.pred_grid, st.bce_log = None, None
     set_mode(model, "predictor")
@@ -290,32 +290,3 @@ def load_mod(model: nn.Module, directory) -> nn.Module:
         remove_gates(model)
         raise
     return model
-
-
-def sweep_rows(run, mod_dir: str | None, ratios: list[float], methods: list[str], plan: dict) -> dict[str, list]:
-    """Rows ``mod`` (causal predictor) and/or ``mod_topk`` (non-causal top-k) at the sweep's ratios.
-
-    ``run``: the sweep's ``Runner``; the model must be without gates. ``plan``: modules / kv / seed.
-    At ratio 0 nothing is routed (the router weights still scale the branch outputs): ``mod_topk``
-    then copies ``mod``'s row.
-    """
-    if not mod_dir:
-        raise GateSkipError("methods mod/mod_topk need a MoD folder: pass --mod DIR (from `gateskip train-mod`)")
-    load_mod(run.net, mod_dir)
-    out: dict[str, list] = {}
-    try:
-        for mode, name in (("predictor", "mod"), ("topk", "mod_topk")):
-            if name not in methods:
-                continue
-            set_mode(run.net, mode)
-            rows = []
-            for r in ratios:
-                first = out.get("mod", [None])[0]
-                if r == 0 and name == "mod_topk" and first is not None and first["ratio"] == 0:
-                    rows.append(run.copy(first, r, "mod@0"))
-                else:
-                    rows.append(run.point(name, r, {"routing": mode}, {"ratio": r, "policy": "quantile", **plan}))
-            out[name] = rows
-    finally:
-        remove_gates(run.net)
-    return out

@@ -71,16 +71,16 @@ def sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches, 
     if "shortgpt" in methods:
         res["methods"]["shortgpt"] = _shortgpt(run, res, counters, ratios, calib)
     if {"mod", "mod_topk"} & set(methods):
-        from gateskip.baselines.mod import sweep_rows
+        from gateskip.eval.baseline_rows import mod_rows
 
-        res["methods"].update(sweep_rows(run, mod, ratios, methods, skip))
+        res["methods"].update(mod_rows(run, mod, ratios, methods, skip))
     if "pruned_gateskip" in methods:
         res["methods"]["pruned_gateskip"] = _pruned_gateskip(run, res, gates, ratios, calib, prune, recalibrate,
                                                              {"policy": policy, "allocation": allocation, **skip})
     if "early_exit" in methods:
-        from gateskip.baselines.earlyexit import sweep_rows
+        from gateskip.eval.baseline_rows import early_exit_rows
 
-        res["methods"]["early_exit"] = sweep_rows(run, res["methods"]["dense"][0], ratios,
+        res["methods"]["early_exit"] = early_exit_rows(run, res["methods"]["dense"][0], ratios,
                                                   [_target(res, r) for r in ratios], calib, exit_measure)
     return res
 
