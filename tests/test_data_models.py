@@ -222,7 +222,7 @@ def test_load_model_local_folder(tmp_path, tok):
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     loaded, ltok = load_model(str(tmp_path), cache_dir=str(tmp_path / "unused"))
-    assert loaded.gateskip_source == str(tmp_path) and not loaded.training
+    assert loaded.gateskip.source == str(tmp_path) and not loaded.training
     assert not hasattr(loaded.config, "_gateskip_name") and ltok.pad_token is not None
     x = torch.randint(4, 100, (1, 20))
     with torch.no_grad():
@@ -248,7 +248,7 @@ def test_real_smollm2_load_and_cache(tmp_path):
     print(f"smollm2 load: first (convert) {timings[0]:.1f}s, second (cache) {timings[1]:.1f}s")
     assert (tmp_path / "smollm2-135m" / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["smollm2-135m"]  # temp folder cleaned up
-    assert model.gateskip_source == "smollm2-135m" and model_family(model) == "llama"
+    assert model.gateskip.source == "smollm2-135m" and model_family(model) == "llama"
     enc = encode_batch(tok, ["The capital of France is", "Hi"])
     with torch.no_grad():
         logits = model(**enc).logits

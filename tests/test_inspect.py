@@ -15,6 +15,7 @@ from gateskip.analysis.importance import visible
 from gateskip.analysis.report import report_text
 from gateskip.analysis.stats import category_stats, markdown_tables, save_lines
 from gateskip.commands.cli import main
+from gateskip.core import gate_state
 from gateskip.models import tiny_model, tiny_tokenizer
 from gateskip.policies import threshold_from_grid
 
@@ -36,7 +37,7 @@ def test_importances_shape_range_and_dense(gated):
     assert tokens[0] == "<bos>" and "".join(tokens[1:]) == TEXT
     assert names == [f"layers.{i}.{k}" for i in range(3) for k in ("attn", "mlp")]
     assert ((imp > 0) & (imp < 1)).all()
-    st = model.gateskip_state
+    st = gate_state(model)
     assert not st.collect and st.gate_log == []  # nothing left switched on or held
     with gateskip.skipping(model, ratio=0.5, policy="quantile"):  # importances are read densely anyway
         again, _, _ = gateskip.importances(model, tok, TEXT)
@@ -75,7 +76,7 @@ def test_html_renders_one_element_per_token(gated, tmp_path):
 def test_calibrated_thresholds_on_the_page(gated):
     model, tok = gated
     grid = torch.sort(torch.rand(6, 1001), dim=1).values
-    names = [b.name for b in model.gateskip_state.branches]
+    names = [b.name for b in gate_state(model).branches]
     th = thresholds_by_kind(grid, names)
     assert len(th["attn"]) == len(th["mlp"]) == 3 and len(th["mlp"][0]) == RATIO_STEPS + 1
     assert th["mlp"][2][30] == pytest.approx(float(threshold_from_grid(grid[5], 0.30)))

@@ -18,6 +18,7 @@ from gateskip.baselines.mod import (
     set_mode,
 )
 from gateskip.compat import model_cache_arg, output_cache
+from gateskip.core import gate_state
 from gateskip.models import tiny_model, tiny_tokenizer
 
 HAS_EVAL = importlib.util.find_spec("lm_eval") is not None and importlib.util.find_spec("olmo_eval") is not None
@@ -39,7 +40,7 @@ def _trained(steps=3):
 
 def _decisions(m, ids, ratio, mode="predictor"):
     """Skip decision per branch for every token of ``ids`` ([branches, T])."""
-    st = m.gateskip_state
+    st = gate_state(m)
     set_mode(m, mode)
     seen = {}
     st._queue = lambda branch, skip, valid: seen.__setitem__(branch.index, skip)  # instance attr shadows method
@@ -111,7 +112,7 @@ def test_predictor_decode_matches_prefill():
 def test_stats_count_router_and_predictor_flops():
     """gateskip.stats on MoD equals a hand count from the decisions taken and the FLOP model."""
     m, _ = _trained()
-    st = m.gateskip_state
+    st = gate_state(m)
     f = st.flops
     h, n = m.config.hidden_size, 20
     ids = torch.randint(3, 99, (1, n))

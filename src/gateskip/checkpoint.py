@@ -30,6 +30,7 @@ from gateskip.core import add_gates, gate_modules, gate_state, is_gated, remove_
 from gateskip.errors import GateSkipError
 from gateskip.fallback import fallback_modules
 from gateskip.quantize import is_quantized_linear, merge_delta
+from gateskip.record import peek
 from gateskip.version import __version__
 
 GATES_FILE, META_FILE, BACKBONE_FILE = "gates.safetensors", "gateskip.json", "backbone.safetensors"
@@ -39,7 +40,7 @@ FORMAT = 1
 def model_identity(model: nn.Module) -> dict:
     c = text_config(model)
     return {
-        "source": getattr(model, "gateskip_source", None) or getattr(model.config, "_name_or_path", None),
+        "source": peek(model).source or getattr(model.config, "_name_or_path", None),
         "model_type": model.config.model_type,
         "hidden_size": c.hidden_size,
         "num_layers": len(decoder_layers(model)),

@@ -27,6 +27,7 @@ from gateskip.fallback import make_fallback
 from gateskip.flops import model_flops
 from gateskip.gates import Gate
 from gateskip.policies import check_policy, check_ratio, threshold_from_grid
+from gateskip.record import model_record, peek
 from gateskip.state import GateState, Plan
 from gateskip.wrap import GatedBranch
 
@@ -34,14 +35,14 @@ CALIBRATION_POINTS = 1001  # importance quantiles kept per branch: any ratio can
 
 
 def gate_state(model: nn.Module) -> GateState:
-    st = getattr(model, "gateskip_state", None)
+    st = peek(model).state
     if st is None:
         raise GateSkipError("this model has no gates: call gateskip.add_gates(model) or load_gates(model, dir) first")
     return st
 
 
 def is_gated(model: nn.Module) -> bool:
-    return getattr(model, "gateskip_state", None) is not None
+    return peek(model).state is not None
 
 
 def add_gates(model: nn.Module, cfg: GateSkipConfig | None = None, state_cls: type[GateState] = GateState
@@ -87,7 +88,7 @@ def add_gates(model: nn.Module, cfg: GateSkipConfig | None = None, state_cls: ty
     if head is not None:
         handles.append(head.register_forward_hook(lambda _m, _a, out: _count_lm_rows(state, out)))
     state.handles = handles
-    model.gateskip_state = state
+    model_record(model).state = state
     return model
 
 
@@ -108,7 +109,7 @@ def remove_gates(model: nn.Module) -> nn.Module:
             setattr(layer, b.post_attr, b.post_norm)
     for h in st.handles:
         h.remove()
-    del model.gateskip_state
+    model_record(model).state = None
     return model
 
 
@@ -327,7 +328,7 @@ def record_quantiles(model: nn.Module, batches: Iterable, ratio: float, policy: 
     Shared by gate calibration and MoD's predictor calibration: each branch sees the hidden states
     it will see when skipping upstream is active.
     """
-    st = model.gateskip_state
+    st = peek(model).state
     st.record = [[] for _ in st.branches]
     device = next(model.parameters()).device
     n_batches = 0
@@ -393,7 +394,7 @@ def _begin_call(model, args, kwargs):
     """Model-level pre-hook: which tokens of this call are real, and how much context each sees."""
     tokens = call_tokens(args, kwargs)
     if tokens is not None:
-        model.gateskip_state.begin_call(*tokens)
+        peek(model).state.begin_call(*tokens)
 
 
 def _count_lm_rows(st: GateState, output: torch.Tensor) -> None:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gateskip.record import peek
+
 
 class MeanFallback(nn.Module):
     """fb(x) = b: the branch's mean output, whatever the token."""
@@ -112,7 +114,7 @@ def gated_fallback(fb: nn.Module, x: torch.Tensor, g: torch.Tensor | None) -> to
 
 def fallback_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Fallback modules by branch name (``layers.{i}.{kind}``); empty for ``fallback="zero"``."""
-    return {b.name: b.fallback for b in model.gateskip_state.branches if b.fallback is not None}
+    return {b.name: b.fallback for b in peek(model).state.branches if b.fallback is not None}
 
 
 def fallback_parameters(model: nn.Module) -> list[nn.Parameter]:

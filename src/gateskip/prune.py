@@ -16,6 +16,7 @@ import torch
 
 from gateskip.arch import arch_spec, decoder_layers, text_config
 from gateskip.errors import GateSkipError
+from gateskip.record import model_record, peek
 
 
 def prune_layers(model, drop: Iterable[int], recalibrate=None, ratio: float | None = None):
@@ -53,8 +54,9 @@ def prune_layers(model, drop: Iterable[int], recalibrate=None, ratio: float | No
         if getattr(cfg, "num_hidden_layers", None) == len(layers):
             cfg.num_hidden_layers = len(keep)
     original = _original_indices(model, len(layers))
-    model.gateskip_pruned = sorted(set(original) - {original[i] for i in keep})
-    model.gateskip_layers_before_pruning = getattr(model, "gateskip_layers_before_pruning", len(layers))
+    rec = model_record(model)
+    rec.pruned = sorted(set(original) - {original[i] for i in keep})
+    rec.layers_before_pruning = rec.layers_before_pruning or len(layers)
     if is_gated(model):
         st = gate_state(model)
         _prune_state(model, st, new_of)
@@ -66,7 +68,7 @@ def prune_layers(model, drop: Iterable[int], recalibrate=None, ratio: float | No
 
 def _original_indices(model, n: int) -> list[int]:
     """Base-model index of each current layer (a model can be pruned more than once)."""
-    pruned = set(getattr(model, "gateskip_pruned", ()))
+    pruned = set(peek(model).pruned or ())
     return [i for i in range(n + len(pruned)) if i not in pruned]
 
 
@@ -92,10 +94,10 @@ def _prune_state(model, st, new_of: dict[int, int]) -> None:
 
 def pruning_meta(model) -> dict:
     """What ``save_gates`` records about pruning (empty for an unpruned model)."""
-    pruned = list(getattr(model, "gateskip_pruned", ()))
-    if not pruned:
+    rec = peek(model)
+    if not rec.pruned:
         return {}
-    return {"pruned_layers": pruned, "layers_before_pruning": model.gateskip_layers_before_pruning}
+    return {"pruned_layers": list(rec.pruned), "layers_before_pruning": rec.layers_before_pruning}
 
 
 def apply_recorded_pruning(model, meta: dict) -> None:
@@ -104,8 +106,8 @@ def apply_recorded_pruning(model, meta: dict) -> None:
     if not pruned:
         return
     n = len(decoder_layers(model))
-    if n == meta["layers_before_pruning"] and not getattr(model, "gateskip_pruned", None):
+    if n == meta["layers_before_pruning"] and not peek(model).pruned:
         prune_layers(model, pruned)
-    elif list(getattr(model, "gateskip_pruned", [])) != list(pruned):
+    elif list(peek(model).pruned or []) != list(pruned):
         raise GateSkipError(f"these gates belong to the base model with layers {pruned} pruned; this model has "
                             f"{n} layers: load the full base model")

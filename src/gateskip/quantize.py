@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from gateskip.errors import GateSkipError
+from gateskip.record import model_record, peek
 
 LIBRARIES = ("quanto",)
 INSTALL = "pip install 'gateskip[quant]' (optimum-quanto)"
@@ -67,14 +68,14 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 64, library: str
             setattr(layer.get_submodule(parent) if parent else layer, attr, q)
             if full is not None:  # on the CPU: on a GPU the float copy would take the memory int4 saves
                 full[id(q)] = lin.weight.detach().cpu()
-    model.gateskip_quant = {"library": library, "bits": bits, "group_size": group_size if bits == 4 else None,
-                            "optimizer": optimizer if bits == 4 else "absmax", "float": full}
+    model_record(model).quant = {"library": library, "bits": bits, "group_size": group_size if bits == 4 else None,
+                                 "optimizer": optimizer if bits == 4 else "absmax", "float": full}
     _requantize_backup(model)
     return model
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return getattr(model, "gateskip_quant", None) is not None
+    return peek(model).quant is not None
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
@@ -82,7 +83,7 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 
 def describe(model: nn.Module) -> str:
-    q = getattr(model, "gateskip_quant", None)
+    q = peek(model).quant
     if q is None:
         return "full precision"
     group = f", group {q['group_size']}, {q['optimizer']}" if q["group_size"] else ""
@@ -97,7 +98,7 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
         layers = decoder_layers(model)
     except GateSkipError as e:
         raise GateSkipError(f"cannot quantize this model: {e}") from None
-    gates = {id(m) for b in getattr(getattr(model, "gateskip_state", None), "branches", []) for m in b.gate.modules()}
+    gates = {id(m) for b in getattr(peek(model).state, "branches", []) for m in b.gate.modules()}
     return [(layer, name, m) for layer in layers for name, m in layer.named_modules()
             if (type(m) is nn.Linear or is_quantized_linear(m)) and id(m) not in gates]
 
@@ -152,7 +153,7 @@ def merge_delta(model: nn.Module, module: nn.Module, delta: torch.Tensor | None 
 
     Returns the quantized weight it replaced (what ``remove_gates`` puts back).
     """
-    full = model.gateskip_quant["float"]
+    full = peek(model).quant["float"]
     if full is None:
         raise GateSkipError("these gates change the backbone (LoRA / full fine-tune), which must be merged before "
                             "quantizing: load the gates first and quantize after, or quantize with keep_float=True")
@@ -189,7 +190,7 @@ def _is_qtensor(t) -> bool:
 @torch.no_grad()
 def _requantize_backup(model: nn.Module) -> None:
     """Gates already merged deltas: their float backups become quantized, so remove_gates gives Q(original)."""
-    st = getattr(model, "gateskip_state", None)
+    st = peek(model).state
     if st is None:
         return
     for name, original in list(st.backup.items()):
@@ -199,8 +200,8 @@ def _requantize_backup(model: nn.Module) -> None:
             _set_float(module, original)
             st.backup[name] = module.weight  # Q(original)
             module.weight = current  # Q(original + delta), what quantize() just made
-            if model.gateskip_quant["float"] is not None:
-                model.gateskip_quant["float"][id(module)] = original.detach().cpu()
+            if peek(model).quant["float"] is not None:
+                peek(model).quant["float"][id(module)] = original.detach().cpu()
 
 
 def _quanto():

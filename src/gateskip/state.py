@@ -1,6 +1,6 @@
 """The small per-model runtime state that gated branches read.
 
-One ``GateState`` lives on a gated model (``model.gateskip_state``). It holds the gated branches,
+One ``GateState`` lives on a gated model (``model.gateskip.state``, record.py). It holds the gated branches,
 the active skipping plan (installed and removed by ``gateskip.skipping``), the valid-token mask of
 the current forward call (padding excluded), the K/V of the previous attention layer (for
 ``kv="copy"``), running statistics, and optional logs for training and calibration. Nothing is

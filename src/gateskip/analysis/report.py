@@ -10,6 +10,7 @@ from gateskip.analysis.html import write_html
 from gateskip.analysis.importance import branch_importances, encode, token_labels, token_texts
 from gateskip.core import gate_state
 from gateskip.errors import GateSkipError
+from gateskip.record import peek
 
 
 def report_text(model, tok, text: str, out_dir: str | Path, stem: str = "prompt-01", ratio: float = 0.3,
@@ -24,7 +25,7 @@ def report_text(model, tok, text: str, out_dir: str | Path, stem: str = "prompt-
     st = gate_state(model)
     names = [b.name for b in st.branches]
     grid = st.calibration["grid"] if st.calibration is not None else None
-    source = (st.meta or {}).get("base_model", {}).get("source") or getattr(model, "gateskip_source", "")
+    source = (st.meta or {}).get("base_model", {}).get("source") or (peek(model).source or "")
     title = f"GateSkip importance: {source}, {len(ids)} tokens" + (" (chat template)" if chat else "")
     record = {
         "model": source,

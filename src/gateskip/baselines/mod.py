@@ -52,6 +52,7 @@ from gateskip.core import (
 )
 from gateskip.errors import GateSkipError
 from gateskip.policies import quantile_skip, threshold_from_grid
+from gateskip.record import peek
 from gateskip.state import GateState
 
 MODES = ("predictor", "topk")
@@ -137,7 +138,7 @@ def capacity_at(step: int, capacity: float = 0.8, decay: float = 1500.0) -> floa
 
 
 def is_mod(model) -> bool:
-    return isinstance(getattr(model, "gateskip_state", None), MoDState)
+    return isinstance(peek(model).state, MoDState)
 
 
 def add_mod(model: nn.Module, predictor_hidden: int = 64, kv: str = "compute", init_bias: float = 5.0,
@@ -172,7 +173,7 @@ def set_mode(model: nn.Module, mode: str) -> None:
 def _mod_state(model) -> MoDState:
     if not is_mod(model):
         raise GateSkipError("this model has no MoD routers: call add_mod(model) or load_mod(model, dir) first")
-    return model.gateskip_state
+    return peek(model).state
 
 
 @torch.no_grad()

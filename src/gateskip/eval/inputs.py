@@ -9,6 +9,7 @@ import torch
 
 from gateskip.errors import GateSkipError
 from gateskip.loading import base_model_name, load_named
+from gateskip.record import peek
 
 CALIB_SEQ_LEN, CALIB_BATCH = 256, 4
 
@@ -46,7 +47,7 @@ def resolve_model(model, tokenizer, gates):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, getattr(model, "gateskip_source", None) or model.config.model_type
+    return model, tokenizer, peek(model).source or model.config.model_type
 
 
 def calibration_batches(tok, n: int) -> list[torch.Tensor]:

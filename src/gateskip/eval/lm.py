@@ -24,7 +24,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from gateskip.core import is_gated, skipping, stats
+from gateskip.core import gate_state, is_gated, skipping, stats
 from gateskip.errors import GateSkipError
 from gateskip.flopcount import merge_stats
 from gateskip.policies import check_policy
@@ -81,7 +81,8 @@ class GateSkipLM(HFLM):
             return
         with skipping(self.model, **self.plan):
             yield
-            if self.model.gateskip_state.counts is not None and self.model.gateskip_state.calls:
+            st = gate_state(self.model)
+            if st.counts is not None and st.calls:
                 self._runs.append(stats(self.model))
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
