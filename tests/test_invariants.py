@@ -21,20 +21,20 @@ from gateskip.models import tiny_model
 TOL = 1e-4
 
 # (family, gate, placement, kv, policy, fallback "attn/mlp"): every value of every axis appears at least once
-MATRIX = [
-    ("llama", "vector", "after", "copy", "threshold", "zero"),
-    ("qwen2", "scalar", "after", "compute", "threshold", "lowrank"),
-    ("qwen3", "lowrank", "before", "copy", "threshold", "mean"),
-    ("mistral", "mlp", "after", "compute", "threshold", "linear"),
-    ("gemma2", "lowrank", "after", "compute", "threshold", "lowrank/linear"),
-    ("gemma3_text", "scalar", "before", "compute", "threshold", "zero"),
-    ("llama", "lowrank", "after", "compute", "quantile", "lowrank"),
-    ("gemma2", "vector", "before", "copy", "quantile", "zero"),
-    ("qwen3", "scalar", "after", "copy", "random", "linear"),
-    ("mistral", "lowrank", "after", "compute", "random", "mean"),
-    ("qwen2", "vector", "after", "compute", "quantile", "lowrank/linear"),
-    ("gemma3_text", "lowrank", "after", "copy", "threshold", "linear"),
-]
+MATRIX = [tuple(row.split()) for row in """
+llama vector after copy threshold zero
+qwen2 scalar after compute threshold lowrank
+qwen3 lowrank before copy threshold mean
+mistral mlp after compute threshold linear
+gemma2 lowrank after compute threshold lowrank/linear
+gemma3_text scalar before compute threshold zero
+llama lowrank after compute quantile lowrank
+gemma2 vector before copy quantile zero
+qwen3 scalar after copy random linear
+mistral lowrank after compute random mean
+qwen2 vector after compute quantile lowrank/linear
+gemma3_text lowrank after copy threshold linear
+""".strip().splitlines()]
 
 
 def _batches(n=2, seed=5):
