@@ -61,6 +61,43 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return obj
 
 
+def keep_layers(model: nn.Module, keep: list[int]):
+    """Keep only the decoder layers ``keep`` (current indices, in order); returns a function that puts the model
+    back exactly. The one way layers are removed (prune.py for good, ShortGPT for the length of a run): the
+    attention modules are renumbered (they index the KV cache by ``layer_idx``) and the configs' layer count and
+    per-layer types follow."""
+    layers = decoder_layers(model)
+    path = arch_spec(model).layers.split(".")
+    parent = model
+    for part in path[:-1]:
+        parent = getattr(parent, part)
+    renumbered = []  # (module, its layer_idx before)
+    for new, old in enumerate(keep):
+        for mod in layers[old].modules():
+            if isinstance(getattr(mod, "layer_idx", None), int) and "layer_idx" in vars(mod):
+                renumbered.append((mod, mod.layer_idx))
+                mod.layer_idx = new
+    cfgs = list({id(c): c for c in (text_config(model), model.config)}.values())
+    saved = [(c, {k: getattr(c, k) for k in ("num_hidden_layers", "layer_types") if hasattr(c, k)}) for c in cfgs]
+    setattr(parent, path[-1], nn.ModuleList([layers[i] for i in keep]))
+    n = len(layers)
+    for c in cfgs:
+        if getattr(c, "layer_types", None) is not None and len(c.layer_types) == n:
+            c.layer_types = [c.layer_types[i] for i in keep]
+        if getattr(c, "num_hidden_layers", None) == n:
+            c.num_hidden_layers = len(keep)
+
+    def undo() -> None:
+        setattr(parent, path[-1], layers)
+        for c, values in saved:
+            for k, v in values.items():
+                setattr(c, k, v)
+        for mod, idx in renumbered:
+            mod.layer_idx = idx
+
+    return undo
+
+
 def text_config(model: nn.Module):
     """The config holding the decoder's sizes (multimodal Gemma 3 nests it)."""
     cfg = model.config

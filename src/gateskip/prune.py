@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-
-from gateskip.arch import arch_spec, decoder_layers, text_config
+from gateskip.arch import decoder_layers, keep_layers
 from gateskip.errors import GateSkipError
 from gateskip.record import model_record, peek
 
@@ -38,21 +36,7 @@ def prune_layers(model, drop: Iterable[int], recalibrate=None, ratio: float | No
         return model
     keep = [i for i in range(len(layers)) if i not in drop]
     new_of = {old: new for new, old in enumerate(keep)}
-    for old in keep:  # attention modules index the KV cache by their layer number
-        for mod in layers[old].modules():
-            if isinstance(getattr(mod, "layer_idx", None), int) and "layer_idx" in vars(mod):
-                mod.layer_idx = new_of[old]
-    path = arch_spec(model).layers.split(".")
-    parent = model
-    for part in path[:-1]:
-        parent = getattr(parent, part)
-    setattr(parent, path[-1], torch.nn.ModuleList([layers[i] for i in keep]))
-    cfgs = {id(c): c for c in (text_config(model), model.config)}.values()
-    for cfg in cfgs:
-        if getattr(cfg, "layer_types", None) is not None and len(cfg.layer_types) == len(layers):
-            cfg.layer_types = [cfg.layer_types[i] for i in keep]
-        if getattr(cfg, "num_hidden_layers", None) == len(layers):
-            cfg.num_hidden_layers = len(keep)
+    keep_layers(model, keep)  # for good: the undo is not kept
     original = _original_indices(model, len(layers))
     rec = model_record(model)
     rec.pruned = sorted(set(original) - {original[i] for i in keep})

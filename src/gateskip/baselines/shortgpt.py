@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from gateskip.arch import arch_spec, decoder_layers, text_config
+from gateskip.arch import decoder_layers, keep_layers
 from gateskip.core import is_gated
 from gateskip.errors import GateSkipError
 
@@ -69,31 +69,11 @@ def pruned(model, drop: Iterable[int]):
     layers = decoder_layers(model)
     if any(not 0 <= i < len(layers) for i in drop) or len(drop) >= len(layers):
         raise GateSkipError(f"cannot drop layers {drop} of {len(layers)}: keep at least one valid layer")
-    path = arch_spec(model).layers.split(".")
-    parent = model
-    for part in path[:-1]:
-        parent = getattr(parent, part)
-    cfg = text_config(model)
-    keep = [i for i in range(len(layers)) if i not in drop]
-    saved_cfg = {k: getattr(cfg, k) for k in ("num_hidden_layers", "layer_types") if hasattr(cfg, k)}
-    renumbered = []  # (module, original layer_idx): attention modules index the KV cache by it
-    for new, old in enumerate(keep):
-        for mod in layers[old].modules():
-            if isinstance(getattr(mod, "layer_idx", None), int):
-                renumbered.append((mod, mod.layer_idx))
-                mod.layer_idx = new
-    setattr(parent, path[-1], torch.nn.ModuleList([layers[i] for i in keep]))
-    cfg.num_hidden_layers = len(keep)
-    if saved_cfg.get("layer_types") is not None:
-        cfg.layer_types = [saved_cfg["layer_types"][i] for i in keep]
+    undo = keep_layers(model, [i for i in range(len(layers)) if i not in drop])
     try:
-        yield keep
+        yield [i for i in range(len(layers)) if i not in drop]
     finally:
-        setattr(parent, path[-1], layers)
-        for k, v in saved_cfg.items():
-            setattr(cfg, k, v)
-        for mod, idx in renumbered:
-            mod.layer_idx = idx
+        undo()
 
 
 LINEAR_GATES = {"gate": "scalar", "init_std": 0.0, "init_bias": 1e4, "fallback": "linear", "kv": "copy"}
