@@ -6,7 +6,8 @@ from __future__ import annotations
 from gateskip.errors import GateSkipError
 
 
-def _say(bar, msg: str) -> None:
+def say(bar, msg: str) -> None:
+    """A progress line, written through the tqdm bar when there is one (so the bar is not broken)."""
     (getattr(bar, "write", None) or print)(msg)
 
 
@@ -28,15 +29,15 @@ def install_fallback(net, gates: str, fallback: dict | None, batches, bar) -> di
     if kind == "zero" or (fallback_label(cfg.to_dict()) == kind and (kind != "lowrank" or cfg.fallback_rank == rank)):
         have = fallback_label(cfg.to_dict())
         if kind == "zero" and have != "zero":
-            _say(bar, f"[gateskip] the gates folder holds a {cfg.fallback_name()} fallback: "
+            say(bar, f"[gateskip] the gates folder holds a {cfg.fallback_name()} fallback: "
                       f"gateskip/random rows run with it (named +{have})")
         elif have != "zero":
-            _say(bar, f"[gateskip] using the {cfg.fallback_name()} fallback stored in {gates}")
+            say(bar, f"[gateskip] using the {cfg.fallback_name()} fallback stored in {gates}")
         return {**base, "kind": have, "rank": cfg.fallback_rank if "lowrank" in cfg.fallback_kinds else None,
                 "source": "gates folder" if have != "zero" else None, "tokens": None, "r2": None, "r2_mean": None}
     fit = fit_fallback(net, batches(), kind=kind, rank=rank)
     means = r2_means(fit["r2"])
-    _say(bar, f"[gateskip] fitted a {_fb_name(kind, rank)} fallback for every gated branch on {fit['tokens']} "
+    say(bar, f"[gateskip] fitted a {_fb_name(kind, rank)} fallback for every gated branch on {fit['tokens']} "
               f"tokens ({fit['batches']} batches): mean R² attn {_r2(means.get('attn'))}, mlp {_r2(means.get('mlp'))}")
     return {**base, "kind": kind, "rank": fit["rank"], "source": "fitted", "tokens": fit["tokens"],
             "r2": fit["r2"], "r2_mean": means}

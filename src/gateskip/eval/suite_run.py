@@ -33,7 +33,7 @@ import warnings
 import torch
 
 from gateskip.errors import GateSkipError
-from gateskip.eval.suite_fallback import install_fallback
+from gateskip.eval.suite_fallback import install_fallback, say
 
 
 def parse_budgets(values, what: str) -> list:
@@ -106,7 +106,7 @@ class SuiteRun:
             if saved.get("fingerprint") == fingerprint:
                 self.done = saved.get("rows", {})
             else:
-                _say(self.bar, f"[gateskip] {path} is from another sweep (settings differ): starting over")
+                say(self.bar, f"[gateskip] {path} is from another sweep (settings differ): starting over")
         return sum(len(r.get("tasks", {})) for r in self.done.values())
 
     def _save_partial(self) -> None:
@@ -142,14 +142,14 @@ class SuiteRun:
                 else:
                     got = item_scores(head, lls=scorer.loglikelihoods(head.items))[task.metric]
             if list(got) != list(dense["tasks"][task.name]["correct"][:spot]):
-                _say(self.bar, f"[gateskip] the dense row of {path} scores {task.name} differently: scoring it again")
+                say(self.bar, f"[gateskip] the dense row of {path} scores {task.name} differently: scoring it again")
                 return False
         saved = {"tasks": dict(dense["tasks"])}
         if "fidelity" in dense:
             saved["fidelity"] = dense["fidelity"]
         self.done[_row_key("dense", "-", {}, None)] = saved
         self._save_partial()
-        _say(self.bar, f"[gateskip] dense row taken from {path} (same model, items and settings; first {spot} "
+        say(self.bar, f"[gateskip] dense row taken from {path} (same model, items and settings; first {spot} "
                        "items of every task re-scored and equal)")
         return True
 
@@ -256,7 +256,7 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
         n = run.resume_from(*resume)
         run.resumed = n
         if n:
-            _say(bar, f"[gateskip] resuming: {n} task scores kept from {resume[0]}")
+            say(bar, f"[gateskip] resuming: {n} task scores kept from {resume[0]}")
     run.dense_reference()
     if dense_from is not None and _row_key("dense", "-", {}, None) not in run.done:
         run.reuse_dense(*dense_from)
@@ -321,9 +321,6 @@ class _Lazy:
             self.value = list(self.source() if callable(self.source) else self.source)
         return self.value
 
-
-def _say(bar, msg: str) -> None:
-    (getattr(bar, "write", None) or print)(msg)
 
 
 def backbone_suffix(gates: str) -> str:
