@@ -351,3 +351,16 @@ def test_a_comma_list_of_tasks_is_a_custom_suite():
     assert suite_tasks("piqa, lambada", None) == ["piqa", "lambada"]
     with pytest.raises(GateSkipError, match="unknown suite 'piqa,nope'"):
         suite_tasks("piqa,nope", None)
+
+
+def test_oracle_rows_rank_whole_requests_and_skip_their_share(tmp_path):
+    lin = _gates_folder(tmp_path / "lin", "linear")
+    res = _sweep(lin, ["gateskip", "oracle"], {"kind": "linear", "rank": 64}, fit_batches=_never,
+                 budgets={"gateskip": [0.3], "oracle": [0.0, 0.5]})
+    dense, _, off, on = res["rows"]
+    assert [r["method"] for r in res["rows"]] == ["dense", "gateskip+linear", "oracle+linear", "oracle+linear"]
+    assert off["policy"] == on["policy"] == "oracle" and not on["exact_prefix_sharing"]
+    # ratio 0 changes nothing; at 0.5 half of every branch's eligible tokens are skipped (the first is protected)
+    assert off["tasks"]["t"]["correct"] == dense["tasks"]["t"]["correct"] and off["tokens_skipped"] == 0
+    assert 0.3 < on["tokens_skipped"] <= 0.5 and on["compute_saved"] > 0
+    assert row_names(["oracle", "gateskip"], "lowrank") == ["gateskip+lowrank", "oracle+lowrank"]

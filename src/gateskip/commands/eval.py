@@ -38,6 +38,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
              allocation: str = "uniform", mod: str | None = None, exit_measure: str = "softmax",
              quant: str = "none", compare_with: list[str] | None = None, prune: int = 4,
              recalibrate: bool = True, suite: str | None = None, random_ratios: list[str] | None = None,
+             oracle_ratios: list[str] | None = None,
              shortgpt_layers: list[int] = (4, 10, 16), protect_first: int | None = None, fidelity_prompts: int = 32,
              fidelity_prompt_tokens: int = 48, fidelity_tokens: int = 64, shared_prefix: bool = True,
              fallback: str = "zero", fallback_rank: int = 64, fallback_batches: int = 12,
@@ -81,11 +82,14 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
         recalibrate: method pruned_gateskip: re-fit the remaining gates' thresholds on calibration
             text after pruning (their inputs changed).
         suite: core, extended, all or a comma list of tasks: the fast paired sweep (eval/suite_run.py) on
-            that task suite instead of --tasks: methods dense + gateskip, random, shortgpt (the default) and shortgpt_linear
-            (ShortGPT's layers replaced by fitted linear maps, row shortgpt+linear; on request), or none for
+            that task suite instead of --tasks: methods dense + gateskip, random, shortgpt (the default), shortgpt_linear
+            (ShortGPT's layers replaced by fitted linear maps, row shortgpt+linear; on request) and oracle (the
+            gates folder with policy oracle, the ceiling for learned gates; on request), or none for
             dense only; per-item scores, above-chance retention, a paired who-wins table at matched compute,
             and generation fidelity. --ratios may then also name JSON files of per-branch ratios.
         random_ratios: suite: ratios of the random method (default: the numeric --ratios).
+        oracle_ratios: suite: ratios of the oracle method (default: the random ones): a ceiling, not a
+            method; it computes every branch and skips the tokens whose skipping changes it least.
         shortgpt_layers: suite: numbers of layers ShortGPT removes, one row each.
         protect_first: suite: never skip the first N tokens (default: the gates' config).
         fidelity_prompts: suite: held-out prompts for generation fidelity (0: off).
@@ -112,7 +116,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
         torch.set_num_threads(threads)
     if suite:
         return evaluate_suite(gates=gates, suite=suite, ratios=ratios, random_ratios=random_ratios,
-                              shortgpt_layers=shortgpt_layers,
+                              oracle_ratios=oracle_ratios,                              shortgpt_layers=shortgpt_layers,
                               methods=None if methods == DEFAULT_METHODS else methods, policy=policy, kv=kv,
                               limit=limit, out=out, model=model, tokenizer=tokenizer, seed=seed, threads=threads,
                               calib_batches=calib_batches, protect_first=protect_first,
@@ -184,7 +188,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
 # ---- the sweep ---------------------------------------------------------------------------------
 
 
-def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods, policy, kv, limit, out, model,
+def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_layers, methods, policy, kv, limit, out, model,
                    tokenizer, seed, threads, calib_batches, protect_first, fidelity, shared_prefix=True,
                    fallback="zero", fallback_rank=64, fallback_batches=12, compare_with=None,
                    reference=None, resume=True, reuse_dense=True) -> dict:
@@ -193,6 +197,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
 
     from tqdm.auto import tqdm
 
+    from gateskip.checkpoint import read_meta
     from gateskip.eval import suite_report
     from gateskip.eval.inputs import calibration_batches, prepare_run, require_lm_eval, resolve_model
     from gateskip.eval.suite import load_items, suite_tasks
@@ -215,6 +220,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
     budgets = {"gateskip": suite_run.parse_budgets(ratios, "ratios")}
     numeric = [b for b in budgets["gateskip"] if not isinstance(b, str)]
     budgets["random"] = suite_run.parse_budgets(random_ratios, "random") if random_ratios else numeric
+    budgets["oracle"] = suite_run.parse_budgets(oracle_ratios, "oracle") if oracle_ratios else budgets["random"]
     budgets["shortgpt"] = suite_run.parse_budgets(shortgpt_layers, "layers")
     budgets["shortgpt_linear"] = budgets["shortgpt"]
     # fail now, not after the sweep: the runs to merge must cover the same tasks and items, and the
@@ -222,10 +228,11 @@ def evaluate_suite(gates, suite, ratios, random_ratios, shortgpt_layers, methods
     paths = suite_merge.split_paths(compare_with)
     runs = [(p, suite_merge.load_run(p, {"tasks": names, "limit": limit})) for p in paths]
     kind = fallback
-    if kind == "zero" and gates and {"gateskip", "random"} & set(items):
-        from gateskip.checkpoint import read_meta
-
+    if kind == "zero" and gates and {"gateskip", "random", "oracle"} & set(items):
         kind = suite_fallback.fallback_label(read_meta(gates)["config"])  # a folder saved with a fallback runs with it
+    if "oracle" in items and gates and read_meta(gates)["config"].get("placement", "after") != "after":
+        raise GateSkipError("method oracle needs gates placed after the branch: drop it or pass a folder "
+                            "trained with placement='after'")
     own = suite_run.row_names(items, kind)
     merged = own + [n for _, renamed in suite_merge.renames(own, runs) for n in renamed.values()]
     if reference is not None and reference not in merged:

@@ -7,6 +7,9 @@ can be compared item by item (paired.py). Rows:
 1. dense: the model without gates, scored once; every retention is measured against it;
 2. gateskip: the gates folder at each budget (a ratio, or a JSON file of per-branch ratios);
 3. random: the same gates and backbone, tokens chosen at random (``policy="random"``), at each ratio;
+   oracle (on request): the same again, tokens chosen by ``policy="oracle"``, a ceiling that computes every
+   branch to find the tokens whose skipping changes its output least (ranked per request, like quantile;
+   skipped tokens keep their own K/V): the random-to-oracle gap is what learned gates can win;
 4. shortgpt: the original model without its lowest-Block-Influence layers, at each layer count;
 5. shortgpt_linear (row ``shortgpt+linear``): the same layers, each replaced by a linear map of its input
    instead of removed (``linear_replaced``): the strongest static baseline.
@@ -166,7 +169,8 @@ class SuiteRun:
         from gateskip.eval import suite_merge
         from gateskip.eval.scoring import Scorer, item_scores
 
-        shared = self.shared_prefix and not (plan and plan.get("policy") == "quantile" and _skips(plan))
+        # quantile and oracle rank a whole request: its context's decisions depend on the continuation
+        shared = self.shared_prefix and not (plan and plan.get("policy") in ("quantile", "oracle") and _skips(plan))
         scorer = Scorer(self.net, self.tok, shared=shared)
         per_task = {}
         t_row = time.perf_counter()
@@ -174,7 +178,8 @@ class SuiteRun:
         for task in self.tasks:
             if task.name in saved["tasks"]:  # measured by an interrupted run of the same sweep
                 per_task[task.name] = saved["tasks"][task.name]
-                self._check_flops(task, per_task[task.name]["flops_dense"], f"{method} {budget}")
+                if shared == self.shared_prefix:
+                    self._check_flops(task, per_task[task.name]["flops_dense"], f"{method} {budget}")
                 self.bar.update(1)
                 continue
             self.bar.set_postfix_str(f"{method} {budget} {task.name}")
@@ -189,7 +194,8 @@ class SuiteRun:
                 s = stats(self.net) if plan else None
             if s is None:
                 s = counter.stats(removed)
-            self._check_flops(task, s["flops_dense"], f"{method} {budget}")
+            if shared == self.shared_prefix:  # rows without prefix sharing count each choice's context again
+                self._check_flops(task, s["flops_dense"], f"{method} {budget}")
             correct = scores[task.metric]
             n = len(correct)
             acc = sum(correct) / n
@@ -263,9 +269,10 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
     rows = [run.row("dense", "-", {}, counters={t.name: run.full_counter() for t in tasks})]
     common = {"kv": kv, "seed": seed, **({"protect_first": protect_first} if protect_first is not None else {})}
     fb_summary = None
-    if {"gateskip", "random"} & set(methods):
+    if {"gateskip", "random", "oracle"} & set(methods):
         if not gates:
-            raise GateSkipError("methods gateskip/random need trained gates: pass --gates DIR (or --methods shortgpt)")
+            raise GateSkipError("methods gateskip/random/oracle need trained gates: pass --gates DIR "
+                                "(or --methods shortgpt)")
         load_gates(net, gates)
         try:
             fb_summary = install_fallback(net, gates, fallback, batches, bar)
@@ -282,6 +289,9 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
             for r in budgets.get("random", []) if "random" in methods else []:
                 rows.append(run.row("random" + suffix, f"ratio {r:g}", {"ratio": r},
                                     {"ratio": r, "policy": "random", **common}))
+            for r in budgets.get("oracle", []) if "oracle" in methods else []:
+                rows.append(run.row("oracle" + suffix, f"ratio {r:g}", {"ratio": r},
+                                    {"ratio": r, "policy": "oracle", **common, "kv": "compute"}))
         finally:
             remove_gates(net)
     bi = None
@@ -330,7 +340,7 @@ def backbone_suffix(gates: str) -> str:
     return {"lora": "+lora", "full": "+ft"}.get(read_meta(gates).get("backbone"), "")
 
 
-SUITE_METHODS = ("gateskip", "random", "shortgpt", "shortgpt_linear")
+SUITE_METHODS = ("gateskip", "random", "oracle", "shortgpt", "shortgpt_linear")
 DEFAULT_SUITE_METHODS = ("gateskip", "random", "shortgpt")  # shortgpt_linear on request (a fit per count)
 
 
@@ -348,6 +358,7 @@ def save_raw(res: dict, out: str) -> None:
 def row_names(methods, kind: str = "zero") -> list[str]:
     """The method names of a suite run's rows (dense excluded), given its fallback kind."""
     suffix = "" if kind == "zero" else f"+{kind}"
-    names = {"gateskip": "gateskip" + suffix, "random": "random" + suffix, "shortgpt": "shortgpt",
+    names = {"gateskip": "gateskip" + suffix, "random": "random" + suffix, "oracle": "oracle" + suffix,
+             "shortgpt": "shortgpt",
              "shortgpt_linear": "shortgpt+linear"}
     return [names[m] for m in SUITE_METHODS if m in methods]
