@@ -91,7 +91,7 @@ def test_bench_calibrates_thresholds_at_each_measured_ratio():
     held_out = rand_ids(8, 32)
     for ratio in (0.25, 0.5):
         install(m, variant, ratio)
-        assert gate_state(m).calibration["ratio"] == ratio
+        assert gate_state(m).loaded.calibration["ratio"] == ratio
         with torch.no_grad(), gateskip.skipping(m, ratio=ratio, policy="threshold"):
             m(input_ids=held_out)
             assert gateskip.stats(m)["tokens_skipped"] == pytest.approx(ratio, abs=0.06)

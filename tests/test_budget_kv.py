@@ -56,11 +56,11 @@ def test_substitute_from_below_copies_only_skipped_tokens_of_the_next_layer():
     g = torch.Generator().manual_seed(3)
     k0, v0, k1, v1 = (torch.randn(2, 2, 5, 4, generator=g) for _ in range(4))
     skip = torch.tensor([[False, True, False, False, True], [True, False, False, False, False]])
-    state = SimpleNamespace(prev_kv=None)
+    state = SimpleNamespace(call=SimpleNamespace(prev_kv=None))
     assert substitute_from_below(state, 0, k0, v0, skip) == (k0, v0)  # nothing below layer 0
     k, v = substitute_from_below(state, 1, k1, v1, skip)
     m = skip[:, None, :, None]
     assert torch.equal(k, torch.where(m, k0, k1)) and torch.equal(v, torch.where(m, v0, v1))
-    assert state.prev_kv[0] == 1 and state.prev_kv[1] is k
+    assert state.call.prev_kv[0] == 1 and state.call.prev_kv[1] is k
     k3, _ = substitute_from_below(state, 3, k1, v1, skip)  # layer 2 not seen: no copy across a gap
     assert torch.equal(k3, k1)

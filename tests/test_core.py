@@ -109,7 +109,7 @@ def test_threshold_is_batch_independent(family):
 @pytest.mark.parametrize("kv", ["copy", "compute"])
 @pytest.mark.parametrize("lengths", [[9, 5], [9]], ids=["batch2", "batch1"])
 def test_cached_generation_equals_recompute(family, kv, lengths):
-    """Batch 1 decodes through the one-token host decision (state.decide_one); the recompute ranks with masks."""
+    """Batch 1 decodes through the one-token host decision (one_token.py); the recompute ranks with masks."""
     m = _calibrated(family)
     ids, mask = left_padded(lengths)
     out, recomputed, t0 = generate_then_recompute(m, ids, mask, 8, logits, ratio=0.4, policy="threshold", kv=kv)
@@ -126,7 +126,7 @@ def test_cached_generation_equals_recompute(family, kv, lengths):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: sliding layers (window 16) clamp the context
 def test_one_token_statistics_equal_the_mask_count(family, monkeypatch):
-    """Decode at batch 1 counts its decisions on the host (state.decide_one); the per-branch counts
+    """Decode at batch 1 counts its decisions on the host (one_token.py); the per-branch counts
     (skipped, tokens, attention context kept / seen) must equal what the mask-based path counts."""
     from gateskip.state import GateState
 
@@ -144,7 +144,7 @@ def test_one_token_statistics_equal_the_mask_count(family, monkeypatch):
 
     def mask_only(self, valid, ctx):
         real(self, valid, ctx)
-        self.one_token = False
+        self.call.one_token = False
 
     monkeypatch.setattr(GateState, "begin_call", mask_only)
     masked, masked_stats = counts()
@@ -302,11 +302,12 @@ def test_gate_fast_path_uses_its_own_current_weights(kind):
 @pytest.mark.parametrize("kind", ["vector", "scalar", "lowrank", "mlp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_token_gate_equals_forward_and_importance(kind, dtype):
-    """Gate.one_token (decode at batch 1: matrix-vector ops, importance read on the host) must give the
+    """one_token.gate_values (decode at batch 1: matrix-vector ops, importance read on the host) must give the
     values and the importance that forward + importance give the branch, in the branch's dtype."""
     import copy
 
-    from gateskip.gates import Gate, importance, one_token_importance
+    from gateskip import one_token
+    from gateskip.gates import Gate, importance
 
     gate = Gate(16, GateSkipConfig(gate=kind, rank=4))
     with torch.no_grad():
@@ -316,8 +317,8 @@ def test_one_token_gate_equals_forward_and_importance(kind, dtype):
         x = torch.randn(1, 1, 16).to(dtype)
         with torch.no_grad():
             want = g(x).to(dtype)
-            values = g.one_token(x)
-            imp = one_token_importance(values)
+            values = one_token.gate_values(g, x)
+            imp = one_token.importance(values)
         assert values.dtype == dtype and values.shape == (want.shape[-1],)
         assert torch.allclose(values.float(), want.reshape(-1).float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
         assert imp == pytest.approx(float(importance(want)), abs=1e-6 if dtype == torch.float32 else 1e-2)
@@ -373,11 +374,11 @@ def _skip_masks(m, fn):
     """Run ``fn()`` and return every branch's skip mask of that run (None where nothing was decided)."""
     st = gate_state(m)
     seen = []
-    st._queue = lambda branch, skip, valid: seen.append(skip)  # instance attribute shadows the method
+    st.count_decision = lambda branch, skip, valid: seen.append(skip)  # instance attribute shadows the method
     try:
         fn()
     finally:
-        del st._queue
+        del st.count_decision
     return seen
 
 
@@ -429,7 +430,7 @@ def test_a_state_subclass_is_the_extension_point_for_other_deciders():
             if self.plan is not None and self.plan.ratios[branch.index] > 0:
                 skip = (torch.arange(x.shape[1]) % 2 == 1).expand(x.shape[0], -1) & valid
             if self.plan is not None:
-                self._queue(branch, skip, valid)
+                self.count_decision(branch, skip, valid)
             return skip
 
     ids = torch.randint(3, 99, (2, 10))

@@ -20,7 +20,7 @@ def test_recipe_writes_a_folder_with_fallbacks_and_the_matched_compute_table(tmp
     gateskip.load_gates(net, out / "gates")
     st = gate_state(net)
     assert st.cfg.fallback == "lowrank"
-    assert bool(st.backup) == (recipe == "best")  # healed: LoRA deltas merged into the backbone
+    assert bool(st.loaded.backup) == (recipe == "best")  # healed: LoRA deltas merged into the backbone
     md = (out / "compare" / "compare.md").read_text()
     assert "shortgpt+linear" in md and "At matched compute" in md
     printed = capsys.readouterr().out

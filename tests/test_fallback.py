@@ -42,7 +42,7 @@ def _logits(m, ids, mask=None):
 def _same_gates(dst, src):
     for name, g in gate_modules(dst).items():
         g.load_state_dict(gate_modules(src)[name].state_dict())
-    gate_state(dst).calibration = gate_state(src).calibration
+    gate_state(dst).loaded.calibration = gate_state(src).loaded.calibration
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

@@ -43,12 +43,12 @@ def _decisions(m, ids, ratio, mode="predictor"):
     st = gate_state(m)
     set_mode(m, mode)
     seen = {}
-    st._queue = lambda branch, skip, valid: seen.__setitem__(branch.index, skip)  # instance attr shadows method
+    st.count_decision = lambda branch, skip, valid: seen.__setitem__(branch.index, skip)  # instance attr shadows method
     try:
         with torch.no_grad(), gateskip.skipping(m, ratio=ratio, path="masked"):
             m(ids)
     finally:
-        del st._queue
+        del st.count_decision
     return torch.stack([seen[i][0] for i in range(len(st.branches))])
 
 

@@ -42,7 +42,7 @@ def test_pruned_gated_model_matches_hand_built_reference(family):
     with torch.no_grad():
         ref = _by_hand(m, ids, keep=[0, 2, 4])
         gates_kept = {n: g for n, g in gateskip.core.gate_modules(m).items() if n.split(".")[1] in "024"}
-        grid = gateskip.core.gate_state(m).calibration["grid"].clone()
+        grid = gateskip.core.gate_state(m).loaded.calibration["grid"].clone()
         prune_layers(m, [1, 3])
         out = m(ids).logits
     assert len(decoder_layers(m)) == 3 and m.config.num_hidden_layers == 3
@@ -53,7 +53,7 @@ def test_pruned_gated_model_matches_hand_built_reference(family):
     for old, g in gates_kept.items():
         new = renamed[old.rsplit(".", 1)[0]] + "." + old.rsplit(".", 1)[1]
         assert gateskip.core.gate_modules(m)[new] is g  # the surviving gates themselves, untouched
-    torch.testing.assert_close(st.calibration["grid"], grid[[0, 1, 4, 5, 8, 9]])
+    torch.testing.assert_close(st.loaded.calibration["grid"], grid[[0, 1, 4, 5, 8, 9]])
 
 
 def test_pruned_gated_model_skips_generates_and_round_trips(tmp_path):

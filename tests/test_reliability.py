@@ -340,9 +340,10 @@ from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
 set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "gateskip-hypothesis"))  # keep the repo clean
 from hypothesis import strategies as hs  # noqa: E402
 
+from gateskip import one_token  # noqa: E402
 from gateskip.config import GATE_KINDS  # noqa: E402
 from gateskip.core import gate_state  # noqa: E402
-from gateskip.state import GateState, Plan  # noqa: E402
+from gateskip.state import Plan  # noqa: E402
 
 
 @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -379,15 +380,15 @@ def test_random_configs_stay_in_bounds_and_never_skip_padding(family, gate, plac
             assert int(skip.sum()) == k  # the count known on the host is the mask's
         return skip, k
 
-    real_one = GateState.decide_one
+    real_one = one_token.decide
 
-    def spy_one(self, branch, g):  # one token under thresholds: decided on the host, without Plan.decide
-        skip = real_one(self, branch, g)
-        seen.append((self.valid.clone(), None if skip is None else skip.clone()))
+    def spy_one(st, branch, g):  # one token under thresholds: decided on the host, without Plan.decide
+        skip = real_one(st, branch, g)
+        seen.append((st.call.valid.clone(), None if skip is None else skip.clone()))
         assert skip is None or bool(skip.all())  # one token: skipped whole or kept
         return skip
 
-    Plan.decide, GateState.decide_one = spy, spy_one
+    Plan.decide, one_token.decide = spy, spy_one
     try:
         with torch.no_grad(), gateskip.skipping(m, ratio=ratio, policy=policy, modules=skip_modules, path=path):
             out = m(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
@@ -395,7 +396,7 @@ def test_random_configs_stay_in_bounds_and_never_skip_padding(family, gate, plac
             s = gateskip.stats(m)
             counts = gate_state(m).counts
     finally:
-        Plan.decide, GateState.decide_one = real, real_one
+        Plan.decide, one_token.decide = real, real_one
     n_valid = int(mask.sum())
     assert torch.isfinite(out[mask.bool()]).all()
     assert torch.all(counts[:, 1] == n_valid)  # padding is never counted

@@ -169,7 +169,7 @@ def test_bench_speculative_reports_identity_and_acceptance(tmp_path, monkeypatch
     def spy(m, variant, ratio):
         real(m, variant, ratio)
         if ratio is not None:
-            installed.add((ratio, gate_state(m).calibration["ratio"]))
+            installed.add((ratio, gate_state(m).loaded.calibration["ratio"]))
 
     monkeypatch.setattr(gb, "use_calibration", spy)
     rep = bench(model="tiny-qwen2", random_gates=True, gate="lowrank", speculative=True, draft_ratio="0.3,0.7",

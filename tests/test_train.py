@@ -26,7 +26,7 @@ def _gate_mean(model, ids):
     try:
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
-        return float(torch.stack([g.mean() for g, _ in st.gate_log]).mean())
+        return float(torch.stack([g.mean() for g, _ in st.call.gate_log]).mean())
     finally:
         st.collect = False
 

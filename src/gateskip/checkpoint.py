@@ -110,9 +110,10 @@ def save_gates(model: nn.Module, directory: str | os.PathLike, *, extra_tensors:
                     for name, fb in fallback_modules(model).items() for k, v in fb.state_dict().items()})
     meta = {"format": FORMAT, "gateskip_version": __version__, "config": st.cfg.to_dict(),
             "base_model": model_identity(model), "backbone": "frozen"}
-    if st.calibration is not None:
-        tensors["calibration.grid"] = st.calibration["grid"].float().cpu().contiguous()
-        meta["calibration"] = {"ratio": st.calibration["ratio"], "tokens": st.calibration["tokens"]}
+    cal = st.loaded.calibration
+    if cal is not None:
+        tensors["calibration.grid"] = cal["grid"].float().cpu().contiguous()
+        meta["calibration"] = {"ratio": cal["ratio"], "tokens": cal["tokens"]}
     for k, v in (extra_tensors or {}).items():
         tensors[k] = v.detach().float().cpu().contiguous()
     meta.update(pruning_meta(model))  # load_gates prunes a full base model the same way
@@ -131,7 +132,7 @@ def save_gates(model: nn.Module, directory: str | os.PathLike, *, extra_tensors:
 def _loaded_backbone(model: nn.Module, tensors: dict, meta: dict) -> dict | None:
     """Re-saving gates that came with a backbone change (LoRA deltas, full fine-tune) keeps that change:
     without it the folder would load onto the base model as different weights, silently."""
-    loaded = gate_state(model).loaded_backbone
+    loaded = gate_state(model).loaded.backbone
     if not loaded:
         return None
     if pruning_meta(model) != loaded["pruning"]:  # the saved deltas name the layers as they were
@@ -196,13 +197,13 @@ def load_gates(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 raise GateSkipError(f"calibration in {str(d)!r} has {grid.shape[0]} branches, the model "
                                     f"{len(gate_state(model).branches)}: re-run calibration")
             cal = meta.get("calibration", {})
-            gate_state(model).calibration = {"grid": grid, "ratio": cal.get("ratio"), "tokens": cal.get("tokens")}
+            gate_state(model).loaded.calibration = {"grid": grid, "ratio": cal.get("ratio"), "tokens": cal.get("tokens")}
         applied = _apply_backbone(model, tensors, d, meta)
-        gate_state(model).loaded_backbone = applied and {**applied, "pruning": pruning_meta(model)}
+        gate_state(model).loaded.backbone = applied and {**applied, "pruning": pruning_meta(model)}
     except BaseException:
         remove_gates(model)
         raise
-    gate_state(model).meta = meta
+    gate_state(model).loaded.meta = meta
     return model
 
 
@@ -236,10 +237,10 @@ def _load_modules(modules: dict[str, nn.Module], prefix: str, what: str, tensors
 def _apply_backbone(model: nn.Module, tensors: dict, d: Path, meta: dict) -> dict | None:
     """Backbone changes from training: merge LoRA deltas, or load full fine-tuned weights.
 
-    Returns what was applied (``GateState.loaded_backbone``), so that ``save_gates`` can write it again."""
+    Returns what was applied (``Loaded.backbone`` of the state), so that ``save_gates`` can write it again."""
     mods = dict(model.named_modules())
     params = dict(model.named_parameters())
-    backup = gate_state(model).backup  # originals, so that remove_gates restores the base model exactly
+    backup = gate_state(model).loaded.backup  # originals, so that remove_gates restores the base model exactly
     for key in [k for k in tensors if k.startswith("lora.") and k.endswith(".A")]:
         name = key[len("lora."):-len(".A")]
         a, b = tensors[key].float(), tensors.get(f"lora.{name}.B")

@@ -51,9 +51,9 @@ def add_gates(model: nn.Module, cfg: GateSkipConfig | None = None, state_cls: ty
 
     ``state_cls``: the extension point for other skip deciders. The runtime state's ``on_gate(branch, x, g)``
     decides which tokens of a call skip a branch (returns the skip mask, or None) and queues the decision
-    (``_queue``); a subclass of ``GateState`` that overrides it changes *which* tokens skip while skipping,
+    (``count_decision``); a subclass of ``GateState`` that overrides it changes *which* tokens skip while skipping,
     K/V, fallbacks, statistics and ``remove_gates`` stay GateSkip's (Mixture-of-Depths routing, baselines/mod.py).
-    Under thresholds, a one-token decode call is decided by ``decide_one``; a subclass whose decision is not a
+    Under thresholds, a one-token decode call is decided by one_token.py instead; a subclass whose decision is not a
     gate threshold sets ``one_token_fast = False``."""
     if not (isinstance(state_cls, type) and issubclass(state_cls, GateState)):
         raise GateSkipError(f"state_cls={state_cls!r} is not a GateState subclass: subclass gateskip.state.GateState")
@@ -97,10 +97,10 @@ def remove_gates(model: nn.Module) -> nn.Module:
     st = gate_state(model)
     spec = arch_spec(model)
     layers = decoder_layers(model)
-    if st.backup:
+    if st.loaded.backup:
         from gateskip.quantize import restore_weight
 
-        for name, original in st.backup.items():  # undo backbone changes made by load_gates (quantized too)
+        for name, original in st.loaded.backup.items():  # undo backbone changes made by load_gates (quantized too)
             restore_weight(model, name, original)
     for b in st.branches:
         layer = layers[b.layer]
@@ -186,10 +186,10 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         ratios = [(_ratio_for(b, ratio) if b.kind in modules else 0.0) for b in st.branches]
     thresholds = None
     if policy == "threshold":
-        if st.calibration is None:
+        if st.loaded.calibration is None:
             raise GateSkipError("policy 'threshold' needs calibrated thresholds: run gateskip.calibrate(model, batches) "
                                 "or load a gates folder that has them")
-        grid = st.calibration["grid"]
+        grid = st.loaded.calibration["grid"]
         thresholds = [threshold_from_grid(grid[b.index], r) for b, r in zip(st.branches, ratios)]
     gen = None
     if policy == "random":
@@ -200,18 +200,18 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     st.plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=thresholds, generator=gen, path=path,
                    protect=int(protect), straight_through=bool(straight_through), sync_free=bool(sync_free))
     st.reset_stats()
-    st.one_token = False  # set per forward call (begin_call) for the plan in force
+    st.call.one_token = False  # set per forward call (begin_call) for the plan in force
     try:
         yield st.plan
     finally:
-        st.plan, st.one_token = previous, False
+        st.plan, st.call.one_token = previous, False
 
 
 def _global_ratios(st: GateState, ratio, modules: tuple[str, ...], kv: str) -> list[float]:
     if isinstance(ratio, Mapping):
         raise GateSkipError("allocation='global' takes one overall ratio, not a mapping: pass a float")
     r = check_ratio(ratio)
-    if st.calibration is None:
+    if st.loaded.calibration is None:
         raise GateSkipError("allocation='global' needs calibrated importances: run gateskip.calibrate(model, batches) "
                             "or load a gates folder that has them")
     f = st.flops
@@ -219,7 +219,7 @@ def _global_ratios(st: GateState, ratio, modules: tuple[str, ...], kv: str) -> l
     per_token = {"attn": f.attn_qo + (f.attn_kv if kv == "copy" else 0.0), "mlp": f.mlp}
     per_token = {k: max(0.0, v - f.fallback_for(k)) for k, v in per_token.items()}
     weights = [per_token[b.kind] if b.kind in modules else 0.0 for b in st.branches]
-    return global_ratios(st.calibration["grid"], weights, r)
+    return global_ratios(st.loaded.calibration["grid"], weights, r)
 
 
 def _ratio_for(branch: GatedBranch, ratio) -> float:
@@ -267,7 +267,7 @@ def stats(model: nn.Module) -> dict:
         per_module[b.name] = {"skipped": frac, "tokens": int(n)}
         frac_by_kind[b.kind].append(frac)
     # Branches without a gate (cfg.modules a subset) run densely: same cost on both sides.
-    lm = st.lm_rows * f.lm_head
+    lm = st.stats.lm_rows * f.lm_head
     dense += lm
     executed += lm
     all_fracs = frac_by_kind["attn"] + frac_by_kind["mlp"]
@@ -280,13 +280,13 @@ def stats(model: nn.Module) -> dict:
         "flops_dense": dense,
         "flops_executed": executed,
         "gate_flops": float(valid.sum()) * f.gate,
-        "forward_calls": st.calls,
+        "forward_calls": st.stats.calls,
         "policy": st.plan.policy if st.plan is not None else None,
-        "path": _path_summary(st.path_calls),  # physical / masked / mixed / dense (nothing was skipped)
-        "path_calls": dict(st.path_calls),  # branch calls per path
+        "path": _path_summary(st.stats.path_calls),  # physical / masked / mixed / dense (nothing was skipped)
+        "path_calls": dict(st.stats.path_calls),  # branch calls per path
         # branch calls that read their skipped count back from the device (one GPU sync each; 0 under
         # the quantile policy, whose count is known on the host)
-        "sync_calls": st.sync_calls,
+        "sync_calls": st.stats.sync_calls,
         "per_module": per_module,
     }
 
@@ -315,7 +315,7 @@ def calibrate(model: nn.Module, batches: Iterable, ratio: float | Mapping[str, f
         ratio = check_ratio(ratio)
     grid, tokens, n_batches = record_quantiles(model, batches, ratio, policy, modules, CALIBRATION_POINTS,
                                                max_tokens_per_branch, who="calibrate")
-    st.calibration = {"grid": grid, "ratio": ratio, "tokens": tokens}
+    st.loaded.calibration = {"grid": grid, "ratio": ratio, "tokens": tokens}
     return {"ratio": ratio, "tokens": tokens, "batches": n_batches}
 
 
@@ -398,8 +398,8 @@ def _begin_call(model, args, kwargs):
 
 
 def _count_lm_rows(st: GateState, output: torch.Tensor) -> None:
-    if st.tally is not None and st.plan is not None:  # not ``counts``: that would flush the queue every call
-        st.lm_rows += output.shape[:-1].numel()
+    if st.stats is not None and st.plan is not None:  # not ``counts``: that would flush the queue every call
+        st.stats.lm_rows += output.shape[:-1].numel()
 
 
 @contextlib.contextmanager
@@ -421,7 +421,7 @@ def original_backbone(model: nn.Module):
 
     st = gate_state(model)
     changed = {}
-    for name, original in st.backup.items():
+    for name, original in st.loaded.backup.items():
         owner, attr = name.rpartition(".")[0], name.rpartition(".")[2]
         module = model.get_submodule(owner)
         current = getattr(module, attr)  # a quantized weight is swapped back as is, a float one copied back

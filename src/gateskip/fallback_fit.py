@@ -208,8 +208,8 @@ def _collect(model, st, inputs: list[dict], branches: list, hidden: int, full: b
             x = seen.pop(b.index)
             y = out[0] if isinstance(out, tuple) else out
             valid = st.valid_for(x)
-            if first and st.ctx is not None and st.ctx.shape == valid.shape:
-                valid = valid & (st.ctx.to(valid.device) > first)
+            if first and st.call.ctx is not None and st.call.ctx.shape == valid.shape:
+                valid = valid & (st.call.ctx.to(valid.device) > first)
             if add is None:
                 moments[b.index].add(x[valid], y[valid])
             else:

@@ -71,33 +71,6 @@ class Gate(nn.Module):
         q = lin[1]._parameters
         return F.linear(F.linear(x, p["weight"]), q["weight"], q["bias"]).sigmoid_()
 
-    def one_token(self, x: torch.Tensor) -> torch.Tensor:
-        """Gate values of a single token ``x`` ([1, 1, H]), shaped [H] or [1]: decode at batch 1.
-
-        ``forward`` in the fewest ops: matrix-vector products on the flat token, no module call. The values
-        broadcast over a [1, 1, H] branch output and come in ``x``'s dtype, as the branch uses them (the
-        importance is ``one_token_importance``). At batch 1 a decode step runs 60 gates; each op and
-        Python frame saved here is a few microseconds per gate (docs/benchmark-log.md, "What stops it").
-        """
-        lin = self._linears
-        if lin is None:
-            return self(x).to(x.dtype).reshape(-1)
-        v = x.reshape(-1)
-        if v.dtype != torch.float32:
-            v = v.float()
-        p = lin[0]._parameters
-        if len(lin) == 1:
-            g = torch.addmv(p["bias"], p["weight"], v).sigmoid_()
-        else:
-            q = lin[1]._parameters
-            g = torch.addmv(q["bias"], q["weight"], torch.mv(p["weight"], v)).sigmoid_()
-        return g if g.dtype == x.dtype else g.to(x.dtype)
-
-
-def one_token_importance(g: torch.Tensor) -> float:
-    """``importance`` of one token's gate values (``Gate.one_token``), read on the host."""
-    return float(g) if g.shape[0] == 1 else float(g.mean())
-
 
 def importance(g: torch.Tensor) -> torch.Tensor:
     """Per-token importance: mean gate value over hidden units, shape ``g.shape[:-1]``."""

@@ -43,12 +43,12 @@ class KVProxy:
 
 def substitute_from_below(state, layer_idx: int, k: torch.Tensor, v: torch.Tensor, skip: torch.Tensor | None):
     """Replace skipped tokens' new K/V ([B, H_kv, T, D]) by those of layer ``layer_idx - 1``."""
-    prev = state.prev_kv
+    prev = state.call.prev_kv
     if skip is not None and prev is not None and prev[0] == layer_idx - 1 and prev[1].shape == k.shape:
         m = skip[:, None, :, None]
         k = torch.where(m, prev[1].to(k.dtype), k)
         v = torch.where(m, prev[2].to(v.dtype), v)
-    state.prev_kv = (layer_idx, k, v)
+    state.call.prev_kv = (layer_idx, k, v)
     return k, v
 
 
@@ -61,7 +61,7 @@ def skipped_kv(state, attn, layer_idx: int, x: torch.Tensor, cos: torch.Tensor, 
     then be kept tokens), other rows zero; the physical path overwrites the kept rows.
     """
     b, t = skip.shape
-    prev = state.prev_kv
+    prev = state.call.prev_kv
     if state.plan.copy_kv and prev is not None and prev[0] == layer_idx - 1 and prev[1].shape[0] == b \
             and prev[1].shape[2] == t:
         return prev[1], prev[2]
@@ -112,7 +112,7 @@ class GatheredKV:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self._fill(self.base_k, key_states), self._fill(self.base_v, value_states)
-        self.state.prev_kv = (layer_idx, k, v)
+        self.state.call.prev_kv = (layer_idx, k, v)
         if self.cache is not None:
             k, v = self.cache.update(k, v, layer_idx, *args, **kwargs)
         if self.rows is not None:

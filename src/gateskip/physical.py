@@ -122,7 +122,7 @@ def skip_all(branch, x: torch.Tensor, kwargs, skip: torch.Tensor, g: torch.Tenso
     layer = attn.layer_idx
     cos, sin = kwargs["position_embeddings"]
     k, v = skipped_kv(st, attn, layer, x, cos, sin, skip, x.shape[1])
-    st.prev_kv = (layer, k, v)
+    st.call.prev_kv = (layer, k, v)
     cache = kwargs.get(cache_key(kwargs))
     if cache is not None:
         cache.update(k, v, layer)

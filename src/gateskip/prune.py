@@ -45,7 +45,7 @@ def prune_layers(model, drop: Iterable[int], recalibrate=None, ratio: float | No
         st = gate_state(model)
         _prune_state(model, st, new_of)
         if recalibrate is not None:
-            r = ratio if ratio is not None else (st.calibration or {}).get("ratio") or 0.3
+            r = ratio if ratio is not None else (st.loaded.calibration or {}).get("ratio") or 0.3
             calibrate(model, recalibrate, ratio=r)
     return model
 
@@ -69,11 +69,10 @@ def _prune_state(model, st, new_of: dict[int, int]) -> None:
         if b.kind == "attn":
             b.window = st.flops.windows[b.layer]
     st.branches = kept
-    if st.calibration is not None:
-        st.calibration = {**st.calibration, "grid": st.calibration["grid"][rows]}
-    st.prev_kv, st.plan = None, None
-    st.reset_stats()
-    st.tally = None
+    cal = st.loaded.calibration
+    if cal is not None:
+        st.loaded.calibration = {**cal, "grid": cal["grid"][rows]}
+    st.call.prev_kv, st.plan, st.stats = None, None, None
 
 
 def pruning_meta(model) -> dict:

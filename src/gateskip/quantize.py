@@ -193,12 +193,12 @@ def _requantize_backup(model: nn.Module) -> None:
     st = peek(model).state
     if st is None:
         return
-    for name, original in list(st.backup.items()):
+    for name, original in list(st.loaded.backup.items()):
         module, attr = _owner(model, name)
         if is_quantized_linear(module) and attr == "weight":
             current = module.weight
             _set_float(module, original)
-            st.backup[name] = module.weight  # Q(original)
+            st.loaded.backup[name] = module.weight  # Q(original)
             module.weight = current  # Q(original + delta), what quantize() just made
             if peek(model).quant["float"] is not None:
                 peek(model).quant["float"][id(module)] = original.detach().cpu()

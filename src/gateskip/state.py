@@ -1,10 +1,11 @@
 """The small per-model runtime state that gated branches read.
 
-One ``GateState`` lives on a gated model (``model.gateskip.state``, record.py). It holds the gated branches,
-the active skipping plan (installed and removed by ``gateskip.skipping``), the valid-token mask of
-the current forward call (padding excluded), the K/V of the previous attention layer (for
-``kv="copy"``), running statistics, and optional logs for training and calibration. Nothing is
-global: two gated models in one process do not interact.
+One ``GateState`` lives on a gated model (``model.gateskip.state``, record.py). It holds the gated branches
+and four parts, each with one job: the active skipping ``Plan`` (installed and removed by
+``gateskip.skipping``), the current forward ``Call`` (valid-token mask with padding excluded, context
+lengths, the K/V of the previous attention layer for ``kv="copy"``), the ``Stats`` counted since the plan
+was installed, and what was ``Loaded`` (calibration, backbone backups, folder metadata); plus optional
+logs for training and calibration. Nothing is global: two gated models in one process do not interact.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from gateskip.config import GateSkipConfig
 from gateskip.flops import LayerFlops
-from gateskip.gates import importance, one_token_importance
+from gateskip.gates import importance
 from gateskip.policies import quantile_count, quantile_skip, random_skip, threshold_skip
 
 
@@ -57,7 +58,7 @@ class Plan:
         """(skip mask or None, number skipped as a host int, else None).
 
         The count is known without reading the device under quantile (and at ratio 0). At inference, one
-        token under thresholds (decode at batch 1) is decided by ``GateState.decide_one`` instead.
+        token under thresholds (decode at batch 1) is decided by ``one_token.decide`` instead.
 
         ``valid``: tokens that may skip, or None when all may (not for quantile, which ranks them).
         """
@@ -78,21 +79,113 @@ class Plan:
         return random_skip(imp, valid, r, self.generator), None
 
 
-_TRUE: dict = {}
+class Stats:
+    """Counts since the current plan was installed, read by ``gateskip.stats``.
+
+    Per branch ``[skipped, valid, kept_ctx, valid_ctx]`` (``counts``), plus LM-head rows, forward calls,
+    branch calls per path and device reads. Decisions are queued per call and counted in one go when
+    the call is over: a handful of tensor ops per call instead of per branch (decode at batch 1 is
+    overhead-bound). One-token calls (one_token.py) count on the host instead, as Python
+    floats added to the tensor when ``counts`` is read (no tensor op per decode step).
+    """
+
+    def __init__(self, n_branches: int):
+        self.pending: list = []  # (branch index, attention window or 0 for MLP, skip, valid)
+        self.tally = torch.zeros(n_branches, 4, dtype=torch.float64)
+        self.host_tally = [[0.0] * 4 for _ in range(n_branches)]
+        self.lm_rows, self.calls, self.sync_calls = 0, 0, 0
+        self.path_calls = {"physical": 0, "masked": 0, "dense": 0}  # branch calls per path (dense: nothing to skip)
+
+    def counts(self, ctx: torch.Tensor | None) -> torch.Tensor:
+        """The per-branch counts, every queued decision included (``ctx``: the last call's context lengths)."""
+        self.flush(ctx)
+        if any(r[1] for r in self.host_tally):
+            self.tally += torch.tensor(self.host_tally, dtype=self.tally.dtype).to(self.tally.device)
+            self.host_tally = [[0.0] * 4 for _ in self.host_tally]
+        return self.tally
+
+    def queue(self, branch, skip: torch.Tensor | None, valid: torch.Tensor) -> None:
+        window = 0 if branch.kind == "mlp" else (branch.window or -1)
+        self.pending.append((branch.index, window, skip, valid))
+
+    def count_one(self, branch, skipped: bool, ctx_one: float) -> None:
+        """The row ``flush`` would add for one token, on the host (``ctx_one``: the context it attends to)."""
+        row = self.host_tally[branch.index]
+        w = 0.0 if branch.kind == "mlp" else ctx_one if not branch.window else min(ctx_one, branch.window)
+        row[0] += skipped
+        row[1] += 1.0
+        row[2] += 0.0 if skipped else w
+        row[3] += w
+
+    @torch.no_grad()
+    def flush(self, ctx: torch.Tensor | None) -> None:
+        """Add the queued decisions of the last call (stays on the device: no host sync)."""
+        if not self.pending:
+            return
+        entries, self.pending = self.pending, []
+        groups = {}  # calls normally share one valid mask; group by it to be safe
+        for e in entries:
+            groups.setdefault(id(e[3]), []).append(e)
+        for group in groups.values():
+            valid = group[0][3]
+            c = ctx if ctx is not None and ctx.shape == valid.shape else torch.ones(valid.shape, device=valid.device)
+            c = c.masked_fill(~valid, 0)
+            by_window = {0: torch.zeros_like(c), -1: c}
+            for _, w, _, _ in group:
+                if w not in by_window:
+                    by_window[w] = c.clamp(max=w)
+            no_skip = torch.zeros_like(valid)
+            skips = torch.stack([no_skip if e[2] is None else e[2] for e in group]).flatten(1)
+            ctxs = torch.stack([by_window[e[1]] for e in group]).flatten(1)
+            rows = torch.stack([skips.sum(1).to(ctxs.dtype), valid.sum().to(ctxs.dtype).expand(len(group)),
+                                ctxs.masked_fill(skips, 0).sum(1), ctxs.sum(1)], 1)
+            if self.tally.device != rows.device:
+                self.tally = self.tally.to(rows.device)
+            index = torch.tensor([e[0] for e in group], device=rows.device)
+            self.tally.index_add_(0, index, rows.to(self.tally.dtype))
 
 
-def _one_true(like: torch.Tensor) -> torch.Tensor:
-    """A shared read-only ``True`` mask of ``like``'s shape (one token): no allocation per branch."""
-    key = (like.device, like.shape)
-    t = _TRUE.get(key)
-    if t is None:
-        t = _TRUE[key] = torch.ones(like.shape, dtype=torch.bool, device=like.device)
-    return t
+@dataclass
+class Call:
+    """What one forward call of the model sets (the model-level pre-hook) and its branches share."""
+
+    valid: torch.Tensor | None = None  # [B, T] bool, False at padding
+    ctx: torch.Tensor | None = None  # [B, T] float: context length each token attends to
+    prev_kv: tuple | None = None  # (layer_idx, k, v) of the last attention layer run in this call
+    gate_log: list = field(default_factory=list)  # training (``collect``): (g, valid) per branch
+    eligible: tuple | None = None  # (valid, valid minus the protected prefix): one mask for all branches
+    n_eligible: tuple | None = None  # (eligible mask, its count read once per call): quantile counts on the host
+    decided: tuple | None = None  # (skip, number skipped or None) of the last decision: see skip_count
+    # one token that may skip, under thresholds (decode at batch 1): each branch decides with one host
+    # comparison (one_token.py) instead of building masks (decode is overhead-bound)
+    one_token: bool = False
+    ctx_one: float = 0.0  # that token's context length (read once per call when counting)
+
+
+@dataclass
+class Loaded:
+    """What loading a gates folder and calibrating put on the model, kept for saving and undoing."""
+
+    calibration: dict | None = None  # {"grid": [n_branches, G] tensor, "ratio": float, "tokens": int}
+    backup: dict = field(default_factory=dict)  # backbone weights changed by load_gates, by param name
+    meta: dict | None = None  # gateskip.json of the loaded gates folder
+    # the folder's backbone change, kept so that save_gates writes it again: {"kind": "lora",
+    # "tensors": {lora.*}} or {"kind": "full", "params": [names]}
+    backbone: dict | None = None
 
 
 @dataclass
 class GateState:
-    # A subclass whose decision is not a gate threshold (add_gates' state_cls) turns the one-token decode shortcut off.
+    """The gated branches and four parts: the active ``plan`` (immutable while installed), this forward
+    ``call``'s masks, the ``stats`` since the plan was installed (None: not counting) and what was
+    ``loaded`` (calibration, backbone backups, folder metadata). ``collect``/``record``: logs for
+    training and calibration; ``bypass``: the gate-free teacher for distillation.
+
+    Extension point (``add_gates(state_cls=...)``): a subclass may decide differently in ``on_gate``,
+    counting its decisions with ``count_decision``; one whose decision is not a gate threshold sets
+    ``one_token_fast = False`` (the one-token decode shortcut is then off).
+    """
+
     one_token_fast = True
 
     cfg: GateSkipConfig
@@ -100,76 +193,45 @@ class GateState:
     branches: list = field(default_factory=list)  # GatedBranch, in execution order
     plan: Plan | None = None
     bypass: bool = False  # run the branches without gates (the gate-free teacher for distillation)
-    # per forward call (set by the model-level pre-hook)
-    valid: torch.Tensor | None = None  # [B, T] bool, False at padding
-    ctx: torch.Tensor | None = None  # [B, T] float: context length each token attends to
-    prev_kv: tuple | None = None  # (layer_idx, k, v) of the last attention layer run in this call
-    # statistics since the current plan was installed: per branch [skipped, valid, kept_ctx, valid_ctx]
-    # (read ``counts``). Decisions are queued per call and counted in one go when the call is over:
-    # a handful of tensor ops per call instead of per branch (decode at batch 1 is overhead-bound).
-    tally: torch.Tensor | None = None
-    pending: list = field(default_factory=list)  # (branch index, attention window or 0 for MLP, skip, valid)
-    # one-token calls (``decide_one``) count on the host instead: per branch [skipped, valid, kept_ctx,
-    # valid_ctx] as Python floats, added to ``tally`` when ``counts`` is read (no tensor op per decode step)
-    host_tally: list | None = None
-    ctx_one: float = 0.0  # context length of this call's one token (read once per call when ``one_token``)
-    lm_rows: int = 0
-    calls: int = 0
-    path_calls: dict = field(default_factory=dict)  # branch calls per path: physical / masked / dense (nothing to skip)
-    # training: gate values of this call, (g, valid) per branch; calibration: importances per branch
-    collect: bool = False
-    gate_log: list = field(default_factory=list)
-    record: list | None = None
-    calibration: dict | None = None  # {"grid": [n_branches, G] tensor, "ratio": float, "tokens": int}
-    backup: dict = field(default_factory=dict)  # backbone weights changed by load_gates, by param name
-    meta: dict | None = None  # gateskip.json of the loaded gates folder
-    # the loaded folder's backbone change, kept so that save_gates writes it again: {"kind": "lora",
-    # "tensors": {lora.*}} or {"kind": "full", "params": [names]}
-    loaded_backbone: dict | None = None
+    call: Call = field(default_factory=Call)
+    stats: Stats | None = None
+    loaded: Loaded = field(default_factory=Loaded)
+    collect: bool = False  # training: log every branch's gate values in ``call.gate_log``
+    record: list | None = None  # calibration: importances per branch
     handles: list = field(default_factory=list)
-    eligible: tuple | None = None  # (valid, valid minus the protected prefix) of this call: one mask for all branches
-    n_eligible: tuple | None = None  # (eligible mask, its count read once per call): quantile counts on the host
-    decided: tuple | None = None  # (skip, number skipped or None) of the last decision: see skip_count
-    sync_calls: int = 0  # branch calls whose skipped count had to be read from the device (a GPU sync each)
-    # this call is one token that may skip, under thresholds (decode at batch 1): each branch decides with
-    # one host comparison (``decide_one``) instead of building masks (decode is overhead-bound)
-    one_token: bool = False
 
     def begin_call(self, valid: torch.Tensor, ctx: torch.Tensor) -> None:
-        self._count_pending()
-        self.valid, self.ctx, self.prev_kv, self.eligible, self.n_eligible = valid, ctx, None, None, None
-        self.gate_log = []
+        if self.stats is not None:
+            self.stats.flush(self.call.ctx)
         p = self.plan
         # not under sync_free: deciding one token on the host reads its gate value back (a GPU sync)
-        self.one_token = (self.one_token_fast and p is not None and p.policy == "threshold" and valid.numel() == 1
-                          and not self.collect
-                          and self.record is None and not p.sync_free and bool(self._eligible(valid)))
-        if self.one_token and self.tally is not None:
-            self.ctx_one = float(ctx) if ctx.numel() == 1 else 1.0
-        if self.tally is not None:
-            self.calls += 1
+        self.call = c = Call(valid, ctx)
+        c.one_token = (self.one_token_fast and p is not None and p.policy == "threshold" and valid.numel() == 1
+                       and not self.collect
+                       and self.record is None and not p.sync_free and bool(self._eligible(valid)))
+        if self.stats is not None:
+            if c.one_token:
+                c.ctx_one = float(ctx) if ctx.numel() == 1 else 1.0
+            self.stats.calls += 1
 
     @property
     def counts(self) -> torch.Tensor | None:
-        self._count_pending()
-        if self.host_tally is not None and self.tally is not None and any(r[1] for r in self.host_tally):
-            self.tally += torch.tensor(self.host_tally, dtype=self.tally.dtype).to(self.tally.device)
-            self.host_tally = [[0.0] * 4 for _ in self.branches]
-        return self.tally
+        return None if self.stats is None else self.stats.counts(self.call.ctx)
 
     def reset_stats(self) -> None:
-        self.pending = []
-        self.tally = torch.zeros(len(self.branches), 4, dtype=torch.float64)
-        self.host_tally = [[0.0] * 4 for _ in self.branches]
-        self.lm_rows, self.calls, self.sync_calls = 0, 0, 0
-        self.path_calls = {"physical": 0, "masked": 0, "dense": 0}
+        self.stats = Stats(len(self.branches))
 
     def count_path(self, path: str) -> None:
-        if self.tally is not None:
-            self.path_calls[path] += 1
+        if self.stats is not None:
+            self.stats.path_calls[path] += 1
+
+    def count_decision(self, branch, skip: torch.Tensor | None, valid: torch.Tensor) -> None:
+        """Queue a branch's decision for the statistics (``skip`` None: nothing skipped)."""
+        if self.stats is not None:
+            self.stats.queue(branch, skip, valid)
 
     def valid_for(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.valid
+        v = self.call.valid
         if v is None or v.shape != x.shape[:2]:
             v = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return v
@@ -181,11 +243,11 @@ class GateState:
         ``imp``: per-token scores to rank by instead of the gate's importance (the oracle policy's)."""
         valid = self.valid_for(x)
         if self.collect:
-            self.gate_log.append((g, valid))
+            self.call.gate_log.append((g, valid))
         if self.record is None and (self.plan is None or self.plan.ratios[branch.index] <= 0.0):
             # nothing to decide: skip the importance computation too (decode is overhead-bound)
             if self.plan is not None:
-                self._queue(branch, None, valid)
+                self.count_decision(branch, None, valid)
             return None
         imp = importance(g.detach()) if imp is None else imp
         if self.record is not None:
@@ -200,29 +262,9 @@ class GateState:
             skip, k = self.plan.decide(branch.index, imp, elig, n)
         else:
             skip, k = self.plan.decide(branch.index, imp, None if n == elig.numel() else elig)
-        self.decided = (skip, k)
-        self._queue(branch, skip, valid)
+        self.call.decided = (skip, k)
+        self.count_decision(branch, skip, valid)
         return skip
-
-    def decide_one(self, branch, g: torch.Tensor) -> torch.Tensor | None:
-        """``on_gate`` for a call of one eligible token under thresholds: a (shared) skip mask, or None if kept.
-
-        ``g``: the token's gate values (``Gate.one_token``). Its importance is read on the host, only where
-        the branch may skip, and compared with the threshold rounded to the gate's dtype, as
-        ``threshold_skip`` compares them; no mask is built.
-        """
-        thr = self.plan.host_thresholds(g.dtype)[branch.index]
-        skipped = thr is not None and one_token_importance(g) < thr
-        if self.tally is not None:  # the same rows ``_count_pending`` would add, counted on the host
-            if thr is not None:
-                self.sync_calls += 1
-            row = self.host_tally[branch.index]
-            w = 0.0 if branch.kind == "mlp" else self.ctx_one if not branch.window else min(self.ctx_one, branch.window)
-            row[0] += skipped
-            row[1] += 1.0
-            row[2] += 0.0 if skipped else w
-            row[3] += w
-        return _one_true(self.valid) if skipped else None
 
     def skip_count(self, skip: torch.Tensor) -> int | None:
         """How many tokens ``skip`` (the last decision) skips, as a host int.
@@ -231,64 +273,32 @@ class GateState:
         read from the device: free on CPU, a sync on GPU (counted in ``stats()["sync_calls"]``); under
         ``sync_free`` it is not read, and None is returned.
         """
-        d = self.decided
+        d = self.call.decided
         if d is not None and d[0] is skip and d[1] is not None:
             return d[1]
         if self.plan.sync_free:
             return None
-        if self.tally is not None:
-            self.sync_calls += 1
+        if self.stats is not None:
+            self.stats.sync_calls += 1
         # one token (decode at batch 1): reading the bool directly costs a tenth of sum-then-read
         return int(skip) if skip.numel() == 1 else int(skip.sum())
 
     def _count_eligible(self, elig: torch.Tensor) -> int:
-        if self.valid is None or elig.shape != self.valid.shape:  # valid_for made it: all ones
+        c = self.call
+        if c.valid is None or elig.shape != c.valid.shape:  # valid_for made it: all ones
             return elig.numel()
-        if self.n_eligible is None or self.n_eligible[0] is not elig:
-            self.n_eligible = (elig, int(elig.sum()))
-        return self.n_eligible[1]
+        if c.n_eligible is None or c.n_eligible[0] is not elig:
+            c.n_eligible = (elig, int(elig.sum()))
+        return c.n_eligible[1]
 
     def _eligible(self, valid: torch.Tensor) -> torch.Tensor:
         """Tokens that may skip: valid ones past the protected prefix. ``ctx`` is the context length a
         token sees (its 1-based position in its sequence, cache and left padding accounted for), so in
         cached decode nothing is protected and in a left-padded row the first *real* token is."""
         n = self.plan.protect
-        if n <= 0 or self.ctx is None or self.ctx.shape != valid.shape:
+        c = self.call
+        if n <= 0 or c.ctx is None or c.ctx.shape != valid.shape:
             return valid
-        if self.eligible is None or self.eligible[0] is not valid:  # once per call, not per branch
-            self.eligible = (valid, valid & (self.ctx.to(valid.device) > n))
-        return self.eligible[1]
-
-    def _queue(self, branch, skip: torch.Tensor | None, valid: torch.Tensor) -> None:
-        if self.tally is not None:
-            window = 0 if branch.kind == "mlp" else (branch.window or -1)
-            self.pending.append((branch.index, window, skip, valid))
-
-    @torch.no_grad()
-    def _count_pending(self) -> None:
-        """Add the queued decisions of the last call to the statistics (stays on device: no host sync)."""
-        if not self.pending or self.tally is None:
-            self.pending = []
-            return
-        entries, self.pending = self.pending, []
-        groups = {}  # calls normally share one valid mask; group by it to be safe
-        for e in entries:
-            groups.setdefault(id(e[3]), []).append(e)
-        for group in groups.values():
-            valid = group[0][3]
-            ctx = self.ctx if self.ctx is not None and self.ctx.shape == valid.shape else torch.ones(
-                valid.shape, device=valid.device)
-            ctx = ctx.masked_fill(~valid, 0)
-            by_window = {0: torch.zeros_like(ctx), -1: ctx}
-            for _, w, _, _ in group:
-                if w not in by_window:
-                    by_window[w] = ctx.clamp(max=w)
-            no_skip = torch.zeros_like(valid)
-            skips = torch.stack([no_skip if e[2] is None else e[2] for e in group]).flatten(1)
-            ctxs = torch.stack([by_window[e[1]] for e in group]).flatten(1)
-            rows = torch.stack([skips.sum(1).to(ctxs.dtype), valid.sum().to(ctxs.dtype).expand(len(group)),
-                                ctxs.masked_fill(skips, 0).sum(1), ctxs.sum(1)], 1)
-            if self.tally.device != rows.device:
-                self.tally = self.tally.to(rows.device)
-            index = torch.tensor([e[0] for e in group], device=rows.device)
-            self.tally.index_add_(0, index, rows.to(self.tally.dtype))
+        if c.eligible is None or c.eligible[0] is not valid:  # once per call, not per branch
+            c.eligible = (valid, valid & (c.ctx.to(valid.device) > n))
+        return c.eligible[1]

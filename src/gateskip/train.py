@@ -179,7 +179,7 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
                 with skipping(net, ratio=plan_ratio, policy="quantile", modules=skip_modules,
                               straight_through=straight_through):
                     logits = model(input_ids=ids, use_cache=False).logits
-                    gate_log = st.gate_log
+                    gate_log = st.call.gate_log
                     skipped = _skipped_fraction(st)
             finally:
                 st.collect = False

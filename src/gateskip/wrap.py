@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gateskip import physical
+from gateskip import one_token, physical
 from gateskip.compat import cache_key
 from gateskip.fallback import gated_fallback
 from gateskip.kv import KVProxy
@@ -67,8 +67,8 @@ class GatedBranch(nn.Module):
         st = self.state
         if st.bypass:
             return self._run(x, args, kwargs)
-        if st.one_token and x.numel() == x.shape[-1] and self.placement == "after":
-            return self._one_token(x, args, kwargs)
+        if st.call.one_token and x.numel() == x.shape[-1] and self.placement == "after":
+            return one_token.run(self, x, args, kwargs)  # decode at batch 1: one_token.py
         g = self._fast_gate(x.detach() if self.detach_input and x.requires_grad else x)
         if g.dtype != x.dtype:
             g = g.to(x.dtype)
@@ -97,27 +97,6 @@ class GatedBranch(nn.Module):
         else:
             st.count_path("masked")
         return self._gated_call(x, g if self.placement == "after" else None, skip, args, kwargs)
-
-    def _one_token(self, x, args, kwargs):
-        """Decode at batch 1 under thresholds, the common serving case: ``forward`` with its questions answered.
-
-        The call is one token, so the branch runs whole or not at all: the gate value is compared on the
-        host (``decide_one``), a skipped branch is not called (physical path) and a kept one runs as is.
-        Same decisions and outputs as ``forward``; this is just its shortest route. At batch 1 a decode
-        step of SmolLM2 is ~60 branch calls of ~0.3-0.7 ms each, so tens of microseconds of Python per
-        branch are a few percent of the step (docs/benchmark-log.md, "What stops it").
-        """
-        st = self.state
-        g = self._fast_gate.one_token(x.detach() if self.detach_input and x.requires_grad else x)
-        skip = st.decide_one(self, g)
-        if skip is None:
-            st.count_path("dense")
-        elif self._physical(st.plan, x) and not (args and self.kind == "attn"):
-            st.count_path("physical")
-            return physical.skip_all(self, x, kwargs, skip, g)
-        else:
-            st.count_path("masked")
-        return self._gated_call(x, g, skip, args, kwargs)
 
     def _oracle_call(self, x, g, args, kwargs):
         """``policy="oracle"``, a ceiling to measure learned gates against, not a method: the branch runs on

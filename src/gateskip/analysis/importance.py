@@ -80,10 +80,10 @@ def branch_importances(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     try:
         with skipping(model, ratio=0.0):  # a dense run, whatever context the caller is in
             model(**inputs, use_cache=False)
-        log = st.gate_log
+        log = st.call.gate_log
     finally:
         st.collect = previous
-        st.gate_log = []  # the gate values can be large: do not keep them on the model
+        st.call.gate_log = []  # the gate values can be large: do not keep them on the model
     if len(log) != len(st.branches):
         raise GateSkipError(f"logged {len(log)} gate calls for {len(st.branches)} branches: "
                             "the model did not run every gated branch once")

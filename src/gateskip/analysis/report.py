@@ -24,8 +24,9 @@ def report_text(model, tok, text: str, out_dir: str | Path, stem: str = "prompt-
     texts, labels = token_texts(tok, ids), token_labels(tok, ids)
     st = gate_state(model)
     names = [b.name for b in st.branches]
-    grid = st.calibration["grid"] if st.calibration is not None else None
-    source = (st.meta or {}).get("base_model", {}).get("source") or (peek(model).source or "")
+    cal = st.loaded.calibration
+    grid = cal["grid"] if cal is not None else None
+    source = (st.loaded.meta or {}).get("base_model", {}).get("source") or (peek(model).source or "")
     title = f"GateSkip importance: {source}, {len(ids)} tokens" + (" (chat template)" if chat else "")
     record = {
         "model": source,

@@ -171,8 +171,8 @@ def fallback_stats(model, batches, ratio: float = 0.3, protect_first: int | None
 
     def mask_for(x):
         valid = st.valid_for(x)
-        if first and st.ctx is not None and st.ctx.shape == valid.shape:
-            valid = valid & (st.ctx.to(valid.device) > first)
+        if first and st.call.ctx is not None and st.call.ctx.shape == valid.shape:
+            valid = valid & (st.call.ctx.to(valid.device) > first)
         return valid
 
     def take_branch_input(b):  # the gate's input, before a "before" gate multiplies it

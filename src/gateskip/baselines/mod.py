@@ -100,7 +100,7 @@ class MoDState(GateState):
     def on_gate(self, branch, x, g):
         valid = self.valid_for(x)
         if self.collect:
-            self.gate_log.append((g, valid))
+            self.call.gate_log.append((g, valid))
         plan = self.plan
         r = plan.ratios[branch.index] if plan is not None else 0.0
         topk = self.mode == "topk" or self.bce_log is not None
@@ -117,7 +117,7 @@ class MoDState(GateState):
             kept = valid if skip is None else ~skip & valid
             self.bce_log.append((logit, kept, valid))
         if plan is not None:
-            self._queue(branch, skip, valid)
+            self.count_decision(branch, skip, valid)
         return skip
 
     def _threshold(self, index: int, r: float) -> torch.Tensor:
@@ -286,7 +286,7 @@ def load_mod(model: nn.Module, directory) -> nn.Module:
         st = _mod_state(model)
         if "mod.predictor_grid" in tensors:
             st.pred_grid = tensors["mod.predictor_grid"]
-        st.meta = meta
+        st.loaded.meta = meta
     except BaseException:
         remove_gates(model)
         raise

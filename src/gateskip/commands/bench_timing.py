@@ -35,7 +35,7 @@ def variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy, ratios=(0
 
         load_gates(m, gates)
         kind = gate_state(m).cfg.gate
-        own = gate_state(m).calibration
+        own = gate_state(m).loaded.calibration
         # keyed by calibration ratio; a per-branch calibration (a dict) is the folder's only one anyway
         key = None if own is None else own["ratio"] if not isinstance(own["ratio"], dict) else 0.0
         variant = {"dir": gates, "calibration": {key: own} if own is not None else {}}
@@ -71,7 +71,7 @@ def calibrations(m, rand_ids, length: int, ratios) -> dict:
     out = {}
     for r in ratios:
         calibrate(m, [rand_ids(2, length) for _ in range(4)], ratio=r)
-        out[r] = gate_state(m).calibration
+        out[r] = gate_state(m).loaded.calibration
     return out
 
 
@@ -102,7 +102,7 @@ def use_calibration(m, variant, ratio: float | None) -> None:
     cals = variant["calibration"] if variant is not None else None
     if cals:
         near = min(cals) if ratio is None else min(cals, key=lambda r: abs(r - ratio))
-        gate_state(m).calibration = cals[near]
+        gate_state(m).loaded.calibration = cals[near]
 
 
 # ---- measuring -----------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     cal_ratio = allocs[targets[len(targets) // 2]] if allocs else summary.get("sequential", {}).get("ratio", 0.3)
     measure_only = fallback == "keep" and not fit_gates and "sequential" not in summary
-    if not (measure_only and st.calibration is not None):  # a folder only measured keeps its own thresholds
+    if not (measure_only and st.loaded.calibration is not None):  # a folder only measured keeps its own thresholds
         calibrate(net, cal[: min(4, len(cal))], ratio=cal_ratio)
     save_gates(net, out, dtype=save_dtype, extra_meta={"fit": {"command": "gateskip fit", "fallback": fallback,
                                              "fallback_rank": fallback_rank, "fit_gates": bool(fit_gates),

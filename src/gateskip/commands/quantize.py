@@ -43,7 +43,7 @@ def quantize_command(model: str | None = None, gates: str | None = None, bits: i
     net, tok = load_named(name)
     if gates:
         load_gates(net, gates)
-    policy = "threshold" if gates and gate_state(net).calibration is not None else "quantile"
+    policy = "threshold" if gates and gate_state(net).loaded.calibration is not None else "quantile"
     data = _heldout(tok, seq_len, batches)
     before, size_before = _nll(net, data, skip, policy, "full precision"), weight_bytes(net)
     quantize(net, bits=bits, group_size=group_size, optimizer=optimizer)

@@ -82,7 +82,7 @@ class GateSkipLM(HFLM):
         with skipping(self.model, **self.plan):
             yield
             st = gate_state(self.model)
-            if st.counts is not None and st.calls:
+            if st.counts is not None and st.stats.calls:
                 self._runs.append(stats(self.model))
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):

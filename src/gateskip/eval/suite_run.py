@@ -279,7 +279,7 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
             suffix = "" if fb_summary["kind"] == "zero" else f"+{fb_summary['kind']}"
             suffix += backbone_suffix(gates)  # a healed folder's rows are told apart from frozen-backbone ones
             if "gateskip" in methods:
-                if policy == "threshold" and gate_state(net).calibration is None:
+                if policy == "threshold" and gate_state(net).loaded.calibration is None:
                     raise GateSkipError(f"gates in {gates!r} have no calibration for policy 'threshold': "
                                         "run gateskip.calibrate and save them again, or pass --policy quantile")
                 for b in budgets["gateskip"]:

@@ -53,7 +53,7 @@ def sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches, 
     skip = {"modules": mods, "kv": kv, "seed": run.seed}
     if gates and {"gateskip", "random", "static"} & set(methods):
         load_gates(run.net, gates)
-        if policy == "threshold" and gate_state(run.net).calibration is None:
+        if policy == "threshold" and gate_state(run.net).loaded.calibration is None:
             raise GateSkipError(f"gates in {gates!r} have no calibration for policy 'threshold': "
                                 "run gateskip.calibrate and save them again, or pass --policy quantile")
         if "gateskip" in methods:
@@ -171,7 +171,7 @@ def _gatefree(run: Runner, res, gates, ratios, skip) -> list[dict]:
         load_gates(run.net, gates)
     else:
         add_gates(run.net, GateSkipConfig())
-    frozen = not gate_state(run.net).backup  # no LoRA / full deltas: the original model
+    frozen = not gate_state(run.net).loaded.backup  # no LoRA / full deltas: the original model
     open_gates(run.net)
     res["config"]["gatefree_backbone"] = "original (frozen-backbone gates)" if frozen else "fine-tuned"
     dense = res["methods"]["dense"][0]
