@@ -54,9 +54,9 @@ def _gates_folder(path, fallback="zero"):
     return str(path)
 
 
-def _sweep(gates, methods, fallback=None, fit_batches=None, budgets=None, bar=None):
+def _sweep(gates, methods, fallback=None, fit_batches=None, budgets=None, bar=None, policy="threshold"):
     budgets = budgets or {"gateskip": [0.3], "random": [0.3]}
-    return sweep(tiny_model("llama"), tiny_tokenizer(), gates, TASKS, methods, budgets, "threshold", None, None, 0,
+    return sweep(tiny_model("llama"), tiny_tokenizer(), gates, TASKS, methods, budgets, policy, None, None, 0,
                  _data(seed=3), None, bar or Bar(), fallback=fallback, fit_batches=fit_batches)
 
 
@@ -353,12 +353,24 @@ def test_a_comma_list_of_tasks_is_a_custom_suite():
         suite_tasks("piqa,nope", None)
 
 
-def test_oracle_rows_rank_whole_requests_and_skip_their_share(tmp_path):
+def test_oracle_rows_follow_the_gateskip_rows_policy(tmp_path):
+    """Under thresholds the oracle decides per token against thresholds calibrated on the fit batches
+    (prefix sharing stays exact); under quantile it ranks each whole request. Ratio 0 is dense."""
     lin = _gates_folder(tmp_path / "lin", "linear")
-    res = _sweep(lin, ["gateskip", "oracle"], {"kind": "linear", "rank": 64}, fit_batches=_never,
-                 budgets={"gateskip": [0.3], "oracle": [0.0, 0.5]})
+    budgets = {"gateskip": [0.3], "oracle": [0.0, 0.5]}
+    calls = []
+    res = _sweep(lin, ["gateskip", "oracle"], {"kind": "linear", "rank": 64}, budgets=budgets,
+                 fit_batches=lambda: calls.append(1) or _data(seed=2))
+    assert calls == [1]  # the fallback is the folder's: the batches only calibrate the oracle
     dense, _, off, on = res["rows"]
     assert [r["method"] for r in res["rows"]] == ["dense", "gateskip+linear", "oracle+linear", "oracle+linear"]
+    assert on["policy"] == "oracle_threshold" and on["exact_prefix_sharing"]
+    assert on["setting"]["oracle_calibration"]["tokens"] == 3 * 4 * 32
+    assert off["tasks"]["t"]["correct"] == dense["tasks"]["t"]["correct"] and off["tokens_skipped"] == 0
+    assert on["tokens_skipped"] > 0.1  # (a linear fallback on the tiny model costs what it saves)
+    res = _sweep(lin, ["oracle"], {"kind": "linear", "rank": 64}, fit_batches=_never, budgets=budgets,
+                 policy="quantile")
+    dense, off, on = res["rows"]
     assert off["policy"] == on["policy"] == "oracle" and not on["exact_prefix_sharing"]
     # ratio 0 changes nothing; at 0.5 half of every branch's eligible tokens are skipped (the first is protected)
     assert off["tasks"]["t"]["correct"] == dense["tasks"]["t"]["correct"] and off["tokens_skipped"] == 0

@@ -82,6 +82,48 @@ def test_oracle_needs_kv_compute():
             pass
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_threshold_oracle_skips_per_token_what_it_was_calibrated_to(family):
+    """calibrate(score="oracle") fits the oracle's thresholds without touching the gates'; under
+    policy "oracle_threshold" a token skips exactly when its score is under its branch's threshold, the
+    calibration text skips about the calibrated share, and cached decode equals recompute (per-token
+    decisions are causal)."""
+    from conftest import generate_then_recompute, left_padded, positions
+
+    m = _model(family)
+    data = _data(4, 4, 32, seed=9)
+    gateskip.calibrate(m, data, ratio=0.3)
+    gates_grid = gate_state(m).loaded.calibration["grid"].clone()
+    with pytest.raises(GateSkipError, match="score='oracle'"):
+        with gateskip.skipping(m, ratio=0.3, policy="oracle_threshold", kv="compute"):
+            pass
+    gateskip.calibrate(m, data, ratio=0.3, score="oracle")
+    assert torch.equal(gate_state(m).loaded.calibration["grid"], gates_grid)
+    with torch.no_grad(), gateskip.skipping(m, ratio=0.3, policy="oracle_threshold", kv="compute", protect_first=0):
+        for ids in data:
+            m(input_ids=ids, use_cache=False)
+        s = gateskip.stats(m)
+    assert s["tokens_skipped"] == pytest.approx(0.3, abs=0.03)
+    name = "layers.1.mlp"
+    ids = _data(1, 2, 24, seed=5)[0]
+    b, x, y = _branch_io(m, name, ids, ratio={name: 0.4}, policy="oracle_threshold", kv="compute", protect_first=0)
+    with torch.no_grad(), gateskip.skipping(m, ratio={name: 0.4}, policy="oracle_threshold", kv="compute") as plan:
+        raw = b._run(x, (), {})
+        g = b.gate(x).to(x.dtype)
+        alt = b.fallback(x)
+        skip = ((raw - alt) * g).norm(dim=-1) < plan.thresholds[b.index]
+        expected = torch.where(skip.unsqueeze(-1), alt * g, raw * g)
+    assert 0 < int(skip.sum()) < skip.numel()
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    ids, mask = left_padded([9, 5])
+    out, recomputed, t0 = generate_then_recompute(m, ids, mask, 6, lambda mm, seq, am: mm(
+        input_ids=seq, attention_mask=am, position_ids=positions(am), use_cache=False).logits, ratio=0.3, policy="oracle_threshold", kv="compute")
+    for step, step_logits in enumerate(out.logits):
+        assert (step_logits - recomputed[:, t0 - 1 + step]).abs().max() < 1e-4
+    with pytest.raises(GateSkipError, match="score='typo'"):
+        gateskip.calibrate(m, data, score="typo")
+
+
 @pytest.mark.parametrize("fallback", ["zero", "linear"])
 def test_fitted_gates_rank_tokens_by_their_skipping_cost(fallback):
     """On the fit data, the tokens the fitted gates skip cost less (sum of ||g (y - fb)||) than a random choice."""
@@ -197,7 +239,7 @@ def test_fit_command_writes_a_folder_allocations_and_the_bracket(tmp_path):
         assert alloc and all(0 < v <= 1 for v in alloc.values())
     assert (out / "compare.md").read_text().startswith("Held-out next-token CE")
     loaded = gateskip.load_gates(tiny_model("llama"), out)  # the folder loads, fallback and calibration with it
-    assert gate_state(loaded).cfg.fallback == "lowrank" and gate_state(loaded).calibration is not None
+    assert gate_state(loaded).cfg.fallback == "lowrank" and gate_state(loaded).loaded.calibration is not None
     with pytest.raises(GateSkipError, match="needs a fallback"):
         fit_command(model=str(d), out=str(tmp_path / "z"), fallback="zero")
     # refit under an allocation instead of a uniform ratio

@@ -26,7 +26,7 @@ from gateskip.errors import GateSkipError
 from gateskip.fallback import make_fallback
 from gateskip.flops import model_flops
 from gateskip.gates import Gate
-from gateskip.policies import check_policy, check_ratio, threshold_from_grid
+from gateskip.policies import ORACLES, check_policy, check_ratio, threshold_from_grid
 from gateskip.record import model_record, peek
 from gateskip.state import GateState, Plan
 from gateskip.wrap import GatedBranch
@@ -137,7 +137,9 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
             ``"attn"`` / ``"mlp"`` / a branch name (``"layers.3.mlp"``) to a ratio (most specific wins).
         policy: ``quantile`` (paper), ``threshold`` (needs ``calibrate``), ``random``, or ``oracle``: a
             ceiling for measuring gates, not a method (it computes every branch, then skips, per batch
-            like quantile, the tokens whose output differs least from their fallback; kv="compute").
+            like quantile, the tokens whose output differs least from their fallback; kv="compute");
+            ``oracle_threshold``: the same scores compared per token with thresholds fitted by
+            ``calibrate(score="oracle")``, as ``threshold`` compares the gates' importance.
         modules: branch kinds that skip; the others are gated but never skipped.
         kv: ``copy`` / ``compute`` for skipped attention tokens; default: the gate config's.
         seed: seed of the ``random`` policy.
@@ -170,12 +172,12 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     if path not in ("auto", "physical", "masked"):
         raise GateSkipError(f"path={path!r} is not supported: choose auto, physical or masked")
     check_allocation(allocation)
-    if policy == "oracle":
+    if policy in ORACLES:
         if kv != "compute":
-            raise GateSkipError("policy 'oracle' computes every branch to rank its tokens, so skipped tokens keep "
+            raise GateSkipError(f"policy {policy!r} computes every branch to rank its tokens, so skipped tokens keep "
                                 "their own K/V: pass kv='compute'")
         if st.cfg.placement != "after":
-            raise GateSkipError("policy 'oracle' needs gates placed after the branch (placement='after')")
+            raise GateSkipError(f"policy {policy!r} needs gates placed after the branch (placement='after')")
         path = "masked"
     protect = st.cfg.protect_first if protect_first is None else protect_first
     if int(protect) != protect or protect < 0:
@@ -185,12 +187,14 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     else:
         ratios = [(_ratio_for(b, ratio) if b.kind in modules else 0.0) for b in st.branches]
     thresholds = None
-    if policy == "threshold":
-        if st.loaded.calibration is None:
+    if policy in ("threshold", "oracle_threshold"):
+        cal = st.loaded.calibration if policy == "threshold" else st.loaded.oracle_calibration
+        if cal is None:
             raise GateSkipError("policy 'threshold' needs calibrated thresholds: run gateskip.calibrate(model, batches) "
-                                "or load a gates folder that has them")
-        grid = st.loaded.calibration["grid"]
-        thresholds = [threshold_from_grid(grid[b.index], r) for b, r in zip(st.branches, ratios)]
+                                "or load a gates folder that has them" if policy == "threshold" else
+                                "policy 'oracle_threshold' needs the oracle's thresholds: run "
+                                "gateskip.calibrate(model, batches, score='oracle') first")
+        thresholds = [threshold_from_grid(cal["grid"][b.index], r) for b, r in zip(st.branches, ratios)]
     gen = None
     if policy == "random":
         gen = torch.Generator().manual_seed(seed)
@@ -298,8 +302,14 @@ def _path_summary(calls: dict) -> str:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, ratio: float | Mapping[str, float] = 0.3, policy: str = "quantile",
-              modules: Iterable[str] = ("attn", "mlp"), max_tokens_per_branch: int = 2_000_000) -> dict:
+              modules: Iterable[str] = ("attn", "mlp"), max_tokens_per_branch: int = 2_000_000,
+              score: str = "gate") -> dict:
     """Fit per-branch importance quantiles so that ``policy="threshold"`` skips ``ratio`` on average.
+
+    ``score="oracle"`` fits the oracle's instead (the branch output's distance from what a skipped token
+    gets; the sample runs under ``policy="oracle"``), for ``policy="oracle_threshold"``: a reference that
+    decides per token like the gates under thresholds. It is kept apart from the gates' calibration and
+    not saved with them.
 
     The sample runs under ``policy`` (quantile by default) at ``ratio`` (a float, or per-branch ratios as
     ``skipping`` takes them, e.g. an allocation from ``gateskip.allocate``), so that each branch sees
@@ -313,9 +323,15 @@ def calibrate(model: nn.Module, batches: Iterable, ratio: float | Mapping[str, f
         ratio = {str(k): check_ratio(v, f"skip ratio for {k}") for k, v in ratio.items()}
     else:
         ratio = check_ratio(ratio)
-    grid, tokens, n_batches = record_quantiles(model, batches, ratio, policy, modules, CALIBRATION_POINTS,
-                                               max_tokens_per_branch, who="calibrate")
-    st.loaded.calibration = {"grid": grid, "ratio": ratio, "tokens": tokens}
+    if score not in ("gate", "oracle"):
+        raise GateSkipError(f"score={score!r} is not supported: choose gate or oracle")
+    grid, tokens, n_batches = record_quantiles(model, batches, ratio, "oracle" if score == "oracle" else policy,
+                                               modules, CALIBRATION_POINTS, max_tokens_per_branch, who="calibrate")
+    cal = {"grid": grid, "ratio": ratio, "tokens": tokens}
+    if score == "oracle":
+        st.loaded.oracle_calibration = cal
+    else:
+        st.loaded.calibration = cal
     return {"ratio": ratio, "tokens": tokens, "batches": n_batches}
 
 
@@ -333,7 +349,8 @@ def record_quantiles(model: nn.Module, batches: Iterable, ratio: float, policy: 
     device = next(model.parameters()).device
     n_batches = 0
     try:
-        with skipping(model, ratio=ratio, policy=policy, modules=modules):
+        with skipping(model, ratio=ratio, policy=policy, modules=modules,
+                      kv="compute" if policy in ORACLES else None):  # the oracles keep skipped tokens' K/V
             for batch in batches:
                 model(**_as_inputs(batch, device), use_cache=False)
                 n_batches += 1

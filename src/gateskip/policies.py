@@ -19,9 +19,12 @@ import torch
 
 from gateskip.errors import GateSkipError
 
-POLICIES = ("quantile", "threshold", "random", "oracle")
-# "oracle" is a reference, not a method: it computes the branch and skips, like quantile, the tokens whose
-# branch output differs least from what they get when skipped (0 or the fallback). See wrap.GatedBranch.
+POLICIES = ("quantile", "threshold", "random", "oracle", "oracle_threshold")
+ORACLES = ("oracle", "oracle_threshold")
+# The oracles are references, not methods: they compute the branch and skip the tokens whose branch output
+# differs least from what they get when skipped (0 or the fallback), ranked per call like quantile
+# ("oracle") or per token against calibrated thresholds like threshold ("oracle_threshold",
+# ``calibrate(score="oracle")``). See wrap.GatedBranch.
 
 
 def quantile_skip(imp: torch.Tensor, valid: torch.Tensor, ratio: float, n_valid: int | None = None

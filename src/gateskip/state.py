@@ -70,7 +70,7 @@ class Plan:
                 k = quantile_count(n_valid, r)
                 return (None, 0) if k == 0 else (quantile_skip(imp, valid, r, n_valid), k)
             return quantile_skip(imp, valid, r), None
-        if self.policy == "threshold":
+        if self.policy in ("threshold", "oracle_threshold"):
             thr = self.thresholds[index]
             if thr.device != imp.device or thr.dtype != imp.dtype:  # once per branch, not per call
                 # same result: a 0-d tensor compares in the other operand's dtype anyway
@@ -167,6 +167,7 @@ class Loaded:
     """What loading a gates folder and calibrating put on the model, kept for saving and undoing."""
 
     calibration: dict | None = None  # {"grid": [n_branches, G] tensor, "ratio": float, "tokens": int}
+    oracle_calibration: dict | None = None  # the same for the oracle's scores (``calibrate(score="oracle")``)
     backup: dict = field(default_factory=dict)  # backbone weights changed by load_gates, by param name
     meta: dict | None = None  # gateskip.json of the loaded gates folder
     # the folder's backbone change, kept so that save_gates writes it again: {"kind": "lora",

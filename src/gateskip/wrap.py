@@ -27,6 +27,7 @@ from gateskip import one_token, physical
 from gateskip.compat import cache_key
 from gateskip.fallback import gated_fallback
 from gateskip.kv import KVProxy
+from gateskip.policies import ORACLES
 
 
 class GatedBranch(nn.Module):
@@ -73,7 +74,7 @@ class GatedBranch(nn.Module):
         if g.dtype != x.dtype:
             g = g.to(x.dtype)
         plan = st.plan
-        if plan is not None and plan.policy == "oracle" and plan.ratios[self.index] > 0.0:
+        if plan is not None and plan.policy in ORACLES and plan.ratios[self.index] > 0.0:
             return self._oracle_call(x, g, args, kwargs)
         skip = st.on_gate(self, x, g)
         if self.placement == "before":
@@ -99,9 +100,10 @@ class GatedBranch(nn.Module):
         return self._gated_call(x, g if self.placement == "after" else None, skip, args, kwargs)
 
     def _oracle_call(self, x, g, args, kwargs):
-        """``policy="oracle"``, a ceiling to measure learned gates against, not a method: the branch runs on
-        every token, and the tokens skipped are those whose gated output moves least when replaced by what
-        a skipped token gets (0 or ``g * fallback(x)``), ranked like the quantile policy. Masked path,
+        """``policy="oracle"`` / ``"oracle_threshold"``, ceilings to measure learned gates against, not methods: the
+        branch runs on every token, and the tokens skipped are those whose gated output moves least when
+        replaced by what a skipped token gets (0 or ``g * fallback(x)``), ranked per call like the quantile
+        policy or compared per token with calibrated thresholds (``calibrate(score="oracle")``). Masked path,
         skipped tokens keep their own K/V (``skipping`` asks for kv="compute" and gates after the branch)."""
         st = self.state
         out = self._run(x, args, kwargs)

@@ -7,9 +7,10 @@ can be compared item by item (paired.py). Rows:
 1. dense: the model without gates, scored once; every retention is measured against it;
 2. gateskip: the gates folder at each budget (a ratio, or a JSON file of per-branch ratios);
 3. random: the same gates and backbone, tokens chosen at random (``policy="random"``), at each ratio;
-   oracle (on request): the same again, tokens chosen by ``policy="oracle"``, a ceiling that computes every
-   branch to find the tokens whose skipping changes its output least (ranked per request, like quantile;
-   skipped tokens keep their own K/V): the random-to-oracle gap is what learned gates can win;
+   oracle (on request): the same again, tokens chosen by the oracle, a ceiling that computes every branch to
+   find the tokens whose skipping changes its output least (skipped tokens keep their own K/V): per token
+   against thresholds calibrated like the gates' (``oracle_threshold``) when the gateskip rows use
+   thresholds, else ranked per request (``oracle``). The random-to-oracle gap is what learned gates can win;
 4. shortgpt: the original model without its lowest-Block-Influence layers, at each layer count;
 5. shortgpt_linear (row ``shortgpt+linear``): the same layers, each replaced by a linear map of its input
    instead of removed (``linear_replaced``): the strongest static baseline.
@@ -289,9 +290,11 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
             for r in budgets.get("random", []) if "random" in methods else []:
                 rows.append(run.row("random" + suffix, f"ratio {r:g}", {"ratio": r},
                                     {"ratio": r, "policy": "random", **common}))
-            for r in budgets.get("oracle", []) if "oracle" in methods else []:
-                rows.append(run.row("oracle" + suffix, f"ratio {r:g}", {"ratio": r},
-                                    {"ratio": r, "policy": "oracle", **common, "kv": "compute"}))
+            oracle_ratios = budgets.get("oracle", []) if "oracle" in methods else []
+            setting, oracle = _oracle_setup(net, policy, batches) if oracle_ratios else ({}, None)
+            for r in oracle_ratios:
+                rows.append(run.row("oracle" + suffix, f"ratio {r:g}", {"ratio": r, **setting},
+                                    {"ratio": r, "policy": oracle, **common, "kv": "compute"}))
         finally:
             remove_gates(net)
     bi = None
@@ -316,6 +319,19 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
                                "r2": {k: v for k, v in fit["r2"].items() if k in plan["ratio"]}}
                     rows.append(run.row("shortgpt+linear", f"{n} layers", setting, plan))
     return {"rows": rows, "block_influence": bi, "fallback": fb_summary, "resumed": getattr(run, "resumed", 0)}
+
+
+def _oracle_setup(net, policy: str, batches) -> tuple[dict, str]:
+    """(row setting, policy) of the oracle rows: per token against thresholds when the gateskip rows use
+    thresholds (calibrated on the fit batches at the gates' calibration ratio), else ranked per request."""
+    from gateskip.core import calibrate, gate_state
+
+    if policy != "threshold":
+        return {}, "oracle"
+    own = gate_state(net).loaded.calibration
+    ratio = own["ratio"] if own is not None else 0.3
+    cal = calibrate(net, batches(), ratio=ratio, score="oracle")
+    return {"oracle_calibration": {"ratio": cal["ratio"], "tokens": cal["tokens"]}}, "oracle_threshold"
 
 
 class _Lazy:
