@@ -30,10 +30,9 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
 	  echo "chromium unavailable: the HTML inspector test will be skipped"
 
-# Two workers, one per core (tests run single-threaded on tiny models); a test file stays on one worker so its
-# module-scoped fixtures (the real model) load once.
+# Two workers, one per core (tests on tiny models run single-threaded; conftest.py sets it).
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
