@@ -4,7 +4,7 @@
 inside the wrappers), registers one pre-hook on the model that records which tokens of each call
 are real (not padding), and one hook on the LM head that counts the logits rows computed.
 
-Why one module of ~420 lines: it is the public surface of the kernel (``add_gates``, ``remove_gates``,
+Why one module of ~450 lines: it is the public surface of the kernel (``add_gates``, ``remove_gates``,
 ``skipping``, ``stats``, ``calibrate`` and their small helpers), each function short, and a reader of
 "what does the model-level API do" finds all of it here; the mechanics live below it (wrap.py, state.py,
 policies.py, physical.py, kv.py, flops.py).

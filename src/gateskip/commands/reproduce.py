@@ -34,7 +34,7 @@ CTX = 64  # typical context length of a log-likelihood request, for the FLOP est
 
 def reproduce(out: str = "runs/reproduce", cells: list[str] = ("all",), model: str = "smollm2-135m", data: str = "mix",
               steps: int = 30, seq_len: int = 128, batch_size: int = 4, lr: float = 1e-2, backbone_lr: float = 1e-4,
-              lam: float = 1.0, tasks: str = "hellaswag,piqa", limit: int = 50, policy: str = "quantile",
+              lam: float = 1.0, tasks: list[str] = ("hellaswag", "piqa"), limit: int = 50, policy: str = "quantile",
               threads: int = 1, seed: int = 0, run: bool = True, doc: str | None = None,
               date: str | None = None) -> Path:
     """Run the paper's ablation grid (one small training run + one eval sweep per cell) and write reproduction.md.
@@ -52,7 +52,7 @@ def reproduce(out: str = "runs/reproduce", cells: list[str] = ("all",), model: s
         lr: learning rate of the gates.
         backbone_lr: learning rate of LoRA / full backbone weights.
         lam: weight of the sparsity penalty (the authors' scripts: 1.0).
-        tasks: comma-separated log-likelihood tasks of the eval sweep.
+        tasks: log-likelihood tasks of the eval sweep.
         limit: items per task.
         policy: GateSkip's token choice at evaluation: quantile (paper) or threshold.
         threads: torch CPU threads (0: leave as is).
@@ -69,7 +69,8 @@ def reproduce(out: str = "runs/reproduce", cells: list[str] = ("all",), model: s
         torch.set_num_threads(threads)
     budget = {"model": model, "data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
               "backbone_lr": backbone_lr, "lam": lam, "seed": seed}
-    spec = {"tasks": tasks, "limit": limit, "policy": policy, "seed": seed}
+    # the spec names the run folders by hash: tasks stay the comma text earlier runs were hashed with
+    spec = {"tasks": ",".join(as_list(tasks, what="task")), "limit": limit, "policy": policy, "seed": seed}
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     command = _command_line(locals())
