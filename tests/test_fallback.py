@@ -12,13 +12,16 @@ from gateskip.core import gate_modules, gate_state
 from gateskip.fallback import fallback_modules, fallback_parameters
 from gateskip.models import tiny_model
 
-KINDS = ["mean", "linear", "lowrank", "lowrank/linear"]  # "a/b": attention branches a, MLP branches b
+KINDS = ["mean", "linear", "lowrank", "lowrank/linear", "lowrank/neurons"]  # "a/b": attention a, MLP b
 TOL = 1e-4
 
 
 def _cfg(kind="zero", **kw):
+    """``kind``: "a/b" (attention a, MLP b), "a/b@R": MLP fallbacks of rank R."""
+    kind, _, mlp_rank = kind.partition("@")
     attn, _, mlp = kind.partition("/")
-    return GateSkipConfig(init_std=0.3, init_bias=0.0, fallback=attn, fallback_mlp=mlp or None, fallback_rank=8, **kw)
+    return GateSkipConfig(init_std=0.3, init_bias=0.0, fallback=attn, fallback_mlp=mlp or None, fallback_rank=8,
+                          fallback_neurons=4, fallback_rank_mlp=int(mlp_rank) if mlp_rank else None, **kw)
 
 
 def _data(n=3, b=4, t=32, seed=1):
@@ -266,7 +269,7 @@ def test_fallback_mlp_config_checks():
                                                                fallback_rank=65))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["lowrank/neurons@16"])
 def test_save_load_roundtrip(tmp_path, kind):
     m = _fitted("gemma2", kind)
     ids = torch.randint(1, VOCAB, (2, 16))
@@ -399,3 +402,64 @@ def test_fit_only_the_named_branches():
         assert fitted == (name == "layers.1.mlp")
     with pytest.raises(GateSkipError, match="no gated branch named 'layers.9.mlp'"):
         gateskip.fit_fallback(m, _data(), branches=["layers.9.mlp"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_neurons_fallback_finds_and_recovers_a_planted_sparse_mlp(family):
+    """An MLP whose output comes from 3 of its 128 neurons: a neurons fallback with K=3 and full rank picks
+    exactly those (their gate and up projections copied) and reproduces the branch (R^2 ~1); a linear map of x
+    cannot. Gemma's branch output passes its post-norm too, so there only the R^2 rises, not to 1."""
+    m = tiny_model(family).double()
+    live = torch.tensor([5, 40, 99])
+    with torch.no_grad():
+        for layer in m.model.layers:
+            keep = torch.zeros(layer.mlp.down_proj.weight.shape[1], dtype=torch.bool)
+            keep[live] = True
+            layer.mlp.down_proj.weight[:, ~keep] = 0
+    cfg = GateSkipConfig(fallback="lowrank", fallback_mlp="neurons", fallback_neurons=3, fallback_rank=64)
+    gateskip.add_gates(m, cfg)
+    data = _data(n=4, b=4, t=32)
+    r2 = gateskip.fit_fallback(m, data, ridge=1e-12)["r2"]
+    lin = gateskip.fit_fallback(m, data, kind="lowrank", mlp_kind="linear", ridge=1e-12)["r2"]
+    gateskip.fit_fallback(m, data, kind="lowrank", mlp_kind="neurons", neurons=3, rank=64, ridge=1e-12)
+    mlp = m.model.layers[1].mlp
+    fb = mlp.fallback
+    assert type(fb).__name__ == "NeuronFallback" and fb.G.shape == (64, 3) and fb.A.shape == (67, 64)
+    assert torch.equal(fb.G, mlp.module.gate_proj.weight[live].T.to(fb.G))
+    assert torch.equal(fb.U, mlp.module.up_proj.weight[live].T.to(fb.U))
+    for i in range(3):
+        name = f"layers.{i}.mlp"
+        assert r2[name] > lin[name] + 0.05
+        if family == "llama":
+            assert r2[name] > 1 - 1e-6
+            x = torch.randn(7, 64, dtype=torch.float64)
+            branch = m.model.layers[i].mlp
+            assert (branch.fallback(x) - branch.module(x)).abs().max() < 1e-5
+
+
+def test_neurons_fallback_flops_and_checks():
+    m = gateskip.add_gates(tiny_model("llama"), _cfg("lowrank/neurons"))  # K 4, R 8, H 64
+    f = gate_state(m).flops
+    assert f.fallback_mlp == 2 * 2 * 64 * 4 + 2 * (64 + 4) * 8 + 2 * 8 * 64 and f.fallback == 2 * 2 * 64 * 8
+    assert gate_state(m).cfg.fallback_name() == "attn lowrank8 / mlp neurons4r8"
+    assert not {"fallback_neurons", "fallback_rank_mlp"} & set(GateSkipConfig(fallback="lowrank").to_dict())
+    wide = gateskip.add_gates(tiny_model("llama"), _cfg("lowrank/neurons@16"))  # the MLP maps' own rank
+    fb = {b.kind: b.fallback for b in gate_state(wide).branches}
+    assert fb["attn"].A.shape == (64, 8) and fb["mlp"].A.shape == (68, 16)
+    assert gate_state(wide).flops.fallback_mlp == 2 * 2 * 64 * 4 + 2 * (64 + 4) * 16 + 2 * 16 * 64
+    assert gate_state(wide).cfg.fallback_name() == "attn lowrank8 / mlp neurons4r16"
+    cases = [
+        (lambda: GateSkipConfig(fallback="neurons"), "fallback='neurons' computes some of an MLP's neurons"),
+        (lambda: GateSkipConfig(fallback_mlp="neurons", fallback_neurons=0), "fallback_neurons=0 is invalid"),
+        (lambda: GateSkipConfig(fallback_rank_mlp=0), "fallback_rank_mlp=0 is invalid"),
+        (lambda: gateskip.add_gates(tiny_model("llama"), GateSkipConfig(fallback_mlp="lowrank", fallback_rank_mlp=65)),
+         "fallback_rank_mlp=65 is above the hidden size 64"),
+        (lambda: gateskip.add_gates(tiny_model("llama"), GateSkipConfig(fallback_mlp="neurons", fallback_neurons=129)),
+         "fallback_neurons=129 is above the MLP's 128 neurons"),
+    ]
+    for fn, message in cases:
+        with pytest.raises(GateSkipError, match=message) as e:
+            fn()
+        assert "\n" not in str(e.value)
+    only_mlp = GateSkipConfig(fallback="neurons", modules=("mlp",))  # no attention branch: fine
+    assert only_mlp.fallback_of("mlp") == "neurons"

@@ -15,7 +15,7 @@ GATE_KINDS = ("vector", "scalar", "lowrank", "mlp")
 PLACEMENTS = ("after", "before")
 MODULE_KINDS = ("attn", "mlp")
 KV_MODES = ("copy", "compute")
-FALLBACK_KINDS = ("zero", "mean", "lowrank", "linear")
+FALLBACK_KINDS = ("zero", "mean", "lowrank", "linear", "neurons")
 
 
 @dataclass
@@ -47,6 +47,12 @@ class GateSkipConfig:
         fallback_mlp: the MLP branches' fallback kind when it differs from ``fallback`` (which then holds
             the attention branches'), e.g. ``fallback="lowrank", fallback_mlp="linear"``: a full H x H map
             costs ~12% of a SwiGLU MLP but ~50% of what a skipped attention token saves. None: ``fallback``.
+            ``neurons`` (MLP branches only): the branch's own activation on ``fallback_neurons`` of its
+            neurons, chosen and combined with x by a rank-``fallback_rank`` map in closed form: a nonlinear
+            fallback, e.g. ``fallback="lowrank", fallback_mlp="neurons"``.
+        fallback_neurons: how many of an MLP's neurons a ``neurons`` fallback computes.
+        fallback_rank_mlp: the MLP branches' fallback rank when it differs from ``fallback_rank`` (e.g. a
+            rank-128 ``neurons`` map next to rank-64 attention fallbacks). None: ``fallback_rank``.
     """
 
     gate: str = "vector"
@@ -62,6 +68,8 @@ class GateSkipConfig:
     fallback: str = "zero"
     fallback_rank: int = 64
     fallback_mlp: str | None = None
+    fallback_neurons: int = 64
+    fallback_rank_mlp: int | None = None
 
     def __post_init__(self) -> None:
         self.modules = tuple(self.modules)
@@ -82,18 +90,37 @@ class GateSkipConfig:
         if not _whole(self.fallback_rank) or self.fallback_rank < 1:
             raise GateSkipError(f"fallback_rank={self.fallback_rank!r} is invalid: use a positive integer")
         self.fallback_rank = int(self.fallback_rank)
+        if not _whole(self.fallback_neurons) or self.fallback_neurons < 1:
+            raise GateSkipError(f"fallback_neurons={self.fallback_neurons!r} is invalid: use a positive integer")
+        self.fallback_neurons = int(self.fallback_neurons)
+        if self.fallback_rank_mlp is not None:
+            if not _whole(self.fallback_rank_mlp) or self.fallback_rank_mlp < 1:
+                raise GateSkipError(f"fallback_rank_mlp={self.fallback_rank_mlp!r} is invalid: use a positive integer")
+            self.fallback_rank_mlp = int(self.fallback_rank_mlp)
+            if self.fallback_rank_mlp == self.fallback_rank:
+                self.fallback_rank_mlp = None
+        if "attn" in self.modules and self.fallback == "neurons":
+            raise GateSkipError("fallback='neurons' computes some of an MLP's neurons and has no meaning for attention "
+                                "branches: use fallback_mlp='neurons' with another fallback for attention")
         if self.init_std < 0:
             raise GateSkipError(f"init_std={self.init_std} is invalid: use a value >= 0")
 
     def check_model(self, hidden: int) -> None:
         """The checks that need the model: a low-rank fallback cannot have more rank than the hidden size."""
-        if "lowrank" in self.fallback_kinds and self.fallback_rank > hidden:
-            raise GateSkipError(f"fallback_rank={self.fallback_rank} is above the hidden size {hidden}: use a rank "
-                                f"<= {hidden}, or fallback='linear' for a full-rank map")
+        for kind in self.modules:
+            rank = self.rank_of(kind)
+            if self.fallback_of(kind) in ("lowrank", "neurons") and rank > hidden:
+                field = "fallback_rank_mlp" if kind == "mlp" and self.fallback_rank_mlp is not None else "fallback_rank"
+                raise GateSkipError(f"{field}={rank} is above the hidden size {hidden}: use a rank "
+                                    f"<= {hidden}, or fallback='linear' for a full-rank map")
 
     def fallback_of(self, kind: str) -> str:
         """The fallback kind of a branch of ``kind`` (``attn`` or ``mlp``)."""
         return self.fallback_mlp if kind == "mlp" and self.fallback_mlp is not None else self.fallback
+
+    def rank_of(self, kind: str) -> int:
+        """The fallback rank of a branch of ``kind`` (``attn`` or ``mlp``)."""
+        return self.fallback_rank_mlp if kind == "mlp" and self.fallback_rank_mlp is not None else self.fallback_rank
 
     @property
     def fallback_kinds(self) -> set[str]:
@@ -106,16 +133,23 @@ class GateSkipConfig:
 
     def fallback_name(self) -> str:
         """``lowrank64``, ``linear``, or ``attn lowrank64 / mlp linear`` when the kinds differ."""
-        name = lambda k: f"lowrank{self.fallback_rank}" if k == "lowrank" else k  # noqa: E731
-        if self.fallback_mlp is None or self.fallback_mlp == self.fallback:
-            return name(self.fallback)
-        return f"attn {name(self.fallback)} / mlp {name(self.fallback_mlp)}"
+        def name(kind: str) -> str:
+            what, rank = self.fallback_of(kind), self.rank_of(kind)
+            return {"lowrank": f"lowrank{rank}", "neurons": f"neurons{self.fallback_neurons}r{rank}"}.get(what, what)
+
+        if len(self.modules) == 1 or name("attn") == name("mlp"):
+            return name(self.modules[0])
+        return f"attn {name('attn')} / mlp {name('mlp')}"
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["modules"] = list(self.modules)
         if d["fallback_mlp"] is None:  # folders without per-kind fallbacks stay readable by older versions
             del d["fallback_mlp"]
+        if "neurons" not in self.fallback_kinds:
+            del d["fallback_neurons"]
+        if d["fallback_rank_mlp"] is None:
+            del d["fallback_rank_mlp"]
         return d
 
     @classmethod

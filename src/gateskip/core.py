@@ -77,7 +77,7 @@ def add_gates(model: nn.Module, cfg: GateSkipConfig | None = None, state_cls: ty
             branch = GatedBranch(getattr(layer, attr), gate, kind=kind, layer=i, index=len(state.branches),
                                  post_norm=post, placement=cfg.placement, detach_input=cfg.detach_input,
                                  window=flops.windows[i] if i < len(flops.windows) else None, state=state,
-                                 fallback=make_fallback(cfg, hidden, dtype, device, kind))
+                                 fallback=make_fallback(cfg, hidden, dtype, device, kind, getattr(layer, attr)))
             branch.post_attr = post_attr
             setattr(layer, attr, branch)
             if post_attr:  # the norm now runs inside the branch, before the gate (see arch.py)

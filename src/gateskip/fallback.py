@@ -7,7 +7,11 @@ the post-norm, where the gate multiplies):
 
 - ``mean``: y ~ b (the mean branch output): ~H FLOPs per skipped token;
 - ``linear``: y ~ x W + b, W H x H: 2 H^2 FLOPs;
-- ``lowrank``: y ~ (x A) B + b, A H x R, B R x H: 2 * 2 H R FLOPs.
+- ``lowrank``: y ~ (x A) B + b, A H x R, B R x H: 2 * 2 H R FLOPs;
+- ``neurons`` (MLP branches): y ~ ([x, h_S(x)] A) B + b, where h_S(x) = act(x G) * (x U) is the branch's own
+  activation on K of its neurons (G, U: their gate and up projection columns) and A is (H + K) x R: a
+  nonlinear fallback, the MLP cut to the K neurons that the linear map explains worst, at
+  2 * 2 H K + 2 (H + K) R + 2 R H FLOPs (K = R = 64: ~6% of SmolLM2's MLP).
 
 The gate multiplies the fallback too: a branch adds ``g * f(x)`` for a kept token and ``g * fb(x)``
 for a skipped one, on every path (masked, physical, one-token decode), so the fallback replaces the
@@ -23,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gateskip.errors import GateSkipError
 from gateskip.record import peek
 
 
@@ -88,11 +93,53 @@ class LowRankFallback(nn.Module):
         self.bias.copy_(b)
 
 
-def make_fallback(cfg, hidden: int, dtype: torch.dtype, device, kind: str = "attn") -> nn.Module | None:
+class NeuronFallback(nn.Module):
+    """fb(x) = ([x, act(x G) * (x U)] A) B + b with G, U [H, K], A [H + K, R], B [R, H].
+
+    ``act``: the MLP's own activation (its ``act_fn``). Before fitting G, U and B are zero (output 0) and A
+    random, as in LowRankFallback; ``fallback_fit`` copies G and U from the chosen neurons' projections."""
+
+    kind = "neurons"
+
+    def __init__(self, hidden: int, neurons: int, rank: int, act, dtype=torch.float32):
+        super().__init__()
+        self.G = nn.Parameter(torch.zeros(hidden, neurons, dtype=dtype))
+        self.U = nn.Parameter(torch.zeros(hidden, neurons, dtype=dtype))
+        self.A = nn.Parameter(torch.randn(hidden + neurons, rank, dtype=dtype) * (hidden + neurons) ** -0.5)
+        self.B = nn.Parameter(torch.zeros(rank, hidden, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(hidden, dtype=dtype))
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.A
+        flat = x.reshape(-1, x.shape[-1]).to(a.dtype)
+        k = self.G.shape[1]
+        gu = flat @ torch.cat([self.G, self.U], 1)
+        z = torch.cat([flat, self.act(gu[:, :k]) * gu[:, k:]], 1)
+        return torch.addmm(self.bias, z @ a, self.B).to(x.dtype).view(x.shape)
+
+    def set(self, w: tuple, b: torch.Tensor) -> None:
+        for p, v in zip((self.G, self.U, self.A, self.B), w):
+            p.copy_(v)
+        self.bias.copy_(b)
+
+
+def mlp_parts(module: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, object]:
+    """(gate_proj, up_proj, down_proj, act_fn) of a gated (SwiGLU / GeGLU) MLP, or a one-line error."""
+    parts = tuple(getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+    if any(p is None for p in parts):
+        raise GateSkipError(f"fallback 'neurons' needs a gated MLP with gate_proj, up_proj, down_proj and act_fn; "
+                            f"{type(module).__name__} lacks them: use fallback_mlp='lowrank' or 'linear'")
+    return parts
+
+
+def make_fallback(cfg, hidden: int, dtype: torch.dtype, device, kind: str = "attn",
+                  module: nn.Module | None = None) -> nn.Module | None:
     """The (unfitted: output 0) fallback module of a ``kind`` branch (``cfg.fallback_of(kind)``), or None
     for ``zero``.
 
-    ``dtype``: the model's; parameters are kept at float32 precision at least."""
+    ``dtype``: the model's; parameters are kept at float32 precision at least. ``module``: the branch's
+    module (the MLP, whose activation and width a ``neurons`` fallback needs)."""
     what = cfg.fallback_of(kind)
     if what == "zero":
         return None
@@ -101,8 +148,17 @@ def make_fallback(cfg, hidden: int, dtype: torch.dtype, device, kind: str = "att
         m = MeanFallback(hidden, dt)
     elif what == "linear":
         m = LinearFallback(hidden, dt)
+    elif what == "neurons":
+        if module is None:
+            raise GateSkipError("fallback 'neurons' needs the branch's MLP module (make_fallback(..., module=mlp))")
+        gate_proj, _, _, act = mlp_parts(module)
+        width = gate_proj.out_features
+        if cfg.fallback_neurons > width:
+            raise GateSkipError(f"fallback_neurons={cfg.fallback_neurons} is above the MLP's {width} neurons: "
+                                f"use at most {width}")
+        m = NeuronFallback(hidden, cfg.fallback_neurons, cfg.rank_of(kind), act, dt)
     else:
-        m = LowRankFallback(hidden, cfg.fallback_rank, dt)
+        m = LowRankFallback(hidden, cfg.rank_of(kind), dt)
     return m.to(device)
 
 

@@ -5,6 +5,11 @@ Per branch ``fit_fallback`` streams float64 sums of X^T X, X^T Y, sum X, sum Y a
 intercept. ``lowrank`` is the reduced-rank regression of that solution: W projected onto the top-R
 right singular vectors of the fitted values X W, found from (X W)^T (X W) = W^T X^T X W without
 materialising X. Optionally under a skipping plan, branch by branch in execution order.
+
+A ``neurons`` fallback (MLP branches) regresses on [x, h], h the branch's whole activation (what its down
+projection receives): the same sums over H + I inputs give, for every neuron, how much of what the linear map
+of x leaves unexplained that neuron would explain alone (``neuron_gain``); the K best are kept and the
+reduced-rank fit is solved on [x, h_K] (``Moments.select``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import nn
 from gateskip.arch import text_config
 from gateskip.core import _as_inputs, gate_state, skipping
 from gateskip.errors import GateSkipError
-from gateskip.fallback import make_fallback
+from gateskip.fallback import make_fallback, mlp_parts
 from gateskip.flops import model_flops
 
 
@@ -44,6 +49,14 @@ class Moments:
         if self.xx is not None:
             self.xx.addmm_(x.T, x)
             self.xy.addmm_(x.T, y)
+
+    def select(self, cols: torch.Tensor) -> Moments:
+        """The sums of the inputs ``cols`` only (and every output)."""
+        sub = Moments.__new__(Moments)
+        sub.n, sub.yy, sub.sy = self.n, self.yy, self.sy
+        sub.sx = self.sx[cols]
+        sub.xx, sub.xy = self.xx[cols][:, cols], self.xy[cols]
+        return sub
 
     def solve(self, kind: str, rank: int, ridge: float) -> tuple[object, torch.Tensor, float]:
         """(weights, bias, R^2 on the fitted data). Weights: None (mean), W (linear) or (A, B) (lowrank)."""
@@ -72,6 +85,58 @@ class Moments:
         return weights, my - mx @ w, (1.0 - sse / sst) if sst > 0 else 0.0
 
 
+def neuron_gain(m: Moments, hidden: int, ridge: float) -> torch.Tensor:
+    """Per neuron, the output variance it would explain alone on top of the ridge fit of y on x.
+
+    ``m``: sums over z = [x, h] (``hidden`` + I inputs). With r = h - x P_h and e = y - x P_y the residuals of
+    the neuron activations and of y on x, gain_i = |cov(r_i, e)|^2 / var(r_i), all from the centered sums."""
+    n = m.n
+    mz = m.sx / n
+    czz = m.xx - n * torch.outer(mz, mz)
+    czy = m.xy - n * torch.outer(mz, m.sy / n)
+    cxx, cxh, chh_diag = czz[:hidden, :hidden], czz[:hidden, hidden:], czz.diagonal()[hidden:]
+    cxy, chy = czy[:hidden], czy[hidden:]
+    lam = ridge * float(cxx.diagonal().sum()) / hidden
+    lam = lam if lam > 0 else max(ridge, 1e-12)
+    p = torch.linalg.solve(cxx + lam * torch.eye(hidden, dtype=cxx.dtype, device=cxx.device),
+                           torch.cat([cxh, cxy], 1))
+    ph, py = p[:, :cxh.shape[1]], p[:, cxh.shape[1]:]
+    cov_re = chy - ph.T @ cxy - cxh.T @ py + ph.T @ (cxx @ py)
+    var_r = chh_diag - 2 * (ph * cxh).sum(0) + (ph * (cxx @ ph)).sum(0)
+    return (cov_re * cov_re).sum(1) / var_r.clamp_min(1e-12 * max(float(chh_diag.max()), 1e-30))
+
+
+def solve_fallback(fb: nn.Module, m: Moments, branch, cfg, ridge: float) -> float:
+    """Fit ``branch``'s fallback ``fb`` from the sums ``m`` (over [x, h] for ``neurons``); returns its R^2.
+
+    A ``neurons`` fallback copies its chosen neurons' projections from the branch's MLP."""
+    kind, rank = cfg.fallback_of(branch.kind), cfg.rank_of(branch.kind)
+    if kind != "neurons":
+        w, bias, r2 = m.solve(kind, rank, ridge)
+        set_solution(fb, w, bias)
+        return r2
+    hidden = fb.B.shape[1]
+    chosen = neuron_gain(m, hidden, ridge).topk(cfg.fallback_neurons).indices.sort().values
+    cols = torch.cat([torch.arange(hidden, device=chosen.device), hidden + chosen])
+    (a, b), bias, r2 = m.select(cols).solve("lowrank", rank, ridge)
+    gate_proj, up_proj, _, _ = mlp_parts(branch.module)
+    pick = chosen.to(gate_proj.weight.device)
+    g, u = (_dense(lin)[pick].T for lin in (gate_proj, up_proj))  # weights are [I, H]: the neurons' columns
+    set_solution(fb, (g, u, a, b), bias)
+    return r2
+
+
+def _is_wide(st, b) -> bool:
+    """Whether branch ``b``'s fallback regresses on [x, h] (a ``neurons`` fallback)."""
+    return st.cfg.fallback_of(b.kind) == "neurons"
+
+
+def _dense(linear: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as a plain tensor (int4 weights dequantized)."""
+    w = linear.weight
+    return (w.dequantize() if hasattr(w, "dequantize") else w).detach()
+
+
 def set_solution(fb: nn.Module, w, bias: torch.Tensor) -> None:
     """Write a ``Moments.solve`` solution (weights: None, W or (A, B); bias) into fallback ``fb``."""
     fb.set(None if w is None else (w.to(fb.bias) if torch.is_tensor(w) else tuple(t.to(fb.bias) for t in w)),
@@ -85,7 +150,8 @@ class _Stop(Exception):
 @torch.no_grad()
 def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, rank: int | None = None,
                  ridge: float = 1e-3, under_plan: Mapping | None = None, exclude_first: int | None = None,
-                 branches: Iterable[str] | None = None, mlp_kind: str | None = None) -> dict:
+                 branches: Iterable[str] | None = None, mlp_kind: str | None = None,
+                 neurons: int | None = None, mlp_rank: int | None = None) -> dict:
     """Fit every branch's fallback in closed form on calibration ``batches``; returns a summary.
 
     Args:
@@ -94,6 +160,10 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
             Another kind or rank than the config's replaces it (``save_gates`` then records it).
         mlp_kind: the MLP branches' kind when it differs (``GateSkipConfig.fallback_mlp``), e.g.
             ``kind="lowrank", mlp_kind="linear"``; default: ``kind`` when ``kind`` is given, else the config's.
+        neurons: how many neurons a ``neurons`` fallback keeps (``GateSkipConfig.fallback_neurons``);
+            default: the config's.
+        mlp_rank: the MLP branches' rank when it differs from ``rank`` (``GateSkipConfig.fallback_rank_mlp``);
+            default: the config's when neither ``rank`` nor ``kind`` is given, else ``rank``.
         ridge: L2 penalty, relative to the mean input variance (trace(X^T X) / H, centered).
         under_plan: ``skipping()`` keyword arguments (e.g. ``{"ratio": 0.3, "policy": "threshold"}``).
             Without it every branch is fitted in one pass of the dense model. With it, branches are
@@ -115,7 +185,9 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
     mlp = mlp_kind if (kind or mlp_kind) else st.cfg.fallback_mlp
     kind = kind or st.cfg.fallback
     cfg = dataclasses.replace(st.cfg, fallback=kind, fallback_mlp=None if mlp in (None, kind) else mlp,
-                              fallback_rank=st.cfg.fallback_rank if rank is None else rank)
+                              fallback_rank=st.cfg.fallback_rank if rank is None else rank,
+                              fallback_neurons=st.cfg.fallback_neurons if neurons is None else neurons,
+                              fallback_rank_mlp=mlp_rank if (mlp_rank or rank or kind) else st.cfg.fallback_rank_mlp)
     if not cfg.has_fallback:
         raise GateSkipError("fit_fallback has nothing to fit for fallback='zero': pass kind='mean', 'linear' or "
                             "'lowrank' (or build the gates with GateSkipConfig(fallback=...))")
@@ -133,11 +205,11 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
     # put back if the fit fails (a refit changes the parameters in place)
     before = st.cfg, st.flops, [(b.fallback, None if b.fallback is None else
                                  {k: v.clone() for k, v in b.fallback.state_dict().items()}) for b in st.branches]
-    if (cfg.fallback, cfg.fallback_mlp, cfg.fallback_rank) != (st.cfg.fallback, st.cfg.fallback_mlp,
-                                                                 st.cfg.fallback_rank):
+    shape = lambda c: (c.fallback, c.fallback_mlp, c.fallback_rank, c.fallback_neurons, c.fallback_rank_mlp)  # noqa: E731
+    if shape(cfg) != shape(st.cfg):
         dtype = model.get_input_embeddings().weight.dtype
         for b in st.branches:
-            b.fallback = make_fallback(cfg, hidden, dtype, device, b.kind)
+            b.fallback = make_fallback(cfg, hidden, dtype, device, b.kind, b.module)
         st.cfg, st.flops = cfg, model_flops(model, cfg)
     was_training = model.training
     model.eval()
@@ -160,7 +232,7 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
             groups, plan = [[b] for b in chosen], {**under_plan, "path": "masked", "kv": "compute"}
         for group in groups:
             full = any(cfg.fallback_of(b.kind) != "mean" for b in group)
-            moments = _collect(model, st, inputs, group, hidden, full, plan, skipping,
+            moments = _collect(model, st, inputs, group, hidden, full, plan, skipping, wide=True,
                                first=st.cfg.protect_first if exclude_first is None else int(exclude_first))
             passes += 1
             for b in group:
@@ -168,8 +240,7 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
                 if m.n == 0:
                     raise GateSkipError("fit_fallback saw no real tokens (every position is padding): pass batches "
                                         "whose attention_mask keeps some tokens")
-                w, bias, r2[b.name] = m.solve(cfg.fallback_of(b.kind), cfg.fallback_rank, ridge)
-                set_solution(b.fallback, w, bias)
+                r2[b.name] = solve_fallback(b.fallback, m, b, cfg, ridge)
                 tokens = tokens or m.n
     except BaseException:
         st.cfg, st.flops = before[0], before[1]
@@ -181,20 +252,26 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
     finally:
         model.train(was_training)
     return {"kind": cfg.fallback, "mlp_kind": cfg.fallback_mlp,
-            "rank": cfg.fallback_rank if "lowrank" in cfg.fallback_kinds else None,
+            "rank": cfg.fallback_rank if cfg.fallback_kinds & {"lowrank", "neurons"} else None,
+            **({"mlp_rank": cfg.fallback_rank_mlp} if cfg.fallback_rank_mlp is not None else {}),
+            **({"neurons": cfg.fallback_neurons} if "neurons" in cfg.fallback_kinds else {}),
             "tokens": tokens, "batches": len(inputs), "passes": passes, "r2": r2}
 
 
 def _collect(model, st, inputs: list[dict], branches: list, hidden: int, full: bool, plan: dict | None,
-             skipping, add=None, first: int = 0) -> dict[int, Moments]:
+             skipping, add=None, first: int = 0, wide: bool = False) -> dict[int, Moments]:
     """One pass over ``inputs``: Moments of each branch's module input and (post-normed) output.
 
     ``add(branch, moments, x, y)``, if given, accumulates instead of ``moments.add(x, y)`` (``x``, ``y``: the
     branch's real tokens, [N, H]); gatefit.py uses it to regress one value per token. ``first``: leave out the
-    first N tokens of each sequence (those ``protect_first`` never skips)."""
-    moments = {b.index: Moments(hidden, full, next(model.parameters()).device, None if add is None else 1)
+    first N tokens of each sequence (those ``protect_first`` never skips). ``wide``: for branches with a
+    ``neurons`` fallback x is [x, h], h the MLP's activation (its down projection's input), [N, H + I]."""
+    widths = {b.index: hidden + (mlp_parts(b.module)[2].in_features if wide and _is_wide(st, b) else 0)
+              for b in branches}
+    moments = {b.index: Moments(widths[b.index], full, next(model.parameters()).device, hidden if add is None else 1)
                for b in branches}
     seen: dict[int, torch.Tensor] = {}
+    acts: dict[int, torch.Tensor] = {}
     stop = plan is not None  # one branch per pass: stop the forward once it has been seen
     handles = []
 
@@ -206,6 +283,8 @@ def _collect(model, st, inputs: list[dict], branches: list, hidden: int, full: b
     def take_output(b):
         def hook(_mod, _args, out):
             x = seen.pop(b.index)
+            if b.index in acts:
+                x = torch.cat([x, acts.pop(b.index).to(x.dtype)], -1)
             y = out[0] if isinstance(out, tuple) else out
             valid = st.valid_for(x)
             if first and st.call.ctx is not None and st.call.ctx.shape == valid.shape:
@@ -218,8 +297,15 @@ def _collect(model, st, inputs: list[dict], branches: list, hidden: int, full: b
                 raise _Stop
         return hook
 
+    def take_activation(b):
+        def hook(_mod, args):
+            acts[b.index] = args[0]
+        return hook
+
     for b in branches:
         handles.append(b.module.register_forward_pre_hook(take_input(b), with_kwargs=True))
+        if widths[b.index] > hidden:
+            handles.append(mlp_parts(b.module)[2].register_forward_pre_hook(take_activation(b)))
         # y where the gate multiplies: after the post-norm where the family has one (Gemma)
         handles.append((b.module if b.post_norm is None else b.post_norm).register_forward_hook(take_output(b)))
     try:

@@ -57,12 +57,17 @@ def model_flops(model, cfg: GateSkipConfig) -> LayerFlops:
 
 def fallback_flops(hidden: int, cfg: GateSkipConfig, kind: str = "attn") -> int:
     """FLOPs one skipped token of a ``kind`` branch spends in its fallback: mean adds a vector (H), linear
-    is a H x H matmul (2 H^2), lowrank two thin ones (2 * 2 H R). Bias adds are ignored, as for the gates."""
+    is a H x H matmul (2 H^2), lowrank two thin ones (2 * 2 H R), neurons the gate and up projections of K
+    neurons (2 * 2 H K) and a rank-R map of the H + K features (2 (H + K) R + 2 R H). Bias adds and the
+    activation are ignored, as for the gates."""
     what = cfg.fallback_of(kind)
     if what == "mean":
         return hidden
     if what == "linear":
         return 2 * hidden * hidden
     if what == "lowrank":
-        return 2 * 2 * hidden * cfg.fallback_rank
+        return 2 * 2 * hidden * cfg.rank_of(kind)
+    if what == "neurons":
+        k, r = cfg.fallback_neurons, cfg.rank_of(kind)
+        return 2 * 2 * hidden * k + 2 * (hidden + k) * r + 2 * r * hidden
     return 0

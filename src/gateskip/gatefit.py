@@ -159,7 +159,7 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
     """
     from gateskip.arch import text_config
     from gateskip.core import gate_state, skipping
-    from gateskip.fallback_fit import Moments, _collect, set_solution
+    from gateskip.fallback_fit import Moments, _collect, solve_fallback
 
     st = gate_state(model)
     cfg = st.cfg
@@ -184,22 +184,23 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
     try:
         for b in branches:
             kept = []
-            _collect(model, st, inputs, [b], hidden, False, plan, skipping,
+            # x: [x, h] (h the MLP's activation) for a neurons fallback, which picks its neurons from it
+            _collect(model, st, inputs, [b], hidden, False, plan, skipping, wide=True,
                      add=lambda _b, _m, x, y, kept=kept: kept.append((x, y)), first=first)
             if not kept or sum(x.shape[0] for x, _ in kept) == 0:
                 raise GateSkipError("refit_under_plan saw no real tokens: pass batches with tokens past the prefix")
             fb = b.fallback
             if fb is not None:
                 what = cfg.fallback_of(b.kind)
-                m = Moments(hidden, what != "mean", device)
+                m = Moments(kept[0][0].shape[1], what != "mean", device, out=hidden)
                 for x, y in kept:
                     m.add(x, y)
-                w, bias, fb_r2[b.name] = m.solve(what, cfg.fallback_rank, ridge)
-                set_solution(fb, w, bias)
+                fb_r2[b.name] = solve_fallback(fb, m, b, cfg, ridge)
                 tokens = tokens or m.n
             if fit_gates:
                 g = Moments(hidden, True, device, out=1)
                 for x, y in kept:
+                    x = x[:, :hidden]
                     g.add(x, _log_cost(fb, x, y, eps))
                 tokens = _solve([b], {b.index: g}, gate_ridge, open_logit, spread, gate_r2) or tokens
     finally:
@@ -213,7 +214,8 @@ _fit_every_gate = fit_gates  # fit_closed_form's flag of the same name shadows i
 def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: int = 64, ridge: float = 1e-3,
                     gate_ridge: float = 1e-2, fit_gates: bool = True, under_plan: dict | None = None,
                     sequential: float | dict = 0.3, sequential_batches: int = 8, log=None,
-                    fallback_mlp: str | None = None) -> dict:
+                    fallback_mlp: str | None = None, fallback_neurons: int | None = None,
+                    fallback_rank_mlp: int | None = None) -> dict:
     """The closed-form recipe on a gated model (``gateskip fit``'s, and ``gateskip train``'s start): no backprop.
 
     1. ``fit_fallback`` (kind ``fallback``, the MLP branches' ``fallback_mlp`` if given; or ``"keep"``: the
@@ -243,7 +245,7 @@ def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: in
         say(f"fitting {what} fallbacks on {len(batches)} batches"
             + (f" under {under_plan['policy']} skipping {under_plan['ratio']:g}" if under_plan else ""))
         fb = fit_fallback(model, batches, kind=fallback, rank=fallback_rank, ridge=ridge, under_plan=under_plan,
-                          mlp_kind=fallback_mlp)
+                          mlp_kind=fallback_mlp, neurons=fallback_neurons, mlp_rank=fallback_rank_mlp)
         summary = {"fallback": {k: v for k, v in fb.items() if k != "r2"}, "fallback_r2": fb["r2"]}
         say(f"fallback R^2 {by_kind(fb['r2'])}  ({time.perf_counter() - t0:.0f} s)")
     if fit_gates:

@@ -26,7 +26,8 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         sens_batches: int = 2, sens_steps: list[float] = (0.25, 0.5, 0.75, 1.0), sequential: float = 0.3,
         sequential_batches: int = 8, baselines: list[int] = (), sequential_budget: str | None = None,
         compare_budgets: list[str] = (), save_dtype: str = "float32", compare_scopes: list[str] = ("attn", "mlp", "both"),
-        compare_policy: str = "quantile", fallback_mlp: str | None = None) -> dict:
+        compare_policy: str = "quantile", fallback_mlp: str | None = None, fallback_neurons: int = 64,
+        fallback_rank_mlp: int | None = None) -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
     Args:
@@ -40,7 +41,10 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         fallback_rank: inner size of a lowrank fallback.
         fallback_mlp: the MLP branches' fallback when it differs from --fallback (which then is the attention
             branches'), e.g. --fallback lowrank --fallback-mlp linear: a full map costs ~12% of an MLP but half
-            of what a skipped attention token saves. Default: --fallback.
+            of what a skipped attention token saves; neurons: the MLP's own activation on
+            --fallback-neurons of its neurons plus a rank --fallback-rank map (nonlinear). Default: --fallback.
+        fallback_neurons: how many of each MLP's neurons a neurons fallback computes.
+        fallback_rank_mlp: the MLP fallbacks' rank when it differs from --fallback-rank (default: the same).
         gate: new gates' kind: vector, scalar or lowrank.
         gate_rank: inner size of a lowrank gate.
         fit_gates: fit each gate to rank tokens by the fallback's residual (no: keep the gates as they are).
@@ -104,7 +108,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
     if None in scopes.values() or not scopes:
         raise GateSkipError(f"--compare-scopes {compare_scopes!r}: choose from {', '.join(SCOPES)}, comma-separated")
     if fallback == "zero":
-        raise GateSkipError("gateskip fit needs a fallback to fit: pass --fallback mean, lowrank or linear")
+        raise GateSkipError("gateskip fit needs a fallback to fit: pass --fallback mean, lowrank or linear (--fallback-mlp neurons too)")
     if fallback == "keep" and fallback_mlp:
         raise GateSkipError("--fallback-mlp sets the kind of fallbacks to fit: it does not go with --fallback keep")
     if fallback == "keep" and not gates:
@@ -118,7 +122,8 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         load_gates(net, gates)
     else:
         add_gates(net, GateSkipConfig(gate=gate, rank=gate_rank, fallback=fallback, fallback_rank=fallback_rank,
-                                      kv=kv, protect_first=protect_first, fallback_mlp=fallback_mlp))
+                                      kv=kv, protect_first=protect_first, fallback_mlp=fallback_mlp,
+                                      fallback_neurons=fallback_neurons, fallback_rank_mlp=fallback_rank_mlp))
     st = gate_state(net)
     if fallback == "keep" and not st.cfg.has_fallback:
         raise GateSkipError(f"--fallback keep: {gates!r} has no fallback (zero): pass --fallback lowrank (or mean, "
@@ -133,6 +138,8 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
     summary = fit_closed_form(net, cal, fallback=fallback, fallback_rank=fallback_rank, ridge=ridge,
                               gate_ridge=gate_ridge, fit_gates=fit_gates, under_plan=plan, sequential=under,
                               sequential_batches=sequential_batches, fallback_mlp=fallback_mlp,
+                              fallback_neurons=None if fallback == "keep" else fallback_neurons,
+                              fallback_rank_mlp=fallback_rank_mlp,
                               log=lambda line: print(f"[gateskip fit] {line}", flush=True))
     if fallback == "keep":
         summary["fallback"]["kept"] = gates

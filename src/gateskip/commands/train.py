@@ -39,7 +39,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           straight_through: bool = False, init: str | None = "fit", budget: str | None = None,
           fallback: str | None = None, fallback_rank: int = 64, fallback_batches: int = 8, train_fallback: bool = True,
           fallback_lr: float = 1e-4, fit_ratio: float = 0.3, save_dtype: str = "float32",
-          fallback_mlp: str | None = None) -> Path:
+          fallback_mlp: str | None = None, fallback_neurons: int = 64, fallback_rank_mlp: int | None = None) -> Path:
     """Train gates on offline text and write a gates folder.
 
     The defaults are the best measured recipe on SmolLM2-135M (docs/benchmark-log.md, "Healing"): low-rank fallbacks
@@ -108,7 +108,9 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             folder's own with --init DIR (given, it replaces the folder's unless the same).
         fallback_rank: inner size of a lowrank fallback.
         fallback_mlp: the MLP branches' fallback when it differs from ``fallback`` (new or refitted fallbacks
-            only), e.g. lowrank for attention and linear for the MLPs.
+            only), e.g. lowrank for attention and linear or neurons for the MLPs.
+        fallback_neurons: how many of each MLP's neurons a neurons fallback computes.
+        fallback_rank_mlp: the MLP fallbacks' rank when it differs from ``fallback_rank`` (default: the same).
         fallback_batches: batches of batch_size x seq_len training tokens the fallback (and with init=fit, the
             gates) are fitted on.
         train_fallback: train the fallbacks end to end with the gates (learning rate ``fallback_lr``; nothing to
@@ -171,7 +173,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     gate_cfg = GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv,
                               placement=placement, shared=shared, protect_first=protect_first,
                               fallback="zero" if fallback == "keep" else fallback, fallback_rank=fallback_rank,
-                              fallback_mlp=None if fallback == "keep" else fallback_mlp)
+                              fallback_mlp=None if fallback == "keep" else fallback_mlp,
+                              fallback_neurons=fallback_neurons, fallback_rank_mlp=fallback_rank_mlp)
     out_dir = Path(out)
     d = gdist.init_from_env()
     if fsdp and not d.enabled:
@@ -196,14 +199,15 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         net.to(dev)
         st = gate_state(net)
         if fallback not in ("zero", "keep") and init != "fit" and (
-                init is None or (st.cfg.fallback, st.cfg.fallback_mlp, st.cfg.fallback_rank)
-                != (fallback, fallback_mlp, fallback_rank)):
+                init is None or (st.cfg.fallback, st.cfg.fallback_mlp, st.cfg.fallback_rank, st.cfg.fallback_neurons,
+                                 st.cfg.fallback_rank_mlp) != (fallback, fallback_mlp, fallback_rank, fallback_neurons,
+                                                               fallback_rank_mlp)):
             from gateskip.data import fixed_batches
             from gateskip.fallback_fit import fit_fallback
 
             fb = fit_fallback(net, fixed_batches(tok, load_texts(data, split="train", limit=limit_texts), seq_len,
                                                  batch_size, fallback_batches), kind=fallback, rank=fallback_rank,
-                              mlp_kind=fallback_mlp)
+                              mlp_kind=fallback_mlp, neurons=fallback_neurons, mlp_rank=fallback_rank_mlp)
             if d.is_main:
                 print(f"[gateskip train] fitted {gate_state(net).cfg.fallback_name()} fallbacks on {fb['tokens']} "
                       "tokens", flush=True)
@@ -258,6 +262,7 @@ def _fitted_start(net, tok, cfg: GateSkipConfig, folder: Path, *, data, limit_te
     add_gates(net, cfg)
     cal = fixed_batches(tok, load_texts(data, split="train", limit=limit_texts), seq_len, batch_size, batches)
     fit_closed_form(net, cal, fallback=cfg.fallback, fallback_rank=cfg.fallback_rank, fallback_mlp=cfg.fallback_mlp,
+                    fallback_neurons=cfg.fallback_neurons, fallback_rank_mlp=cfg.fallback_rank_mlp,
                     sequential=ratio,
                     sequential_batches=batches,
                     log=(lambda line: print(f"[gateskip train] init fit: {line}", flush=True)) if main else None)
