@@ -355,3 +355,24 @@ def test_lora_folder_saved_in_float16_is_half_the_size_and_loads_close(tmp_path)
         out = again(x).logits
     assert not torch.equal(out, tiny_model("llama")(x).logits)  # the deltas were applied
     assert torch.allclose(out, ref, atol=1e-2)
+
+
+def test_neurons_fallback_fits_on_an_int4_backbone():
+    """A neurons fallback fitted on an int4 backbone copies the dequantized projections of its neurons, and skipped
+    tokens get it on both paths alike."""
+    m = tiny_model("llama")
+    gateskip.add_gates(m, GateSkipConfig(init_std=0.3, init_bias=0.0, fallback="lowrank", fallback_mlp="neurons",
+                                         fallback_neurons=4, fallback_rank=8, kv="compute"))
+    quantize(m, group_size=GROUP)
+    gateskip.fit_fallback(m, [ids(4, 24, seed=s) for s in range(3)])
+    branch = m.model.layers[1].mlp
+    w = branch.module.gate_proj.weight.dequantize().float()
+    fb = branch.fallback
+    assert any(torch.equal(fb.G[:, 0], w[i]) for i in range(w.shape[0]))  # a neuron's gate projection, as run
+    x = ids()
+    with torch.no_grad():
+        out = {}
+        for path in ("masked", "physical"):
+            with gateskip.skipping(m, ratio=0.4, path=path):
+                out[path] = m(x).logits
+    torch.testing.assert_close(out["physical"], out["masked"], rtol=1e-4, atol=1e-4)
