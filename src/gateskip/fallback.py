@@ -94,7 +94,7 @@ class LowRankFallback(nn.Module):
 
 
 class NeuronFallback(nn.Module):
-    """fb(x) = ([x, act(x G) * (x U)] A) B + b with G, U [H, K], A [H + K, R], B [R, H].
+    """fb(x) = ([x, act(x G) * (x U)] A) B + b with G, U [H, K] (stored side by side), A [H + K, R], B [R, H].
 
     ``act``: the MLP's own activation (its ``act_fn``). Before fitting G, U and B are zero (output 0) and A
     random, as in LowRankFallback; ``fallback_fit`` copies G and U from the chosen neurons' projections."""
@@ -103,8 +103,7 @@ class NeuronFallback(nn.Module):
 
     def __init__(self, hidden: int, neurons: int, rank: int, act, dtype=torch.float32):
         super().__init__()
-        self.G = nn.Parameter(torch.zeros(hidden, neurons, dtype=dtype))
-        self.U = nn.Parameter(torch.zeros(hidden, neurons, dtype=dtype))
+        self.GU = nn.Parameter(torch.zeros(hidden, 2 * neurons, dtype=dtype))  # [G | U]: one matmul per call
         self.A = nn.Parameter(torch.randn(hidden + neurons, rank, dtype=dtype) * (hidden + neurons) ** -0.5)
         self.B = nn.Parameter(torch.zeros(rank, hidden, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(hidden, dtype=dtype))
@@ -113,14 +112,24 @@ class NeuronFallback(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.A
         flat = x.reshape(-1, x.shape[-1]).to(a.dtype)
-        k = self.G.shape[1]
-        gu = flat @ torch.cat([self.G, self.U], 1)
+        k = self.GU.shape[1] // 2
+        gu = flat @ self.GU
         z = torch.cat([flat, self.act(gu[:, :k]) * gu[:, k:]], 1)
         return torch.addmm(self.bias, z @ a, self.B).to(x.dtype).view(x.shape)
 
+    @property
+    def G(self) -> torch.Tensor:
+        return self.GU[:, : self.GU.shape[1] // 2]
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self.GU[:, self.GU.shape[1] // 2:]
+
     def set(self, w: tuple, b: torch.Tensor) -> None:
-        for p, v in zip((self.G, self.U, self.A, self.B), w):
-            p.copy_(v)
+        g, u, a, bb = w
+        self.GU.copy_(torch.cat([g, u], 1))
+        self.A.copy_(a)
+        self.B.copy_(bb)
         self.bias.copy_(b)
 
 
