@@ -48,7 +48,7 @@ class GateSkipConfig:
             the attention branches'), e.g. ``fallback="lowrank", fallback_mlp="linear"``: a full H x H map
             costs ~12% of a SwiGLU MLP but ~50% of what a skipped attention token saves. None: ``fallback``.
             ``neurons`` (MLP branches only): the branch's own activation on ``fallback_neurons`` of its
-            neurons, chosen and combined with x by a rank-``fallback_rank`` map in closed form: a nonlinear
+            neurons, chosen and combined with x by a rank-``rank_of("mlp")`` map in closed form: a nonlinear
             fallback, e.g. ``fallback="lowrank", fallback_mlp="neurons"``.
         fallback_neurons: how many of an MLP's neurons a ``neurons`` fallback computes.
         fallback_rank_mlp: the MLP branches' fallback rank when it differs from ``fallback_rank`` (e.g. a
@@ -117,6 +117,10 @@ class GateSkipConfig:
     def fallback_of(self, kind: str) -> str:
         """The fallback kind of a branch of ``kind`` (``attn`` or ``mlp``)."""
         return self.fallback_mlp if kind == "mlp" and self.fallback_mlp is not None else self.fallback
+
+    def fallback_spec(self) -> tuple:
+        """Everything that shapes the fallback modules: two configs with the same spec have interchangeable ones."""
+        return self.fallback, self.fallback_mlp, self.fallback_rank, self.fallback_neurons, self.fallback_rank_mlp
 
     def rank_of(self, kind: str) -> int:
         """The fallback rank of a branch of ``kind`` (``attn`` or ``mlp``)."""

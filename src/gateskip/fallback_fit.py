@@ -205,8 +205,7 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
     # put back if the fit fails (a refit changes the parameters in place)
     before = st.cfg, st.flops, [(b.fallback, None if b.fallback is None else
                                  {k: v.clone() for k, v in b.fallback.state_dict().items()}) for b in st.branches]
-    shape = lambda c: (c.fallback, c.fallback_mlp, c.fallback_rank, c.fallback_neurons, c.fallback_rank_mlp)  # noqa: E731
-    if shape(cfg) != shape(st.cfg):
+    if cfg.fallback_spec() != st.cfg.fallback_spec():
         dtype = model.get_input_embeddings().weight.dtype
         for b in st.branches:
             b.fallback = make_fallback(cfg, hidden, dtype, device, b.kind, b.module)

@@ -199,9 +199,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         net.to(dev)
         st = gate_state(net)
         if fallback not in ("zero", "keep") and init != "fit" and (
-                init is None or (st.cfg.fallback, st.cfg.fallback_mlp, st.cfg.fallback_rank, st.cfg.fallback_neurons,
-                                 st.cfg.fallback_rank_mlp) != (fallback, fallback_mlp, fallback_rank, fallback_neurons,
-                                                               fallback_rank_mlp)):
+                init is None or st.cfg.fallback_spec() != gate_cfg.fallback_spec()):
             from gateskip.data import fixed_batches
             from gateskip.fallback_fit import fit_fallback
 
