@@ -221,6 +221,28 @@ def test_refit_under_a_plan_in_one_pass_equals_the_two_separate_fits(mlp):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mlp", [None, "neurons"])
+def test_closed_form_recipe_skips_the_one_pass_fit_that_its_refit_replaces(mlp):
+    """fit_closed_form with ``sequential`` installs the fallbacks and fits everything in the refit: the same
+    parameters as the one-pass fits followed by the refit (what it ran before), and the same summary keys."""
+    from gateskip.gatefit import fit_closed_form, refit_under_plan
+
+    cal = _data(3, 4, 32, seed=12)
+    kw = {"init_std": 0.0, "fallback": "zero"}
+    a, b = _model(**kw), _model(**kw)
+    s = fit_closed_form(a, cal, fallback="lowrank", fallback_rank=8, fallback_mlp=mlp, fallback_neurons=4,
+                        sequential=0.4, sequential_batches=2)
+    gateskip.fit_fallback(b, cal, kind="lowrank", rank=8, mlp_kind=mlp, neurons=4)
+    fit_gates(b, cal)
+    refit_under_plan(b, cal[:2], {"ratio": 0.4, "policy": "quantile"}, progress=False)
+    assert gate_state(a).cfg == gate_state(b).cfg
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+    assert s["fallback"]["kind"] == "lowrank" and s["fallback"]["batches"] == 2 and s["fallback"]["tokens"] > 0
+    assert set(s["fallback_r2"]) == set(s["gate_r2"]) == {br.name for br in gate_state(a).branches}
+
+
 def test_fit_command_writes_a_folder_allocations_and_the_bracket(tmp_path):
     import json
 

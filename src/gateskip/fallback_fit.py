@@ -182,17 +182,8 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
     """
 
     st = gate_state(model)
-    mlp = mlp_kind if (kind or mlp_kind) else st.cfg.fallback_mlp
-    kind = kind or st.cfg.fallback
-    cfg = dataclasses.replace(st.cfg, fallback=kind, fallback_mlp=None if mlp in (None, kind) else mlp,
-                              fallback_rank=st.cfg.fallback_rank if rank is None else rank,
-                              fallback_neurons=st.cfg.fallback_neurons if neurons is None else neurons,
-                              fallback_rank_mlp=mlp_rank if (mlp_rank or rank or kind) else st.cfg.fallback_rank_mlp)
-    if not cfg.has_fallback:
-        raise GateSkipError("fit_fallback has nothing to fit for fallback='zero': pass kind='mean', 'linear' or "
-                            "'lowrank' (or build the gates with GateSkipConfig(fallback=...))")
+    cfg = _fallback_config(model, st, kind, rank, mlp_kind, neurons, mlp_rank, "fit_fallback")
     hidden = text_config(model).hidden_size
-    cfg.check_model(hidden)
     if under_plan is not None and not isinstance(under_plan, Mapping):
         raise GateSkipError(f"under_plan must be a dict of skipping() arguments, not {type(under_plan).__name__}")
     if ridge < 0:
@@ -205,11 +196,7 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
     # put back if the fit fails (a refit changes the parameters in place)
     before = st.cfg, st.flops, [(b.fallback, None if b.fallback is None else
                                  {k: v.clone() for k, v in b.fallback.state_dict().items()}) for b in st.branches]
-    if cfg.fallback_spec() != st.cfg.fallback_spec():
-        dtype = model.get_input_embeddings().weight.dtype
-        for b in st.branches:
-            b.fallback = make_fallback(cfg, hidden, dtype, device, b.kind, b.module)
-        st.cfg, st.flops = cfg, model_flops(model, cfg)
+    _install(model, st, cfg)
     was_training = model.training
     model.eval()
     r2, tokens, passes = {}, 0, 0
@@ -250,11 +237,54 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
         raise
     finally:
         model.train(was_training)
+    return {**describe_fallback(cfg), "tokens": tokens, "batches": len(inputs), "passes": passes, "r2": r2}
+
+
+def install_fallbacks(model: nn.Module, kind: str | None = None, rank: int | None = None,
+                      mlp_kind: str | None = None, neurons: int | None = None, mlp_rank: int | None = None) -> dict:
+    """Give every branch an unfitted fallback of this kind (arguments as ``fit_fallback``'s; output 0 until fitted).
+
+    For a caller that fits them another way, e.g. ``gatefit.refit_under_plan`` branch by branch, where a
+    one-pass ``fit_fallback`` first would be replaced entirely. Fallbacks already of this shape are kept.
+    Returns ``describe_fallback`` of the new config.
+    """
+    st = gate_state(model)
+    cfg = _fallback_config(model, st, kind, rank, mlp_kind, neurons, mlp_rank, "install_fallbacks")
+    _install(model, st, cfg)
+    return describe_fallback(cfg)
+
+
+def describe_fallback(cfg) -> dict:
+    """``{"kind", "mlp_kind", "rank"[, "mlp_rank"][, "neurons"]}`` of a config: what a fit summary records."""
     return {"kind": cfg.fallback, "mlp_kind": cfg.fallback_mlp,
             "rank": cfg.fallback_rank if cfg.fallback_kinds & {"lowrank", "neurons"} else None,
             **({"mlp_rank": cfg.fallback_rank_mlp} if cfg.fallback_rank_mlp is not None else {}),
-            **({"neurons": cfg.fallback_neurons} if "neurons" in cfg.fallback_kinds else {}),
-            "tokens": tokens, "batches": len(inputs), "passes": passes, "r2": r2}
+            **({"neurons": cfg.fallback_neurons} if "neurons" in cfg.fallback_kinds else {})}
+
+
+def _fallback_config(model, st, kind, rank, mlp_kind, neurons, mlp_rank, who: str):
+    """The gate config with the requested fallback (None: the config's), checked against the model."""
+    mlp = mlp_kind if (kind or mlp_kind) else st.cfg.fallback_mlp
+    kind = kind or st.cfg.fallback
+    cfg = dataclasses.replace(st.cfg, fallback=kind, fallback_mlp=None if mlp in (None, kind) else mlp,
+                              fallback_rank=st.cfg.fallback_rank if rank is None else rank,
+                              fallback_neurons=st.cfg.fallback_neurons if neurons is None else neurons,
+                              fallback_rank_mlp=mlp_rank if (mlp_rank or rank or kind) else st.cfg.fallback_rank_mlp)
+    if not cfg.has_fallback:
+        raise GateSkipError(f"{who} has nothing to fit for fallback='zero': pass kind='mean', 'linear' or "
+                            "'lowrank' (or build the gates with GateSkipConfig(fallback=...))")
+    cfg.check_model(text_config(model).hidden_size)
+    return cfg
+
+
+def _install(model, st, cfg) -> None:
+    """New (unfitted) fallback modules where ``cfg`` shapes them differently from the model's config."""
+    if cfg.fallback_spec() != st.cfg.fallback_spec():
+        hidden = text_config(model).hidden_size
+        dtype, device = model.get_input_embeddings().weight.dtype, next(model.parameters()).device
+        for b in st.branches:
+            b.fallback = make_fallback(cfg, hidden, dtype, device, b.kind, b.module)
+        st.cfg, st.flops = cfg, model_flops(model, cfg)
 
 
 def _collect(model, st, inputs: list[dict], branches: list, hidden: int, full: bool, plan: dict | None,

@@ -223,15 +223,16 @@ def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: in
     2. ``fit_gates``: every gate ranks tokens by the fallback's residual (``fit_gates=False``: gates unchanged);
     3. with ``sequential`` (a ratio for every branch, or per-branch ratios), ``refit_under_plan`` on the first
        ``sequential_batches`` batches: fallback and gate of each branch refitted in execution order under
-       quantile skipping, so each is fitted on the inputs it sees when skipping is on. It replaces 1-2: a
-       branch's inputs depend only on the branches before it, which are refitted first.
+       quantile skipping, so each is fitted on the inputs it sees when skipping is on. It replaces 1-2 (a
+       branch's inputs depend only on the branches before it, which are refitted first), so 1-2 are not run:
+       the fallbacks are only installed (``install_fallbacks``) and every fit is the refit's.
 
     ``log``: a function called with one progress line per stage. Returns a summary (R^2 per branch, tokens).
     """
     import time
 
     from gateskip.core import gate_state
-    from gateskip.fallback_fit import fit_fallback
+    from gateskip.fallback_fit import fit_fallback, install_fallbacks
 
     say = log or (lambda _line: None)
     t0 = time.perf_counter()
@@ -240,6 +241,9 @@ def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: in
         summary = {"fallback": {"kind": st.cfg.fallback, "mlp_kind": st.cfg.fallback_mlp,
                                 "rank": st.cfg.fallback_rank, "kept": True}}
         say(f"keeping the model's {st.cfg.fallback_name()} fallbacks")
+    elif sequential:  # the refit below fits every fallback: a one-pass fit first would be thrown away
+        summary = {"fallback": install_fallbacks(model, fallback, fallback_rank, fallback_mlp, fallback_neurons,
+                                                 fallback_rank_mlp)}
     else:
         what = fallback if fallback_mlp in (None, fallback) else f"attn {fallback} / mlp {fallback_mlp}"
         say(f"fitting {what} fallbacks on {len(batches)} batches"
@@ -248,7 +252,7 @@ def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: in
                           mlp_kind=fallback_mlp, neurons=fallback_neurons, mlp_rank=fallback_rank_mlp)
         summary = {"fallback": {k: v for k, v in fb.items() if k != "r2"}, "fallback_r2": fb["r2"]}
         say(f"fallback R^2 {by_kind(fb['r2'])}  ({time.perf_counter() - t0:.0f} s)")
-    if fit_gates:
+    if fit_gates and not sequential:
         gf = _fit_every_gate(model, batches, ridge=gate_ridge)
         summary["gate_r2"] = gf["r2"]
         say(f"gate log-cost R^2 {by_kind(gf['r2'])}  ({time.perf_counter() - t0:.0f} s)")
@@ -256,6 +260,11 @@ def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: in
         seq = refit_under_plan(model, batches[:sequential_batches], {"ratio": sequential, "policy": "quantile"},
                                ridge=ridge, gate_ridge=gate_ridge, fit_gates=fit_gates)
         summary["sequential"] = {"ratio": sequential, "batches": min(sequential_batches, len(batches)), **seq}
+        if "fallback_r2" not in summary:  # installed above, fitted only here
+            summary["fallback_r2"] = seq["fallback_r2"]
+            summary["fallback"].update(tokens=seq["tokens"], batches=min(sequential_batches, len(batches)))
+        if fit_gates:
+            summary["gate_r2"] = seq["gate_r2"]
         what = f"{sequential:g}" if isinstance(sequential, float | int) else "per-branch ratios"
         say(f"refit under skipping {what}: fallback R^2 {by_kind(seq['fallback_r2'])}; "
             f"gate R^2 {by_kind(seq['gate_r2'])}  ({time.perf_counter() - t0:.0f} s)")
