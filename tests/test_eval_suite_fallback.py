@@ -54,10 +54,11 @@ def _gates_folder(path, fallback="zero"):
     return str(path)
 
 
-def _sweep(gates, methods, fallback=None, fit_batches=None, budgets=None, bar=None, policy="threshold"):
+def _sweep(gates, methods, fallback=None, fit_batches=None, budgets=None, bar=None, policy="threshold",
+           modules=("attn", "mlp")):
     budgets = budgets or {"gateskip": [0.3], "random": [0.3]}
     return sweep(tiny_model("llama"), tiny_tokenizer(), gates, TASKS, methods, budgets, policy, None, None, 0,
-                 _data(seed=3), None, bar or Bar(), fallback=fallback, fit_batches=fit_batches)
+                 _data(seed=3), None, bar or Bar(), fallback=fallback, fit_batches=fit_batches, modules=modules)
 
 
 def _never():
@@ -376,3 +377,28 @@ def test_oracle_rows_follow_the_gateskip_rows_policy(tmp_path):
     assert off["tasks"]["t"]["correct"] == dense["tasks"]["t"]["correct"] and off["tokens_skipped"] == 0
     assert 0.3 < on["tokens_skipped"] <= 0.5 and on["compute_saved"] > 0
     assert row_names(["oracle", "gateskip"], "lowrank") == ["gateskip+lowrank", "oracle+lowrank"]
+
+
+def test_rows_that_skip_one_branch_kind_equal_a_budget_that_gives_the_other_kind_zero(tmp_path):
+    """--modules mlp on a suite run: the gateskip and random rows skip MLP tokens only, named gateskip[mlp]...;
+    scores and compute equal a per-branch budget file with ratio 0 for every attention branch."""
+    from gateskip.eval.suite_run import check_modules
+
+    lin = _gates_folder(tmp_path / "lin", "linear")
+    budget = tmp_path / "mlp_only.json"
+    budget.write_text(json.dumps({f"layers.{i}.{k}": 0.5 if k == "mlp" else 0.0 for i in range(3)
+                                  for k in ("attn", "mlp")}))
+    fb = {"kind": "linear", "rank": 64}
+    scoped = _sweep(lin, ["gateskip", "random"], fb, fit_batches=_never, budgets={"gateskip": [0.5], "random": [0.5]},
+                    modules=("mlp",))
+    ref = _sweep(lin, ["gateskip"], fb, fit_batches=_never, budgets={"gateskip": [str(budget)]})
+    assert [r["method"] for r in scoped["rows"]] == ["dense", "gateskip[mlp]+linear", "random[mlp]+linear"]
+    a, b = scoped["rows"][1], ref["rows"][1]
+    assert a["tasks"]["t"]["correct"] == b["tasks"]["t"]["correct"] and a["tokens_skipped"] == b["tokens_skipped"] > 0
+    assert a["compute_saved"] == pytest.approx(b["compute_saved"])
+    both = _sweep(lin, ["random"], fb, fit_batches=_never, budgets={"random": [0.5]})
+    assert 0 < scoped["rows"][2]["tokens_skipped"] < both["rows"][1]["tokens_skipped"]
+    assert row_names(["gateskip", "random"], "lowrank", ("mlp",)) == ["gateskip[mlp]+lowrank", "random[mlp]+lowrank"]
+    assert check_modules("mlp,attn") == check_modules(["attn,mlp"]) == ("attn", "mlp")
+    with pytest.raises(GateSkipError, match="modules=ffn is invalid"):
+        check_modules("ffn")

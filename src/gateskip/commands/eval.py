@@ -53,7 +53,8 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
         policy: how GateSkip picks tokens: threshold (calibrated, per token), quantile (paper) or random.
         methods: comma-separated methods besides the dense reference: gateskip, random, static,
             gatefree_random, shortgpt, mod, mod_topk (need --mod), early_exit.
-        modules: branch kinds that skip: attn, mlp or attn,mlp.
+        modules: branch kinds that skip: attn, mlp or attn,mlp (suite: the gateskip, random and oracle rows;
+            with one kind they are named for it, e.g. gateskip[mlp]+lowrank).
         kv: K/V of skipped attention tokens: copy or compute; default: the gates' config.
         limit: items per task (the first N, same for every row); 0 for all.
         out: output folder.
@@ -124,7 +125,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
                               if fidelity_prompts else None, shared_prefix=shared_prefix, fallback=fallback,
                               fallback_rank=fallback_rank, fallback_batches=fallback_batches,
                               compare_with=compare_with, reference=reference, resume=resume,
-                              reuse_dense=reuse_dense)
+                              reuse_dense=reuse_dense, modules=modules)
     if fallback != "zero" or reference is not None:
         raise GateSkipError("--fallback and --reference apply to suite runs: pass --suite core (or extended, all)")
     require_lm_eval()
@@ -191,7 +192,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
 def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_layers, methods, policy, kv, limit, out, model,
                    tokenizer, seed, threads, calib_batches, protect_first, fidelity, shared_prefix=True,
                    fallback="zero", fallback_rank=64, fallback_batches=12, compare_with=None,
-                   reference=None, resume=True, reuse_dense=True) -> dict:
+                   reference=None, resume=True, reuse_dense=True, modules=("attn", "mlp")) -> dict:
     """``gateskip eval --suite``: see ``evaluate`` for the arguments."""
     import tempfile
 
@@ -207,6 +208,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
     require_lm_eval()
     check_policy(policy)
     suite_fallback.check_fallback(fallback, fallback_rank, fallback_batches)
+    modules = suite_run.check_modules(modules)
     names = suite_tasks(suite, None)
     if methods is None:
         methods = list(suite_run.DEFAULT_SUITE_METHODS) if gates else ["shortgpt"]
@@ -233,7 +235,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
     if "oracle" in items and gates and read_meta(gates)["config"].get("placement", "after") != "after":
         raise GateSkipError("method oracle needs gates placed after the branch: drop it or pass a folder "
                             "trained with placement='after'")
-    own = suite_run.row_names(items, kind)
+    own = suite_run.row_names(items, kind, modules)
     merged = own + [n for _, renamed in suite_merge.renames(own, runs) for n in renamed.values()]
     if reference is not None and reference not in merged:
         raise GateSkipError(f"--reference {reference!r} names no method of this report: choose one of "
@@ -250,11 +252,12 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
         fingerprint = {"model": model_name, "gates": gates, "tasks": names, "limit": limit, "policy": policy, "kv": kv,
                        "protect_first": protect_first, "seed": seed, "shared_prefix": shared_prefix,
                        "fidelity": list(fidelity) if fidelity else None, "calib_batches": calib_batches,
-                       "fallback": [fallback, fallback_rank, fallback_batches]}
+                       "fallback": [fallback, fallback_rank, fallback_batches],
+                       **({"modules": list(modules)} if modules != suite_run.BOTH else {})}
         partial = os.path.join(out, "partial.json")
         res = suite_run.sweep(net, tok, gates, tasks, items, budgets, policy, kv, protect_first, seed, calib, fidelity, bar,
                     shared_prefix, fallback={"kind": fallback, "rank": fallback_rank, "batches": fallback_batches},
-                    fit_batches=lambda: calibration_batches(tok, fallback_batches),
+                    fit_batches=lambda: calibration_batches(tok, fallback_batches), modules=modules,
                     resume=(partial, fingerprint) if resume else None,
                     dense_from=(runs[0][0], runs[0][1], {
                         "model": model_name, "tasks": names, "limit": limit, "shared_prefix": shared_prefix,
@@ -266,6 +269,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
     res["config"] = {"model": model_name, "gates": gates, "suite": suite, "tasks": names, "limit": limit,
                      "policy": policy, "kv": kv, "protect_first": protect_first, "seed": seed,
                      "methods": items, "budgets": budgets, "shared_prefix": shared_prefix, "fallback": fb,
+                     "modules": list(modules),
                      "fidelity": suite_run.fidelity_config(fidelity),
                      "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1),
                      "resumed": res.pop("resumed"), "scoring_seconds": round(sum(r["seconds"] for r in res["rows"]), 1)}

@@ -245,8 +245,11 @@ def _skips(plan: dict) -> bool:
 def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[str, list], policy: str,
           kv: str | None, protect_first: int | None, seed: int, calib, fidelity, bar, shared_prefix: bool = True,
           fallback: dict | None = None, fit_batches=None, resume: tuple[str, dict] | None = None,
-          dense_from: tuple[str, dict, dict] | None = None) -> dict:
+          dense_from: tuple[str, dict, dict] | None = None, modules: tuple[str, ...] = ("attn", "mlp")) -> dict:
     """Rows for every method and budget; ``budgets``: method -> list (see ``parse_budgets``).
+
+    ``modules``: the branch kinds that skip in the gateskip, random and oracle rows (the others are gated but
+    never skip); with one kind the rows are named for it, e.g. ``gateskip[mlp]+lowrank``.
 
     ``fallback``: ``{"kind", "rank"}`` of the gateskip and random rows (None or kind ``zero``: the gates
     folder's own, the paper's zero for most); ``fit_batches``: calibration batches (or a function
@@ -268,7 +271,10 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
     if dense_from is not None and _row_key("dense", "-", {}, None) not in run.done:
         run.reuse_dense(*dense_from)
     rows = [run.row("dense", "-", {}, counters={t.name: run.full_counter() for t in tasks})]
-    common = {"kv": kv, "seed": seed, **({"protect_first": protect_first} if protect_first is not None else {})}
+    modules = check_modules(modules)
+    common = {"kv": kv, "seed": seed, **({"protect_first": protect_first} if protect_first is not None else {}),
+              **({"modules": list(modules)} if modules != BOTH else {})}
+    scope = _scope(modules)
     fb_summary = None
     if {"gateskip", "random", "oracle"} & set(methods):
         if not gates:
@@ -285,15 +291,15 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
                                         "run gateskip.calibrate and save them again, or pass --policy quantile")
                 for b in budgets["gateskip"]:
                     label, ratio = _budget_plan(b)
-                    rows.append(run.row("gateskip" + suffix, label, {"ratio": ratio},
+                    rows.append(run.row("gateskip" + scope + suffix, label, {"ratio": ratio},
                                         {"ratio": ratio, "policy": policy, **common}))
             for r in budgets.get("random", []) if "random" in methods else []:
-                rows.append(run.row("random" + suffix, f"ratio {r:g}", {"ratio": r},
+                rows.append(run.row("random" + scope + suffix, f"ratio {r:g}", {"ratio": r},
                                     {"ratio": r, "policy": "random", **common}))
             oracle_ratios = budgets.get("oracle", []) if "oracle" in methods else []
             setting, oracle = _oracle_setup(net, policy, batches) if oracle_ratios else ({}, None)
             for r in oracle_ratios:
-                rows.append(run.row("oracle" + suffix, f"ratio {r:g}", {"ratio": r, **setting},
+                rows.append(run.row("oracle" + scope + suffix, f"ratio {r:g}", {"ratio": r, **setting},
                                     {"ratio": r, "policy": oracle, **common, "kv": "compute"}))
         finally:
             remove_gates(net)
@@ -371,9 +377,25 @@ def save_raw(res: dict, out: str) -> None:
     os.replace(tmp, os.path.join(out, "results.json"))
 
 
-def row_names(methods, kind: str = "zero") -> list[str]:
-    """The method names of a suite run's rows (dense excluded), given its fallback kind."""
-    suffix = "" if kind == "zero" else f"+{kind}"
+BOTH = ("attn", "mlp")
+
+
+def check_modules(modules) -> tuple[str, ...]:
+    """The branch kinds that skip, as ``("attn", "mlp")``, ``("attn",)`` or ``("mlp",)``; one-line error otherwise."""
+    items = [m.strip() for part in ([modules] if isinstance(modules, str) else modules) for m in part.split(",")
+             if m.strip()]
+    if not items or set(items) - set(BOTH):
+        raise GateSkipError(f"modules={','.join(items) or '(none)'} is invalid: pass attn, mlp or attn,mlp")
+    return tuple(k for k in BOTH if k in items)
+
+
+def _scope(modules: tuple[str, ...]) -> str:
+    return "" if tuple(modules) == BOTH else f"[{','.join(modules)}]"
+
+
+def row_names(methods, kind: str = "zero", modules: tuple[str, ...] = BOTH) -> list[str]:
+    """The method names of a suite run's rows (dense excluded), given its fallback kind and skipping kinds."""
+    suffix = _scope(check_modules(modules)) + ("" if kind == "zero" else f"+{kind}")
     names = {"gateskip": "gateskip" + suffix, "random": "random" + suffix, "oracle": "oracle" + suffix,
              "shortgpt": "shortgpt",
              "shortgpt_linear": "shortgpt+linear"}
