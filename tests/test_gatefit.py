@@ -201,16 +201,17 @@ def test_fit_under_a_plan_refits_on_the_inputs_skipping_gives():
         fit_gates(a, cal, branches=["layers.7.mlp"])
 
 
-@pytest.mark.parametrize("mlp", [None, "neurons"])
-def test_refit_under_a_plan_in_one_pass_equals_the_two_separate_fits(mlp):
-    """refit_under_plan (one pass per branch: fallback, then gate) = fit_fallback then fit_gates, branch by branch
+@pytest.mark.parametrize("family,mlp", [(f, None) for f in FAMILIES] + [("llama", "neurons")])
+def test_refit_under_a_plan_in_one_pass_equals_the_two_separate_fits(family, mlp):
+    """refit_under_plan (one pass per branch: fallback, then gate, each pass started at the branch's layer from
+    the states kept for it) = fit_fallback then fit_gates, branch by branch, each running the whole model
     (neurons fallbacks too: both pick their neurons from the MLP activations seen under the plan)."""
     from gateskip.gatefit import refit_under_plan
 
     cal = _data(2, 4, 32, seed=11)
     plan = {"ratio": 0.4, "policy": "quantile"}
     kw = {"init_std": 0.0, "fallback_mlp": mlp, "fallback_neurons": 4}
-    a, b = _model(**kw), _model(**kw)
+    a, b = _model(family, **kw), _model(family, **kw)
     out = refit_under_plan(a, cal, plan, progress=False)
     for br in gate_state(b).branches:
         gateskip.fit_fallback(b, cal, under_plan=plan, branches=[br.name])

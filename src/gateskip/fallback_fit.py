@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from gateskip.arch import text_config
+from gateskip.arch import decoder_layers, keep_layers, text_config
 from gateskip.core import _as_inputs, gate_state, skipping
 from gateskip.errors import GateSkipError
 from gateskip.fallback import make_fallback, mlp_parts
@@ -288,13 +288,15 @@ def _install(model, st, cfg) -> None:
 
 
 def _collect(model, st, inputs: list[dict], branches: list, hidden: int, full: bool, plan: dict | None,
-             skipping, add=None, first: int = 0, wide: bool = False) -> dict[int, Moments]:
+             skipping, add=None, first: int = 0, wide: bool = False, start=None) -> dict[int, Moments]:
     """One pass over ``inputs``: Moments of each branch's module input and (post-normed) output.
 
     ``add(branch, moments, x, y)``, if given, accumulates instead of ``moments.add(x, y)`` (``x``, ``y``: the
     branch's real tokens, [N, H]); gatefit.py uses it to regress one value per token. ``first``: leave out the
     first N tokens of each sequence (those ``protect_first`` never skips). ``wide``: for branches with a
-    ``neurons`` fallback x is [x, h], h the MLP's activation (its down projection's input), [N, H + I]."""
+    ``neurons`` fallback x is [x, h], h the MLP's activation (its down projection's input), [N, H + I].
+    ``start``: ``(layer, states)`` to begin each pass at decoder layer ``layer`` from ``states[k]`` (batch k's
+    hidden states entering it, from ``layer_inputs``) instead of running the layers below again."""
     widths = {b.index: hidden + (mlp_parts(b.module)[2].in_features if wide and _is_wide(st, b) else 0)
               for b in branches}
     moments = {b.index: Moments(widths[b.index], full, next(model.parameters()).device, hidden if add is None else 1)
@@ -338,14 +340,59 @@ def _collect(model, st, inputs: list[dict], branches: list, hidden: int, full: b
         # y where the gate multiplies: after the post-norm where the family has one (Gemma)
         handles.append((b.module if b.post_norm is None else b.post_norm).register_forward_hook(take_output(b)))
     try:
-        with skipping(model, **plan) if plan is not None else contextlib.nullcontext():
-            for inp in inputs:
-                try:
-                    model(**inp, use_cache=False)
-                except _Stop:
-                    pass
+        _passes(model, inputs, plan, skipping, start)
     finally:
         for h in handles:
             h.remove()
     return moments
+
+
+def layer_inputs(model, inputs: list[dict], layer: int, plan: dict | None, skipping, start=None) -> list:
+    """The hidden states entering decoder ``layer`` for each batch of ``inputs`` under ``plan`` (the forward stops
+    there), optionally resuming from ``start`` (``(layer, states)`` of an earlier call): a branch-by-branch fit
+    then runs one layer per pass instead of every layer below it."""
+    states: list = []
+
+    def hook(_mod, args, kwargs):
+        states.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _Stop
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        _passes(model, inputs, plan, skipping, start)
+    finally:
+        handle.remove()
+    if len(states) != len(inputs):
+        raise GateSkipError(f"layer_inputs: decoder layer {layer} was not reached in every pass")
+    return states
+
+
+def _passes(model, inputs: list[dict], plan: dict | None, skipping, start) -> None:
+    """One forward per batch under ``plan`` (a hook raising ``_Stop`` ends it early), from ``start`` if given:
+    the layers below ``start[0]`` are taken out (``arch.keep_layers``) and its input is replaced by the
+    stored states, so the pass computes exactly what a whole pass computes from that layer on."""
+    with skipping(model, **plan) if plan is not None else contextlib.nullcontext():
+        current, undo, handle = [0], None, None
+        if start is not None:
+            layer, states = start
+            first = decoder_layers(model)[layer]
+
+            def feed(_mod, args, kwargs):
+                x = states[current[0]]
+                return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+            handle = first.register_forward_pre_hook(feed, with_kwargs=True)
+            undo = keep_layers(model, list(range(layer, len(decoder_layers(model)))))
+        try:
+            for k, inp in enumerate(inputs):
+                current[0] = k
+                try:
+                    model(**inp, use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            if undo is not None:
+                undo()
+            if handle is not None:
+                handle.remove()
 

@@ -152,14 +152,15 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
     """Refit every branch's fallback, then its gate, in execution order under ``under_plan``: one pass per branch.
 
     Each pass runs the model under the plan (``skipping()`` arguments; masked path, K/V computed) with the
-    branches below already refitted, keeps the branch's inputs and outputs (the pass stops there), fits the
+    branches below already refitted, keeps the branch's inputs and outputs (the pass stops there; it starts at
+    the branch's own layer from the hidden states entering it, kept once per layer: linear in depth), fits the
     fallback on them (as ``fit_fallback``) and then the gate on the new fallback's residuals (as ``fit_gates``):
     each branch is fitted on the inputs it sees when skipping is on. ``batches`` are held in memory per branch
     (a few batches are enough: O(tokens x H)). Returns ``{"fallback_r2", "gate_r2", "tokens"}``.
     """
     from gateskip.arch import text_config
     from gateskip.core import gate_state, skipping
-    from gateskip.fallback_fit import Moments, _collect, solve_fallback
+    from gateskip.fallback_fit import Moments, _collect, layer_inputs, solve_fallback
 
     st = gate_state(model)
     cfg = st.cfg
@@ -181,12 +182,16 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
         branches = tqdm(branches, desc="refit under the plan", unit="branch")
     was_training = model.training
     model.eval()
+    start = None  # (layer, hidden states entering it): each pass starts at the branch's own layer
     try:
         for b in branches:
+            if b.layer > 0 and (start is None or start[0] != b.layer):
+                # every branch below is refitted: the states entering this layer are final
+                start = (b.layer, layer_inputs(model, inputs, b.layer, plan, skipping, start))
             kept = []
             # x: [x, h] (h the MLP's activation) for a neurons fallback, which picks its neurons from it
             _collect(model, st, inputs, [b], hidden, False, plan, skipping, wide=True,
-                     add=lambda _b, _m, x, y, kept=kept: kept.append((x, y)), first=first)
+                     add=lambda _b, _m, x, y, kept=kept: kept.append((x, y)), first=first, start=start)
             if not kept or sum(x.shape[0] for x, _ in kept) == 0:
                 raise GateSkipError("refit_under_plan saw no real tokens: pass batches with tokens past the prefix")
             fb = b.fallback
