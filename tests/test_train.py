@@ -314,6 +314,22 @@ def test_train_from_a_fit_folder_with_a_budget_file(tmp_path):
         read_budget(str(tmp_path / "big.json"))
 
 
+def test_training_one_branch_kind_fits_and_calibrates_with_that_kind_alone_skipping(tmp_path):
+    """--modules mlp --init fit: the closed-form refit runs under a plan that skips MLP tokens only (attention
+    ratio 0), the thresholds are calibrated the same way, and the folder records it."""
+    from gateskip.commands.train import train
+
+    d, data = tiny_folder(tmp_path)
+    out = train(model=str(d), out=str(tmp_path / "t"), data=str(data), steps=1, seq_len=32, batch_size=2,
+                init="fit", fallback_batches=2, fallback_rank=8, modules="mlp", calibrate_batches=1, warmup=1)
+    fit_meta = json.loads((out / "fit" / "gateskip.json").read_text())["fit"]
+    under = fit_meta["sequential"]
+    assert set(under) == {f"layers.{i}.{k}" for i in range(3) for k in ("attn", "mlp")}
+    assert all(v == 0.0 for k, v in under.items() if k.endswith(".attn"))
+    assert all(v == 0.3 for k, v in under.items() if k.endswith(".mlp"))
+    assert json.loads((out / "gateskip.json").read_text())["training"]["modules"] == ["mlp"]
+
+
 def test_shipped_recipes_best_is_trains_defaults_and_paper_is_the_papers(capsys):
     import inspect
 

@@ -68,7 +68,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         min_ratio: a budget ladder: each step skips a ratio drawn uniformly from [min_ratio, max_ratio], so one
             folder serves every budget in between; None: ``max_ratio`` every step.
         ramp_steps: steps of the linear ramp 0 -> max_ratio (default: 80% of steps).
-        modules: branch kinds that skip during training (both kinds always get gates).
+        modules: branch kinds that skip during training (both kinds always get gates); with one kind, the
+            closed-form start (--init fit) and the final calibration also run with that kind alone skipping.
         warmup: learning-rate warm-up steps.
         gate: gate kind: vector, scalar, lowrank or mlp.
         rank: rank of lowrank gates.
@@ -189,7 +190,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         if init == "fit":
             _fitted_start(net, tok, gate_cfg, out_dir / "fit", data=data, limit_texts=limit_texts, seq_len=seq_len,
                           batch_size=batch_size, batches=fallback_batches, ratio=fit_ratio, resume=resume,
-                          main=d.is_main)
+                          main=d.is_main, modules=skip_modules)
         elif init is not None:
             from gateskip.checkpoint import load_gates
 
@@ -231,14 +232,15 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         if not d.is_main:  # rank 0 alone calibrates and writes the gates folder
             gdist.barrier(d)
             return out_dir
-        _finish(net, tok, peft_model, out_dir, data=data, backbone=backbone,
+        _finish(net, tok, peft_model, out_dir, data=data, backbone=backbone, modules=skip_modules,
                 calibrate_ratio=budget_ratios if budget_ratios else calibrate_ratio,
                 calibrate_batches=calibrate_batches, seq_len=seq_len, batch_size=batch_size, save_dtype=save_dtype,
                 meta_training={"quant": quant, "data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
                                "world_size": d.world, "grad_accum": grad_accum, "lr": lr, "objective": objective,
                                "sparsity": sparsity_kind, "lam": lam, "max_ratio": max_ratio,
                                "min_ratio": min_ratio, "ramp_steps": ramp_steps, "seed": seed, "straight_through": straight_through,
-                               "init": init, "budget": budget, "train_fallback": train_fallback})
+                               "init": init, "budget": budget, "train_fallback": train_fallback,
+                               "modules": list(skip_modules)})
         gdist.barrier(d)
         return out_dir
     finally:
@@ -246,9 +248,10 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
 
 
 def _fitted_start(net, tok, cfg: GateSkipConfig, folder: Path, *, data, limit_texts, seq_len, batch_size, batches,
-                  ratio, resume, main) -> None:
+                  ratio, resume, main, modules=("attn", "mlp")) -> None:
     """``init="fit"``: gates and fallbacks fitted in closed form (``gatefit.fit_closed_form``), saved in ``folder``;
-    a resumed run loads that folder instead of fitting again."""
+    a resumed run loads that folder instead of fitting again. With one kind in ``modules`` (the kinds that skip
+    in training) the refit and the calibration run with that kind alone skipping, as training will."""
     from gateskip.checkpoint import load_gates
 
     if resume and (folder / "gateskip.json").is_file():
@@ -259,16 +262,18 @@ def _fitted_start(net, tok, cfg: GateSkipConfig, folder: Path, *, data, limit_te
 
     add_gates(net, cfg)
     cal = fixed_batches(tok, load_texts(data, split="train", limit=limit_texts), seq_len, batch_size, batches)
+    under = ratio if set(modules) >= {"attn", "mlp"} else {
+        b.name: (ratio if b.kind in modules else 0.0) for b in gate_state(net).branches}
     fit_closed_form(net, cal, fallback=cfg.fallback, fallback_rank=cfg.fallback_rank, fallback_mlp=cfg.fallback_mlp,
                     fallback_neurons=cfg.fallback_neurons, fallback_rank_mlp=cfg.fallback_rank_mlp,
-                    sequential=ratio,
+                    sequential=under,
                     sequential_batches=batches,
                     log=(lambda line: print(f"[gateskip train] init fit: {line}", flush=True)) if main else None)
-    calibrate(net, cal[: min(4, len(cal))], ratio=ratio)
+    calibrate(net, cal[: min(4, len(cal))], ratio=ratio, modules=modules)
     if main:
         save_gates(net, folder, extra_meta={"fit": {"command": "gateskip train --init fit", "batches": batches,
                                                     "seq_len": seq_len, "batch_size": batch_size, "data": data,
-                                                    "sequential": ratio}})
+                                                    "sequential": under}})
 
 
 def _device(name: str) -> torch.device:
@@ -284,13 +289,14 @@ def _device(name: str) -> torch.device:
 
 
 def _finish(net, tok, peft_model, out_dir: Path, *, data, backbone, calibrate_ratio, calibrate_batches, seq_len,
-            batch_size, meta_training, save_dtype: str = "float32") -> None:
+            batch_size, meta_training, save_dtype: str = "float32", modules=("attn", "mlp")) -> None:
     """Merge LoRA, calibrate thresholds on held-out text and write the gates folder."""
     from gateskip.data import fixed_batches, load_texts
 
     extra = merge_lora(net, peft_model) if peft_model is not None else {}
     heldout = load_texts(data, split="heldout", limit=None)
-    cal = calibrate(net, fixed_batches(tok, heldout, seq_len, batch_size, calibrate_batches), ratio=calibrate_ratio)
+    cal = calibrate(net, fixed_batches(tok, heldout, seq_len, batch_size, calibrate_batches), ratio=calibrate_ratio,
+                    modules=modules)
     meta = {"backbone": backbone, "training": {**meta_training, "calibration": cal}}
     save_gates(net, out_dir, extra_tensors=extra, extra_meta=meta, dtype=save_dtype)
     if backbone == "full":
