@@ -220,3 +220,21 @@ def test_sync_free_decode_at_batch_one_reads_nothing_back_per_branch():
     assert n_free <= n_host - 4 * branches + 4 * 2 and s_free["sync_calls"] == 0  # at most per-call reads
     assert s_free["path_calls"]["physical"] == 0 and s_free["tokens_skipped"] > 0.2
     assert (free - masked).abs().max() < TOL and (host - masked).abs().max() < TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gates_on_mlp_branches_only(family):
+    """A model gated on its MLP branches alone (GateSkipConfig(modules=("mlp",)), what `gateskip train --modules
+    mlp` builds): prefill and cached decode on the physical path equal the masked path; attention never skips."""
+    m = _calibrated(family, GateSkipConfig(init_std=0.3, init_bias=0.0, modules=("mlp",)))
+    ids, mask = left_padded([20, 11, 17])
+
+    def generate(m):
+        return m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                          output_logits=True, return_dict_in_generate=True)
+
+    gm, gp, s = _run_both(m, generate, ratio=0.4, policy="threshold")
+    assert torch.equal(gm.sequences, gp.sequences)
+    assert max((a - b).abs().max() for a, b in zip(gm.logits, gp.logits)) < TOL
+    assert s["path_calls"]["physical"] > 0 and s["tokens_skipped"] > 0.2
+    assert s["attn_skipped"] == 0 and set(s["per_module"]) == {f"layers.{i}.mlp" for i in range(len(s["per_module"]))}

@@ -314,20 +314,24 @@ def test_train_from_a_fit_folder_with_a_budget_file(tmp_path):
         read_budget(str(tmp_path / "big.json"))
 
 
-def test_training_one_branch_kind_fits_and_calibrates_with_that_kind_alone_skipping(tmp_path):
-    """--modules mlp --init fit: the closed-form refit runs under a plan that skips MLP tokens only (attention
-    ratio 0), the thresholds are calibrated the same way, and the folder records it."""
+def test_training_one_branch_kind_gates_that_kind_alone(tmp_path):
+    """--modules mlp --init fit: gates and fallbacks on the MLP branches only (a neurons fallback, which only MLPs
+    can have, is then the fallback of every branch); the folder records it; a later run on that folder cannot ask
+    for attention skipping."""
     from gateskip.commands.train import train
 
     d, data = tiny_folder(tmp_path)
     out = train(model=str(d), out=str(tmp_path / "t"), data=str(data), steps=1, seq_len=32, batch_size=2,
-                init="fit", fallback_batches=2, fallback_rank=8, modules="mlp", calibrate_batches=1, warmup=1)
-    fit_meta = json.loads((out / "fit" / "gateskip.json").read_text())["fit"]
-    under = fit_meta["sequential"]
-    assert set(under) == {f"layers.{i}.{k}" for i in range(3) for k in ("attn", "mlp")}
-    assert all(v == 0.0 for k, v in under.items() if k.endswith(".attn"))
-    assert all(v == 0.3 for k, v in under.items() if k.endswith(".mlp"))
+                init="fit", fallback="neurons", fallback_neurons=4, fallback_batches=2, fallback_rank=8,
+                modules="mlp", calibrate_batches=1, warmup=1)
+    for folder in (out / "fit", out):
+        meta = json.loads((folder / "gateskip.json").read_text())
+        assert meta["config"]["modules"] == ["mlp"] and meta["config"]["fallback"] == "neurons"
     assert json.loads((out / "gateskip.json").read_text())["training"]["modules"] == ["mlp"]
+    loaded = gateskip.load_gates(tiny_model("llama"), out)
+    assert [b.name for b in gate_state(loaded).branches] == [f"layers.{i}.mlp" for i in range(3)]
+    with pytest.raises(GateSkipError, match="has gates on mlp only"):
+        train(model=str(d), out=str(tmp_path / "u"), data=str(data), steps=1, init=str(out), modules="attn,mlp")
 
 
 def test_shipped_recipes_best_is_trains_defaults_and_paper_is_the_papers(capsys):

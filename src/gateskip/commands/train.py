@@ -68,8 +68,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         min_ratio: a budget ladder: each step skips a ratio drawn uniformly from [min_ratio, max_ratio], so one
             folder serves every budget in between; None: ``max_ratio`` every step.
         ramp_steps: steps of the linear ramp 0 -> max_ratio (default: 80% of steps).
-        modules: branch kinds that skip during training (both kinds always get gates); with one kind, the
-            closed-form start (--init fit) and the final calibration also run with that kind alone skipping.
+        modules: branch kinds that get gates and skip (attn, mlp or attn,mlp); with --init DIR, kinds the
+            folder has gates on.
         warmup: learning-rate warm-up steps.
         gate: gate kind: vector, scalar, lowrank or mlp.
         rank: rank of lowrank gates.
@@ -165,13 +165,20 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     if init is not None and init != "fit" and not Path(init, "gateskip.json").is_file():
         raise GateSkipError(f"--init {init!r} is not a gates folder (no gateskip.json): pass a folder written by "
                             "gateskip fit / train, fit (closed-form start) or none")
+    if init not in (None, "fit"):
+        from gateskip.checkpoint import read_meta
+
+        gated = read_meta(init)["config"].get("modules", ["attn", "mlp"])
+        if set(skip_modules) - set(gated):
+            raise GateSkipError(f"--modules {','.join(skip_modules)}: the folder {init!r} has gates on "
+                                f"{','.join(gated)} only; pass --modules {','.join(gated)} (or a subset)")
     # fitted gates need only a short ramp; new gates the paper's long one
     ramp_steps = ramp_steps if ramp_steps is not None else max(1, int((0.8 if init is None else 0.1) * steps))
     if init not in (None, "fit") and fsdp:
         raise GateSkipError("--init DIR with --fsdp is not supported: start from new gates (--init fit or none), or "
                             "train without --fsdp")
     budget_ratios = read_budget(budget) if budget else None  # allocate.py
-    gate_cfg = GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv,
+    gate_cfg = GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv, modules=skip_modules,
                               placement=placement, shared=shared, protect_first=protect_first,
                               fallback="zero" if fallback == "keep" else fallback, fallback_rank=fallback_rank,
                               fallback_mlp=None if fallback == "keep" else fallback_mlp,
@@ -250,8 +257,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
 def _fitted_start(net, tok, cfg: GateSkipConfig, folder: Path, *, data, limit_texts, seq_len, batch_size, batches,
                   ratio, resume, main, modules=("attn", "mlp")) -> None:
     """``init="fit"``: gates and fallbacks fitted in closed form (``gatefit.fit_closed_form``), saved in ``folder``;
-    a resumed run loads that folder instead of fitting again. With one kind in ``modules`` (the kinds that skip
-    in training) the refit and the calibration run with that kind alone skipping, as training will."""
+    a resumed run loads that folder instead of fitting again. Should ``modules`` (the kinds that skip in
+    training) be fewer than the gated kinds, the refit and the calibration skip those alone, as training will."""
     from gateskip.checkpoint import load_gates
 
     if resume and (folder / "gateskip.json").is_file():
