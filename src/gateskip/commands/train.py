@@ -269,8 +269,9 @@ def _fitted_start(net, tok, cfg: GateSkipConfig, folder: Path, *, data, limit_te
 
     add_gates(net, cfg)
     cal = fixed_batches(tok, load_texts(data, split="train", limit=limit_texts), seq_len, batch_size, batches)
-    under = ratio if set(modules) >= {"attn", "mlp"} else {
-        b.name: (ratio if b.kind in modules else 0.0) for b in gate_state(net).branches}
+    branches = gate_state(net).branches
+    under = ratio if all(b.kind in modules for b in branches) else {
+        b.name: (ratio if b.kind in modules else 0.0) for b in branches}
     fit_closed_form(net, cal, fallback=cfg.fallback, fallback_rank=cfg.fallback_rank, fallback_mlp=cfg.fallback_mlp,
                     fallback_neurons=cfg.fallback_neurons, fallback_rank_mlp=cfg.fallback_rank_mlp,
                     sequential=under,
