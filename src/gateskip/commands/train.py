@@ -8,6 +8,7 @@ losses and its checkpoints live in the library (train.py, losses.py, train_state
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -25,27 +26,31 @@ from gateskip.options import as_list
 from gateskip.policies import check_ratio
 from gateskip.train import BACKBONES, OBJECTIVES, _check_ladder, fit
 
+NEURONS_RANK = 128  # the default neurons fallback's rank (BENCHMARKS.md, "A nonlinear MLP fallback")
+
 
 def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix", steps: int = 300,
           seq_len: int = 256, batch_size: int = 4, grad_accum: int = 1, lr: float = 1e-3,
           backbone: str = "lora", backbone_lr: float = 1e-3, lora_rank: int = 8,
           objective: str = "distill", sparsity_kind: str = "l2", lam: float = 0.0, kl_target: float = 0.5,
-          max_ratio: float = 0.4, min_ratio: float | None = None, ramp_steps: int | None = None,
-          modules: list[str] = ("attn", "mlp"), warmup: int = 20, gate: str = "lowrank", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
+          max_ratio: float = 0.6, min_ratio: float | None = None, ramp_steps: int | None = None,
+          modules: list[str] = ("mlp",), warmup: int = 20, gate: str = "lowrank", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
           placement: str = "after", shared: bool = False,
-          calibrate_ratio: float = 0.3, calibrate_batches: int = 8, save_every: int = 50, seed: int = 0,
+          calibrate_ratio: float = 0.5, calibrate_batches: int = 8, save_every: int = 50, seed: int = 0,
           dtype: str = "float32", resume: bool = True, limit_texts: int | None = None, fsdp: bool = False,
           keep_checkpoints: int = 2, device: str = "auto", protect_first: int = 1, quant: str = "none",
           straight_through: bool = False, init: str | None = "fit", budget: str | None = None,
           fallback: str | None = None, fallback_rank: int = 64, fallback_batches: int = 8, train_fallback: bool = True,
-          fallback_lr: float = 1e-4, fit_ratio: float = 0.3, save_dtype: str = "float32",
+          fallback_lr: float = 1e-4, fit_ratio: float = 0.45, save_dtype: str = "float32",
           fallback_mlp: str | None = None, fallback_neurons: int = 64, fallback_rank_mlp: int | None = None) -> Path:
     """Train gates on offline text and write a gates folder.
 
-    The defaults are the best measured recipe on SmolLM2-135M (docs/benchmark-log.md, "Healing"): low-rank fallbacks
-    and gates fitted in closed form (``init="fit"``, as ``gateskip fit``), then trained end to end by
-    self-distillation with LoRA on the backbone, skipping 40% of every branch's tokens (no sparsity penalty:
-    the budget sets the skipping). The paper's recipe is one flag away: ``--config paper`` (vector gates,
+    The defaults are the best measured recipe on SmolLM2-135M (BENCHMARKS.md, "MLP tokens alone"): gates on the
+    MLP branches only, each with a neurons fallback (64 of its own neurons and a rank-128 map), fitted in closed
+    form (``init="fit"``, as ``gateskip fit``), then trained end to end by self-distillation with LoRA on the
+    backbone, skipping 60% of the MLP tokens (no sparsity penalty: the budget sets the skipping).
+    ``--modules attn,mlp --fallback lowrank --max-ratio 0.4 --fit-ratio 0.3 --calibrate-ratio 0.3`` is the
+    earlier best (both kinds, low-rank fallbacks: ``artifacts/smollm2-healed``). The paper's recipe is one flag away: ``--config paper`` (vector gates,
     zero for skipped tokens, cross-entropy + 0.1 L2 sparsity, ratio ramped to 0.2, full fine-tuning).
 
     Args:
@@ -104,9 +109,11 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         budget: JSON file of per-branch skip ratios (e.g. ``alloc_0.25.json`` from ``gateskip fit --allocate``):
             training skips those ratios, ramped from 0 over ``ramp_steps`` (``max_ratio`` is then unused), and
             thresholds are calibrated under them.
-        fallback: what a skipped token gets: zero (paper), mean, lowrank or linear, fitted in closed form
-            (gateskip.fit_fallback) on the training text before training; default: lowrank for new gates, the
-            folder's own with --init DIR (given, it replaces the folder's unless the same).
+        fallback: what a skipped token gets: zero (paper), mean, lowrank, linear or neurons (MLP only), fitted in
+            closed form (gateskip.fit_fallback) on the training text before training; default for new gates:
+            lowrank, and neurons for the MLPs with ``fallback_rank_mlp`` 128 unless given (with --fallback given,
+            every branch gets it unless --fallback-mlp says otherwise); the folder's own with --init DIR (given,
+            it replaces the folder's unless the same).
         fallback_rank: inner size of a lowrank fallback.
         fallback_mlp: the MLP branches' fallback when it differs from ``fallback`` (new or refitted fallbacks
             only), e.g. lowrank for attention and linear or neurons for the MLPs.
@@ -117,7 +124,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         train_fallback: train the fallbacks end to end with the gates (learning rate ``fallback_lr``; nothing to
             train with fallback zero).
         fallback_lr: learning rate of the fallbacks.
-        fit_ratio: init=fit: the skip ratio (every branch, quantile) the closed-form fit is refitted under.
+        fit_ratio: init=fit: the skip ratio (every skipping branch, quantile) the closed-form fit is refitted under.
         save_dtype: how the gates folder stores gates, fallbacks and LoRA deltas: float32, float16 or bfloat16
             (half the size; loading casts them back).
     """
@@ -153,6 +160,9 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     init = None if init in (None, "", "none") else init
     if fallback is None:
         fallback = "lowrank" if init is None or init == "fit" else "keep"
+        if fallback == "lowrank" and fallback_mlp is None:  # the best measured MLP fallback
+            fallback_mlp = "neurons"
+    auto_rank = fallback_mlp == "neurons" and fallback_rank_mlp is None and fallback != "neurons"
     if fallback == "keep" and fallback_mlp:
         raise GateSkipError("--fallback-mlp sets the kind of new fallbacks: pass --fallback too (e.g. lowrank)")
     if init == "fit" and fallback == "zero" and fallback_mlp in (None, "zero"):
@@ -193,6 +203,10 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         _seed_all(seed)
         dev = d.device if d.enabled else _device(device)
         net, tok = load_model(model, dtype=dtype)
+        if auto_rank:  # a neurons fallback of unset rank: NEURONS_RANK, or the hidden size if smaller
+            from gateskip.arch import text_config
+
+            gate_cfg = dataclasses.replace(gate_cfg, fallback_rank_mlp=min(NEURONS_RANK, text_config(net).hidden_size))
         quantize_for_run(net, quant)  # no-op for none; gates stay float32 either way
         if init == "fit":
             _fitted_start(net, tok, gate_cfg, out_dir / "fit", data=data, limit_texts=limit_texts, seq_len=seq_len,
