@@ -26,7 +26,7 @@ RECIPES = ("best", "fit", "paper")
 
 
 def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "best", batches: int | None = None,
-         heal_steps: int | None = None, compare: list[float] = (0.15, 0.3, 0.45, 0.6), baselines: list[int] = (3, 6, 9, 12),
+         heal_steps: int | None = None, compare: list[float] = (0.15, 0.3, 0.45, 0.6, 0.7), baselines: list[int] = (3, 6, 9, 12),
          steps: int = 40, gate: str = "lowrank",
          ratio: float = 0.3, prompts: int = 2, max_new_tokens: int = 40, evaluate: bool = True,
          limit: int = 60, ratios: list[str] = ("0.15", "0.3", "0.45"), methods: list[str] = ("gateskip", "random", "shortgpt"),
