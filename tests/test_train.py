@@ -332,6 +332,13 @@ def test_training_one_branch_kind_gates_that_kind_alone(tmp_path):
     assert [b.name for b in gate_state(loaded).branches] == [f"layers.{i}.mlp" for i in range(3)]
     with pytest.raises(GateSkipError, match="has gates on mlp only"):
         train(model=str(d), out=str(tmp_path / "u"), data=str(data), steps=1, init=str(out), modules="attn,mlp")
+    # --modules unset: new gates on the MLPs (the best recipe), a folder's own kinds with --init DIR
+    both = train(model=str(d), out=str(tmp_path / "b"), data=str(data), steps=1, seq_len=32, batch_size=2,
+                 init="fit", fallback="lowrank", fallback_batches=2, fallback_rank=8, modules="attn,mlp",
+                 calibrate_batches=1, warmup=1)
+    again = train(model=str(d), out=str(tmp_path / "a"), data=str(data), steps=1, seq_len=32, batch_size=2,
+                  init=str(both), calibrate_batches=1, warmup=1)
+    assert json.loads((again / "gateskip.json").read_text())["training"]["modules"] == ["attn", "mlp"]
 
 
 def test_shipped_recipes_best_is_trains_defaults_and_paper_is_the_papers(capsys):
@@ -346,8 +353,7 @@ def test_shipped_recipes_best_is_trains_defaults_and_paper_is_the_papers(capsys)
     demo = load_recipe("demo")  # make demo's training: train's defaults with a short run, nothing else changed
     assert set(demo) == {"steps", "fallback_batches"} and demo["steps"] < defaults["steps"]
     best = load_recipe("best")
-    norm = lambda k, v: list(v) if k == "modules" else v  # noqa: E731  (a tuple default, a YAML list)
-    assert best and {k: norm(k, defaults[k]) for k in best} == best  # written out, the defaults themselves
+    assert best and {k: defaults[k] for k in best} == best  # written out, the defaults themselves
     paper = load_recipe("paper")
     assert paper["fallback"] == "zero" and paper["gate"] == "vector" and paper["objective"] == "ce"
     assert paper["max_ratio"] == 0.2 and paper["lam"] > 0 and paper["init"] == "none"

@@ -34,7 +34,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           backbone: str = "lora", backbone_lr: float = 1e-3, lora_rank: int = 8,
           objective: str = "distill", sparsity_kind: str = "l2", lam: float = 0.0, kl_target: float = 0.5,
           max_ratio: float = 0.6, min_ratio: float | None = None, ramp_steps: int | None = None,
-          modules: list[str] = ("mlp",), warmup: int = 20, gate: str = "lowrank", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
+          modules: list[str] | None = None, warmup: int = 20, gate: str = "lowrank", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
           placement: str = "after", shared: bool = False,
           calibrate_ratio: float = 0.5, calibrate_batches: int = 8, save_every: int = 50, seed: int = 0,
           dtype: str = "float32", resume: bool = True, limit_texts: int | None = None, fsdp: bool = False,
@@ -50,8 +50,9 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     form (``init="fit"``, as ``gateskip fit``), then trained end to end by self-distillation with LoRA on the
     backbone, skipping 60% of the MLP tokens (no sparsity penalty: the budget sets the skipping).
     ``--modules attn,mlp --fallback lowrank --max-ratio 0.4 --fit-ratio 0.3 --calibrate-ratio 0.3`` is the
-    earlier best (both kinds, low-rank fallbacks: ``artifacts/smollm2-healed``). The paper's recipe is one flag away: ``--config paper`` (vector gates,
-    zero for skipped tokens, cross-entropy + 0.1 L2 sparsity, ratio ramped to 0.2, full fine-tuning).
+    earlier best (both kinds, low-rank fallbacks: ``artifacts/smollm2-healed``). The paper's recipe is one flag
+    away: ``--config paper`` (vector gates, zero for skipped tokens, cross-entropy + 0.1 L2 sparsity, ratio ramped
+    to 0.2, full fine-tuning).
 
     Args:
         model: base model: ``smollm2-135m`` (embedded), a local HF folder or a hub id.
@@ -73,8 +74,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         min_ratio: a budget ladder: each step skips a ratio drawn uniformly from [min_ratio, max_ratio], so one
             folder serves every budget in between; None: ``max_ratio`` every step.
         ramp_steps: steps of the linear ramp 0 -> max_ratio (default: 80% of steps).
-        modules: branch kinds that get gates and skip (attn, mlp or attn,mlp); with --init DIR, kinds the
-            folder has gates on.
+        modules: branch kinds that get gates and skip (attn, mlp or attn,mlp); default: mlp for new gates (the
+            best recipe), the folder's gated kinds with --init DIR (given: a subset of them).
         warmup: learning-rate warm-up steps.
         gate: gate kind: vector, scalar, lowrank or mlp.
         rank: rank of lowrank gates.
@@ -156,7 +157,6 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     if check_quant(quant) and (backbone != "frozen" or fsdp):
         raise GateSkipError(f"--quant {quant} trains gates on a frozen quantized backbone: use --backbone frozen "
                             "without --fsdp (LoRA / full fine-tuning of rounded weights is not supported)")
-    skip_modules = tuple(as_list(modules, str, "--modules"))
     init = None if init in (None, "", "none") else init
     if fallback is None:
         fallback = "lowrank" if init is None or init == "fit" else "keep"
@@ -175,13 +175,15 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     if init is not None and init != "fit" and not Path(init, "gateskip.json").is_file():
         raise GateSkipError(f"--init {init!r} is not a gates folder (no gateskip.json): pass a folder written by "
                             "gateskip fit / train, fit (closed-form start) or none")
+    gated = ["mlp"]  # new gates: the best recipe's
     if init not in (None, "fit"):
         from gateskip.checkpoint import read_meta
 
         gated = read_meta(init)["config"].get("modules", ["attn", "mlp"])
-        if set(skip_modules) - set(gated):
-            raise GateSkipError(f"--modules {','.join(skip_modules)}: the folder {init!r} has gates on "
-                                f"{','.join(gated)} only; pass --modules {','.join(gated)} (or a subset)")
+    skip_modules = tuple(gated) if modules is None else tuple(as_list(modules, str, "--modules"))
+    if set(skip_modules) - set(gated) and init not in (None, "fit"):
+        raise GateSkipError(f"--modules {','.join(skip_modules)}: the folder {init!r} has gates on "
+                            f"{','.join(gated)} only; pass --modules {','.join(gated)} (or a subset)")
     # fitted gates need only a short ramp; new gates the paper's long one
     ramp_steps = ramp_steps if ramp_steps is not None else max(1, int((0.8 if init is None else 0.1) * steps))
     if init not in (None, "fit") and fsdp:
