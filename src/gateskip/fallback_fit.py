@@ -371,19 +371,18 @@ def _passes(model, inputs: list[dict], plan: dict | None, skipping, start) -> No
     """One forward per batch under ``plan`` (a hook raising ``_Stop`` ends it early), from ``start`` if given:
     the layers below ``start[0]`` are taken out (``arch.keep_layers``) and its input is replaced by the
     stored states, so the pass computes exactly what a whole pass computes from that layer on."""
+    current, undo, handle = [0], None, None
+
+    def feed(_mod, args, kwargs):
+        x = start[1][current[0]]
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
     with skipping(model, **plan) if plan is not None else contextlib.nullcontext():
-        current, undo, handle = [0], None, None
-        if start is not None:
-            layer, states = start
-            first = decoder_layers(model)[layer]
-
-            def feed(_mod, args, kwargs):
-                x = states[current[0]]
-                return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
-
-            handle = first.register_forward_pre_hook(feed, with_kwargs=True)
-            undo = keep_layers(model, list(range(layer, len(decoder_layers(model)))))
         try:
+            if start is not None:
+                layers = decoder_layers(model)
+                handle = layers[start[0]].register_forward_pre_hook(feed, with_kwargs=True)
+                undo = keep_layers(model, list(range(start[0], len(layers))))
             for k, inp in enumerate(inputs):
                 current[0] = k
                 try:
