@@ -213,7 +213,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         if init == "fit":
             _fitted_start(net, tok, gate_cfg, out_dir / "fit", data=data, limit_texts=limit_texts, seq_len=seq_len,
                           batch_size=batch_size, batches=fallback_batches, ratio=fit_ratio, resume=resume,
-                          main=d.is_main, modules=skip_modules)
+                          main=d.is_main)
         elif init is not None:
             from gateskip.checkpoint import load_gates
 
@@ -271,10 +271,10 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
 
 
 def _fitted_start(net, tok, cfg: GateSkipConfig, folder: Path, *, data, limit_texts, seq_len, batch_size, batches,
-                  ratio, resume, main, modules=("attn", "mlp")) -> None:
+                  ratio, resume, main) -> None:
     """``init="fit"``: gates and fallbacks fitted in closed form (``gatefit.fit_closed_form``), saved in ``folder``;
-    a resumed run loads that folder instead of fitting again. Should ``modules`` (the kinds that skip in
-    training) be fewer than the gated kinds, the refit and the calibration skip those alone, as training will."""
+    a resumed run loads that folder instead of fitting again. New gates are on the kinds that skip in training
+    (``cfg.modules``), so the refit and the calibration skip every gated branch, as training will."""
     from gateskip.checkpoint import load_gates
 
     if resume and (folder / "gateskip.json").is_file():
@@ -285,19 +285,16 @@ def _fitted_start(net, tok, cfg: GateSkipConfig, folder: Path, *, data, limit_te
 
     add_gates(net, cfg)
     cal = fixed_batches(tok, load_texts(data, split="train", limit=limit_texts), seq_len, batch_size, batches)
-    branches = gate_state(net).branches
-    under = ratio if all(b.kind in modules for b in branches) else {
-        b.name: (ratio if b.kind in modules else 0.0) for b in branches}
     fit_closed_form(net, cal, fallback=cfg.fallback, fallback_rank=cfg.fallback_rank, fallback_mlp=cfg.fallback_mlp,
                     fallback_neurons=cfg.fallback_neurons, fallback_rank_mlp=cfg.fallback_rank_mlp,
-                    sequential=under,
+                    sequential=ratio,
                     sequential_batches=batches,
                     log=(lambda line: print(f"[gateskip train] init fit: {line}", flush=True)) if main else None)
-    calibrate(net, cal[: min(4, len(cal))], ratio=ratio, modules=modules)
+    calibrate(net, cal[: min(4, len(cal))], ratio=ratio)
     if main:
         save_gates(net, folder, extra_meta={"fit": {"command": "gateskip train --init fit", "batches": batches,
                                                     "seq_len": seq_len, "batch_size": batch_size, "data": data,
-                                                    "sequential": under}})
+                                                    "sequential": ratio}})
 
 
 def _device(name: str) -> torch.device:
