@@ -48,6 +48,8 @@ def test_sensitivity_on_a_tiny_model_feeds_skipping():
     saved = saved_per_token(m, context=16)
     assert all(v > 0 for v in saved.values())
     dense = dense_per_token(m, context=16)
+    mlp_only = gateskip.add_gates(tiny_model("llama"), GateSkipConfig(modules=("mlp",)))
+    assert dense_per_token(mlp_only, context=16) == dense  # the ungated attention is part of the dense model
     r = allocate(s, saved, dense, target=0.2)
     assert sum(saved[k] * v for k, v in r.items()) == pytest.approx(0.2 * dense)
     with torch.no_grad(), gateskip.skipping(m, ratio=r, policy="quantile"):

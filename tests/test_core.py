@@ -209,6 +209,31 @@ def test_compute_accounting_counts_gates_and_skips():
     assert s1["tokens_skipped"] == pytest.approx(0.25)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kinds", [("mlp",), ("attn",)])
+def test_branches_without_gates_count_as_dense_compute(family, kinds):
+    """Gates on one branch kind only: the other kind runs densely and costs the same on both sides. The dense
+    FLOPs equal the gate-free count of the same calls (padded prefill, cached decode, the batch-1 one-token
+    path, sliding windows), and the saving is the gated kind's skipped tokens minus its gates, alone."""
+    from gateskip.flopcount import TokenCounter
+
+    m = _calibrated(family, ratio=0.4, cfg=GateSkipConfig(init_std=0.3, init_bias=0.0, modules=kinds))
+    ids, mask = left_padded([20, 11, 17])
+    f = gate_state(m).flops
+    runs = [dict(input_ids=ids, attention_mask=mask), dict(input_ids=ids[1:2, -11:])]  # batch 3, then batch 1
+    for kw in runs:
+        with torch.no_grad(), TokenCounter(m) as ref, gateskip.skipping(m, ratio=0.4, policy="threshold"):
+            m.generate(**kw, max_new_tokens=5, do_sample=False, pad_token_id=0)
+            s = gateskip.stats(m)
+        assert s["flops_dense"] == pytest.approx(ref.stats()["flops_dense"], rel=1e-9)
+        skipped = sum(v["skipped"] * v["tokens"] for v in s["per_module"].values())
+        per_token = f.mlp - f.fallback_mlp if kinds == ("mlp",) else None
+        assert s[f"{kinds[0]}_skipped"] > 0.1
+        assert s["tokens_skipped"] == pytest.approx(s[f"{kinds[0]}_skipped"] / 2)  # the other kind never skips
+        if per_token is not None:
+            assert s["flops_dense"] - s["flops_executed"] == pytest.approx(skipped * per_token - s["gate_flops"])
+
+
 def test_save_load_roundtrip(tmp_path):
     m = _calibrated("qwen2")
     ids = torch.randint(1, VOCAB, (2, 16))

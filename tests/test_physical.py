@@ -236,5 +236,5 @@ def test_gates_on_mlp_branches_only(family):
     gm, gp, s = _run_both(m, generate, ratio=0.4, policy="threshold")
     assert torch.equal(gm.sequences, gp.sequences)
     assert max((a - b).abs().max() for a, b in zip(gm.logits, gp.logits)) < TOL
-    assert s["path_calls"]["physical"] > 0 and s["tokens_skipped"] > 0.2
+    assert s["path_calls"]["physical"] > 0 and s["mlp_skipped"] > 0.2
     assert s["attn_skipped"] == 0 and set(s["per_module"]) == {f"layers.{i}.mlp" for i in range(len(s["per_module"]))}

@@ -82,18 +82,15 @@ def saved_per_token(model, kv: str | None = None, context: float = 128.0) -> dic
 
 
 def dense_per_token(model, context: float = 128.0) -> float:
-    """FLOPs of one token through the dense model (every layer, one LM-head row), for ``allocate``'s target."""
+    """FLOPs of one token through the dense model (every layer, both branches whether gated or not, one
+    LM-head row), for ``allocate``'s target."""
     from gateskip.core import gate_state
 
-    st = gate_state(model)
-    f = st.flops
+    f = gate_state(model).flops
     total = float(f.lm_head)
-    for b in st.branches:
-        if b.kind == "mlp":
-            total += f.mlp
-        else:
-            ctx = context if not b.window else min(context, b.window)
-            total += f.attn_qo + f.attn_kv + f.attn_ctx * ctx
+    for window in f.windows:  # one per layer
+        ctx = context if not window else min(context, window)
+        total += f.mlp + f.attn_qo + f.attn_kv + f.attn_ctx * ctx
     return total
 
 

@@ -239,11 +239,13 @@ def stats(model: nn.Module) -> dict:
     """Statistics of the forward calls since the current (or last) ``skipping`` context began.
 
     ``tokens_skipped`` is the paper's measure: the fraction of (token, branch) pairs skipped,
-    attention and MLP weighted equally. ``compute_saved`` is FLOP-weighted: 1 - FLOPs a physical
-    run executes (kept tokens' branches, K/V of skipped tokens in ``kv="compute"`` mode, attention
-    over the context, every gate, the fallback of every skipped token, the LM head rows computed) /
-    FLOPs of the dense model without gates on the same calls. With vector gates on a small model it
-    can be negative at low ratios.
+    attention and MLP weighted equally (with gates on one kind only, the other kind's branches
+    count as never skipped; ``attn_skipped`` / ``mlp_skipped`` give each kind alone).
+    ``compute_saved`` is FLOP-weighted: 1 - FLOPs a physical run executes (kept tokens' branches,
+    K/V of skipped tokens in ``kv="compute"`` mode, attention over the context, every gate, the
+    fallback of every skipped token, the branches without a gate, the LM head rows computed) / FLOPs
+    of the dense model without gates on the same calls. With vector gates on a small model it can be
+    negative at low ratios.
     """
     st = gate_state(model)
     if st.counts is None:
@@ -254,6 +256,7 @@ def stats(model: nn.Module) -> dict:
     kv = st.plan.kv if st.plan is not None else st.cfg.kv
     dense = executed = 0.0
     per_module, frac_by_kind = {}, {"attn": [], "mlp": []}
+    kinds = {b.kind for b in st.branches}
     for b in st.branches:
         i = b.index
         n, s = float(valid[i]), float(skipped[i])
@@ -265,16 +268,25 @@ def stats(model: nn.Module) -> dict:
             d, e = n * f.mlp, kept * f.mlp
         e += n * f.gate
         e += s * f.fallback_for(b.kind)  # a skipped token runs its fallback instead (fallback.py)
-        dense += d
-        executed += e
+        # The other branch of the layer when it has no gate (cfg.modules a subset) runs densely on the same
+        # tokens: the same cost on both sides, and 0 tokens skipped. An MLP branch's valid_ctx is the context
+        # its layer's attention attends to (Stats.queue).
+        if "attn" not in kinds:
+            ungated = n * (f.attn_qo + f.attn_kv) + f.attn_ctx * float(valid_ctx[i])
+        elif "mlp" not in kinds:
+            ungated = n * f.mlp
+        else:
+            ungated = 0.0
+        dense += d + ungated
+        executed += e + ungated
         frac = s / n if n else 0.0
         per_module[b.name] = {"skipped": frac, "tokens": int(n)}
         frac_by_kind[b.kind].append(frac)
-    # Branches without a gate (cfg.modules a subset) run densely: same cost on both sides.
     lm = st.stats.lm_rows * f.lm_head
     dense += lm
     executed += lm
     all_fracs = frac_by_kind["attn"] + frac_by_kind["mlp"]
+    all_fracs += [0.0] * (len(all_fracs) if len(kinds) == 1 else 0)  # the ungated branches skip nothing
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     return {
         "tokens_skipped": mean(all_fracs),

@@ -90,7 +90,7 @@ class Stats:
     """
 
     def __init__(self, n_branches: int):
-        self.pending: list = []  # (branch index, attention window or 0 for MLP, skip, valid)
+        self.pending: list = []  # (branch index, its layer's attention window or -1 (full), skip, valid)
         self.tally = torch.zeros(n_branches, 4, dtype=torch.float64)
         self.host_tally = [[0.0] * 4 for _ in range(n_branches)]
         self.lm_rows, self.calls, self.sync_calls = 0, 0, 0
@@ -105,13 +105,14 @@ class Stats:
         return self.tally
 
     def queue(self, branch, skip: torch.Tensor | None, valid: torch.Tensor) -> None:
-        window = 0 if branch.kind == "mlp" else (branch.window or -1)
-        self.pending.append((branch.index, window, skip, valid))
+        # An MLP branch records the context its layer's attention attends to as well (kept_ctx, valid_ctx):
+        # its own cost does not use them, but an ungated attention of the same layer does (core.stats).
+        self.pending.append((branch.index, branch.window or -1, skip, valid))
 
     def count_one(self, branch, skipped: bool, ctx_one: float) -> None:
         """The row ``flush`` would add for one token, on the host (``ctx_one``: the context it attends to)."""
         row = self.host_tally[branch.index]
-        w = 0.0 if branch.kind == "mlp" else ctx_one if not branch.window else min(ctx_one, branch.window)
+        w = ctx_one if not branch.window else min(ctx_one, branch.window)  # MLP rows too: see ``queue``
         row[0] += skipped
         row[1] += 1.0
         row[2] += 0.0 if skipped else w
@@ -130,7 +131,7 @@ class Stats:
             valid = group[0][3]
             c = ctx if ctx is not None and ctx.shape == valid.shape else torch.ones(valid.shape, device=valid.device)
             c = c.masked_fill(~valid, 0)
-            by_window = {0: torch.zeros_like(c), -1: c}
+            by_window = {-1: c}
             for _, w, _, _ in group:
                 if w not in by_window:
                     by_window[w] = c.clamp(max=w)
