@@ -69,6 +69,7 @@ def test_fallback_rows_are_named_and_the_folders_fallback_is_reused_or_fitted(tm
     assert row_names(["gateskip", "random", "shortgpt", "shortgpt_linear"], "lowrank") == [
         "gateskip+lowrank", "random+lowrank", "shortgpt", "shortgpt+linear"]
     assert row_names(["random", "gateskip"]) == ["gateskip", "random"]
+    assert row_names(["gateskip", "shortgpt"], "neurons", backbone="+lora") == ["gateskip+neurons+lora", "shortgpt"]
     lin, zero = _gates_folder(tmp_path / "lin", "linear"), _gates_folder(tmp_path / "zero")
     plain = _sweep(zero, ["gateskip", "random"])
     assert [r["method"] for r in plain["rows"]] == ["dense", "gateskip", "random"]

@@ -26,9 +26,9 @@ RECIPES = ("best", "fit", "paper")
 
 
 def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "best", batches: int | None = None,
-         heal_steps: int | None = None, compare: list[float] = (0.15, 0.3, 0.45, 0.6, 0.7), baselines: list[int] = (3, 6, 9, 12),
+         heal_steps: int | None = None, compare: list[float] = (0.15, 0.3, 0.45, 0.6, 0.7, 0.8), baselines: list[int] = (3, 6, 9, 12),
          steps: int = 40, gate: str = "lowrank",
-         ratio: float = 0.3, prompts: int = 2, max_new_tokens: int = 40, evaluate: bool = True,
+         ratio: float | None = None, prompts: int = 2, max_new_tokens: int = 40, evaluate: bool = True,
          limit: int = 60, ratios: list[str] = ("0.15", "0.3", "0.45"), methods: list[str] = ("gateskip", "random", "shortgpt"),
          threads: int = 2) -> None:
     """Run the main job on the embedded default model: make gates, generate with skipping, compare.
@@ -51,11 +51,12 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
         batches: best, fit: calibration batches of 4 x 256 tokens for the closed-form fits (default: the
             shipped ``demo`` recipe's, 8).
         heal_steps: best: end-to-end training steps after the fit (default: the shipped ``demo`` recipe's, 60).
-        compare: best, fit: skip ratios of every branch at which the held-out CE is compared.
+        compare: best, fit: skip ratios of every gated branch at which the held-out CE is compared.
         baselines: best, fit: ShortGPT layer counts (with and without linear replacement).
         steps: paper: gate training steps (a short run; see docs/benchmark-log.md for longer ones).
         gate: paper: gate kind: lowrank (cheap: ~1% FLOPs on SmolLM2), vector (the paper's), scalar.
-        ratio: skip ratio of the generation examples.
+        ratio: skip ratio of the generation examples (default: 0.5 of the MLP tokens for best, 0.3 of every
+            branch's tokens otherwise: about a fifth of the compute saved in both).
         prompts: number of example instructions to generate from.
         max_new_tokens: tokens generated per example.
         evaluate: run the comparison (paper: the core suite, needs the eval extra: lm-eval).
@@ -66,9 +67,10 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
     """
     from gateskip.policies import check_ratio
 
-    check_ratio(ratio)
     if recipe not in RECIPES:
         raise GateSkipError(f"unknown recipe {recipe!r}: choose from {', '.join(RECIPES)}")
+    ratio = (0.5 if recipe == "best" else 0.3) if ratio is None else ratio
+    check_ratio(ratio)
     torch.set_num_threads(threads)
     from gateskip.recipes import load_recipe
 

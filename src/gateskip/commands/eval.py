@@ -235,7 +235,8 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
     if "oracle" in items and gates and read_meta(gates)["config"].get("placement", "after") != "after":
         raise GateSkipError("method oracle needs gates placed after the branch: drop it or pass a folder "
                             "trained with placement='after'")
-    own = suite_run.row_names(items, kind, modules)
+    gated = gates and {"gateskip", "random", "oracle"} & set(items)
+    own = suite_run.row_names(items, kind, modules, suite_run.backbone_suffix(gates) if gated else "")
     merged = own + [n for _, renamed in suite_merge.renames(own, runs) for n in renamed.values()]
     if reference is not None and reference not in merged:
         raise GateSkipError(f"--reference {reference!r} names no method of this report: choose one of "

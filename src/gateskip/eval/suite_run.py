@@ -393,9 +393,10 @@ def _scope(modules: tuple[str, ...]) -> str:
     return "" if tuple(modules) == BOTH else f"[{','.join(modules)}]"
 
 
-def row_names(methods, kind: str = "zero", modules: tuple[str, ...] = BOTH) -> list[str]:
-    """The method names of a suite run's rows (dense excluded), given its fallback kind and skipping kinds."""
-    suffix = _scope(check_modules(modules)) + ("" if kind == "zero" else f"+{kind}")
+def row_names(methods, kind: str = "zero", modules: tuple[str, ...] = BOTH, backbone: str = "") -> list[str]:
+    """The method names of a suite run's rows (dense excluded), given its fallback kind, skipping kinds and
+    the gates folder's ``backbone_suffix``."""
+    suffix = _scope(check_modules(modules)) + ("" if kind == "zero" else f"+{kind}") + backbone
     names = {"gateskip": "gateskip" + suffix, "random": "random" + suffix, "oracle": "oracle" + suffix,
              "shortgpt": "shortgpt",
              "shortgpt_linear": "shortgpt+linear"}
