@@ -86,9 +86,11 @@ def dense_per_token(model, context: float = 128.0) -> float:
     LM-head row), for ``allocate``'s target."""
     from gateskip.core import gate_state
 
-    f = gate_state(model).flops
+    st = gate_state(model)
+    f = st.flops
     total = float(f.lm_head)
-    for window in f.windows:  # one per layer
+    windows = {b.layer: b.window for b in st.branches}  # the gated layers (of a pruned model: those left)
+    for window in windows.values():
         ctx = context if not window else min(context, window)
         total += f.mlp + f.attn_qo + f.attn_kv + f.attn_ctx * ctx
     return total
