@@ -230,12 +230,12 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
     paths = suite_merge.split_paths(compare_with)
     runs = [(p, suite_merge.load_run(p, {"tasks": names, "limit": limit})) for p in paths]
     kind = fallback
-    if kind == "zero" and gates and {"gateskip", "random", "oracle"} & set(items):
+    gated = gates and {"gateskip", "random", "oracle"} & set(items)  # rows that load the gates folder
+    if kind == "zero" and gated:
         kind = suite_fallback.fallback_label(read_meta(gates)["config"])  # a folder saved with a fallback runs with it
     if "oracle" in items and gates and read_meta(gates)["config"].get("placement", "after") != "after":
         raise GateSkipError("method oracle needs gates placed after the branch: drop it or pass a folder "
                             "trained with placement='after'")
-    gated = gates and {"gateskip", "random", "oracle"} & set(items)
     own = suite_run.row_names(items, kind, modules, suite_run.backbone_suffix(gates) if gated else "")
     merged = own + [n for _, renamed in suite_merge.renames(own, runs) for n in renamed.values()]
     if reference is not None and reference not in merged:
