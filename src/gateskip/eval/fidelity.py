@@ -113,3 +113,37 @@ def language_ce(model, batches) -> float:
     if count == 0:
         raise GateSkipError("language_ce got no tokens: pass batches of input_ids with at least 2 tokens per row")
     return total / count
+
+
+def reference_logprobs(model, batches) -> list[torch.Tensor]:
+    """The model's next-token log-probabilities on ``batches`` (one [B, T-1, V] tensor per batch), the reference
+    of ``language_kl``. Call it on the dense model (``original_backbone``, no skipping)."""
+    out = []
+    with torch.no_grad():
+        for ids in batches:
+            ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
+            out.append(F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1))
+    return out
+
+
+def language_kl(model, batches, reference: list[torch.Tensor]) -> float:
+    """Mean KL(reference || model) per predicted token (nats) on ``batches``, against ``reference_logprobs`` of
+    the same batches. Needs no labels and does not reward fitting the text itself: a setting that makes the model
+    better at the held-out text than the dense model (a healed backbone on its own domain) scores above 0, not
+    below the dense model as CE would have it."""
+    if len(reference) != len(batches):
+        raise GateSkipError(f"language_kl got {len(batches)} batches and {len(reference)} references: "
+                            "compute reference_logprobs on the same batches")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, ref in zip(batches, reference):
+            ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
+            logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+            if logp.shape != ref.shape:
+                raise GateSkipError(f"language_kl: reference of shape {tuple(ref.shape)} for logits of shape "
+                                    f"{tuple(logp.shape)}: compute reference_logprobs on the same batches")
+            total += float((ref.exp() * (ref - logp)).sum())
+            count += logp.shape[0] * logp.shape[1]
+    if count == 0:
+        raise GateSkipError("language_kl got no tokens: pass batches of input_ids with at least 2 tokens per row")
+    return total / count
