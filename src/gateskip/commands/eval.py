@@ -42,7 +42,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
              shortgpt_layers: list[int] = (4, 10, 16), protect_first: int | None = None, fidelity_prompts: int = 32,
              fidelity_prompt_tokens: int = 48, fidelity_tokens: int = 64, shared_prefix: bool = True,
              fallback: str = "zero", fallback_rank: int = 64, fallback_batches: int = 12,
-             reference: str | None = None, resume: bool = True, reuse_dense: bool = True) -> dict:
+             reference: str | None = None, resume: bool = True, reuse_dense: bool = True, offset: int = 0) -> dict:
     """Sweep skip ratios on offline benchmarks; writes results.json, report.md and curve.png to --out.
 
     Args:
@@ -57,6 +57,9 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
             with one kind they are named for it, e.g. gateskip[mlp]+lowrank).
         kv: K/V of skipped attention tokens: copy or compute; default: the gates' config.
         limit: items per task (the first N, same for every row); 0 for all.
+        offset: suite: skip the first N items of every task. The default scores items 0..limit-1 (the test
+            items every published figure uses); --offset 500 --limit 200 scores items 500-699, a dev split to
+            choose recipes on without touching the test items (a task with fewer items gives what it has).
         out: output folder.
         model: base model name or folder (a loaded model object from Python); default: the one
             recorded in the gates folder.
@@ -125,7 +128,9 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
                               if fidelity_prompts else None, shared_prefix=shared_prefix, fallback=fallback,
                               fallback_rank=fallback_rank, fallback_batches=fallback_batches,
                               compare_with=compare_with, reference=reference, resume=resume,
-                              reuse_dense=reuse_dense, modules=modules)
+                              reuse_dense=reuse_dense, modules=modules, offset=offset)
+    if offset:
+        raise GateSkipError("--offset applies to suite runs: pass --suite core (or extended, all)")
     if fallback != "zero" or reference is not None:
         raise GateSkipError("--fallback and --reference apply to suite runs: pass --suite core (or extended, all)")
     require_lm_eval()
@@ -192,7 +197,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
 def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_layers, methods, policy, kv, limit, out, model,
                    tokenizer, seed, threads, calib_batches, protect_first, fidelity, shared_prefix=True,
                    fallback="zero", fallback_rank=64, fallback_batches=12, compare_with=None,
-                   reference=None, resume=True, reuse_dense=True, modules=("attn", "mlp")) -> dict:
+                   reference=None, resume=True, reuse_dense=True, modules=("attn", "mlp"), offset=0) -> dict:
     """``gateskip eval --suite``: see ``evaluate`` for the arguments."""
     import tempfile
 
@@ -228,7 +233,9 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
     # fail now, not after the sweep: the runs to merge must cover the same tasks and items, and the
     # reference must name a row of the report
     paths = suite_merge.split_paths(compare_with)
-    runs = [(p, suite_merge.load_run(p, {"tasks": names, "limit": limit})) for p in paths]
+    if offset < 0:
+        raise GateSkipError(f"--offset {offset} is invalid: give a number of items to skip (0: the first items)")
+    runs = [(p, suite_merge.load_run(p, {"tasks": names, "limit": limit, "offset": offset})) for p in paths]
     kind = fallback
     gated = gates and {"gateskip", "random", "oracle"} & set(items)  # rows that load the gates folder
     if kind == "zero" and gated:
@@ -245,12 +252,13 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
     net, tok, model_name = resolve_model(model, tokenizer, gates)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gateskip-suite-") as tmp:
-        tasks = load_items(names, limit or None, task_manager(f"{tmp}/tasks"))
+        tasks = load_items(names, limit or None, task_manager(f"{tmp}/tasks"), offset=offset)
     n_rows = 1 + sum(len(budgets[m]) for m in items)
     calib = calibration_batches(tok, calib_batches) if {"shortgpt", "shortgpt_linear"} & set(items) else None
     bar = tqdm(total=n_rows * len(tasks), desc="gateskip eval --suite", unit="task")
     try:
-        fingerprint = {"model": model_name, "gates": gates, "tasks": names, "limit": limit, "policy": policy, "kv": kv,
+        fingerprint = {"model": model_name, "gates": gates, "tasks": names, "limit": limit, **({"offset": offset} if offset else {}),
+                       "policy": policy, "kv": kv,
                        "protect_first": protect_first, "seed": seed, "shared_prefix": shared_prefix,
                        "fidelity": list(fidelity) if fidelity else None, "calib_batches": calib_batches,
                        "fallback": [fallback, fallback_rank, fallback_batches],
@@ -261,13 +269,13 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
                     fit_batches=lambda: calibration_batches(tok, fallback_batches), modules=modules,
                     resume=(partial, fingerprint) if resume else None,
                     dense_from=(runs[0][0], runs[0][1], {
-                        "model": model_name, "tasks": names, "limit": limit, "shared_prefix": shared_prefix,
+                        "model": model_name, "tasks": names, "limit": limit, "offset": offset, "shared_prefix": shared_prefix,
                         "fidelity": suite_run.fidelity_config(fidelity)}) if runs and reuse_dense else None)
     finally:
         bar.close()
     fb = res.pop("fallback") or {"requested": fallback, "kind": "zero", "rank": None, "source": None}
     fb.update(batches=fallback_batches, requested_rank=fallback_rank)
-    res["config"] = {"model": model_name, "gates": gates, "suite": suite, "tasks": names, "limit": limit,
+    res["config"] = {"model": model_name, "gates": gates, "suite": suite, "tasks": names, "limit": limit, "offset": offset,
                      "policy": policy, "kv": kv, "protect_first": protect_first, "seed": seed,
                      "methods": items, "budgets": budgets, "shared_prefix": shared_prefix, "fallback": fb,
                      "modules": list(modules),

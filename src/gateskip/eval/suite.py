@@ -70,8 +70,9 @@ def suite_tasks(suite: str | None, tasks: str | list[str] | None) -> list[str]:
     return parse_tasks(tasks)
 
 
-def load_items(names: list[str], limit: int | None, tm) -> list[SuiteTask]:
-    """The first ``limit`` items of each task (all with None), formatted by lm-eval's task objects."""
+def load_items(names: list[str], limit: int | None, tm, offset: int = 0) -> list[SuiteTask]:
+    """The first ``limit`` items of each task (all with None), formatted by lm-eval's task objects; with
+    ``offset``, the ``limit`` items after the first ``offset`` (as many as the task has)."""
     log = logging.getLogger("lm_eval")
     level = log.level
     log.setLevel(logging.ERROR)
@@ -80,7 +81,15 @@ def load_items(names: list[str], limit: int | None, tm) -> list[SuiteTask]:
         out = []
         for name in names:
             task = tasks[name]
-            task.build_all_requests(limit=limit, rank=0, world_size=1)
+            if offset:
+                n = len(task.eval_docs)
+                if n <= offset:
+                    raise GateSkipError(f"task {name} has {n} items, none after --offset {offset}: lower --offset "
+                                        "or drop the task")
+                stop = n if limit is None else min(n, offset + limit)
+                task.build_all_requests(samples=list(range(offset, stop)), rank=0, world_size=1)
+            else:
+                task.build_all_requests(limit=limit, rank=0, world_size=1)
             out.append(_suite_task(name, task))
             task._instances = None  # the requests are copied into Items; free lm-eval's
     finally:

@@ -31,7 +31,7 @@ def load_run(path: str, expect: dict | None = None) -> dict:
         raise GateSkipError(f"--compare-with {path!r} is not a suite run's results.json (gateskip eval --suite)")
     if expect is not None:
         cfg = data["config"]
-        for key in ("tasks", "limit"):
+        for key in ("tasks", "limit", "offset"):
             if not same_key(key, cfg.get(key), expect.get(key)):
                 raise GateSkipError(f"--compare-with {path!r} was run with {key}={cfg.get(key)}, this run with "
                                     f"{key}={expect.get(key)}: merge only runs on the same tasks and items")
@@ -39,7 +39,10 @@ def load_run(path: str, expect: dict | None = None) -> dict:
 
 
 def same_key(key: str, a, b) -> bool:
-    """Config values ``a`` and ``b`` agree; task lists in any order (a task joined later comes last)."""
+    """Config values ``a`` and ``b`` agree; task lists in any order (a task joined later comes last); a run
+    saved before ``offset`` existed scored from item 0."""
+    if key == "offset":
+        return (a or 0) == (b or 0)
     if key == "tasks" and isinstance(a, list) and isinstance(b, list):
         return sorted(a) == sorted(b)
     return a == b
@@ -88,13 +91,14 @@ def _check_dense(dense: dict, other: dict, path: str) -> None:
 def merge(results: dict, paths) -> dict:
     """Add the rows of other suite runs (``paths``: results.json files) after this run's own, in place.
 
-    Each must cover the same tasks with the same limit, and its dense row must score every item exactly
+    Each must cover the same tasks with the same limit and offset, and its dense row must score every item exactly
     as this run's (same model, same items); its dense row is dropped and its methods renamed where they
     collide (``renames``). Rows merged before are replaced. Merged rows carry ``from`` (their file)."""
     paths = split_paths(paths)
     cfg = results["config"]
     own = _own(results["rows"])
-    runs = [(p, load_run(p, {"tasks": cfg.get("tasks"), "limit": cfg.get("limit")})) for p in paths]
+    runs = [(p, load_run(p, {"tasks": cfg.get("tasks"), "limit": cfg.get("limit"), "offset": cfg.get("offset")}))
+            for p in paths]
     rows, sources = list(own), []
     for (path, data), (_, names) in zip(runs, renames([r["method"] for r in own], runs)):
         _check_dense(own[0], data["rows"][0], path)

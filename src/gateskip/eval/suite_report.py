@@ -85,7 +85,7 @@ def markdown(results: dict) -> str:
     dense = rows[0]
     kept = an["tasks"]
     out = [f"# Core-suite quality vs compute: {cfg.get('model')} + {cfg.get('gates')}", "",
-           f"{cfg.get('limit') or 'all'} items per task (the first ones, the same for every row); GateSkip policy "
+           f"{_items(cfg)}; GateSkip policy "
            f"{cfg.get('policy')}; {_timing(cfg)}. Cells: accuracy "
            "(above-chance retention). Retention = (acc - chance) / (dense - chance); the suite value is the mean "
            "over tasks with a 95% paired-bootstrap band over items. Tokens skipped and compute saved "
@@ -244,6 +244,14 @@ def write(results: dict, out) -> str:
     return md
 
 
+
+
+def _items(cfg: dict) -> str:
+    n, offset = cfg.get("limit") or "all", cfg.get("offset") or 0
+    if offset:
+        return (f"{n} items per task after the first {offset} (a dev split: items the default runs never score; "
+                "fewer where a task has fewer), the same for every row")
+    return f"{n} items per task (the first ones, the same for every row)"
 
 
 def _timing(cfg: dict) -> str:

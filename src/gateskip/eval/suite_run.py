@@ -132,7 +132,7 @@ class SuiteRun:
 
         other = data.get("config", {})
         same = all(suite_merge.same_key(k, other.get(k), config.get(k))
-                   for k in ("model", "tasks", "limit", "shared_prefix", "fidelity"))
+                   for k in ("model", "tasks", "limit", "offset", "shared_prefix", "fidelity"))
         dense = data["rows"][0]
         if not same or set(dense.get("tasks", {})) != {t.name for t in self.tasks} or (
                 self.ref is not None and "fidelity" not in dense):
