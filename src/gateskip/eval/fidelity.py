@@ -98,6 +98,15 @@ def measure(net, ref: Reference, pad_id: int) -> dict[str, float]:
 
 
 @torch.no_grad()
+def _rows(ids: torch.Tensor) -> torch.Tensor:
+    return ids if ids.dim() == 2 else ids.unsqueeze(0)
+
+
+def _next_token_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """float32 logits predicting tokens 1.. of each row of ``ids`` (no cache)."""
+    return model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+
+
 def language_ce(model, batches) -> float:
     """Mean next-token cross-entropy (nats per token) of ``model`` on ``batches`` of ``input_ids``, token-weighted.
 
@@ -105,8 +114,8 @@ def language_ce(model, batches) -> float:
     reference that commands such as ``gateskip fit`` report between random and oracle choice)."""
     total, count = 0.0, 0
     for ids in batches:
-        ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        ids = _rows(ids)
+        logits = _next_token_logits(model, ids)
         target = ids[:, 1:].to(logits.device)
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
         count += target.numel()
@@ -121,8 +130,7 @@ def reference_logprobs(model, batches) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         for ids in batches:
-            ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
-            out.append(F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1))
+            out.append(F.log_softmax(_next_token_logits(model, _rows(ids)), dim=-1))
     return out
 
 
@@ -137,8 +145,7 @@ def language_kl(model, batches, reference: list[torch.Tensor]) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for ids, ref in zip(batches, reference):
-            ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
-            logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+            logp = F.log_softmax(_next_token_logits(model, _rows(ids)), dim=-1)
             if logp.shape != ref.shape:
                 raise GateSkipError(f"language_kl: reference of shape {tuple(ref.shape)} for logits of shape "
                                     f"{tuple(logp.shape)}: compute reference_logprobs on the same batches")
