@@ -211,6 +211,30 @@ def test_merge_renames_collisions_and_refuses_other_items(tmp_path, monkeypatch)
         assert "\n" not in str(e.value)
 
 
+def test_a_merged_report_brings_the_rows_it_merged_each_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(suite_report, "ITERS", 20)
+    b = _run(tmp_path / "b", ["gateskip+lowrank"], "lowrank")
+    report = _run(tmp_path / "report", ["random+lowrank"], "lowrank")  # a committed report (docs/results)
+    suite_merge.merge(report, str(tmp_path / "b" / "results.json"))
+    (tmp_path / "report" / "results.json").write_text(json.dumps(report))
+    new = _run(tmp_path / "new", ["gateskip+neurons"], "neurons")
+    paths = [str(tmp_path / "report" / "results.json"), str(tmp_path / "b" / "results.json")]
+    suite_merge.merge(new, ",".join(paths))
+    got = [(r["method"], r["budget"]) for r in new["rows"]]
+    # the report's own rows and the rows it had merged from b; b given again adds nothing
+    assert got == [("dense", "-")] + [(m, f"ratio {x}") for m in ("gateskip+neurons", "random+lowrank",
+                                                                   "gateskip+lowrank") for x in (0.1, 0.3, 0.5)]
+    assert [r["tasks"] for r in new["rows"][7:]] == [r["tasks"] for r in b["rows"][1:]]
+    assert new["config"]["compare_with"][1]["methods"] == []
+    # merging again replaces, and a run that merged this one does not bring this run's rows back
+    suite_merge.merge(new, ",".join(paths))
+    assert len(new["rows"]) == 10
+    (tmp_path / "new" / "results.json").write_text(json.dumps(new))
+    again = _run(tmp_path / "again", ["gateskip+neurons"], "neurons")
+    suite_merge.merge(again, str(tmp_path / "new" / "results.json"))
+    assert len(again["rows"]) == 10 and not any("@" in r["method"] for r in again["rows"])
+
+
 def test_reference_choice():
     cfg = {"fallback": {"kind": "lowrank"}}
     assert suite_report.default_reference(["random+lowrank", "gateskip", "gateskip+lowrank"], cfg) == \

@@ -53,17 +53,36 @@ def _own(rows: list) -> list:
     return [r for r in rows if "from" not in r]
 
 
-def renames(own_names, runs) -> list[tuple[str, dict[str, str]]]:
+def _key(r: dict) -> tuple:
+    """What makes two rows the same row: method, budget and every item's score."""
+    return r["method"], r["budget"], json.dumps({t: v.get("correct") for t, v in sorted(r["tasks"].items())})
+
+
+def _rows_to_merge(data: dict, seen: set) -> list:
+    """The non-dense rows a run brings: its own and those it merged itself (a committed merged report, e.g.
+    ``docs/results/*.json``, brings every row it shows), each once: a row equal to one already taken (same
+    method, budget and item scores, as when a run and a report that merged it are both given) is skipped."""
+    out = []
+    for r in data["rows"]:
+        if r["method"] == "dense" or _key(r) in seen:
+            continue
+        seen.add(_key(r))
+        out.append(r)
+    return out
+
+
+def renames(own_names, runs, seen: set | None = None) -> list[tuple[str, dict[str, str]]]:
     """Per run ``(path, data)``: its non-dense methods mapped to their names in the merged report. A name
     already taken (by this run or a run merged before) gets ``@<folder of that results.json>``."""
     taken = {"dense", *own_names}
+    seen = set(seen or ())  # rows already in the report (``_key``): not merged again
     out = []
     for path, data in runs:
         label = Path(os.path.abspath(path)).parent.name or "other"
         names: dict[str, str] = {}
-        for r in _own(data["rows"]):
+        for r in _rows_to_merge(data, seen):
             m = r["method"]
-            if m == "dense" or m in names:
+            if m in names:
                 continue
             new, k = m, 2
             if new in taken:
@@ -93,17 +112,17 @@ def merge(results: dict, paths) -> dict:
 
     Each must cover the same tasks with the same limit and offset, and its dense row must score every item exactly
     as this run's (same model, same items); its dense row is dropped and its methods renamed where they
-    collide (``renames``). Rows merged before are replaced. Merged rows carry ``from`` (their file)."""
+    collide (``renames``). Rows merged before are replaced. A run that holds rows it merged itself brings them too,
+    each row once. Merged rows carry ``from`` (the file they were taken from)."""
     paths = split_paths(paths)
     cfg = results["config"]
     own = _own(results["rows"])
     runs = [(p, load_run(p, {"tasks": cfg.get("tasks"), "limit": cfg.get("limit"), "offset": cfg.get("offset")}))
             for p in paths]
-    rows, sources = list(own), []
-    for (path, data), (_, names) in zip(runs, renames([r["method"] for r in own], runs)):
+    rows, sources, seen = list(own), [], {_key(r) for r in own}
+    for (path, data), (_, names) in zip(runs, renames([r["method"] for r in own], runs, seen)):
         _check_dense(own[0], data["rows"][0], path)
-        rows += [{**r, "method": names[r["method"]], "from": path} for r in _own(data["rows"])
-                 if r["method"] != "dense"]
+        rows += [{**r, "method": names[r["method"]], "from": path} for r in _rows_to_merge(data, seen)]
         oc = data["config"]
         sources.append({"path": path, "model": oc.get("model"), "gates": oc.get("gates"),
                         "fallback": oc.get("fallback"), "methods": list(names.values()), "renamed": {
