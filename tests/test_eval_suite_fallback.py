@@ -233,6 +233,17 @@ def test_a_merged_report_brings_the_rows_it_merged_each_once(tmp_path, monkeypat
     again = _run(tmp_path / "again", ["gateskip+neurons"], "neurons")
     suite_merge.merge(again, str(tmp_path / "new" / "results.json"))
     assert len(again["rows"]) == 10 and not any("@" in r["method"] for r in again["rows"])
+    # per-task compute recorded: the report reads each task at its own compute saved; not recorded: no table
+    for r in again["rows"]:
+        for v in r["tasks"].values():
+            del v["compute_saved"]
+    assert "## Per task at" not in suite_report.write(suite_report.analyse(again, iters=20), tmp_path / "again")
+    for r in again["rows"]:
+        for t, v in r["tasks"].items():
+            v["compute_saved"] = r["compute_saved"] * (2 if t == "b" else 1)
+    md = suite_report.write(suite_report.analyse(again, iters=20), tmp_path / "again")
+    assert "## Per task at 20% saved on the task's own text" in md
+    assert again["analysis"]["task_matched"]["gateskip+neurons"]["b"] is not None
 
 
 def test_reference_choice():

@@ -12,6 +12,7 @@ from gateskip.eval.paired import (
     retention,
     retention_interval,
     suite_retention,
+    task_matched,
     weights_at,
     who_wins,
 )
@@ -203,3 +204,23 @@ def test_matched_table_and_curve():
     assert [p["compute_saved"] for p in pts] == [0.1, 0.4]
     assert pts[0]["retention"] == pytest.approx(1.0) and pts[1]["retention"] == pytest.approx(1 / 3)
     assert pts[1]["lo"] <= pts[1]["retention"] <= pts[1]["hi"]
+
+
+def test_task_matched_reads_each_task_at_its_own_compute():
+    def row(method, saved, per_task):  # per_task: {task: (compute saved on that task, acc)}
+        r = _row(method, saved, {t: [1] for t in per_task})
+        for t, (c, acc) in per_task.items():
+            r["tasks"][t].update(compute_saved=c, acc=acc)
+        return r
+
+    rows = [row("dense", 0.0, {"mc": (0.0, 0.8), "lam": (0.0, 0.3)}),
+            row("g", 0.1, {"mc": (0.08, 0.7), "lam": (0.15, 0.25)}),
+            row("g", 0.3, {"mc": (0.28, 0.5), "lam": (0.45, 0.05)})]
+    tab = task_matched(rows, [0.2, 0.4, 0.5])
+    assert set(tab) == {"g"}
+    # mc: 0.2 lies at 0.6 of [0.08, 0.28] -> 0.7 - 0.6 * 0.2; lam: 0.2 at 1/6 of [0.15, 0.45]
+    assert tab["g"]["mc"][0.2] == pytest.approx(0.58) and tab["g"]["lam"][0.2] == pytest.approx(0.25 - 0.2 / 6)
+    assert tab["g"]["mc"][0.4] is None and tab["g"]["lam"][0.4] == pytest.approx(0.05 + 0.2 / 6)
+    assert tab["g"]["lam"][0.5] is None  # never extrapolated
+    del rows[2]["tasks"]["lam"]["compute_saved"]  # a run from before per-task compute was kept
+    assert task_matched(rows, [0.2])["g"] == {"mc": {0.2: pytest.approx(0.58)}, "lam": {0.2: None}}

@@ -202,6 +202,22 @@ def who_wins(rows: Sequence[Row], levels: Sequence[float] = (0.10, 0.20, 0.30, 0
     return out
 
 
+def task_matched(rows: Sequence[Row], levels: Sequence[float]) -> dict[str, dict[str, dict[float, float | None]]]:
+    """Each non-dense method's accuracy on each task at each compute level measured on that task's own text
+    (a task whose text is skipped more than the suite's at the same ratio is compared at its own compute, not
+    the suite's); None outside the method's measured range on that task, or where a row did not record the
+    task's compute (runs before per-task compute was kept)."""
+    _, groups = _by_method(rows)
+    out: dict[str, dict[str, dict[float, float | None]]] = {}
+    for method, mrows in groups.items():
+        out[method] = {}
+        for t in mrows[0]["tasks"]:
+            pts = [(r["tasks"][t].get("compute_saved"), r["tasks"][t]["acc"]) for r in mrows]
+            ok = all(x is not None for x, _ in pts)
+            out[method][t] = {lv: interpolate(pts, lv) if ok else None for lv in levels}
+    return out
+
+
 def matched_table(rows: Sequence[Row], levels: Sequence[float]) -> dict[str, dict[float, float | None]]:
     """Each non-dense method's suite retention at each compute level (per-task accuracies mixed with
     weights_at, then retention against the dense row); None outside the method's measured range."""

@@ -22,6 +22,7 @@ from gateskip.eval import paired
 from gateskip.eval.suite_merge import join_tasks, merge
 
 LEVELS = (0.10, 0.20, 0.30, 0.40)
+TASK_LEVEL = 0.20  # the per-task table: each task at this compute saved on its own text
 ITERS = 2000
 
 
@@ -66,6 +67,9 @@ def analyse(results: dict, reference: str | None = None, iters: int = ITERS, see
     results["analysis"] = {
         "rows": per_row, "levels": list(LEVELS), "reference": ref, "tasks": valid,
         "matched": {m: {f"{k:g}": v for k, v in lv.items()} for m, lv in paired.matched_table(rows, LEVELS).items()},
+        "task_level": TASK_LEVEL,
+        "task_matched": {m: {t: v[TASK_LEVEL] for t, v in tv.items()}
+                         for m, tv in paired.task_matched(all_rows, [TASK_LEVEL]).items()},
         "who_wins": paired.who_wins(rows, LEVELS, reference=ref, iters=iters, seed=seed) if ref and len(methods) > 1
         else [],
         "curves": {m: paired.curve([r for r in rows if r["method"] == m], dense, iters, seed) for m in methods},
@@ -117,6 +121,25 @@ def markdown(results: dict) -> str:
             "|---|" + "---|" * len(levels)]
     for m, lv in an["matched"].items():
         out.append(f"| {m} | " + " | ".join(_pct(lv.get(f"{x:g}")) for x in levels) + " |")
+    tm = an.get("task_matched") or {}
+    if any(v is not None for tv in tm.values() for v in tv.values()):
+        lv = an["task_level"]
+        out += ["", f"## Per task at {100 * lv:.0f}% saved on the task's own text (accuracy, above-chance retention)",
+                "", "At one ratio a task's text can be skipped more or less than the suite's as a whole: here each "
+                "task is read at the compute saved on its own text (interpolated like the suite). - : outside the "
+                "method's measured range on that task, or not recorded.", "",
+                "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for m, tv in tm.items():
+            cells = []
+            for t in tasks:
+                d = dense["tasks"][t]
+                if tv.get(t) is None:
+                    cells.append("-")
+                elif d["acc"] > d["chance"]:
+                    cells.append(f"{tv[t]:.3f} ({100 * paired.retention(tv[t], d['acc'], d['chance']):.0f}%)")
+                else:
+                    cells.append(f"{tv[t]:.3f}")
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
     if an["who_wins"]:
         ref = an["reference"]
         out += ["", f"## Who wins: {ref} minus each method, suite retention points, paired 95% interval", "",
