@@ -64,10 +64,12 @@ def _rows_to_merge(data: dict, seen: set) -> list:
     method, budget and item scores, as when a run and a report that merged it are both given) is skipped."""
     out = []
     for r in data["rows"]:
-        if r["method"] == "dense" or _key(r) in seen:
+        if r["method"] == "dense":
             continue
-        seen.add(_key(r))
-        out.append(r)
+        key = _key(r)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
     return out
 
 
