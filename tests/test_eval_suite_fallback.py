@@ -446,3 +446,84 @@ def test_rows_that_skip_one_branch_kind_equal_a_budget_that_gives_the_other_kind
     assert check_modules("mlp,attn") == check_modules(["attn,mlp"]) == ("attn", "mlp")
     with pytest.raises(GateSkipError, match="modules=ffn is invalid"):
         check_modules("ffn")
+
+
+# ---- generation fidelity: its own compute, per prompt, matched ----------------------------------------------
+
+def test_fidelity_rows_record_the_generation_compute_and_per_prompt_scores(tmp_path, monkeypatch):
+    from gateskip.core import skipping
+    from gateskip.eval import fidelity
+
+    prompts = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(fidelity, "heldout_prompts", lambda tok, n, length, source="mix": prompts[:n, :length])
+    gates = _gates_folder(tmp_path / "g")
+    res = sweep(tiny_model("llama"), tiny_tokenizer(), gates, TASKS, ["gateskip"], {"gateskip": [0.6]}, "threshold", None, None, 0,
+                None, (3, 6, 5), Bar())
+    dense, gated = (r["fidelity"] for r in res["rows"])
+    assert dense["gen_compute_saved"] == pytest.approx(0.0, abs=1e-9) and dense["agree_next"] == 1.0
+    assert gated["gen_compute_saved"] > 0 and gated["gen_tokens_skipped"] > 0
+    for f in (dense, gated):  # equal-length prompts: the mean of per-prompt means is the overall mean
+        for k in ("kl", "agree_next", "agree_tokens", "agree_prefix"):
+            assert len(f["per_prompt"][k]) == 3
+            assert sum(f["per_prompt"][k]) / 3 == pytest.approx(f[k], abs=1e-6)
+    # the same figures as measuring under the row's plan in one block
+    pad = tiny_tokenizer().pad_token_id or 0
+    ref = fidelity.reference(tiny_model("llama"), prompts, 5, pad)
+    gated_net = gateskip.load_gates(tiny_model("llama"), gates)
+    with torch.no_grad(), skipping(gated_net, ratio=0.6, policy="threshold"):
+        again = fidelity.measure(gated_net, ref, pad)
+    for k in ("kl", "agree_next", "agree_tokens"):
+        assert again[k] == pytest.approx(gated[k], abs=1e-6)
+
+
+def test_next_token_agreement_counts_forced_argmax_matches():
+    cont = torch.tensor([[1, 2], [0, 1]])
+    logp = torch.log_softmax(torch.tensor([[[0.0, 5, 0], [0, 0, 5]], [[0, 5, 0], [0, 5, 0]]]), -1)
+    ref = fidelity_ref(cont, logp)
+    got = __import__("gateskip.eval.fidelity", fromlist=["summary"]).summary(ref, logp, cont)
+    assert got["agree_next"] == pytest.approx(3 / 4) and got["per_prompt"]["agree_next"] == [1.0, 0.5]
+    assert got["kl"] == 0.0 and "gen_compute_saved" not in got
+
+
+def fidelity_ref(cont, logp):
+    from gateskip.eval.fidelity import Reference
+
+    return Reference(torch.zeros(len(cont), 1, dtype=torch.long), cont, logp)
+
+
+def _fid_row(method, saved, agree, kl=0.5):
+    return {"method": method, "budget": f"{saved}", "compute_saved": saved, "tasks": {},
+            "fidelity": {"kl": kl, "gen_compute_saved": saved,
+                         "per_prompt": {"kl": [kl] * len(agree), "agree_next": list(agree),
+                                        "agree_tokens": list(agree)}}}
+
+
+def test_generation_matched_interpolates_per_prompt_on_generation_compute_and_pairs_prompts():
+    from gateskip.eval import paired
+
+    rows = [{"method": "dense", "budget": "-", "compute_saved": 0.0, "tasks": {}},
+            _fid_row("a", 0.2, [0.4, 0.6]), _fid_row("a", 0.3, [0.2, 0.4]),
+            _fid_row("b", 0.1, [0.1, 0.3]), _fid_row("b", 0.5, [0.1, 0.1]),
+            _fid_row("c", 0.3, [0.5, 0.5])]
+    g = paired.generation_matched(rows, 0.25, reference="a", iters=200)
+    assert g["methods"]["a"]["agree_next"] == pytest.approx(0.4)  # halfway: prompts 0.3 and 0.5
+    assert g["methods"]["b"]["agree_next"] == pytest.approx((0.1 + (0.3 - 0.2 * 0.375)) / 2)
+    assert g["methods"]["c"] is None  # one row at 30%: 25% is outside its range
+    r = g["ratios"]["b"]["agree_next"]
+    assert r["ratio"] == pytest.approx(0.4 / g["methods"]["b"]["agree_next"]) and r["lo"] <= r["ratio"] <= r["hi"]
+    assert "c" not in g["ratios"]
+
+
+def test_merged_rows_keep_fidelity_only_from_the_same_prompts(tmp_path, monkeypatch):
+    gates = _gates_folder(tmp_path / "g")
+    res = _sweep(gates, ["gateskip"])
+    for r in res["rows"]:
+        r["fidelity"] = {"kl": 0.1, "ce": 1.0, "agree_prefix": 0.5, "agree_tokens": 0.5}
+    base = {"model": "tiny", "tasks": ["t"], "limit": 3, "fidelity": {"prompts": 16}}
+    other = tmp_path / "o" / "results.json"
+    other.parent.mkdir()
+    for prompts, kept in ((16, True), (64, False)):
+        other.write_text(json.dumps({"config": {**base, "fidelity": {"prompts": prompts}}, "rows": res["rows"]}))
+        mine = {"config": dict(base), "rows": json.loads(json.dumps(res["rows"][:1]))}
+        merged = suite_merge.merge(mine, str(other))["rows"]
+        assert len(merged) == 2 and ("fidelity" in merged[1]) == kept

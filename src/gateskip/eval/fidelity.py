@@ -6,9 +6,17 @@ what the dense one writes. Here the dense model greedily continues held-out prom
 
 - teacher-forced KL(dense || setting) and the setting's cross-entropy on the dense continuation,
   per token, with the dense model's own continuation as input (one forward pass per setting);
+- next-token agreement (``agree_next``): along the dense continuation, the fraction of positions
+  where the setting's most likely token is the dense model's. It is what a greedy speculative
+  verifier accepts per token, and unlike free-running agreement it does not collapse to chance
+  once the two texts part (after a divergence both continue different texts);
 - greedy agreement: the setting generates as many tokens from the same prompts; ``prefix``
   is the fraction of tokens produced before its first divergence from dense, ``tokens`` the
-  fraction of positions equal overall.
+  fraction of positions equal overall;
+- the compute the setting saved while generating (``gen_compute_saved``), FLOP-weighted like the
+  suite's, since generation text is not the multiple-choice text and is skipped differently.
+
+``per_prompt`` keeps each prompt's KL and agreements, for paired comparisons across rows.
 
 Every prompt has the same length in tokens, so no call is padded. The dense model against itself
 scores KL 0 and agreement 1.
@@ -88,13 +96,33 @@ def agreement(ref: torch.Tensor, gen: torch.Tensor) -> dict[str, float]:
     return {"prefix": float(first.float().mean() / t), "tokens": float(same.float().mean())}
 
 
-def measure(net, ref: Reference, pad_id: int) -> dict[str, float]:
-    """Fidelity of ``net`` (with whatever skipping is active) against the dense reference."""
-    logp = forced_logp(net, ref.prompts, ref.continuation)
-    kl = (ref.logp.exp() * (ref.logp - logp)).sum(-1)  # KL(dense || setting) per position
+def per_prompt_agreement(ref: torch.Tensor, gen: torch.Tensor) -> dict[str, list[float]]:
+    """``agreement`` of each prompt (row) alone."""
+    return {k: [agreement(ref[i:i + 1], gen[i:i + 1])[k] for i in range(len(ref))] for k in ("prefix", "tokens")}
+
+
+def summary(ref: Reference, logp: torch.Tensor, gen: torch.Tensor, compute: dict | None = None) -> dict:
+    """Fidelity figures from a setting's log-probabilities along the dense continuation (``forced_logp``)
+    and its own greedy tokens (``greedy``); ``compute``: the stats of the generation (``tokens_skipped``,
+    ``compute_saved``), recorded as ``gen_tokens_skipped`` / ``gen_compute_saved``."""
+    kl = (ref.logp.exp() * (ref.logp - logp)).sum(-1).clamp(min=0)  # KL(dense || setting) per position
     ce = -logp.gather(-1, ref.continuation[..., None]).squeeze(-1)
-    gen = greedy(net, ref.prompts, ref.continuation.shape[1], pad_id)
-    return {"kl": float(kl.mean()), "ce": float(ce.mean()), **{f"agree_{k}": v for k, v in agreement(ref.continuation, gen).items()}}
+    nxt = (logp.argmax(-1) == ref.continuation).float()
+    out = {"kl": float(kl.mean()), "ce": float(ce.mean()), "agree_next": float(nxt.mean()),
+           **{f"agree_{k}": v for k, v in agreement(ref.continuation, gen).items()}}
+    if compute is not None:
+        out["gen_tokens_skipped"] = float(compute["tokens_skipped"])
+        out["gen_compute_saved"] = float(compute["compute_saved"])
+    out["per_prompt"] = {"kl": kl.mean(1).tolist(), "agree_next": nxt.mean(1).tolist(),
+                         **{f"agree_{k}": v for k, v in per_prompt_agreement(ref.continuation, gen).items()}}
+    return out
+
+
+def measure(net, ref: Reference, pad_id: int) -> dict:
+    """Fidelity of ``net`` (with whatever skipping is active) against the dense reference (``summary``,
+    without the generation's compute: ``eval.suite_run`` measures that in a skipping block of its own)."""
+    logp = forced_logp(net, ref.prompts, ref.continuation)
+    return summary(ref, logp, greedy(net, ref.prompts, ref.continuation.shape[1], pad_id))
 
 
 @torch.no_grad()

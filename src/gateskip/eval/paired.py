@@ -233,3 +233,51 @@ def matched_table(rows: Sequence[Row], levels: Sequence[float]) -> dict[str, dic
             table[method][level] = None if ws is None else suite_retention(
                 {t: sum(w * accs[i][t] for i, w in ws) for t in dense_acc}, dense_acc, chance)
     return table
+
+
+GEN_KEYS = ("kl", "agree_next", "agree_tokens")
+
+
+def _prompt_scores_at(rows_of_method: Sequence[Row], level: float) -> dict[str, np.ndarray] | None:
+    """Per-prompt fidelity of one method at ``level`` of compute saved while generating: the weighted mix of
+    its bracketing rows (rows without per-prompt fidelity or generation compute are left out); None outside
+    the measured range."""
+    fr = [r["fidelity"] for r in rows_of_method
+          if (r.get("fidelity") or {}).get("per_prompt") and r["fidelity"].get("gen_compute_saved") is not None]
+    ws = weights_at([{"compute_saved": f["gen_compute_saved"]} for f in fr], level)
+    if ws is None:
+        return None
+    return {k: sum(w * np.asarray(fr[i]["per_prompt"][k], dtype=float) for i, w in ws) for k in GEN_KEYS}
+
+
+def generation_matched(rows: Sequence[Row], level: float, reference: str | None = None, iters: int = 2000,
+                       seed: int = 0, alpha: float = 0.05) -> dict:
+    """Generation fidelity of each non-dense method at ``level`` of compute saved on the generation itself
+    (interpolated per prompt between bracketing rows), and the reference's agreement as a multiple of each
+    other method's, with a percentile interval from resampling prompts (paired: every row generated from the
+    same prompts). Methods whose rows lack per-prompt fidelity, or whose range misses ``level``, get None."""
+    _, groups = _by_method(rows)
+    at = {m: _prompt_scores_at(mrows, level) for m, mrows in groups.items()}
+    out: dict = {"level": level, "reference": reference,
+                 "methods": {m: None if s is None else {k: float(v.mean()) for k, v in s.items()} | {"prompts": len(s["kl"])}
+                             for m, s in at.items()},
+                 "ratios": {}}
+    ref = at.get(reference) if reference else None
+    if ref is None:
+        return out
+    rng = np.random.default_rng(seed)
+    n = len(ref["kl"])
+    idx = rng.integers(0, n, size=(iters, n))
+    for m, s in at.items():
+        if m == reference or s is None or len(s["kl"]) != n:
+            continue
+        cell = {}
+        for k in ("agree_next", "agree_tokens"):
+            a, b = ref[k][idx].mean(1), s[k][idx].mean(1)
+            ok = b > 0
+            r = a[ok] / b[ok]
+            lo, hi = (float(x) for x in np.percentile(r, [100 * alpha / 2, 100 * (1 - alpha / 2)])) if ok.any() \
+                else (None, None)
+            cell[k] = {"ratio": float(ref[k].mean() / s[k].mean()) if s[k].mean() > 0 else None, "lo": lo, "hi": hi}
+        out["ratios"][m] = cell
+    return out

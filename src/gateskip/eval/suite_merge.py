@@ -115,7 +115,8 @@ def merge(results: dict, paths) -> dict:
     Each must cover the same tasks with the same limit and offset, and its dense row must score every item exactly
     as this run's (same model, same items); its dense row is dropped and its methods renamed where they
     collide (``renames``). Rows merged before are replaced. A run that holds rows it merged itself brings them too,
-    each row once. Merged rows carry ``from`` (the file they were taken from)."""
+    each row once. Merged rows carry ``from`` (the file they were taken from), and their generation fidelity only
+    when it was measured on this run's prompts."""
     paths = split_paths(paths)
     cfg = results["config"]
     own = _own(results["rows"])
@@ -124,14 +125,24 @@ def merge(results: dict, paths) -> dict:
     rows, sources, seen = list(own), [], {_key(r) for r in own}
     for (path, data), (_, names) in zip(runs, renames([r["method"] for r in own], runs, seen)):
         _check_dense(own[0], data["rows"][0], path)
-        rows += [{**r, "method": names[r["method"]], "from": path} for r in _rows_to_merge(data, seen)]
         oc = data["config"]
+        same_prompts = same_key("fidelity", oc.get("fidelity"), cfg.get("fidelity"))
+        rows += [_without_fidelity({**r, "method": names[r["method"]], "from": path}, same_prompts)
+                 for r in _rows_to_merge(data, seen)]
         sources.append({"path": path, "model": oc.get("model"), "gates": oc.get("gates"),
                         "fallback": oc.get("fallback"), "methods": list(names.values()), "renamed": {
                             k: v for k, v in names.items() if k != v}})
     results["rows"] = rows
     cfg["compare_with"] = sources
     return results
+
+
+def _without_fidelity(row: dict, keep: bool) -> dict:
+    """``row`` as merged: its generation fidelity only when measured on this run's prompts (else dropped: it
+    cannot be compared or paired with this run's)."""
+    if keep or "fidelity" not in row:
+        return row
+    return {k: v for k, v in row.items() if k != "fidelity"}
 
 
 JOIN_KEYS = ("model", "gates", "limit", "policy", "kv", "protect_first", "seed", "shared_prefix", "fallback",

@@ -23,6 +23,7 @@ from gateskip.eval.suite_merge import join_tasks, merge
 
 LEVELS = (0.10, 0.20, 0.30, 0.40)
 TASK_LEVEL = 0.20  # the per-task table: each task at this compute saved on its own text
+GEN_LEVEL = 0.25  # generation fidelity read at this compute saved while generating (issue 20's target level)
 ITERS = 2000
 
 
@@ -74,6 +75,8 @@ def analyse(results: dict, reference: str | None = None, iters: int = ITERS, see
         else [],
         "curves": {m: paired.curve([r for r in rows if r["method"] == m], dense, iters, seed) for m in methods},
     }
+    if any(((r.get("fidelity") or {}).get("per_prompt")) for r in all_rows):
+        results["analysis"]["generation"] = paired.generation_matched(all_rows, GEN_LEVEL, ref, iters, seed)
     return results
 
 
@@ -162,16 +165,48 @@ def markdown(results: dict) -> str:
         gen_task = next((t for t in tasks if t == "lambada_gen"), None)
         out += ["", f"## Generation fidelity ({fc.get('prompts')} held-out prompts of {fc.get('prompt_tokens')} tokens, "
                 f"{fc.get('new_tokens')} greedy tokens; the dense model's own continuation is the reference)", "",
-                "| method | budget | KL(dense‖row) / token | CE on dense text | tokens before first divergence | "
-                "token agreement | LAMBADA greedy | compute saved |", "|---|---|---|---|---|---|---|---|"]
+                "Next-token agreement: along the dense continuation, how often the row's most likely token is the "
+                "dense model's (what a greedy speculative verifier accepts). Free-running agreement: the row "
+                "generates on its own; once it parts from dense both texts differ and agreement falls to chance.",
+                "", "| method | budget | KL(dense‖row) / token | CE on dense text | next-token agreement | "
+                "tokens before first divergence | free-running token agreement | LAMBADA greedy | compute saved "
+                "(suite) | compute saved (generating) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             f = r.get("fidelity")
             if not f:
                 continue
             lam = f"{r['tasks'][gen_task]['acc']:.3f}" if gen_task else "-"
-            out.append(f"| {r['method']} | {r['budget']} | {f['kl']:.3f} | {f['ce']:.3f} | {100 * f['agree_prefix']:.1f}% | "
-                       f"{100 * f['agree_tokens']:.1f}% | {lam} | {_pct(r['compute_saved'])} |")
+            out.append(f"| {r['method']} | {r['budget']} | {f['kl']:.3f} | {f['ce']:.3f} | {_pct(f.get('agree_next'))} | "
+                       f"{100 * f['agree_prefix']:.1f}% | {100 * f['agree_tokens']:.1f}% | {lam} | "
+                       f"{_pct(r['compute_saved'])} | {_pct(f.get('gen_compute_saved'))} |")
+        out += _generation_section(an.get("generation"))
     return "\n".join(out) + "\n"
+
+
+def _generation_section(gen: dict | None) -> list[str]:
+    """Fidelity at GEN_LEVEL saved while generating, and the reference's agreement as a multiple of each method's."""
+    if not gen or not any(v for v in gen["methods"].values()):
+        return []
+    lv, ref = gen["level"], gen["reference"]
+    out = ["", f"### Generation at {100 * lv:.0f}% saved while generating (per prompt, interpolated between each "
+           "method's rows on the compute saved during its own generation; - : outside its measured range or not "
+           "recorded)", "", "| method | KL / token | next-token agreement | free-running token agreement | "
+           f"{ref} next-token agreement as a multiple [95%] | free-running, as a multiple [95%] |",
+           "|---|---|---|---|---|---|"]
+
+    def mult(c):
+        if not c or c["ratio"] is None:
+            return "-"
+        return f"{c['ratio']:.2f}x" + (f" [{c['lo']:.2f}, {c['hi']:.2f}]" if c["lo"] is not None else "")
+
+    for m, v in gen["methods"].items():
+        if v is None:
+            out.append(f"| {m} | - | - | - | - | - |")
+            continue
+        rc = gen["ratios"].get(m) or {}
+        out.append(f"| {m} | {v['kl']:.3f} | {100 * v['agree_next']:.1f}% | {100 * v['agree_tokens']:.1f}% | "
+                   f"{mult(rc.get('agree_next'))} | {mult(rc.get('agree_tokens'))} |")
+    return out
 
 
 def _notes(cfg: dict, rows: list) -> list[str]:

@@ -213,15 +213,28 @@ class SuiteRun:
         if self.ref is not None and "fidelity" in saved:
             row["fidelity"] = saved["fidelity"]
         elif self.ref is not None:
-            from gateskip.eval import fidelity as fid
-
-            block = skipping(self.net, **plan) if plan else contextlib.nullcontext()
-            with torch.no_grad(), block:
-                row["fidelity"] = saved["fidelity"] = fid.measure(self.net, self.ref, self.pad)
+            row["fidelity"] = saved["fidelity"] = self._fidelity(plan, removed, counters is not None)
             self._save_partial()
         # scoring time of every task, including those an interrupted run measured, plus this run's overhead
         row["seconds"] = round(max(time.perf_counter() - t_row, sum(p["seconds"] for p in per_task.values())), 1)
         return row
+
+    def _fidelity(self, plan: dict | None, removed: tuple[int, ...], counted: bool) -> dict:
+        """Generation fidelity of a row (fidelity.py), with the compute saved while generating: measured in a
+        skipping block of its own (``stats``), or by a full-model counter for rows without gates (``counted``)."""
+        from gateskip.core import skipping, stats
+        from gateskip.eval import fidelity as fid
+
+        def block():
+            return skipping(self.net, **plan) if plan else contextlib.nullcontext()
+
+        with torch.no_grad(), block():
+            logp = fid.forced_logp(self.net, self.ref.prompts, self.ref.continuation)
+        counter = self.full_counter() if counted else None
+        with torch.no_grad(), block(), (counter if counter else contextlib.nullcontext()):
+            gen = fid.greedy(self.net, self.ref.prompts, self.ref.continuation.shape[1], self.pad)
+            s = stats(self.net) if plan else counter.stats(removed) if counter else None
+        return fid.summary(self.ref, logp, gen, s)
 
     def _check_flops(self, task, flops_dense: float, row: str) -> None:
         """Log-likelihood rows score the same tokens, so their dense FLOPs must equal the dense row's."""
