@@ -451,3 +451,19 @@ def test_base_model_of_a_gates_folder(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(GateSkipError, match="does not record its base model: pass --model"):
         base_model_name(None, str(folder))
+
+
+def test_a_full_backbone_is_stored_in_the_save_dtype_and_loads_back(tmp_path):
+    d, data = tiny_folder(tmp_path)
+    args = ["train", "--model", str(d), "--data", str(data), "--steps", "2", "--seq-len", "32", "--batch-size", "2",
+            "--backbone", "full", "--calibrate-batches", "1", "--init", "none"]
+    for dt in ("float32", "float16"):
+        assert main([*args, "--save-dtype", dt, "--out", str(tmp_path / dt)]) == 0
+    full, half = (load_file(str(tmp_path / dt / "backbone.safetensors")) for dt in ("float32", "float16"))
+    assert {v.dtype for v in full.values()} == {torch.float32} and {v.dtype for v in half.values()} == {torch.float16}
+    assert sorted(full) == sorted(half)
+    for k, v in full.items():  # the same training, stored at half precision
+        assert torch.allclose(half[k].float(), v, rtol=1e-3, atol=1e-4), k
+    m = gateskip.load_gates(gateskip.models.load_model(str(d))[0], tmp_path / "float16")
+    params = dict(m.named_parameters())
+    assert all(torch.equal(params[k], v.float()) for k, v in half.items())

@@ -97,7 +97,8 @@ def save_gates(model: nn.Module, directory: str | os.PathLike, *, extra_tensors:
 
     ``dtype``: how gate, fallback and LoRA weights are stored: float32 (as trained; float64 fallbacks of a
     float64 model stay float64), or float16 / bfloat16 to halve the folder (loading casts them back to
-    the model's dtype; calibration thresholds and full fine-tuned weights stay float32)."""
+    the model's dtype; calibration thresholds stay float32; ``gateskip train --backbone full`` stores the backbone file
+    in the same dtype)."""
     if dtype not in SAVE_DTYPES:
         raise GateSkipError(f"unknown storage dtype {dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
     store = SAVE_DTYPES[dtype]

@@ -16,7 +16,7 @@ import torch
 
 from gateskip import distributed as gdist
 from gateskip.allocate import read_budget
-from gateskip.checkpoint import atomic_write, save_gates
+from gateskip.checkpoint import SAVE_DTYPES, atomic_write, save_gates
 from gateskip.config import GateSkipConfig
 from gateskip.core import add_gates, calibrate, gate_state
 from gateskip.errors import GateSkipError
@@ -126,7 +126,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             train with fallback zero).
         fallback_lr: learning rate of the fallbacks.
         fit_ratio: init=fit: the skip ratio (every skipping branch, quantile) the closed-form fit is refitted under.
-        save_dtype: how the gates folder stores gates, fallbacks and LoRA deltas: float32, float16 or bfloat16
+        save_dtype: how the gates folder stores gates, fallbacks, LoRA deltas and a full backbone: float32, float16 or bfloat16
             (half the size; loading casts them back).
     """
     from gateskip.data import load_texts, pack
@@ -144,8 +144,6 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             raise GateSkipError(f"{name}={value} is invalid: use a value >= {least}")
     check_ratio(max_ratio, "max_ratio")
     _check_ladder(min_ratio, max_ratio, budget)
-    from gateskip.checkpoint import SAVE_DTYPES
-
     if save_dtype not in SAVE_DTYPES:  # fail now, not after training
         raise GateSkipError(f"unknown --save-dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
     if straight_through and placement != "after":
@@ -320,9 +318,10 @@ def _finish(net, tok, peft_model, out_dir: Path, *, data, backbone, calibrate_ra
                     modules=modules)
     meta = {"backbone": backbone, "training": {**meta_training, "calibration": cal}}
     save_gates(net, out_dir, extra_tensors=extra, extra_meta=meta, dtype=save_dtype)
-    if backbone == "full":
+    if backbone == "full":  # every backbone weight, stored like the gates (--save-dtype float16: half the size)
         from safetensors.torch import save_file
-        changed = {k: v.detach().float().cpu().clone() for k, v in net.named_parameters() if ".gate." not in k}
+        store = SAVE_DTYPES[save_dtype] or torch.float32
+        changed = {k: v.detach().to(store).cpu().clone() for k, v in net.named_parameters() if ".gate." not in k}
         atomic_write(out_dir / "backbone.safetensors", lambda p: save_file(changed, p))
 
 
