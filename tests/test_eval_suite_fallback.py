@@ -211,6 +211,26 @@ def test_merge_renames_collisions_and_refuses_other_items(tmp_path, monkeypatch)
         assert "\n" not in str(e.value)
 
 
+def test_a_run_of_the_same_curves_adds_budgets_instead_of_a_renamed_method(tmp_path):
+    x = _run(tmp_path / "x", ["gateskip"])
+    more = _run(tmp_path / "y", ["gateskip", "random"])
+    for r in more["rows"][1:]:  # other budgets of the same curves, with their own scores
+        r["budget"] = r["budget"].replace("ratio 0.", "ratio 0.0")
+        r["tasks"]["a"]["correct"] = [1 - c for c in r["tasks"]["a"]["correct"]]
+    (tmp_path / "y" / "results.json").write_text(json.dumps(more))
+    suite_merge.merge(x, str(tmp_path / "y" / "results.json"))
+    assert [r["method"] for r in x["rows"]] == ["dense"] + ["gateskip"] * 6 + ["random"] * 3
+    assert x["config"]["compare_with"][0]["renamed"] == {}
+    for key, value in (("policy", "quantile"), ("gates", "other"), ("protect_first", 1)):  # other curves: renamed
+        y = _run(tmp_path / "z", ["gateskip"])
+        y["config"][key] = value
+        for r in y["rows"][1:]:
+            r["tasks"]["a"]["correct"] = [1 - c for c in r["tasks"]["a"]["correct"]]
+        (tmp_path / "z" / "results.json").write_text(json.dumps(y))
+        got = suite_merge.merge(_run(tmp_path / "x2", ["gateskip"]), str(tmp_path / "z" / "results.json"))
+        assert [r["method"] for r in got["rows"]] == ["dense"] + ["gateskip"] * 3 + ["gateskip@z"] * 3, key
+
+
 def test_a_merged_report_brings_the_rows_it_merged_each_once(tmp_path, monkeypatch):
     monkeypatch.setattr(suite_report, "ITERS", 20)
     b = _run(tmp_path / "b", ["gateskip+lowrank"], "lowrank")

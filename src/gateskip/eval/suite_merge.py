@@ -73,18 +73,35 @@ def _rows_to_merge(data: dict, seen: set) -> list:
     return out
 
 
-def renames(own_names, runs, seen: set | None = None) -> list[tuple[str, dict[str, str]]]:
+CURVE_KEYS = ("model", "gates", "policy", "kv", "protect_first", "seed", "shared_prefix", "fallback", "modules",
+              "fidelity")
+
+
+def same_curves(a: dict, b: dict) -> bool:
+    """Two runs' configs (results.json ``config``) measure the same curves: the same model, gates folder,
+    policy, fallback, protected tokens, branch kinds and fidelity prompts, so a method both have is one curve
+    and the other run's budgets extend this run's."""
+    return all(same_key(k, a.get(k), b.get(k)) for k in CURVE_KEYS)
+
+
+def renames(own_names, runs, seen: set | None = None, config: dict | None = None) -> list[tuple[str, dict[str, str]]]:
     """Per run ``(path, data)``: its non-dense methods mapped to their names in the merged report. A name
-    already taken (by this run or a run merged before) gets ``@<folder of that results.json>``."""
+    already taken (by this run or a run merged before) gets ``@<folder of that results.json>``, except the
+    other run's own rows of a method this run has when both runs measure the same curves (``same_curves``
+    with this run's ``config``): those are more budgets of this run's curve and keep its name."""
     taken = {"dense", *own_names}
     seen = set(seen or ())  # rows already in the report (``_key``): not merged again
     out = []
     for path, data in runs:
         label = Path(os.path.abspath(path)).parent.name or "other"
+        extends = config is not None and same_curves(config, data.get("config", {}))
         names: dict[str, str] = {}
         for r in _rows_to_merge(data, seen):
             m = r["method"]
             if m in names:
+                continue
+            if extends and "from" not in r and m in own_names:
+                names[m] = m
                 continue
             new, k = m, 2
             if new in taken:
@@ -114,7 +131,8 @@ def merge(results: dict, paths) -> dict:
 
     Each must cover the same tasks with the same limit and offset, and its dense row must score every item exactly
     as this run's (same model, same items); its dense row is dropped and its methods renamed where they
-    collide (``renames``). Rows merged before are replaced. A run that holds rows it merged itself brings them too,
+    collide (``renames``; the rows of a run of the same curves, ``same_curves``, add budgets to this run's
+    methods instead). Rows merged before are replaced. A run that holds rows it merged itself brings them too,
     each row once. Merged rows carry ``from`` (the file they were taken from), and their generation fidelity only
     when it was measured on this run's prompts."""
     paths = split_paths(paths)
@@ -123,7 +141,7 @@ def merge(results: dict, paths) -> dict:
     runs = [(p, load_run(p, {"tasks": cfg.get("tasks"), "limit": cfg.get("limit"), "offset": cfg.get("offset")}))
             for p in paths]
     rows, sources, seen = list(own), [], {_key(r) for r in own}
-    for (path, data), (_, names) in zip(runs, renames([r["method"] for r in own], runs, seen)):
+    for (path, data), (_, names) in zip(runs, renames([r["method"] for r in own], runs, seen, cfg)):
         _check_dense(own[0], data["rows"][0], path)
         oc = data["config"]
         same_prompts = same_key("fidelity", oc.get("fidelity"), cfg.get("fidelity"))
