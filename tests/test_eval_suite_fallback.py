@@ -534,6 +534,18 @@ def test_generation_matched_interpolates_per_prompt_on_generation_compute_and_pa
     assert "c" not in g["ratios"]
 
 
+def test_the_generation_plot_is_drawn_only_from_rows_that_recorded_generation_compute(tmp_path):
+    rows = [{"method": "dense", "budget": "-", "compute_saved": 0.0, "tasks": {}},
+            _fid_row("a", 0.2, [0.4, 0.6]), _fid_row("a", 0.3, [0.2, 0.4])]
+    for r in rows[1:]:
+        r["fidelity"].update(agree_next=0.5, agree_tokens=0.1)
+    res = {"rows": rows, "config": {"fidelity": {"prompts": 2, "new_tokens": 4}}}
+    assert suite_report.plot_generation(res, tmp_path / "g.png") and (tmp_path / "g.png").stat().st_size > 0
+    for r in rows[1:]:
+        del r["fidelity"]["gen_compute_saved"]  # a run before the generation's compute was recorded
+    assert not suite_report.plot_generation(res, tmp_path / "h.png") and not (tmp_path / "h.png").exists()
+
+
 def test_merged_rows_keep_fidelity_only_from_the_same_prompts(tmp_path, monkeypatch):
     gates = _gates_folder(tmp_path / "g")
     res = _sweep(gates, ["gateskip"])

@@ -289,8 +289,50 @@ def plot(results: dict, path) -> dict[str, dict]:
     return style
 
 
+def plot_generation(results: dict, path) -> bool:
+    """generation.png: each method's KL to dense and next-token / free-running agreement against the compute
+    it saved while generating (rows that recorded it); False (nothing written) when no row did."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts: dict[str, list] = {}
+    for r in results["rows"]:
+        f = r.get("fidelity") or {}
+        if r["method"] != "dense" and f.get("gen_compute_saved") is not None:
+            pts.setdefault(r["method"], []).append(f)
+    if not pts:
+        return False
+    style = styles(pts)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    panels = (("kl", "KL(dense ‖ row) per token (nats)", 1), ("agree_next", "next-token agreement (%)", 100),
+              ("agree_tokens", "free-running token agreement (%)", 100))
+    for ax, (key, label, scale) in zip(axes, panels):
+        for m, fs in pts.items():
+            fs = sorted(fs, key=lambda f: f["gen_compute_saved"])
+            st = style[m]
+            ax.plot([100 * f["gen_compute_saved"] for f in fs], [scale * f[key] for f in fs], label=m, color=st["color"],
+                    marker=st["marker"], linestyle=st["linestyle"], markersize=5)
+        ax.set_xlabel("compute saved while generating (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].axvline(100 * GEN_LEVEL, color="grey", linestyle=":", linewidth=1)
+    axes[2].axvline(100 * GEN_LEVEL, color="grey", linestyle=":", linewidth=1)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fc = results["config"].get("fidelity") or {}
+    fig.suptitle(f"Generation fidelity against the dense model ({fc.get('prompts')} held-out prompts, "
+                 f"{fc.get('new_tokens')} greedy tokens each)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write(results: dict, out) -> str:
-    """results.json, report.md and curve.png into ``out``; returns the markdown."""
+    """results.json, report.md, curve.png and (when rows recorded the compute saved while generating)
+    generation.png into ``out``; returns the markdown."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(results)
@@ -299,6 +341,7 @@ def write(results: dict, out) -> str:
     tmp.replace(out / "results.json")
     (out / "report.md").write_text(md)
     plot(results, out / "curve.png")
+    plot_generation(results, out / "generation.png")
     return md
 
 
