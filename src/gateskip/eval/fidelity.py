@@ -125,7 +125,6 @@ def measure(net, ref: Reference, pad_id: int) -> dict:
     return summary(ref, logp, greedy(net, ref.prompts, ref.continuation.shape[1], pad_id))
 
 
-@torch.no_grad()
 def _rows(ids: torch.Tensor) -> torch.Tensor:
     return ids if ids.dim() == 2 else ids.unsqueeze(0)
 
@@ -135,6 +134,7 @@ def _next_token_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits[:, :-1].float()
 
 
+@torch.no_grad()
 def language_ce(model, batches) -> float:
     """Mean next-token cross-entropy (nats per token) of ``model`` on ``batches`` of ``input_ids``, token-weighted.
 
