@@ -546,6 +546,20 @@ def test_the_generation_plot_is_drawn_only_from_rows_that_recorded_generation_co
     assert not suite_report.plot_generation(res, tmp_path / "h.png") and not (tmp_path / "h.png").exists()
 
 
+def test_a_renamed_copy_of_an_own_row_is_not_merged_again(tmp_path):
+    _run(tmp_path / "a", ["gateskip"])
+    b = _run(tmp_path / "b", ["gateskip"])  # the same rows, merged as gateskip@a by a run of other curves
+    b["config"]["policy"] = "quantile"
+    for r in b["rows"][1:]:
+        r["tasks"]["a"]["correct"] = [1 - c for c in r["tasks"]["a"]["correct"]]
+    (tmp_path / "b" / "results.json").write_text(json.dumps(b))
+    suite_merge.merge(b, str(tmp_path / "a" / "results.json"))
+    assert [r["method"] for r in b["rows"]] == ["dense"] + ["gateskip"] * 3 + ["gateskip@a"] * 3
+    (tmp_path / "b" / "results.json").write_text(json.dumps(b))
+    again = suite_merge.merge(_run(tmp_path / "a2", ["gateskip"]), str(tmp_path / "b" / "results.json"))
+    assert [r["method"] for r in again["rows"]] == ["dense"] + ["gateskip"] * 3 + ["gateskip@b"] * 3
+
+
 def test_merged_rows_keep_fidelity_only_from_the_same_prompts(tmp_path, monkeypatch):
     gates = _gates_folder(tmp_path / "g")
     res = _sweep(gates, ["gateskip"])

@@ -54,8 +54,9 @@ def _own(rows: list) -> list:
 
 
 def _key(r: dict) -> tuple:
-    """What makes two rows the same row: method, budget and every item's score."""
-    return r["method"], r["budget"], json.dumps({t: v.get("correct") for t, v in sorted(r["tasks"].items())})
+    """What makes two rows the same row: method (a copy renamed ``name@folder`` by an earlier merge counts as
+    ``name``), budget and every item's score."""
+    return r["method"].split("@")[0], r["budget"], json.dumps({t: v.get("correct") for t, v in sorted(r["tasks"].items())})
 
 
 def _rows_to_merge(data: dict, seen: set) -> list:
