@@ -88,17 +88,17 @@ def reference(net, prompts: torch.Tensor, new_tokens: int, pad_id: int) -> Refer
     return Reference(prompts, cont, forced_logp(net, prompts, cont))
 
 
-def agreement(ref: torch.Tensor, gen: torch.Tensor) -> dict[str, float]:
-    """Fraction of tokens before the first divergence, and of equal tokens overall (means over prompts)."""
+def per_prompt_agreement(ref: torch.Tensor, gen: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per prompt (row): the fraction of tokens before the first divergence, and of equal tokens overall."""
     same = ref == gen
     t = same.shape[1]
     first = torch.where(same.all(1), torch.full((len(same),), t), (~same).float().argmax(1))
-    return {"prefix": float(first.float().mean() / t), "tokens": float(same.float().mean())}
+    return {"prefix": first.float() / t, "tokens": same.float().mean(1)}
 
 
-def per_prompt_agreement(ref: torch.Tensor, gen: torch.Tensor) -> dict[str, list[float]]:
-    """``agreement`` of each prompt (row) alone."""
-    return {k: [agreement(ref[i:i + 1], gen[i:i + 1])[k] for i in range(len(ref))] for k in ("prefix", "tokens")}
+def agreement(ref: torch.Tensor, gen: torch.Tensor) -> dict[str, float]:
+    """``per_prompt_agreement``, as means over prompts."""
+    return {k: float(v.mean()) for k, v in per_prompt_agreement(ref, gen).items()}
 
 
 def summary(ref: Reference, logp: torch.Tensor, gen: torch.Tensor, compute: dict | None = None) -> dict:
@@ -108,13 +108,13 @@ def summary(ref: Reference, logp: torch.Tensor, gen: torch.Tensor, compute: dict
     kl = (ref.logp.exp() * (ref.logp - logp)).sum(-1).clamp(min=0)  # KL(dense || setting) per position
     ce = -logp.gather(-1, ref.continuation[..., None]).squeeze(-1)
     nxt = (logp.argmax(-1) == ref.continuation).float()
-    out = {"kl": float(kl.mean()), "ce": float(ce.mean()), "agree_next": float(nxt.mean()),
-           **{f"agree_{k}": v for k, v in agreement(ref.continuation, gen).items()}}
+    rows = {"kl": kl.mean(1), "agree_next": nxt.mean(1),
+            **{f"agree_{k}": v for k, v in per_prompt_agreement(ref.continuation, gen).items()}}
+    out = {"ce": float(ce.mean()), **{k: float(v.mean()) for k, v in rows.items()}}
     if compute is not None:
         out["gen_tokens_skipped"] = float(compute["tokens_skipped"])
         out["gen_compute_saved"] = float(compute["compute_saved"])
-    out["per_prompt"] = {"kl": kl.mean(1).tolist(), "agree_next": nxt.mean(1).tolist(),
-                         **{f"agree_{k}": v for k, v in per_prompt_agreement(ref.continuation, gen).items()}}
+    out["per_prompt"] = {k: v.tolist() for k, v in rows.items()}
     return out
 
 
