@@ -9,7 +9,14 @@ from gateskip import GateSkipConfig
 from gateskip.compat import output_cache
 from gateskip.errors import GateSkipError
 from gateskip.models import tiny_model
-from gateskip.speculative import accept_or_resample, speculative_generate, warp
+from gateskip.speculative import (
+    accept_or_resample,
+    acceptance_needed,
+    predicted_speedup,
+    speculative_generate,
+    tokens_per_cycle,
+    warp,
+)
 
 DIVERSE = GateSkipConfig(init_std=0.3, init_bias=0.0)
 
@@ -173,7 +180,8 @@ def test_bench_speculative_reports_identity_and_acceptance(tmp_path, monkeypatch
 
     monkeypatch.setattr(gb, "use_calibration", spy)
     rep = bench(model="tiny-qwen2", random_gates=True, gate="lowrank", speculative=True, draft_ratio="0.3,0.7",
-                k="1,3", prompts=2, new_tokens=12, repeats=1, warmup=0, threads=1, json=str(tmp_path / "b.json"))
+                k="1,3", prompts=2, new_tokens=12, repeats=1, warmup=0, threads=1, json=str(tmp_path / "b.json"),
+                plot=str(tmp_path / "b.png"))
     rows = {r["setting"]: r for r in rep["results"]}
     assert set(rows) == {"dense", "spec r=0.3 k=1", "spec r=0.3 k=3", "spec r=0.7 k=1", "spec r=0.7 k=3"}
     for name, r in rows.items():
@@ -181,5 +189,32 @@ def test_bench_speculative_reports_identity_and_acceptance(tmp_path, monkeypatch
             assert r["identical"] == "2/2"
             assert 0.0 <= r["acceptance_rate"] <= 1.0 and 1.0 <= r["mean_accepted_length"] <= r["k"] + 1
             assert r["flops_per_token_vs_dense"] > 0
-    assert (tmp_path / "b.json").exists()
+            assert r["draft_step_vs_dense"] > 0 and r["verify_vs_dense"] > 0 and r["predicted_speedup"] > 0
+            need = r["acceptance_needed"]
+            assert need is None or predicted_speedup(need, r["k"], 1.0, r["draft_step_vs_dense"],
+                                                     r["verify_vs_dense"]) == pytest.approx(r["target_speedup"])
+    assert (tmp_path / "b.json").exists() and (tmp_path / "b.png").stat().st_size > 0
     assert installed == {(0.3, 0.3), (0.7, 0.7)}  # each draft ratio drafts with thresholds calibrated at it
+
+
+def test_cost_model_tokens_per_cycle_and_its_inverse():
+    assert tokens_per_cycle(0.0, 4) == 1.0 and tokens_per_cycle(1.0, 4) == 5.0
+    assert tokens_per_cycle(0.5, 2) == pytest.approx(1.75)  # 1 + 1/2 + 1/4
+    # plain decoding costs 1 per token; 2 drafts at 0.3 and a verify at 1.2: a = 0 gives 1 / 1.8
+    assert predicted_speedup(0.0, 2, 1.0, 0.3, 1.2) == pytest.approx(1 / 1.8)
+    for k, draft, verify in [(2, 0.3, 1.2), (4, 0.5, 1.3), (1, 0.1, 1.05)]:
+        a = acceptance_needed(1.3, k, 1.0, draft, verify)
+        assert a is not None and 0.0 < a < 1.0
+        assert predicted_speedup(a, k, 1.0, draft, verify) == pytest.approx(1.3, rel=1e-6)
+        assert predicted_speedup(a - 0.01, k, 1.0, draft, verify) < 1.3
+    # drafts costing a full step each: even perfect acceptance gives (k + 1) / (k + verify) < 1.3
+    assert acceptance_needed(1.3, 4, 1.0, 1.0, 1.2) is None
+
+
+def test_speculative_times_its_draft_and_verify_passes():
+    m = _gated("llama")
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    res = speculative_generate(m, ids, max_new_tokens=12, k=3, draft_ratio=0.5, draft_policy="threshold",
+                               eos_token_id=[])
+    assert res.draft_seconds > 0 and res.verify_seconds > 0
+    assert res.draft_seconds + res.verify_seconds <= res.seconds

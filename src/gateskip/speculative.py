@@ -49,6 +49,8 @@ class SpeculativeResult:
     accepted: int = 0  # draft tokens accepted (the common prefix that was kept)
     draft_stats: dict = field(default_factory=dict)  # gateskip.stats over the draft forwards
     seconds: float = 0.0
+    draft_seconds: float = 0.0  # wall time of the draft forwards (``drafted`` one-token steps per row batch)
+    verify_seconds: float = 0.0  # wall time of the verify forwards (``cycles`` of them, k + 1 tokens each)
     past_key_values: object = None  # the cache: every token but the last, full-model K/V only
 
     @property
@@ -60,6 +62,33 @@ class SpeculativeResult:
     def mean_accepted_length(self) -> float:
         """Tokens emitted per verify forward (accepted drafts + the full model's own token)."""
         return self.new_tokens / self.cycles if self.cycles else 0.0
+
+
+# ---- what a setting can save: pure functions ----------------------------------------------------
+
+def tokens_per_cycle(acceptance: float, k: int) -> float:
+    """Expected tokens emitted per cycle when each draft is accepted with probability ``acceptance``
+    independently: ``1 + a + ... + a^k`` (Leviathan et al. 2023)."""
+    a = min(max(float(acceptance), 0.0), 1.0)
+    return float(k + 1) if a == 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def predicted_speedup(acceptance: float, k: int, step: float, draft: float, verify: float) -> float:
+    """Speed-up over plain decoding at ``step`` seconds per token, for drafts at ``draft`` seconds per
+    step and a verify pass over k + 1 tokens at ``verify`` seconds."""
+    return tokens_per_cycle(acceptance, k) * step / (k * draft + verify)
+
+
+def acceptance_needed(target: float, k: int, step: float, draft: float, verify: float) -> float | None:
+    """The per-token acceptance at which a setting with these measured costs reaches ``target``
+    speed-up; None when even a draft that is always accepted falls short."""
+    if predicted_speedup(1.0, k, step, draft, verify) < target:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # tokens_per_cycle rises with acceptance: bisect
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if predicted_speedup(mid, k, step, draft, verify) < target else (lo, mid)
+    return hi
 
 
 # ---- sampling: pure functions ------------------------------------------------------------------
@@ -110,7 +139,7 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
                          draft_policy: str = "threshold", modules=("attn", "mlp"), kv: str | None = None,
                          verify: str = "gated", sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0, eos_token_id=None, pad_token_id: int | None = None,
-                         seed: int = 0, allocation: str = "uniform") -> SpeculativeResult:
+                         seed: int = 0, allocation: str = "uniform", clock=time.perf_counter) -> SpeculativeResult:
     """Generate with self-speculative decoding; the output is the full model's (see module docstring).
 
     Args:
@@ -124,6 +153,7 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
         sample: sample instead of greedy decoding; temperature / top_k / top_p warp both models.
         eos_token_id: int or list; rows stop there and are padded with ``pad_token_id``.
         seed: seed of sampling and of the random draft policy.
+        clock: the clock of ``seconds``, ``draft_seconds`` and ``verify_seconds`` (e.g. ``time.process_time``).
     """
     from gateskip.core import gate_state, is_gated, skipping, stats
 
@@ -151,7 +181,7 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
 
     cache = _new_cache(model)
     res = SpeculativeResult(sequences=input_ids, new_tokens=0)
-    t0 = time.perf_counter()
+    t0 = clock()
     with torch.no_grad(), _full(model, verify):
         logits = _forward(model, input_ids, mask, cache, last_only=True)[:, -1]
     nxt = _pick(logits, probs, gen)
@@ -165,6 +195,7 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
         start = cache.get_seq_length()
         drafts, qs = [], []
         if kk > 0:
+            t_draft = clock()
             with torch.no_grad(), skipping(model, ratio=draft_ratio, policy=draft_policy, modules=modules, kv=kv,
                                           seed=seed + res.cycles, allocation=allocation):
                 tok = last
@@ -174,13 +205,16 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
                     tok = _pick(lg, probs, gen, keep=qs)
                     drafts.append(tok)
                 s = stats(model)
+            res.draft_seconds += clock() - t_draft
             tally = _add_stats(tally, s)
             cache.crop(-kk)  # the full model recomputes these positions
             mask = mask[:, :-kk]
         block = torch.cat([last, *drafts], dim=1)
         mask = torch.cat([mask, mask.new_ones(b, kk + 1)], dim=1)
+        t_verify = clock()
         with torch.no_grad(), _full(model, verify):
             lg = _forward(model, block, mask, cache)  # [B, kk + 1, V]
+        res.verify_seconds += clock() - t_verify
         n, own = _accept(lg, drafts, qs, probs, gen, done)
         emitted = torch.cat([*drafts[:n], own[:, None]], dim=1) if n else own[:, None]
         cache.crop(-(kk - n))
@@ -195,7 +229,7 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
     new = _pad_after_eos(new, eos, pad_token_id)
     res.sequences = torch.cat([input_ids, new], dim=1)
     res.new_tokens = new.shape[1]
-    res.seconds = time.perf_counter() - t0
+    res.seconds = clock() - t0
     res.draft_stats = tally or {}
     res.past_key_values = cache
     return res

@@ -102,7 +102,8 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         prompts: with --speculative: number of instruction prompts (chat template), decoded one by one.
         decode_timing: ``interleaved`` (settings take turns one decode step at a time, each with its own
             cache: drift hits them alike) or ``generate`` (``model.generate``, one setting after another).
-        plot: write a PNG of speed-up against compute saved, per phase, to this file.
+        plot: write a PNG of speed-up against compute saved, per phase, to this file; with --speculative,
+            the acceptance every setting would need against what it reached (bench_plot.plot_speculative).
         fallback: with --random-gates: what skipped tokens get, zero (paper) or a mean, lowrank or linear
             fallback (unfitted: the same operations as a fitted one, so the same speed); a gates folder
             brings its own. Comma-separated (``zero,lowrank``): every kind is measured in the same run,
@@ -218,7 +219,7 @@ def _speculative(m, tok, gates, random_gates, kinds, rank, seed, policy, args) -
                              policy=policy, kv=args["kv"], prompts=args["prompts"], new_tokens=args["new_tokens"],
                              repeats=args["repeats"], warmup=args["warmup"], clock=CLOCKS[args["clock"]], seed=seed,
                              json=args["json"], command=command, machine=_machine(args["threads"]),
-                             on_ratio=lambda r: timing.use_calibration(m, variant, r))
+                             on_ratio=lambda r: timing.use_calibration(m, variant, r), plot=args["plot"])
 
 
 def _summarise(settings, phases, times, saved, skipped, prefill_tokens, batch_list, new_tokens) -> list[dict]:

@@ -1,9 +1,16 @@
-"""The picture of a ``gateskip bench`` run: speed-up against FLOP-weighted compute saved, per phase.
+"""The pictures of a ``gateskip bench`` run.
 
-One panel per phase (prefill, decode at each batch size). Each gate kind is a line through its skip
-ratios; the dashed curve is the ideal ``1 / (1 - saved)``, where time falls exactly as FLOPs do, so a
-point's height under that curve is its efficiency. Re-plot a saved run with
-``python -m gateskip.commands.bench_plot run.json out.png``.
+``plot_speed``: speed-up against FLOP-weighted compute saved, one panel per phase (prefill, decode
+at each batch size). Each gate kind is a line through its skip ratios; the dashed curve is the ideal
+``1 / (1 - saved)``, where time falls exactly as FLOPs do, so a point's height under that curve is
+its efficiency.
+
+``plot_speculative`` (``--speculative``): per draft length k, the acceptance a draft needs against
+what one of its steps costs (relative to a dense step, at the measured verify cost), for break-even
+and for the target speed-up, with every measured setting as a point: a point above the target
+curve is faster than the target, and the gap below it is what a better draft must gain.
+
+Re-plot a saved run with ``python -m gateskip.commands.bench_plot run.json out.png``.
 """
 
 from __future__ import annotations
@@ -45,7 +52,48 @@ def plot_speed(results: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+def plot_speculative(rows: list[dict], path: str | Path) -> None:
+    """Write the break-even PNG for the rows of a ``--speculative`` bench report to ``path``."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gateskip.speculative import acceptance_needed
+
+    spec = [r for r in rows if "k" in r]
+    ks = sorted({r["k"] for r in spec})
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.4 * len(ks), 3.9), squeeze=False)
+    xs = [0.02 * i for i in range(1, 51)]  # draft step cost, relative to a dense step
+    for ax, k in zip(axes[0], ks):
+        mine = [r for r in spec if r["k"] == k]
+        verify = statistics.median(r["verify_vs_dense"] for r in mine)
+        target = mine[0]["target_speedup"]
+        for speed, style in ((1.0, "k:"), (target, "k--")):
+            pts = [(x, acceptance_needed(speed, k, 1.0, x, verify)) for x in xs]
+            pts = [(x, a) for x, a in pts if a is not None]
+            ax.plot([x for x, _ in pts], [a for _, a in pts], style, linewidth=1,
+                    label=f"needed for {speed:g}x (verify {verify:.2f} steps)")
+        for r in mine:
+            ax.plot(r["draft_step_vs_dense"], r["acceptance_rate"], "o", color="C0")
+            ax.annotate(f"r={r['draft_ratio']}: {r['speedup']:.2f}x", (r["draft_step_vs_dense"], r["acceptance_rate"]),
+                        textcoords="offset points", xytext=(4, -10), fontsize=7)
+        ax.set_xlim(0, 1.0)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"k = {k} draft tokens per cycle")
+        ax.set_xlabel("one draft step, relative to a dense step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("acceptance (points: measured; labels: speed-up)")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit("usage: python -m gateskip.commands.bench_plot RUN.json OUT.png")
-    plot_speed(json.loads(Path(sys.argv[1]).read_text())["results"], sys.argv[2])
+    results = json.loads(Path(sys.argv[1]).read_text())["results"]
+    (plot_speculative if any("k" in r for r in results) else plot_speed)(results, sys.argv[2])

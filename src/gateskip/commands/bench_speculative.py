@@ -7,6 +7,12 @@ models), rounds interleave the settings: dense greedy ``generate`` of the full m
 FLOP-weighted compute saved, executed FLOPs per generated token relative to dense decoding (draft
 + verify: speculation trades extra FLOPs for fewer sequential full passes), and whether every
 output was token-identical to the dense one.
+
+The costs behind the speed-up are measured too: one draft step and one verify pass (k + 1 tokens),
+each relative to one dense decoding step. From them, the speed-up the acceptance model predicts at
+the measured acceptance (a check of the model against the measured speed-up) and the acceptance
+these costs would need for ``TARGET`` (issue 20's 1.3x): what a better draft must reach, or None
+when no acceptance can make these costs pay.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import torch
 
 from gateskip.errors import GateSkipError
 from gateskip.options import as_list
+
+TARGET = 1.3  # the speed-up the "acceptance needed" column solves for
 
 
 def draft_list(value) -> list[str]:
@@ -51,9 +59,10 @@ def parse_draft_ratio(text):
 
 def bench_speculative(m, tok, *, draft_ratios: str, ks: str, verify: str, policy: str, kv: str, prompts: int,
                       new_tokens: int, repeats: int, warmup: int, clock, seed: int, json: str | None,
-                      command: str, machine: dict, on_ratio=None) -> dict:
+                      command: str, machine: dict, on_ratio=None, plot: str | None = None) -> dict:
     """``on_ratio(r)``: called before each setting with a float draft ratio ``r`` (the bench installs the
-    thresholds calibrated at ``r`` there)."""
+    thresholds calibrated at ``r`` there). ``plot``: a PNG of the acceptance each setting needs against
+    what it reached."""
     from tqdm import tqdm
 
     from gateskip.core import gates_bypassed
@@ -68,7 +77,8 @@ def bench_speculative(m, tok, *, draft_ratios: str, ks: str, verify: str, policy
     pad = (getattr(tok, "pad_token_id", None) if tok is not None else None) or 0
     settings = [("dense", None, None)] + [(f"spec r={d} k={k}", parse_draft_ratio(d), k) for d in drafts for k in k_list]
     times = {s[0]: [] for s in settings}
-    info = {s[0]: {"accepted": 0, "drafted": 0, "cycles": 0, "new": 0, "saved": [], "identical": 0} for s in settings}
+    info = {s[0]: {"accepted": 0, "drafted": 0, "cycles": 0, "new": 0, "saved": [], "identical": 0,
+                   "draft_s": 0.0, "verify_s": 0.0} for s in settings}
     ref = {}
     with tqdm(total=(warmup + repeats) * len(settings), desc="bench speculative", unit="setting") as bar:
         for rnd in range(warmup + repeats):
@@ -86,7 +96,7 @@ def bench_speculative(m, tok, *, draft_ratios: str, ks: str, verify: str, policy
                         continue
                     res = speculative_generate(m, enc["input_ids"], enc["attention_mask"], max_new_tokens=n, k=k,
                                                draft_ratio=ratio, draft_policy=policy, kv=kv, verify=verify,
-                                               eos_token_id=eos, pad_token_id=pad, seed=seed)
+                                               eos_token_id=eos, pad_token_id=pad, seed=seed, clock=clock)
                     outs.append(res.sequences)
                     if rnd >= warmup:
                         inf = info[name]
@@ -94,6 +104,8 @@ def bench_speculative(m, tok, *, draft_ratios: str, ks: str, verify: str, policy
                         inf["drafted"] += res.drafted
                         inf["cycles"] += res.cycles
                         inf["new"] += res.new_tokens
+                        inf["draft_s"] += res.draft_seconds
+                        inf["verify_s"] += res.verify_seconds
                         inf["saved"].append(res.draft_stats.get("compute_saved", 0.0))
                 elapsed = clock() - t0
                 if rnd >= warmup:
@@ -110,11 +122,18 @@ def bench_speculative(m, tok, *, draft_ratios: str, ks: str, verify: str, policy
         tmp = Path(json).with_suffix(".tmp")
         tmp.write_text(jsonlib.dumps(report, indent=2))
         tmp.replace(json)
+    if plot:
+        from gateskip.commands.bench_plot import plot_speculative
+
+        plot_speculative(rows, plot)
     return report
 
 
 def _summarise(settings, times, info, repeats, n_prompts) -> list[dict]:
+    from gateskip.speculative import acceptance_needed, predicted_speedup
+
     rate = {name: statistics.median(tokens / max(sec, 1e-9) for sec, tokens in times[name]) for name, _, _ in settings}
+    step = 1.0 / rate["dense"]  # seconds per token of dense decoding
     rows = []
     for name, ratio, k in settings:
         row = {"setting": name, "tokens_per_s": rate[name], "speedup": rate[name] / rate["dense"]}
@@ -126,20 +145,31 @@ def _summarise(settings, times, info, repeats, n_prompts) -> list[dict]:
                        mean_accepted_length=inf["new"] / max(inf["cycles"], 1), draft_compute_saved=saved,
                        flops_per_token_vs_dense=(inf["drafted"] * (1 - saved) + verified) / max(inf["new"], 1),
                        identical=f"{inf['identical']}/{repeats * n_prompts}")
+            draft = inf["draft_s"] / max(inf["drafted"], 1)  # one draft step (all prompts are batch 1)
+            verify = inf["verify_s"] / max(inf["cycles"], 1)  # one verify pass over k + 1 tokens
+            row.update(draft_step_vs_dense=draft / step, verify_vs_dense=verify / step,
+                       predicted_speedup=predicted_speedup(row["acceptance_rate"], k, step, draft, verify),
+                       target_speedup=TARGET, acceptance_needed=acceptance_needed(TARGET, k, step, draft, verify))
         rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'setting':<26} {'tok/s':>7} {'x':>5} {'accept':>6} {'len':>5} {'draft saved':>11} {'FLOPs/tok':>9} identical"
+    head = (f"{'setting':<26} {'tok/s':>7} {'x':>5} {'accept':>6} {'len':>5} {'draft saved':>11} {'FLOPs/tok':>9} "
+            f"{'draft':>5} {'verify':>6} {'model x':>7} {'needed':>6} identical")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "k" in r:
+            need = "none" if r["acceptance_needed"] is None else f"{r['acceptance_needed']:.3f}"
             lines.append(f"{r['setting']:<26} {r['tokens_per_s']:7.1f} {r['speedup']:5.2f} {r['acceptance_rate']:6.3f} "
                          f"{r['mean_accepted_length']:5.2f} {r['draft_compute_saved']:11.3f} "
-                         f"{r['flops_per_token_vs_dense']:9.2f} {r['identical']}")
+                         f"{r['flops_per_token_vs_dense']:9.2f} {r['draft_step_vs_dense']:5.2f} {r['verify_vs_dense']:6.2f} "
+                         f"{r['predicted_speedup']:7.2f} {need:>6} {r['identical']}")
         else:
             lines.append(f"{r['setting']:<26} {r['tokens_per_s']:7.1f} {1.0:5.2f} {'':>6} {'':>5} {'':>11} {1.0:9.2f}")
+    lines.append(f"draft / verify: one draft step / one verify pass (k + 1 tokens) relative to one dense step; model x: "
+                 f"the speed-up these costs give at the measured acceptance; needed: the acceptance they need for "
+                 f"{TARGET}x")
     return "\n".join(lines)
 
 
