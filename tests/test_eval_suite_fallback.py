@@ -171,7 +171,20 @@ def _run(path, methods, fallback="zero", dense=DENSE, limit=20):
     return res
 
 
+def test_report_brackets_a_method_between_random_and_oracle(tmp_path):
+    a = _run(tmp_path / "a", ["gateskip+lowrank", "random+lowrank", "oracle+lowrank", "shortgpt"], "lowrank")
+    md = suite_report.write(suite_report.analyse(a, iters=50), tmp_path / "a")
+    head = "## gateskip+lowrank between its floor (random+lowrank) and its ceiling (oracle+lowrank)"
+    assert head in md and "gap closed [95%]" in md
+    entries = a["analysis"]["gap_closed"]
+    assert {e["method"] for e in entries} == {"gateskip+lowrank"}
+    assert [e["level"] for e in entries] == list(suite_report.BRACKET_LEVELS)
+    assert all("method_retention" in e for e in entries)  # every curve runs from 5% to 45% saved
+    assert "| 25% | " in md and "| 40% | - |" not in md
+
+
 def test_merge_renames_collisions_and_refuses_other_items(tmp_path, monkeypatch):
+
     monkeypatch.setattr(suite_report, "ITERS", 50)
     a = _run(tmp_path / "a", ["gateskip+lowrank", "random+lowrank", "shortgpt+linear"], "lowrank")
     _run(tmp_path / "b", ["gateskip", "shortgpt+linear"])

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from gateskip.eval.paired import (
+    brackets,
     curve,
+    gap_closed,
     interpolate,
     item_scores_at,
     matched_table,
@@ -224,3 +226,31 @@ def test_task_matched_reads_each_task_at_its_own_compute():
     assert tab["g"]["lam"][0.5] is None  # never extrapolated
     del rows[2]["tasks"]["lam"]["compute_saved"]  # a run from before per-task compute was kept
     assert task_matched(rows, [0.2])["g"] == {"mc": {0.2: pytest.approx(0.58)}, "lam": {0.2: None}}
+
+
+def test_gap_closed_between_floor_and_ceiling_hand_computed():
+    rng = np.random.default_rng(0)
+    n = 400
+    dense = rng.random(n) < 0.85
+
+    def drop(p, seed):  # dense's items, each correct one lost with probability p
+        return dense & (np.random.default_rng(seed).random(n) >= p)
+
+    def rows_of(method, losses, seed):
+        return [_row(method, s, {"t": drop(p, seed + i).astype(float)}) for i, (s, p) in enumerate(losses)]
+
+    rows = [_row("dense", 0.0, {"t": dense.astype(float)}),
+            *rows_of("random+fb", [(0.1, 0.4), (0.3, 0.7)], 10),
+            *rows_of("gateskip+fb", [(0.1, 0.2), (0.3, 0.4)], 20),
+            *rows_of("oracle+fb", [(0.1, 0.1), (0.25, 0.3)], 30),
+            *rows_of("gateskip", [(0.1, 0.5), (0.3, 0.6)], 40)]  # no floor or ceiling of its own
+    assert brackets(["random+fb", "gateskip+fb", "oracle+fb", "gateskip", "shortgpt"]) == {
+        "gateskip+fb": ("random+fb", "oracle+fb")}
+    got = {e["level"]: e for e in gap_closed(rows, (0.2, 0.3), iters=300, seed=0)}
+    tab = matched_table(rows, (0.2,))
+    e = got[0.2]
+    f, v, c = tab["random+fb"][0.2], tab["gateskip+fb"][0.2], tab["oracle+fb"][0.2]
+    assert (e["floor_retention"], e["method_retention"], e["ceiling_retention"]) == pytest.approx((f, v, c))
+    assert e["value"] == pytest.approx((v - f) / (c - f)) and 0 < e["value"] < 1
+    assert e["lo"] <= e["value"] <= e["hi"]
+    assert got[0.3]["value"] is None and "method_retention" not in got[0.3]  # the ceiling stops at 25%

@@ -202,6 +202,47 @@ def who_wins(rows: Sequence[Row], levels: Sequence[float] = (0.10, 0.20, 0.30, 0
     return out
 
 
+def brackets(methods) -> dict[str, tuple[str, str]]:
+    """``{method: (floor, ceiling)}`` for every gated method whose references are in ``methods``: random choice
+    and the oracle with the same machinery (``gateskip+X`` -> ``random+X``, ``oracle+X``)."""
+    methods = list(methods)
+    out = {}
+    for m in methods:
+        if m == "gateskip" or m.startswith("gateskip+"):
+            rest = m[len("gateskip"):]
+            if f"random{rest}" in methods and f"oracle{rest}" in methods:
+                out[m] = (f"random{rest}", f"oracle{rest}")
+    return out
+
+
+def gap_closed(rows: Sequence[Row], levels: Sequence[float], iters: int = 2000, seed: int = 0,
+               alpha: float = 0.05) -> list[dict]:
+    """For every gated method with a floor and a ceiling (``brackets``), at each level where all three curves
+    were measured: their suite retentions and the share of the floor-to-ceiling gap the method closes,
+    ``(method - floor) / (ceiling - floor)``, with a paired percentile interval (the same item resamples for
+    the three; resamples where the ceiling is not above the floor are left out of it). None outside a range."""
+    dense_row, groups = _by_method(rows)
+    dense, chance = _correct(dense_row), _chance(dense_row)
+    out = []
+    for method, (lo_m, hi_m) in brackets(groups).items():
+        for level in levels:
+            entry: dict = {"method": method, "floor": lo_m, "ceiling": hi_m, "level": level}
+            s = [item_scores_at(groups[x], level) for x in (method, lo_m, hi_m)]
+            if any(x is None for x in s):
+                out.append({**entry, "value": None})
+                continue
+            v, f, c = (_suite(x, dense, chance) for x in s)
+            rets, _ = _resample(s, dense, chance, iters, seed)
+            span = rets[:, 2] - rets[:, 1]
+            ok = span > 0
+            shares = (rets[ok, 0] - rets[ok, 1]) / span[ok]
+            lo, hi = ((float(x) for x in np.percentile(shares, [100 * alpha / 2, 100 * (1 - alpha / 2)]))
+                      if ok.any() else (None, None))
+            out.append({**entry, "method_retention": v, "floor_retention": f, "ceiling_retention": c,
+                        "value": (v - f) / (c - f) if c > f else None, "lo": lo, "hi": hi})
+    return out
+
+
 def task_matched(rows: Sequence[Row], levels: Sequence[float]) -> dict[str, dict[str, dict[float, float | None]]]:
     """Each non-dense method's accuracy on each task at each compute level measured on that task's own text
     (a task whose text is skipped more than the suite's at the same ratio is compared at its own compute, not

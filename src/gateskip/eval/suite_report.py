@@ -1,5 +1,6 @@
-"""The suite sweep's report: retention table, matched-compute who-wins table, generation fidelity,
-and a curve of retention against compute saved with each method's 95% band.
+"""The suite sweep's report: retention table, matched-compute who-wins table, each gated method between
+its floor and ceiling (random choice and the oracle with the same machinery: the share of the gap it
+closes), generation fidelity, and a curve of retention against compute saved with each method's 95% band.
 
 Retention is above-chance retention, (acc - chance) / (dense - chance), per task and as the suite
 mean: 100% keeps all of the dense model's advantage over guessing, 0% is chance. Intervals are
@@ -24,6 +25,7 @@ from gateskip.eval.suite_merge import join_tasks, merge
 LEVELS = (0.10, 0.20, 0.30, 0.40)
 TASK_LEVEL = 0.20  # the per-task table: each task at this compute saved on its own text
 GEN_LEVEL = 0.25  # generation fidelity read at this compute saved while generating (issue 20's target level)
+BRACKET_LEVELS = (0.10, 0.20, 0.25, 0.30, 0.40)  # the floor-to-ceiling table (issue 20's targets at 25 and 40%)
 ITERS = 2000
 
 
@@ -74,6 +76,7 @@ def analyse(results: dict, reference: str | None = None, iters: int = ITERS, see
         "who_wins": paired.who_wins(rows, LEVELS, reference=ref, iters=iters, seed=seed) if ref and len(methods) > 1
         else [],
         "curves": {m: paired.curve([r for r in rows if r["method"] == m], dense, iters, seed) for m in methods},
+        "gap_closed": paired.gap_closed(rows, BRACKET_LEVELS, iters, seed),
     }
     if any(((r.get("fidelity") or {}).get("per_prompt")) for r in all_rows):
         results["analysis"]["generation"] = paired.generation_matched(all_rows, GEN_LEVEL, ref, iters, seed)
@@ -124,6 +127,7 @@ def markdown(results: dict) -> str:
             "|---|" + "---|" * len(levels)]
     for m, lv in an["matched"].items():
         out.append(f"| {m} | " + " | ".join(_pct(lv.get(f"{x:g}")) for x in levels) + " |")
+    out += _bracket_section(an.get("gap_closed") or [])
     tm = an.get("task_matched") or {}
     if any(v is not None for tv in tm.values() for v in tv.values()):
         lv = an["task_level"]
@@ -181,6 +185,30 @@ def markdown(results: dict) -> str:
                        f"{_pct(r['compute_saved'])} | {_pct(f.get('gen_compute_saved'))} |")
         out += _generation_section(an.get("generation"))
     return "\n".join(out) + "\n"
+
+
+def _bracket_section(entries: list[dict]) -> list[str]:
+    """Each gated method between its floor (random choice) and ceiling (the oracle), same machinery."""
+    out = []
+    for m in dict.fromkeys(e["method"] for e in entries):
+        mine = [e for e in entries if e["method"] == m]
+        if all(e["value"] is None and "method_retention" not in e for e in mine):
+            continue
+        e0 = mine[0]
+        out += ["", f"## {m} between its floor ({e0['floor']}) and its ceiling ({e0['ceiling']})", "",
+                "Suite retention of each at matched compute, and the share of the floor-to-ceiling gap the method "
+                "closes with a paired 95% interval (the same item resamples for all three). - : a level outside "
+                "one of the three measured curves.", "",
+                "| compute saved | floor | method | ceiling | gap closed [95%] |", "|---|---|---|---|---|"]
+        for e in mine:
+            if "method_retention" not in e:
+                out.append(f"| {100 * e['level']:.0f}% | - | - | - | - |")
+                continue
+            share = "-" if e["value"] is None else (
+                f"{100 * e['value']:.0f}%" + ("" if e["lo"] is None else f" [{100 * e['lo']:.0f}, {100 * e['hi']:.0f}]"))
+            out.append(f"| {100 * e['level']:.0f}% | {_pct(e['floor_retention'])} | {_pct(e['method_retention'])} | "
+                       f"{_pct(e['ceiling_retention'])} | {share} |")
+    return out
 
 
 def _generation_section(gen: dict | None) -> list[str]:
