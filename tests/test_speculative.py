@@ -190,6 +190,7 @@ def test_bench_speculative_reports_identity_and_acceptance(tmp_path, monkeypatch
             assert 0.0 <= r["acceptance_rate"] <= 1.0 and 1.0 <= r["mean_accepted_length"] <= r["k"] + 1
             assert r["flops_per_token_vs_dense"] > 0
             assert r["draft_step_vs_dense"] > 0 and r["verify_vs_dense"] > 0 and r["predicted_speedup"] > 0
+            assert 0.0 <= r["per_token_acceptance"] <= 1.0
             need = r["acceptance_needed"]
             assert need is None or predicted_speedup(need, r["k"], 1.0, r["draft_step_vs_dense"],
                                                      r["verify_vs_dense"]) == pytest.approx(r["target_speedup"])
@@ -217,4 +218,8 @@ def test_speculative_times_its_draft_and_verify_passes():
     res = speculative_generate(m, ids, max_new_tokens=12, k=3, draft_ratio=0.5, draft_policy="threshold",
                                eos_token_id=[])
     assert res.draft_seconds > 0 and res.verify_seconds > 0
+    # every cycle either accepted all its drafts or ended at one rejection: the tokens add up
+    assert 0 <= res.rejections <= res.cycles
+    assert res.new_tokens == 1 + res.cycles + res.accepted  # the first token from the prompt, then per cycle
+    assert res.acceptance_rate <= res.per_token_acceptance <= 1.0
     assert res.draft_seconds + res.verify_seconds <= res.seconds

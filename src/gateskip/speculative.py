@@ -47,6 +47,7 @@ class SpeculativeResult:
     cycles: int = 0
     drafted: int = 0  # draft tokens proposed (per row, summed over cycles)
     accepted: int = 0  # draft tokens accepted (the common prefix that was kept)
+    rejections: int = 0  # cycles that ended in a rejected draft (the others accepted all of theirs)
     draft_stats: dict = field(default_factory=dict)  # gateskip.stats over the draft forwards
     seconds: float = 0.0
     draft_seconds: float = 0.0  # wall time of the draft forwards (``drafted`` one-token steps per row batch)
@@ -57,6 +58,14 @@ class SpeculativeResult:
     def acceptance_rate(self) -> float:
         """Fraction of drafted tokens that were accepted."""
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def per_token_acceptance(self) -> float:
+        """How often a draft the verifier looked at was accepted: accepted / (accepted + rejections). Drafts after
+        a rejection are never looked at, so this is the acceptance of ``tokens_per_cycle`` and
+        ``acceptance_needed``; ``acceptance_rate`` counts those drafts as rejected and is lower."""
+        seen = self.accepted + self.rejections
+        return self.accepted / seen if seen else 0.0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -70,7 +79,7 @@ def tokens_per_cycle(acceptance: float, k: int) -> float:
     """Expected tokens emitted per cycle when each draft is accepted with probability ``acceptance``
     independently: ``1 + a + ... + a^k`` (Leviathan et al. 2023)."""
     a = min(max(float(acceptance), 0.0), 1.0)
-    return float(k + 1) if a == 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+    return float(sum(a ** i for i in range(k + 1)))  # the sum, not (1 - a^(k+1)) / (1 - a): exact near a = 1
 
 
 def predicted_speedup(acceptance: float, k: int, step: float, draft: float, verify: float) -> float:
@@ -216,6 +225,7 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
             lg = _forward(model, block, mask, cache)  # [B, kk + 1, V]
         res.verify_seconds += clock() - t_verify
         n, own = _accept(lg, drafts, qs, probs, gen, done)
+        res.rejections += int(n < kk)
         emitted = torch.cat([*drafts[:n], own[:, None]], dim=1) if n else own[:, None]
         cache.crop(-(kk - n))
         mask = mask[:, :start + n + 1]

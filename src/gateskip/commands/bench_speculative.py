@@ -9,10 +9,11 @@ FLOP-weighted compute saved, executed FLOPs per generated token relative to dens
 output was token-identical to the dense one.
 
 The costs behind the speed-up are measured too: one draft step and one verify pass (k + 1 tokens),
-each relative to one dense decoding step. From them, the speed-up the acceptance model predicts at
-the measured acceptance (a check of the model against the measured speed-up) and the acceptance
-these costs would need for ``TARGET`` (issue 20's 1.3x): what a better draft must reach, or None
-when no acceptance can make these costs pay.
+each relative to one dense decoding step, and the per-token acceptance (accepted / (accepted +
+rejections): how often a draft the verifier looked at was kept; the acceptance rate, accepted /
+drafted, counts the drafts after a rejection as rejected too). From them, the speed-up the cost model predicts (a check of the decomposition
+against the measured speed-up) and the per-token acceptance these costs would need for ``TARGET``
+(issue 20's 1.3x): what a better draft must reach, or None when no acceptance can make these costs pay.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def bench_speculative(m, tok, *, draft_ratios: str, ks: str, verify: str, policy
     settings = [("dense", None, None)] + [(f"spec r={d} k={k}", parse_draft_ratio(d), k) for d in drafts for k in k_list]
     times = {s[0]: [] for s in settings}
     info = {s[0]: {"accepted": 0, "drafted": 0, "cycles": 0, "new": 0, "saved": [], "identical": 0,
-                   "draft_s": 0.0, "verify_s": 0.0} for s in settings}
+                   "draft_s": 0.0, "verify_s": 0.0, "rejections": 0} for s in settings}
     ref = {}
     with tqdm(total=(warmup + repeats) * len(settings), desc="bench speculative", unit="setting") as bar:
         for rnd in range(warmup + repeats):
@@ -104,6 +105,7 @@ def bench_speculative(m, tok, *, draft_ratios: str, ks: str, verify: str, policy
                         inf["drafted"] += res.drafted
                         inf["cycles"] += res.cycles
                         inf["new"] += res.new_tokens
+                        inf["rejections"] += res.rejections
                         inf["draft_s"] += res.draft_seconds
                         inf["verify_s"] += res.verify_seconds
                         inf["saved"].append(res.draft_stats.get("compute_saved", 0.0))
@@ -147,8 +149,9 @@ def _summarise(settings, times, info, repeats, n_prompts) -> list[dict]:
                        identical=f"{inf['identical']}/{repeats * n_prompts}")
             draft = inf["draft_s"] / max(inf["drafted"], 1)  # one draft step (all prompts are batch 1)
             verify = inf["verify_s"] / max(inf["cycles"], 1)  # one verify pass over k + 1 tokens
-            row.update(draft_step_vs_dense=draft / step, verify_vs_dense=verify / step,
-                       predicted_speedup=predicted_speedup(row["acceptance_rate"], k, step, draft, verify),
+            alpha = inf["accepted"] / max(inf["accepted"] + inf["rejections"], 1)
+            row.update(draft_step_vs_dense=draft / step, verify_vs_dense=verify / step, per_token_acceptance=alpha,
+                       predicted_speedup=predicted_speedup(alpha, k, step, draft, verify),
                        target_speedup=TARGET, acceptance_needed=acceptance_needed(TARGET, k, step, draft, verify))
         rows.append(row)
     return rows
@@ -156,7 +159,7 @@ def _summarise(settings, times, info, repeats, n_prompts) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'setting':<26} {'tok/s':>7} {'x':>5} {'accept':>6} {'len':>5} {'draft saved':>11} {'FLOPs/tok':>9} "
-            f"{'draft':>5} {'verify':>6} {'model x':>7} {'needed':>6} identical")
+            f"{'draft':>5} {'verify':>6} {'model x':>7} {'alpha':>5} {'needed':>6} identical")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "k" in r:
@@ -164,12 +167,12 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"{r['setting']:<26} {r['tokens_per_s']:7.1f} {r['speedup']:5.2f} {r['acceptance_rate']:6.3f} "
                          f"{r['mean_accepted_length']:5.2f} {r['draft_compute_saved']:11.3f} "
                          f"{r['flops_per_token_vs_dense']:9.2f} {r['draft_step_vs_dense']:5.2f} {r['verify_vs_dense']:6.2f} "
-                         f"{r['predicted_speedup']:7.2f} {need:>6} {r['identical']}")
+                         f"{r['predicted_speedup']:7.2f} {r['per_token_acceptance']:5.3f} {need:>6} {r['identical']}")
         else:
             lines.append(f"{r['setting']:<26} {r['tokens_per_s']:7.1f} {1.0:5.2f} {'':>6} {'':>5} {'':>11} {1.0:9.2f}")
-    lines.append(f"draft / verify: one draft step / one verify pass (k + 1 tokens) relative to one dense step; model x: "
-                 f"the speed-up these costs give at the measured acceptance; needed: the acceptance they need for "
-                 f"{TARGET}x")
+    lines.append(f"draft / verify: one draft step / one verify pass (k + 1 tokens) relative to one dense step; alpha: "
+                 f"per-token acceptance (accepted / (accepted + rejections)); model x: the speed-up these costs give at alpha; "
+                 f"needed: the alpha they need for {TARGET}x")
     return "\n".join(lines)
 
 
