@@ -183,6 +183,34 @@ def test_report_brackets_a_method_between_random_and_oracle(tmp_path):
     assert "| 25% | " in md and "| 40% | - |" not in md
 
 
+def test_same_curve_joins_a_renamed_copy_and_survives_a_new_merge(tmp_path):
+    a = _run(tmp_path / "a", ["gateskip+lowrank", "random+lowrank"], "lowrank")
+    b = _run(tmp_path / "b", ["random+lowrank"], "lowrank")
+    b["config"]["policy"] = "quantile"  # another policy: not the same curves, so the merge renames
+    for r in b["rows"][1:]:
+        r["budget"] = r["budget"].replace("ratio 0.", "ratio 0.0")
+    (tmp_path / "b" / "results.json").write_text(json.dumps(b))
+    suite_merge.merge(a, str(tmp_path / "b" / "results.json"))
+    assert "random+lowrank@b" in {r["method"] for r in a["rows"]}
+    for bad, msg in [("x", "is not A=B"), ("nope=random+lowrank", "names no method"),
+                     ("random+lowrank@b=gateskip+lowrank", "not copies of one method")]:
+        with pytest.raises(GateSkipError, match=msg):
+            suite_merge.same_curve(a, bad)
+    suite_merge.same_curve(a, "random+lowrank@b=random+lowrank")
+    assert [r["budget"] for r in a["rows"] if r["method"] == "random+lowrank"] == [
+        "ratio 0.1", "ratio 0.3", "ratio 0.5", "ratio 0.01", "ratio 0.03", "ratio 0.05"]
+    assert a["config"]["same_curve"] == {"random+lowrank@b": "random+lowrank"}
+    suite_merge.merge(a, str(tmp_path / "b" / "results.json"))  # merged again: the join is kept
+    assert not any("@" in r["method"] for r in a["rows"])
+    assert "Declared one curve" in suite_report.write(suite_report.analyse(a, iters=20), tmp_path / "a")
+    c = _run(tmp_path / "c", ["random+lowrank"], "lowrank")  # the same budgets as this run's own
+    c["config"]["policy"] = "quantile"
+    (tmp_path / "c" / "results.json").write_text(json.dumps(c))
+    suite_merge.merge(a, str(tmp_path / "c" / "results.json"))
+    with pytest.raises(GateSkipError, match="both have a row at"):
+        suite_merge.same_curve(a, "random+lowrank@c=random+lowrank")
+
+
 def test_merge_renames_collisions_and_refuses_other_items(tmp_path, monkeypatch):
 
     monkeypatch.setattr(suite_report, "ITERS", 50)

@@ -153,6 +153,9 @@ def merge(results: dict, paths) -> dict:
                             k: v for k, v in names.items() if k != v}})
     results["rows"] = rows
     cfg["compare_with"] = sources
+    earlier = cfg.pop("same_curve", None) or {}  # joins declared before: again where both methods are back
+    names = {r["method"] for r in rows}
+    same_curve(results, [f"{a}={b}" for a, b in earlier.items() if a in names and b in names])
     return results
 
 
@@ -162,6 +165,40 @@ def _without_fidelity(row: dict, keep: bool) -> dict:
     if keep or "fidelity" not in row:
         return row
     return {k: v for k, v in row.items() if k != "fidelity"}
+
+
+def same_curve(results: dict, pairs) -> dict:
+    """Declare merged methods one curve, in place: ``pairs`` (``"A=B"`` items, a comma list or list) renames
+    method A's rows to B, so that A's budgets extend B's curve. For a copy an earlier merge renamed
+    ``name@folder`` (a report does not record the policy and protection of the runs it merged, so
+    ``same_curves`` cannot tell): A and B must be the same method up to the ``@folder`` suffix, and A's rows
+    must be at budgets B does not have. Recorded in ``config["same_curve"]``."""
+    items = [x.strip() for x in (pairs.split(",") if isinstance(pairs, str) else pairs or []) if str(x).strip()]
+    methods = {r["method"] for r in results["rows"]}
+    done = dict(results["config"].get("same_curve") or {})
+    for item in items:
+        a, sep, b = item.partition("=")
+        a, b = a.strip(), b.strip()
+        if not sep or not a or not b:
+            raise GateSkipError(f"--same-curve {item!r} is not A=B: name a merged copy and the method it extends")
+        for m in (a, b):
+            if m not in methods:
+                raise GateSkipError(f"--same-curve {item!r}: {m!r} names no method of this report")
+        if a.split("@")[0] != b.split("@")[0] or a == b:
+            raise GateSkipError(f"--same-curve {item!r}: {a!r} and {b!r} are not copies of one method (they must "
+                                "differ only in an @folder suffix)")
+        budgets = {r["budget"] for r in results["rows"] if r["method"] == b}
+        clash = sorted({r["budget"] for r in results["rows"] if r["method"] == a} & budgets)
+        if clash:
+            raise GateSkipError(f"--same-curve {item!r}: both have a row at {', '.join(clash)}: not budgets of one "
+                                "curve")
+        for r in results["rows"]:
+            if r["method"] == a:
+                r["method"] = b
+        methods.discard(a)
+        done[a] = b
+    results["config"]["same_curve"] = done
+    return results
 
 
 JOIN_KEYS = ("model", "gates", "limit", "policy", "kv", "protect_first", "seed", "shared_prefix", "fallback",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gateskip.errors import GateSkipError
 from gateskip.eval import paired
-from gateskip.eval.suite_merge import join_tasks, merge
+from gateskip.eval.suite_merge import join_tasks, merge, same_curve
 
 LEVELS = (0.10, 0.20, 0.30, 0.40)
 TASK_LEVEL = 0.20  # the per-task table: each task at this compute saved on its own text
@@ -266,6 +266,10 @@ def _notes(cfg: dict, rows: list) -> list[str]:
             out.append(f"- `{c['path']}`: {', '.join(c['methods']) or 'no rows'} (model {c.get('model')}, gates "
                        f"{c.get('gates')}, fallback {fb.get('kind') or 'zero'})")
         out.append("")
+    joined = cfg.get("same_curve") or {}
+    if joined:
+        out += ["Declared one curve (`--same-curve`): " + "; ".join(f"the rows of `{a}` are budgets of `{b}`"
+                                                                 for a, b in joined.items()) + ".", ""]
     return out
 
 
@@ -406,6 +410,9 @@ def main(argv=None) -> int:
     ap.add_argument("--add-tasks", default=None,
                     help="results.json of runs of the same sweep on other tasks (e.g. --suite <task>), "
                          "comma-separated: their task columns are joined into every row")
+    ap.add_argument("--same-curve", default=None,
+                    help="A=B[,C=D]: method A (a copy an earlier merge renamed name@folder) is more budgets of "
+                         "method B's curve: its rows join B's")
     ap.add_argument("--reference", default=None,
                     help="the method the who-wins table compares every other against (default: gateskip+<fallback> "
                          "if present, else gateskip)")
@@ -420,6 +427,8 @@ def main(argv=None) -> int:
             join_tasks(data, args.add_tasks)
         if args.compare_with is not None:
             merge(data, args.compare_with)
+        if args.same_curve:
+            same_curve(data, args.same_curve)
         print(write(analyse(data, reference=args.reference), folder))
     except GateSkipError as e:
         print(f"gateskip: error: {e}", file=sys.stderr)
