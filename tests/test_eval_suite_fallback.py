@@ -200,6 +200,8 @@ def test_same_curve_joins_a_renamed_copy_and_survives_a_new_merge(tmp_path):
     assert [r["budget"] for r in a["rows"] if r["method"] == "random+lowrank"] == [
         "ratio 0.1", "ratio 0.3", "ratio 0.5", "ratio 0.01", "ratio 0.03", "ratio 0.05"]
     assert a["config"]["same_curve"] == {"random+lowrank@b": "random+lowrank"}
+    suite_merge.same_curve(a, "random+lowrank@b=random+lowrank")  # again (the report written again): no change
+    assert sum(r["method"] == "random+lowrank" for r in a["rows"]) == 6
     suite_merge.merge(a, str(tmp_path / "b" / "results.json"))  # merged again: the join is kept
     assert not any("@" in r["method"] for r in a["rows"])
     assert "Declared one curve" in suite_report.write(suite_report.analyse(a, iters=20), tmp_path / "a")

@@ -181,6 +181,8 @@ def same_curve(results: dict, pairs) -> dict:
         a, b = a.strip(), b.strip()
         if not sep or not a or not b:
             raise GateSkipError(f"--same-curve {item!r} is not A=B: name a merged copy and the method it extends")
+        if a not in methods and done.get(a) == b:  # joined before (the report written again)
+            continue
         for m in (a, b):
             if m not in methods:
                 raise GateSkipError(f"--same-curve {item!r}: {m!r} names no method of this report")
