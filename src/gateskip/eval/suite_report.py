@@ -397,6 +397,18 @@ def _timing(cfg: dict) -> str:
             f"interrupted runs){joined}; {cfg.get('scoring_seconds', 0) / 60:.1f} min of scoring time over all rows")
 
 
+OPTIONS = (  # suite_report's command line: (flag, help), every one a string defaulting to None
+    ("--compare-with", "results.json of other suite runs on the same items, comma-separated: their rows are merged in "
+                       "(replacing any merged before); default: keep the rows already merged"),
+    ("--add-tasks", "results.json of runs of the same sweep on other tasks (e.g. --suite <task>), comma-separated: "
+                    "their task columns are joined into every row"),
+    ("--same-curve", "A=B[,C=D]: method A (a copy an earlier merge renamed name@folder) is more budgets of method B's "
+                     "curve: its rows join B's"),
+    ("--reference", "the method the who-wins table compares every other against (default: gateskip+<fallback> if "
+                    "present, else gateskip)"),
+)
+
+
 def main(argv=None) -> int:
     import argparse
     import sys
@@ -404,18 +416,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gateskip.eval.suite_report",
                                  description="Write a suite run's report.md and curve.png again from DIR/results.json.")
     ap.add_argument("dir", help="folder of a suite run (holds results.json)")
-    ap.add_argument("--compare-with", default=None,
-                    help="results.json of other suite runs on the same items, comma-separated: their rows are "
-                         "merged in (replacing any merged before); default: keep the rows already merged")
-    ap.add_argument("--add-tasks", default=None,
-                    help="results.json of runs of the same sweep on other tasks (e.g. --suite <task>), "
-                         "comma-separated: their task columns are joined into every row")
-    ap.add_argument("--same-curve", default=None,
-                    help="A=B[,C=D]: method A (a copy an earlier merge renamed name@folder) is more budgets of "
-                         "method B's curve: its rows join B's")
-    ap.add_argument("--reference", default=None,
-                    help="the method the who-wins table compares every other against (default: gateskip+<fallback> "
-                         "if present, else gateskip)")
+    for flag, text in OPTIONS:
+        ap.add_argument(flag, default=None, help=text)
     args = ap.parse_args(argv)
     folder = Path(args.dir)
     try:
