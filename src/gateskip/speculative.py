@@ -50,8 +50,8 @@ class SpeculativeResult:
     rejections: int = 0  # cycles that ended in a rejected draft (the others accepted all of theirs)
     draft_stats: dict = field(default_factory=dict)  # gateskip.stats over the draft forwards
     seconds: float = 0.0
-    draft_seconds: float = 0.0  # wall time of the draft forwards (``drafted`` one-token steps per row batch)
-    verify_seconds: float = 0.0  # wall time of the verify forwards (``cycles`` of them, k + 1 tokens each)
+    draft_seconds: float = 0.0  # time (``clock``) of the draft forwards: ``drafted`` one-token steps
+    verify_seconds: float = 0.0  # time (``clock``) of the verify forwards: ``cycles`` of them, k + 1 tokens each
     past_key_values: object = None  # the cache: every token but the last, full-model K/V only
 
     @property
