@@ -142,8 +142,8 @@ def test_one_token_statistics_equal_the_mask_count(family, monkeypatch):
     host, host_stats = counts()
     real = GateState.begin_call
 
-    def mask_only(self, valid, ctx):
-        real(self, valid, ctx)
+    def mask_only(self, valid, ctx, **kw):
+        real(self, valid, ctx, **kw)
         self.call.one_token = False
 
     monkeypatch.setattr(GateState, "begin_call", mask_only)

@@ -39,6 +39,11 @@ class GateSkipConfig:
         protect_first: the first N tokens of every sequence are never skipped (0: the paper). The
             first token (BOS) is the attention sink of most LLMs: every later token attends to it, so
             skipping it changes every token's attention. Skip ratios then apply to the other tokens.
+        protect_last: the last position of every prompt (a forward call with nothing cached before it) is never
+            skipped. Its logits choose the first generated token, and skipping it is what turns a chat answer
+            into an immediate end-of-turn; it costs one token per prompt and nothing in decode.
+        protect_tokens: token ids that are never skipped wherever they occur (e.g. a chat template's control
+            tokens: ``special_token_ids(tokenizer)``), in prefill and in decode.
         fallback: what a skipped token's branch output becomes (before the gate multiplies it): ``zero``
             (the paper), or a cheap map of the branch input fitted by ``gateskip.fit_fallback``: ``mean``
             (a constant vector), ``linear`` (x W + b, H x H) or ``lowrank`` (x A B + b, rank
@@ -65,6 +70,8 @@ class GateSkipConfig:
     detach_input: bool = True
     kv: str = "copy"
     protect_first: int = 0
+    protect_last: bool = False
+    protect_tokens: tuple[int, ...] = ()
     fallback: str = "zero"
     fallback_rank: int = 64
     fallback_mlp: str | None = None
@@ -73,6 +80,11 @@ class GateSkipConfig:
 
     def __post_init__(self) -> None:
         self.modules = tuple(self.modules)
+        self.protect_tokens = tuple(sorted({int(t) for t in self.protect_tokens}))
+        if any(t < 0 for t in self.protect_tokens):
+            raise GateSkipError(f"protect_tokens={self.protect_tokens!r} is invalid: use token ids >= 0")
+        if not isinstance(self.protect_last, bool):
+            raise GateSkipError(f"protect_last={self.protect_last!r} is invalid: use true or false")
         _choice("gate", self.gate, GATE_KINDS)
         _choice("placement", self.placement, PLACEMENTS)
         _choice("kv", self.kv, KV_MODES)
@@ -148,6 +160,10 @@ class GateSkipConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["modules"] = list(self.modules)
+        d["protect_tokens"] = list(self.protect_tokens)
+        for key, off in (("protect_last", False), ("protect_tokens", [])):  # older versions read folders without them
+            if d[key] == off:
+                del d[key]
         if d["fallback_mlp"] is None:  # folders without per-kind fallbacks stay readable by older versions
             del d["fallback_mlp"]
         if "neurons" not in self.fallback_kinds:
@@ -163,6 +179,11 @@ class GateSkipConfig:
         if unknown:
             raise GateSkipError(f"gate config has unknown keys {sorted(unknown)}: it was written by a newer gateskip")
         return cls(**d)
+
+
+def special_token_ids(tokenizer) -> tuple[int, ...]:
+    """The tokenizer's special tokens (BOS, EOS, padding, chat markers such as ``<|im_start|>``), for ``protect_tokens``."""
+    return tuple(sorted({int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None}))
 
 
 def _whole(v) -> bool:

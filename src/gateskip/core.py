@@ -129,7 +129,8 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
 def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy: str = "quantile",
              modules: Iterable[str] = ("attn", "mlp"), kv: str | None = None, seed: int = 0, path: str = "auto",
              allocation: str = "uniform", protect_first: int | None = None, straight_through: bool = False,
-             sync_free: bool | None = None):
+             sync_free: bool | None = None, protect_last: bool | None = None,
+             protect_tokens: Iterable[int] | None = None):
     """Run ``model`` with a per-layer skip budget inside the ``with`` block.
 
     Args:
@@ -150,6 +151,9 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
             importance threshold for all branches, FLOP-weighted total ``ratio``; see budget.py).
         protect_first: never skip the first N tokens of each sequence (BOS, the attention sink);
             default: the gate config's (0 unless the gates were trained with it).
+        protect_last: never skip the last position of a prompt (a call with nothing cached): the one whose logits
+            give the first generated token. Default: the gate config's.
+        protect_tokens: token ids never skipped (e.g. ``gateskip.special_token_ids(tok)``); default: the gate config's.
         straight_through: training only (masked path, gates after the branch): a skipped token's output
             is still 0, but its gate receives the gradient it would get if the token were kept.
         sync_free: never read a branch's skip decision back from the device (a GPU sync per branch).
@@ -182,6 +186,9 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     protect = st.cfg.protect_first if protect_first is None else protect_first
     if int(protect) != protect or protect < 0:
         raise GateSkipError(f"protect_first={protect_first!r} is invalid: use a whole number >= 0")
+    last = st.cfg.protect_last if protect_last is None else bool(protect_last)
+    never = tuple(st.cfg.protect_tokens if protect_tokens is None else GateSkipConfig(protect_tokens=protect_tokens)
+                  .protect_tokens)
     if allocation == "global":
         ratios = _global_ratios(st, ratio, modules, kv)
     else:
@@ -202,7 +209,8 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     if sync_free is None:
         sync_free = next(model.parameters()).device.type != "cpu"
     st.plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=thresholds, generator=gen, path=path,
-                   protect=int(protect), straight_through=bool(straight_through), sync_free=bool(sync_free))
+                   protect=int(protect), straight_through=bool(straight_through), sync_free=bool(sync_free),
+                   protect_last=last, protect_tokens=torch.tensor(never, dtype=torch.long) if never else None)
     st.reset_stats()
     st.call.one_token = False  # set per forward call (begin_call) for the plan in force
     try:
@@ -420,10 +428,14 @@ def call_tokens(args, kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def _begin_call(model, args, kwargs):
-    """Model-level pre-hook: which tokens of this call are real, and how much context each sees."""
+    """Model-level pre-hook: which tokens of this call are real, how much context each sees, their ids and whether
+    anything is cached before them (the never-skip rules read the last two)."""
     tokens = call_tokens(args, kwargs)
     if tokens is not None:
-        peek(model).state.begin_call(*tokens)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        past = get_cache(kwargs)
+        cached = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        peek(model).state.begin_call(*tokens, ids=ids, prefill=not cached)
 
 
 def _count_lm_rows(st: GateState, output: torch.Tensor) -> None:

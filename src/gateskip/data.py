@@ -262,6 +262,9 @@ def _all_texts(source: str, field: str) -> list[str]:
         return _qa()
     if source == "core-tail":
         return _core_tail()
+    if source == "chat":
+        raise GateSkipError("the chat source is the model's own answers to chat requests: `gateskip train --data chat` "
+                            "writes them (gateskip.chat.resolve_chat_source), then pass that .jsonl file")
     if "," in source:
         return _interleave_all(_all_texts(part.strip(), field) for part in source.split(","))
     path = Path(source).expanduser()

@@ -46,7 +46,7 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _cache_root(cache_dir: str | None) -> Path:
+def cache_root(cache_dir: str | None) -> Path:
     root = cache_dir or os.environ.get("GATESKIP_CACHE") or Path.home() / ".cache" / "gateskip" / "models"
     return Path(root).expanduser()
 
@@ -102,7 +102,7 @@ def _convert_alias(alias: str, target: Path) -> None:
 def _resolve(name: str, cache_dir: str | None) -> tuple[str, bool]:
     """Map the user's name to (from_pretrained source, is_local)."""
     if name in ALIASES:
-        target = _cache_root(cache_dir) / name
+        target = cache_root(cache_dir) / name
         if not _is_complete(target):
             _convert_alias(name, target)
         return str(target), True

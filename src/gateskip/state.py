@@ -32,6 +32,8 @@ class Plan:
     generator: torch.Generator | None = None
     path: str = "auto"  # auto (physical unless gradients are needed) / physical / masked
     protect: int = 0  # the first N tokens of each sequence never skip (GateSkipConfig.protect_first)
+    protect_last: bool = False  # the last position of a prompt never skips (GateSkipConfig.protect_last)
+    protect_tokens: torch.Tensor | None = None  # token ids that never skip (GateSkipConfig.protect_tokens)
     supported: dict = field(default_factory=dict)  # branch index -> physical path supported (wrap.py)
     # training: a skipped token's gate still gets the gradient it would get if it were kept (wrap.py)
     straight_through: bool = False
@@ -161,6 +163,8 @@ class Call:
     # comparison (one_token.py) instead of building masks (decode is overhead-bound)
     one_token: bool = False
     ctx_one: float = 0.0  # that token's context length (read once per call when counting)
+    ids: torch.Tensor | None = None  # [B, T] input ids (None: embeddings were passed), for protect_tokens
+    prefill: bool = False  # nothing cached before this call: its last positions are prompts' last (protect_last)
 
 
 @dataclass
@@ -202,12 +206,13 @@ class GateState:
     record: list | None = None  # calibration: importances per branch
     handles: list = field(default_factory=list)
 
-    def begin_call(self, valid: torch.Tensor, ctx: torch.Tensor) -> None:
+    def begin_call(self, valid: torch.Tensor, ctx: torch.Tensor, ids: torch.Tensor | None = None,
+                   prefill: bool = False) -> None:
         if self.stats is not None:
             self.stats.flush(self.call.ctx)
         p = self.plan
         # not under sync_free: deciding one token on the host reads its gate value back (a GPU sync)
-        self.call = c = Call(valid, ctx)
+        self.call = c = Call(valid, ctx, ids=ids, prefill=prefill)
         c.one_token = (self.one_token_fast and p is not None and p.policy == "threshold" and valid.numel() == 1
                        and not self.collect
                        and self.record is None and not p.sync_free and bool(self._eligible(valid)))
@@ -294,13 +299,31 @@ class GateState:
         return c.n_eligible[1]
 
     def _eligible(self, valid: torch.Tensor) -> torch.Tensor:
-        """Tokens that may skip: valid ones past the protected prefix. ``ctx`` is the context length a
-        token sees (its 1-based position in its sequence, cache and left padding accounted for), so in
-        cached decode nothing is protected and in a left-padded row the first *real* token is."""
-        n = self.plan.protect
-        c = self.call
-        if n <= 0 or c.ctx is None or c.ctx.shape != valid.shape:
+        """Tokens that may skip: valid ones that no never-skip rule protects (once per call, not per branch).
+
+        ``protect``: ``ctx`` is the context length a token sees (its 1-based position in its sequence, cache and
+        left padding accounted for), so in cached decode nothing is protected and in a left-padded row the first
+        *real* token is. ``protect_last``: in a call with nothing cached, each row's last real token.
+        ``protect_tokens``: tokens with those ids, wherever they are."""
+        p, c = self.plan, self.call
+        if c.valid is None or c.valid.shape != valid.shape:
             return valid
-        if c.eligible is None or c.eligible[0] is not valid:  # once per call, not per branch
-            c.eligible = (valid, valid & (c.ctx.to(valid.device) > n))
-        return c.eligible[1]
+        if c.eligible is not None and c.eligible[0] is valid:
+            return c.eligible[1]
+        elig = valid
+        if p.protect > 0 and c.ctx is not None and c.ctx.shape == valid.shape:
+            elig = elig & (c.ctx.to(valid.device) > p.protect)
+        if p.protect_last and c.prefill:
+            elig = elig & ~last_real(valid)
+        if p.protect_tokens is not None and c.ids is not None and c.ids.shape == valid.shape:
+            if p.protect_tokens.device != c.ids.device:
+                p.protect_tokens = p.protect_tokens.to(c.ids.device)
+            elig = elig & ~torch.isin(c.ids, p.protect_tokens)
+        c.eligible = (valid, elig)
+        return elig
+
+
+def last_real(valid: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: each row's last True position of ``valid`` (a row without one has none)."""
+    n = valid.long().cumsum(-1)
+    return valid & (n == n[:, -1:])

@@ -42,7 +42,8 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
              shortgpt_layers: list[int] = (4, 10, 16), protect_first: int | None = None, fidelity_prompts: int = 32,
              fidelity_prompt_tokens: int = 48, fidelity_tokens: int = 64, shared_prefix: bool = True,
              fallback: str = "zero", fallback_rank: int = 64, fallback_batches: int = 12,
-             reference: str | None = None, resume: bool = True, reuse_dense: bool = True, offset: int = 0) -> dict:
+             reference: str | None = None, resume: bool = True, reuse_dense: bool = True, offset: int = 0,
+             protect_last: bool | None = None) -> dict:
     """Sweep skip ratios on offline benchmarks; writes results.json, report.md and curve.png to --out.
 
     Args:
@@ -85,7 +86,16 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
             from the gated model, then skip with its remaining gates at every ratio.
         recalibrate: method pruned_gateskip: re-fit the remaining gates' thresholds on calibration
             text after pruning (their inputs changed).
-        suite: core, extended, all or a comma list of tasks: the fast paired sweep (eval/suite_run.py) on
+        suite: chat: chat fidelity (eval/chat_fidelity.py): --limit held-out chat requests (200 is the measured
+            setting) answered greedily with at most --fidelity-tokens new tokens by the original model and by
+            gateskip (--ratios), random (--random-ratios) and oracle (--oracle-ratios) rows of --methods (default
+            gateskip,random,oracle); empty and early-stopped answers, overlap with the dense answer, the original
+            model's NLL, first-token agreement and compute saved while generating.
+            gen: generative tasks with checkable answers (eval/gentasks.py: squad, nq, coqa, gsm8k, few-shot and
+            chat; --tasks picks some, e.g. squad,nq:chat; default all): the original model on --limit items per
+            task, then gateskip, random and oracle rows as for chat on the task/formats it scores 3 standard errors
+            above 0; retention at matched compute saved (--methods none: the qualification run alone).
+            core, extended, all or a comma list of tasks: the fast paired sweep (eval/suite_run.py) on
             that task suite instead of --tasks: methods dense + gateskip, random, shortgpt (the default), shortgpt_linear
             (ShortGPT's layers replaced by fitted linear maps, row shortgpt+linear; on request) and oracle (the
             gates folder with policy oracle, the ceiling for learned gates; on request), or none for
@@ -96,6 +106,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
             method; it computes every branch and skips the tokens whose skipping changes it least.
         shortgpt_layers: suite: numbers of layers ShortGPT removes, one row each.
         protect_first: suite: never skip the first N tokens (default: the gates' config).
+        protect_last: suite chat: never skip a prompt's last position (default: the gates' config).
         fidelity_prompts: suite: held-out prompts for generation fidelity (0: off).
         fidelity_prompt_tokens: suite: length of each fidelity prompt in tokens.
         fidelity_tokens: suite: greedy tokens generated per fidelity prompt.
@@ -118,6 +129,20 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
     """
     if threads:
         torch.set_num_threads(threads)
+    if suite == "chat":
+        from gateskip.commands.eval_chat import evaluate_chat
+
+        return evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios,
+                             ["gateskip", "random", "oracle"] if methods == DEFAULT_METHODS else as_list(methods, str),
+                             policy, as_list(modules, str), kv, limit, out, fidelity_tokens, batch_size, protect_first,
+                             protect_last, seed)
+    if suite == "gen":
+        from gateskip.commands.eval_gen import GEN_METHODS, evaluate_gen
+
+        chosen = list(GEN_METHODS) if methods == DEFAULT_METHODS else as_list(methods, str)
+        return evaluate_gen(gates, model, None if tasks == DEFAULT_TASKS else tasks, ratios, random_ratios,
+                            oracle_ratios, [] if chosen == ["none"] else chosen, policy, as_list(modules, str), kv,
+                            limit, out, batch_size, protect_first, protect_last, seed)
     if suite:
         return evaluate_suite(gates=gates, suite=suite, ratios=ratios, random_ratios=random_ratios,
                               oracle_ratios=oracle_ratios,                              shortgpt_layers=shortgpt_layers,

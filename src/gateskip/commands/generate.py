@@ -16,7 +16,8 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
              policy: str = "threshold", modules: list[str] = ("attn", "mlp"), kv: str | None = None,
              max_new_tokens: int = 64, chat: bool = True, sample: bool = False, temperature: float = 0.7,
              top_p: float = 0.9, seed: int = 0, allocation: str = "uniform", speculative: bool = False,
-             draft_ratio: float = 0.5, k: int = 4, verify: str = "gated", protect_first: int | None = None) -> str:
+             draft_ratio: float = 0.5, k: int = 4, verify: str = "gated", protect_first: int | None = None,
+             protect_last: bool | None = None) -> str:
     """Generate a completion with token-wise skipping; prints it on stdout and statistics on stderr.
 
     Args:
@@ -42,6 +43,8 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
         verify: the full model of --speculative: gated (gates on, nothing skipped) or ungated (gates
             bypassed: the original model for gates trained on a frozen backbone).
         protect_first: never skip the first N tokens (BOS, the attention sink); default: the gates'.
+        protect_last: never skip the prompt's last position (its logits choose the first answer token); default:
+            the gates'.
     """
     from gateskip.core import add_gates
     from gateskip.policies import check_policy, check_ratio
@@ -74,10 +77,13 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
     text, s, seconds, n_new = complete(net, tok, prompt, skip=skip, policy=policy, modules=mods, kv=kv,
                                        max_new_tokens=max_new_tokens, chat=chat, sample=sample,
                                        temperature=temperature, top_p=top_p, seed=seed, allocation=allocation,
-                                       protect_first=protect_first)
+                                       protect_first=protect_first, protect_last=protect_last)
     print(text)
     print(f"[gateskip] {summary_line(s, policy, skip)} new_tokens={n_new} tokens/s={n_new / seconds:.1f}",
           file=sys.stderr)
+    if not text.strip():
+        print("[gateskip] warning: the answer is empty (the model ended its turn at once): lower --skip, or use "
+              "gates that never skip the prompt's last position (--protect-last)", file=sys.stderr)
     return text
 
 
@@ -110,7 +116,8 @@ def summary_line(s: dict, policy: str, skip: float) -> str:
 def complete(net, tok, prompt: str, skip: float = 0.0, policy: str = "threshold", modules=("attn", "mlp"),
              kv: str | None = None, max_new_tokens: int = 64, chat: bool = True, sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
-             allocation: str = "uniform", protect_first: int | None = None) -> tuple[str, dict, float, int]:
+             allocation: str = "uniform", protect_first: int | None = None,
+             protect_last: bool | None = None) -> tuple[str, dict, float, int]:
     """Generate with an already-loaded gated model: (completion, stats, seconds, new tokens)."""
     from gateskip.core import skipping, stats
 
@@ -123,7 +130,8 @@ def complete(net, tok, prompt: str, skip: float = 0.0, policy: str = "threshold"
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     t0 = time.perf_counter()
     with torch.no_grad(), skipping(net, ratio=skip, policy=policy, modules=modules, kv=kv, seed=seed,
-                                          allocation=allocation, protect_first=protect_first):
+                                          allocation=allocation, protect_first=protect_first,
+                                          protect_last=protect_last):
         out = net.generate(**enc, **gen_kwargs)
         s = stats(net)
     seconds = time.perf_counter() - t0

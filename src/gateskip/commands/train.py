@@ -16,8 +16,9 @@ import torch
 
 from gateskip import distributed as gdist
 from gateskip.allocate import read_budget
+from gateskip.chat import resolve_chat_source
 from gateskip.checkpoint import SAVE_DTYPES, atomic_write, save_gates
-from gateskip.config import GateSkipConfig
+from gateskip.config import GateSkipConfig, special_token_ids
 from gateskip.core import add_gates, calibrate, gate_state
 from gateskip.errors import GateSkipError
 from gateskip.lora import attach_lora, merge_lora
@@ -42,7 +43,8 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           straight_through: bool = False, init: str | None = "fit", budget: str | None = None,
           fallback: str | None = None, fallback_rank: int = 64, fallback_batches: int = 8, train_fallback: bool = True,
           fallback_lr: float = 1e-4, fit_ratio: float = 0.45, save_dtype: str = "float32",
-          fallback_mlp: str | None = None, fallback_neurons: int = 64, fallback_rank_mlp: int | None = None) -> Path:
+          fallback_mlp: str | None = None, fallback_neurons: int = 64, fallback_rank_mlp: int | None = None,
+          protect_last: bool = True, protect_special: bool = False) -> Path:
     """Train gates on offline text and write a gates folder.
 
     The defaults are the best measured recipe on SmolLM2-135M (BENCHMARKS.md, "MLP tokens alone"): gates on the
@@ -57,7 +59,9 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     Args:
         model: base model: ``smollm2-135m`` (embedded), a local HF folder or a hub id.
         out: output folder (gates.safetensors, gateskip.json, train_log.jsonl, checkpoint/).
-        data: training text: boolq, lambada, shakespeare, mix, a .txt/.jsonl file, or a dataset.
+        data: training text: boolq, lambada, shakespeare, mix, qa, chat (the model's own greedy answers to chat
+            requests, in its chat template: self-distillation text, written once into the gateskip cache), several
+            joined by commas (interleaved, e.g. mix,chat), a .txt/.jsonl file, or a dataset.
         steps: optimizer steps.
         seq_len: tokens per packed row.
         batch_size: rows per micro-batch on each process (torchrun: the global batch is N times this).
@@ -87,6 +91,10 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         shared: one gate per module kind shared by all layers instead of one per layer.
         protect_first: never skip the first N tokens of a sequence (BOS, the attention sink), in
             training and (recorded in the gates folder) at inference; 0 is the paper's setting.
+        protect_last: never skip the last position of a prompt (its logits choose the first generated token;
+            skipping it turns chat answers into an immediate end of turn), recorded in the gates folder.
+        protect_special: never skip the tokenizer's special tokens (chat markers, BOS, EOS), recorded in the gates
+            folder as their ids.
         quant: train the gates on a 4-bit (int4) or 8-bit (int8) weight-only quantized backbone (frozen;
             gateskip.quantize), e.g. to run them quantized later: ``eval --quant int4``. none: float.
         straight_through: a skipped token's gate still receives the task gradient it would get if the
@@ -190,6 +198,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
     budget_ratios = read_budget(budget) if budget else None  # allocate.py
     gate_cfg = GateSkipConfig(gate=gate, rank=rank, init_bias=init_bias, init_std=init_std, kv=kv, modules=skip_modules,
                               placement=placement, shared=shared, protect_first=protect_first,
+                              protect_last=protect_last,
                               fallback="zero" if fallback == "keep" else fallback, fallback_rank=fallback_rank,
                               fallback_mlp=None if fallback == "keep" else fallback_mlp,
                               fallback_neurons=fallback_neurons, fallback_rank_mlp=fallback_rank_mlp)
@@ -203,6 +212,10 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         _seed_all(seed)
         dev = d.device if d.enabled else _device(device)
         net, tok = load_model(model, dtype=dtype)
+        data_name, data = data, resolve_chat_source(data, net, tok, model, log=(
+            lambda line: print(f"[gateskip train] {line}", flush=True)) if d.is_main else None)
+        if protect_special:
+            gate_cfg = dataclasses.replace(gate_cfg, protect_tokens=special_token_ids(tok))
         if auto_rank:  # a neurons fallback of unset rank: NEURONS_RANK, or the hidden size if smaller
             from gateskip.arch import text_config
 
@@ -256,7 +269,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         _finish(net, tok, peft_model, out_dir, data=data, backbone=backbone, modules=skip_modules,
                 calibrate_ratio=budget_ratios if budget_ratios else calibrate_ratio,
                 calibrate_batches=calibrate_batches, seq_len=seq_len, batch_size=batch_size, save_dtype=save_dtype,
-                meta_training={"quant": quant, "data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
+                meta_training={"quant": quant, "data": data_name, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
                                "world_size": d.world, "grad_accum": grad_accum, "lr": lr, "objective": objective,
                                "sparsity": sparsity_kind, "lam": lam, "max_ratio": max_ratio,
                                "min_ratio": min_ratio, "ramp_steps": ramp_steps, "seed": seed, "straight_through": straight_through,

@@ -1,0 +1,184 @@
+"""Chat generation: fidelity metrics on hand cases, the never-skip rules on every path, batched greedy answers
+against ``generate``, and the errors a user meets."""
+
+import pytest
+import torch
+
+import gateskip
+from gateskip.chat import greedy_answers
+from gateskip.core import gate_state
+from gateskip.errors import GateSkipError
+from gateskip.eval.chat_fidelity import is_empty, lcs_f1, matched, paired
+from gateskip.models import tiny_model, tiny_tokenizer
+from gateskip.state import GateState
+
+TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
+            "{% if add_generation_prompt %}<bos>assistant: {% endif %}")
+
+
+def chat_tokenizer():
+    tok = tiny_tokenizer()
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def test_lcs_f1_hand_cases():
+    assert lcs_f1([5, 6, 7], [5, 6, 7]) == 1.0
+    assert lcs_f1([], []) == 1.0
+    assert lcs_f1([], [4]) == 0.0 and lcs_f1([4], []) == 0.0
+    assert lcs_f1([1, 2, 3], [1, 3]) == pytest.approx(0.8)  # LCS 2: precision 2/3, recall 1
+    assert lcs_f1([1, 2], [3, 4]) == 0.0
+
+
+def test_empty_answers_count_as_empty():
+    tok = tiny_tokenizer()
+    assert is_empty(tok, [])
+    assert is_empty(tok, tok(" \n ", add_special_tokens=False)["input_ids"])
+    assert is_empty(tok, [tok.eos_token_id, tok.pad_token_id])
+    assert not is_empty(tok, tok("a", add_special_tokens=False)["input_ids"])
+
+
+def test_matched_interpolates_between_rows_and_never_extrapolates():
+    rows = [{"method": "g", "compute_saved": 0.1, "per_prompt": {"overlap": [1.0, 0.0]}},
+            {"method": "g", "compute_saved": 0.3, "per_prompt": {"overlap": [0.0, 1.0]}}]
+    assert matched(rows, "g", 0.15, "overlap") == pytest.approx([0.75, 0.25])
+    assert matched(rows, "g", 0.35, "overlap") is None
+    d, lo, hi = paired([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+    assert d == 1.0 and lo == hi == 1.0
+
+
+class Recorder(GateState):
+    """Records (input ids, skip mask) of every branch decision."""
+
+    def on_gate(self, branch, x, g, imp=None):
+        skip = super().on_gate(branch, x, g, imp)
+        if skip is not None:
+            self.seen.append((self.call.ids, self.call.prefill, skip.clone()))
+        return skip
+
+
+def recorded_model(cfg):
+    m = tiny_model("llama")
+    gateskip.add_gates(m, cfg, state_cls=Recorder)
+    gate_state(m).seen = []
+    return m
+
+
+@pytest.mark.parametrize("path", ["masked", "physical"])
+def test_never_skip_tokens_and_last_prompt_position(path):
+    protected = 7
+    m = recorded_model(gateskip.GateSkipConfig(protect_tokens=(protected,), protect_last=True))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 128, (3, 12), generator=g)
+    ids[:, ::3] = protected
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row
+    with torch.no_grad(), gateskip.skipping(m, ratio=0.9, policy="random", path=path):
+        out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True)
+    seen = gate_state(m).seen
+    assert any(not prefill for _, prefill, _ in seen), "decode steps decided too"
+    skipped_any = False
+    for call_ids, prefill, skip in seen:
+        skip = skip.reshape(call_ids.shape)
+        assert not skip[call_ids == protected].any(), "a protected token was skipped"
+        if prefill:
+            assert not skip[:, -1].any(), "the last prompt position was skipped"
+        skipped_any |= bool(skip.any())
+    assert skipped_any
+    if path == "physical":  # the same decisions on the masked path give the same text
+        gate_state(m).seen = []
+        with torch.no_grad(), gateskip.skipping(m, ratio=0.9, policy="random", path="masked"):
+            ref = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref.sequences)
+        for a, b in zip(out.logits, ref.logits):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_never_skip_token_in_one_token_decode():
+    """Decode at batch 1 under thresholds takes the one-token shortcut: a protected token must leave it."""
+    protected = 9
+    m = recorded_model(gateskip.GateSkipConfig(protect_tokens=(protected,)))
+    batches = [torch.randint(4, 128, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    gateskip.calibrate(m, batches, ratio=0.9)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    from transformers import DynamicCache
+
+    from gateskip.compat import model_cache_arg
+
+    cache = {model_cache_arg(m): DynamicCache()}
+    with torch.no_grad(), gateskip.skipping(m, ratio=0.9, policy="threshold"):
+        m(input_ids=prompt, use_cache=True, **cache)
+        gate_state(m).seen = []
+        m(input_ids=torch.tensor([[protected]]), use_cache=True, **cache)
+        assert all(not s.any() for _, _, s in gate_state(m).seen)
+        assert gate_state(m).counts[:, 0].sum() > 0  # the prompt did skip
+
+
+def test_rules_are_saved_with_the_gates(tmp_path):
+    m = tiny_model("llama")
+    gateskip.add_gates(m, gateskip.GateSkipConfig(protect_tokens=(3, 2), protect_last=True))
+    gateskip.save_gates(m, tmp_path / "g")
+    m2 = tiny_model("llama")
+    gateskip.load_gates(m2, tmp_path / "g")
+    cfg = gate_state(m2).cfg
+    assert cfg.protect_tokens == (2, 3) and cfg.protect_last is True
+    with pytest.raises(GateSkipError, match="protect_tokens"):
+        gateskip.GateSkipConfig(protect_tokens=(-1,))
+
+
+def test_special_token_ids():
+    assert set(gateskip.special_token_ids(tiny_tokenizer())) == {0, 1, 2, 3}
+
+
+def test_ratio_zero_chat_generation_equals_the_model_without_gates():
+    """Gates that leave the backbone unchanged (bias 30: every gate exactly 1) at ratio 0 write what the original
+    model writes, token for token, in the chat format; ``greedy_answers`` (batched, left-padded, ended rows masked)
+    writes what ``generate`` writes one prompt at a time."""
+    from gateskip.chat import pad_id, stop_ids, template_ids
+    from gateskip.commands.generate import complete
+
+    tok = chat_tokenizer()
+    plain = tiny_model("llama")
+    gated = tiny_model("llama")
+    gateskip.add_gates(gated, gateskip.GateSkipConfig(init_bias=30.0, init_std=0.0))
+    for prompt in ("hi there", "what is the cat doing on the mat?"):
+        text, _, _, _ = complete(gated, tok, prompt, skip=0.0, policy="quantile", max_new_tokens=10)
+        enc = tok(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                          add_generation_prompt=True), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            ref = plain.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert text == tok.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    prompts = [template_ids(tok, p) for p in ("hi", "tell me about the dog and the log", "a bird?")]
+    ans = greedy_answers(gated, prompts, 8, stop_ids(tok), pad_id(tok), batch=3)
+    for p, a, stopped in zip(prompts, ans.tokens, ans.stopped):
+        with torch.no_grad():
+            ref = plain.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+        if stopped:
+            assert ref[-1] in stop_ids(tok)
+            ref = ref[:-1]
+        assert a == ref
+
+
+def test_chat_errors_are_one_line():
+    m = tiny_model("llama")
+    with pytest.raises(GateSkipError, match="exceeds the model's context"):
+        greedy_answers(m, [[5] * (m.config.max_position_embeddings - 2)], 8, [2], 0)
+    from gateskip.commands.eval import evaluate
+
+    with pytest.raises(GateSkipError, match="unknown suite"):
+        evaluate(suite="nosuch", gates=None)
+    from gateskip.commands.eval_chat import settings
+
+    with pytest.raises(GateSkipError, match="unknown chat method"):
+        settings("0.5", None, None, ["gateskip", "best"], "threshold", ["mlp"], None, None, None, 0)
+
+
+def test_chat_requests_are_split():
+    pytest.importorskip("pyarrow")
+    from gateskip.chat import chat_requests
+
+    held, train = chat_requests("heldout", 200), chat_requests("train", 500)
+    assert len(set(held)) == 200 and not set(held) & set(train)
