@@ -182,3 +182,27 @@ def test_chat_requests_are_split():
 
     held, train = chat_requests("heldout", 200), chat_requests("train", 500)
     assert len(set(held)) == 200 and not set(held) & set(train)
+
+
+def test_chat_fidelity_run_writes_a_report(tmp_path):
+    """End to end on a tiny model: the dense row measured against itself scores overlap 1, NLL x1 and no skipping;
+    every method's row is in the report, with the sample answers."""
+    pytest.importorskip("pyarrow")
+    from gateskip.commands.eval_chat import settings
+    from gateskip.eval.chat_fidelity import run, write
+
+    tok = chat_tokenizer()
+    m = tiny_model("llama")
+    m.config.max_position_embeddings = 2048  # character-level prompts of the chat template are long
+    gateskip.add_gates(m, gateskip.GateSkipConfig(protect_last=True))
+    rows = settings("0.5", "0.5", "0.5", ["gateskip", "random", "oracle"], "quantile", ["attn", "mlp"], None, None,
+                    None, 0)
+    res = run(m, tok, rows, n=4, max_new_tokens=4, batch=2)
+    dense = res["rows"][0]
+    assert dense["summary"]["overlap"] == 1.0 and dense["summary"]["nll_ratio"] == pytest.approx(1.0)
+    assert dense["compute_saved"] == 0.0
+    assert all(r["compute_saved"] > 0 for r in res["rows"][1:])
+    text = write(res, tmp_path).read_text()
+    for method in ("dense", "gateskip", "random", "oracle"):
+        assert f"| {method} |" in text
+    assert (tmp_path / "chat.json").is_file()

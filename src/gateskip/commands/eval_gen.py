@@ -1,0 +1,44 @@
+"""``gateskip eval --suite gen``: generative tasks with checkable answers (eval/gentasks.py), a gates folder
+between its floor (random) and ceiling (oracle) at matched compute; writes OUT/gen.md, gen.json, gen.png."""
+
+from __future__ import annotations
+
+import time
+
+from gateskip.errors import GateSkipError
+from gateskip.eval import gentasks
+
+GEN_METHODS = ("gateskip", "random", "oracle")
+
+
+def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, methods, policy, modules, kv,
+                 limit, out, batch_size, protect_first, protect_last, seed) -> dict:
+    """The original model on every task/format of ``tasks`` (None: all of them), then the ``methods`` rows on
+    the qualifying ones; no ``methods`` (``--methods none``): the qualification run alone."""
+    from gateskip.commands.eval_chat import settings
+    from gateskip.eval.inputs import prepare_run
+    from gateskip.loading import load_for_inference
+
+    specs = gentasks.parse_specs(tasks)
+    unknown = [m for m in methods if m not in GEN_METHODS]
+    if unknown:
+        raise GateSkipError(f"unknown gen method(s) {', '.join(unknown)}: choose from "
+                            f"{', '.join(GEN_METHODS)} or none (dense only: the qualification run)")
+    if methods and not gates:
+        raise GateSkipError("--suite gen measures a gates folder: pass --gates DIR (or --methods none for "
+                            "the qualification run of the original model)")
+    rows = settings(ratios, random_ratios, oracle_ratios, methods, policy, modules, kv, protect_first,
+                    protect_last, seed)
+    prepare_run(limit, out)
+    net, tok = load_for_inference(model, gates)
+    t0 = time.perf_counter()
+    res = gentasks.run(net, tok, rows, specs, limit or None, batch=max(batch_size, 16),
+                       log=lambda line: print(f"[gateskip eval gen] {line}", flush=True))
+    res["config"] = {"gates": gates, "model": model, "tasks": [f"{t}:{f}" for t, f in specs],
+                     "policy": policy, "methods": list(methods), "modules": list(modules), "kv": kv,
+                     "protect_first": protect_first, "protect_last": protect_last, "seed": seed,
+                     "seconds": round(time.perf_counter() - t0, 1)}
+    path = gentasks.write(res, out)
+    print(path.read_text())
+    print(f"[gateskip] wrote {out}/gen.md, gen.json" + (", gen.png" if res["analysis"]["tasks"] else ""))
+    return res

