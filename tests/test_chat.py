@@ -206,3 +206,28 @@ def test_chat_fidelity_run_writes_a_report(tmp_path):
     for method in ("dense", "gateskip", "random", "oracle"):
         assert f"| {method} |" in text
     assert (tmp_path / "chat.json").is_file()
+
+
+def test_chat_source_is_written_once_and_packed(tmp_path, monkeypatch):
+    """``--data mix,chat``: the chat part becomes a .jsonl of the model's own answers in its template, written once
+    (a second call reuses the file) and readable as training text."""
+    pytest.importorskip("pyarrow")
+    import json
+    import os
+
+    from gateskip.chat import resolve_chat_source
+    from gateskip.data import load_texts
+
+    monkeypatch.setenv("GATESKIP_CACHE", str(tmp_path / "models"))
+    tok = chat_tokenizer()
+    m = tiny_model("llama")
+    m.config.max_position_embeddings = 2048
+    data = resolve_chat_source("shakespeare,chat", m, tok, "tiny/llama", n=4)
+    first, path = data.split(",")
+    assert first == "shakespeare" and path.endswith(".jsonl")
+    stamp = os.path.getmtime(path)
+    assert resolve_chat_source("chat", m, tok, "tiny/llama", n=4) == path
+    assert os.path.getmtime(path) == stamp
+    rows = [json.loads(line)["text"] for line in open(path)]
+    assert len(rows) == 4 and all(r.startswith("<bos>user: ") and "<bos>assistant: " in r for r in rows)
+    assert set(load_texts(path, split="train")) <= set(rows)

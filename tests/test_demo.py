@@ -22,7 +22,7 @@ def test_recipe_writes_a_folder_with_fallbacks_and_the_matched_compute_table(tmp
     assert st.cfg.fallback == "lowrank"
     if recipe == "best":  # train's defaults: MLP branches only, each with a neurons fallback
         assert st.cfg.modules == ("mlp",) and st.cfg.fallback_of("mlp") == "neurons"
-    assert bool(st.loaded.backup) == (recipe == "best")  # healed: LoRA deltas merged into the backbone
+    assert not st.loaded.backup  # the backbone is untouched (best heals gates and fallbacks on a frozen backbone)
     md = (out / "compare" / "compare.md").read_text()
     assert "| both | 0.6 |" in md and "shortgpt+linear" in md
     # (on this tiny model a neurons fallback costs about what a skipped MLP token saves: no level of 10-40% is

@@ -350,8 +350,9 @@ def test_shipped_recipes_best_is_trains_defaults_and_paper_is_the_papers(capsys)
 
     assert {"best", "demo", "paper"} <= set(names())
     defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
-    demo = load_recipe("demo")  # make demo's training: train's defaults with a short run, nothing else changed
-    assert set(demo) == {"steps", "fallback_batches"} and demo["steps"] < defaults["steps"]
+    demo = load_recipe("demo")  # make demo's training: train's defaults with a short run and fewer chat answers
+    assert set(demo) == {"steps", "fallback_batches", "chat_texts"} and demo["steps"] < defaults["steps"]
+    assert demo["chat_texts"] < defaults["chat_texts"]
     best = load_recipe("best")
     assert best and {k: defaults[k] for k in best} == best  # written out, the defaults themselves
     paper = load_recipe("paper")

@@ -174,8 +174,13 @@ def chat_texts(net, tok, n: int, max_new_tokens: int = CHAT_TOKENS, batch: int =
                progress: Callable[[int], None] | None = None) -> list[str]:
     """Self-distillation text: ``n`` requests of ``split`` in the chat template, each followed by the model's own
     greedy answer (run it on the original model: gates bypassed or not yet added)."""
-    requests = chat_requests(split, n)
-    prompts = [template_ids(tok, r) for r in requests]
+    prompts = [template_ids(tok, r) for r in chat_requests(split, n)]
+    limit = getattr(net.config, "max_position_embeddings", None)
+    if limit:  # training text: a request that leaves no room for its answer is left out, not cut
+        prompts = [p for p in prompts if len(p) + max_new_tokens <= limit]
+        if not prompts:
+            raise GateSkipError(f"no chat request fits the model's context of {limit} with {max_new_tokens} new "
+                                "tokens: use a model with a longer context")
     ans = greedy_answers(net, prompts, max_new_tokens, stop_ids=stop_ids(tok), pad_id=pad_id(tok), batch=batch,
                          progress=progress)
     return [tok.decode(p + a, skip_special_tokens=False) for p, a in zip(prompts, ans.tokens)]
@@ -218,11 +223,12 @@ def chat_data_file(net, tok, source: str, n: int = CHAT_TEXTS, max_new_tokens: i
     return path
 
 
-def resolve_chat_source(data: str, net, tok, model: str, log: Callable[[str], None] | None = None) -> str:
-    """``data`` with each ``chat`` part replaced by the self-distillation file of ``model`` (``chat_data_file``, made
-    once with ``net`` as it is: call it before gates are added or changed)."""
+def resolve_chat_source(data: str, net, tok, model: str, n: int = CHAT_TEXTS,
+                        log: Callable[[str], None] | None = None) -> str:
+    """``data`` with each ``chat`` part replaced by the self-distillation file of ``model`` (``n`` answers:
+    ``chat_data_file``, made once with ``net`` as it is: call it before gates are added or changed)."""
     parts = [p.strip() for p in str(data).split(",")]
     if "chat" not in parts:
         return data
-    path = chat_data_file(net, tok, model, log=log)
+    path = chat_data_file(net, tok, model, n=n, log=log)
     return ",".join(str(path) if p == "chat" else p for p in parts)

@@ -28,7 +28,7 @@ RECIPES = ("best", "fit", "paper")
 def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "best", batches: int | None = None,
          heal_steps: int | None = None, compare: list[float] = (0.15, 0.3, 0.45, 0.6, 0.7, 0.8), baselines: list[int] = (3, 6, 9, 12),
          steps: int = 40, gate: str = "lowrank",
-         ratio: float | None = None, prompts: int = 2, max_new_tokens: int = 40, evaluate: bool = True,
+         ratio: float | None = None, prompts: int = 2, max_new_tokens: int = 64, evaluate: bool = True,
          limit: int = 60, ratios: list[str] = ("0.15", "0.3", "0.45"), methods: list[str] = ("gateskip", "random", "shortgpt"),
          threads: int = 2) -> None:
     """Run the main job on the embedded default model: make gates, generate with skipping, compare.
@@ -141,10 +141,10 @@ def _generate(model: str, gates_dir: Path, ratio: float, prompts: int, max_new_t
         print(f"\n### {prompt}")
         with original_backbone(net):  # the original model (a healed folder's LoRA deltas taken out)
             text, _s, seconds, n = complete(net, tok, prompt, skip=0.0, max_new_tokens=max_new_tokens)
-        print(f"--- dense (the original model): {n / seconds:.1f} tokens/s")
+        print(f"--- dense (the original model): {n} new tokens, {n / seconds:.1f} tokens/s")
         print(text.strip())
         text, s, seconds, n = complete(net, tok, prompt, skip=ratio, max_new_tokens=max_new_tokens)
-        print(f"--- skip {ratio:g}: {summary_line(s, 'threshold', ratio)}, {n / seconds:.1f} tokens/s")
+        print(f"--- skip {ratio:g}: {summary_line(s, 'threshold', ratio)}, {n} new tokens, {n / seconds:.1f} tokens/s")
         print(text.strip())
     remove_gates(net)
 

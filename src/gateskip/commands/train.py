@@ -16,7 +16,7 @@ import torch
 
 from gateskip import distributed as gdist
 from gateskip.allocate import read_budget
-from gateskip.chat import resolve_chat_source
+from gateskip.chat import CHAT_TEXTS, resolve_chat_source
 from gateskip.checkpoint import SAVE_DTYPES, atomic_write, save_gates
 from gateskip.config import GateSkipConfig, special_token_ids
 from gateskip.core import add_gates, calibrate, gate_state
@@ -30,9 +30,9 @@ from gateskip.train import BACKBONES, OBJECTIVES, _check_ladder, fit
 NEURONS_RANK = 128  # the default neurons fallback's rank (BENCHMARKS.md, "A nonlinear MLP fallback")
 
 
-def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix", steps: int = 300,
+def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix,chat", steps: int = 150,
           seq_len: int = 256, batch_size: int = 4, grad_accum: int = 1, lr: float = 1e-3,
-          backbone: str = "lora", backbone_lr: float = 1e-3, lora_rank: int = 8,
+          backbone: str = "frozen", backbone_lr: float = 1e-3, lora_rank: int = 8,
           objective: str = "distill", sparsity_kind: str = "l2", lam: float = 0.0, kl_target: float = 0.5,
           max_ratio: float = 0.6, min_ratio: float | None = None, ramp_steps: int | None = None,
           modules: list[str] | None = None, warmup: int = 20, gate: str = "lowrank", rank: int = 16, init_bias: float = 5.0, init_std: float = 0.01, kv: str = "compute",
@@ -44,13 +44,16 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
           fallback: str | None = None, fallback_rank: int = 64, fallback_batches: int = 8, train_fallback: bool = True,
           fallback_lr: float = 1e-4, fit_ratio: float = 0.45, save_dtype: str = "float32",
           fallback_mlp: str | None = None, fallback_neurons: int = 64, fallback_rank_mlp: int | None = None,
-          protect_last: bool = True, protect_special: bool = False) -> Path:
+          protect_last: bool = True, protect_special: bool = False, chat_texts: int = CHAT_TEXTS) -> Path:
     """Train gates on offline text and write a gates folder.
 
-    The defaults are the best measured recipe on SmolLM2-135M (BENCHMARKS.md, "MLP tokens alone"): gates on the
-    MLP branches only, each with a neurons fallback (64 of its own neurons and a rank-128 map), fitted in closed
-    form (``init="fit"``, as ``gateskip fit``), then trained end to end by self-distillation with LoRA on the
-    backbone, skipping 60% of the MLP tokens (no sparsity penalty: the budget sets the skipping).
+    The defaults are the best measured recipe on SmolLM2-135M for chat generation (BENCHMARKS.md, "Generation:
+    chat fidelity"; ``artifacts/smollm2-chat``): gates on the MLP branches only, each with a neurons fallback (64 of
+    its own neurons and a rank-128 map), fitted in closed form (``init="fit"``, as ``gateskip fit``), then trained
+    end to end by self-distillation on a frozen backbone, skipping 60% of the MLP tokens (no sparsity penalty: the
+    budget sets the skipping), on text that includes the model's own chat answers (``--data mix,chat``); each
+    prompt's last position never skips. ``--backbone lora --steps 300 --data mix`` is the recipe of
+    ``artifacts/smollm2-mlp`` (best on the core suite, but its answers to chat requests stop early).
     ``--modules attn,mlp --fallback lowrank --max-ratio 0.4 --fit-ratio 0.3 --calibrate-ratio 0.3`` is the
     earlier best (both kinds, low-rank fallbacks: ``artifacts/smollm2-healed``). The paper's recipe is one flag
     away: ``--config paper`` (vector gates, zero for skipped tokens, cross-entropy + 0.1 L2 sparsity, ratio ramped
@@ -93,6 +96,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
             training and (recorded in the gates folder) at inference; 0 is the paper's setting.
         protect_last: never skip the last position of a prompt (its logits choose the first generated token;
             skipping it turns chat answers into an immediate end of turn), recorded in the gates folder.
+        chat_texts: with --data chat: how many self-distillation answers to write (once per model and number).
         protect_special: never skip the tokenizer's special tokens (chat markers, BOS, EOS), recorded in the gates
             folder as their ids.
         quant: train the gates on a 4-bit (int4) or 8-bit (int8) weight-only quantized backbone (frozen;
@@ -212,7 +216,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", data: str = "mix
         _seed_all(seed)
         dev = d.device if d.enabled else _device(device)
         net, tok = load_model(model, dtype=dtype)
-        data_name, data = data, resolve_chat_source(data, net, tok, model, log=(
+        data_name, data = data, resolve_chat_source(data, net, tok, model, n=chat_texts, log=(
             lambda line: print(f"[gateskip train] {line}", flush=True)) if d.is_main else None)
         if protect_special:
             gate_cfg = dataclasses.replace(gate_cfg, protect_tokens=special_token_ids(tok))

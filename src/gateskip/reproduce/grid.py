@@ -16,7 +16,7 @@ BASE = {"gate": "vector", "shared": False, "placement": "after", "modules": "att
         "backbone": "full", "objective": "ce"}
 # train()'s defaults are the best measured recipe (fitted fallbacks, LoRA healing); the grid reproduces the
 # paper's gates, so these are pinned on every run (outside the cell's settings key: the cells are unchanged).
-PAPER_PINS = {"init": "none", "fallback": "zero", "protect_first": 0, "train_fallback": False}
+PAPER_PINS = {"init": "none", "fallback": "zero", "protect_first": 0, "protect_last": False, "train_fallback": False}
 BASELINE_METHODS = ("mod", "mod_topk", "early_exit")
 TARGETS = (0.15, 0.25, 0.35)  # compute-saved levels every cell's sweep must cover (ratios_for aims at them)
 
