@@ -24,7 +24,6 @@ prompts. ``gateskip`` is bracketed by ``random`` (same gates folder, fallbacks a
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -268,19 +267,12 @@ def plot(res: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
 def write(res: dict, out: str | Path) -> Path:
-    from gateskip.checkpoint import atomic_write
+    """OUT/chat.json, chat.md and chat.png."""
+    from gateskip.eval.outputs import write_run
 
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "chat.json", lambda p: Path(p).write_text(json.dumps(res, indent=1)))
-    atomic_write(folder / "chat.md", lambda p: Path(p).write_text(report(res)))
-    try:
-        plot(res, folder / "chat.png")
-    except ImportError:
-        pass
-    return folder / "chat.md"
+    return write_run(out, "chat", res, report(res), plot)

@@ -430,12 +430,6 @@ def plot(res: dict, path: Path) -> None:
 
 def write(res: dict, out: str | Path) -> Path:
     """OUT/gen.json, gen.md and (when tasks were swept) gen.png, each written, then renamed."""
-    from gateskip.checkpoint import atomic_write
+    from gateskip.eval.outputs import write_run
 
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "gen.json", lambda p: Path(p).write_text(json.dumps(res, indent=1)))
-    atomic_write(folder / "gen.md", lambda p: Path(p).write_text(report(res)))
-    if res["analysis"]["tasks"]:
-        atomic_write(folder / "gen.png", lambda p: plot(res, Path(p)))
-    return folder / "gen.md"
+    return write_run(out, "gen", res, report(res), plot if res["analysis"]["tasks"] else None)
