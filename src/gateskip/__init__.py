@@ -10,6 +10,7 @@ Public API (see README.md):
 """
 
 from gateskip.analysis import importances
+from gateskip.chat import stop_ids
 from gateskip.checkpoint import load_gates, save_gates
 from gateskip.config import GateSkipConfig, special_token_ids
 from gateskip.core import add_gates, calibrate, gate_parameters, is_gated, remove_gates, skipping, stats
@@ -29,5 +30,5 @@ def load_model(*args, **kwargs):
 __all__ = [
     "GateSkipConfig", "GateSkipError", "__version__", "add_gates", "calibrate", "fit_fallback", "gate_parameters",
     "importances", "is_gated", "load_gates", "load_model", "remove_gates", "save_gates", "skipping",
-    "special_token_ids", "speculative_generate", "stats",
+    "special_token_ids", "speculative_generate", "stats", "stop_ids",
 ]

@@ -13,6 +13,7 @@ policies.py, physical.py, kv.py, flops.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -27,7 +28,9 @@ from gateskip.fallback import make_fallback
 from gateskip.flops import model_flops
 from gateskip.gates import Gate
 from gateskip.policies import ORACLES, check_policy, check_ratio, threshold_from_grid
+from gateskip.recheck import after_call as recheck_after_call
 from gateskip.record import model_record, peek
+from gateskip.saved import SavedBudget, after_call, before_call, check_saved, with_ratio
 from gateskip.state import GateState, Plan
 from gateskip.wrap import GatedBranch
 
@@ -83,7 +86,8 @@ def add_gates(model: nn.Module, cfg: GateSkipConfig | None = None, state_cls: ty
             if post_attr:  # the norm now runs inside the branch, before the gate (see arch.py)
                 setattr(layer, post_attr, nn.Identity())
             state.branches.append(branch)
-    handles = [model.register_forward_pre_hook(_begin_call, with_kwargs=True)]
+    handles = [model.register_forward_pre_hook(_begin_call, with_kwargs=True),
+               model.register_forward_hook(_end_call, with_kwargs=True)]
     head = model.get_output_embeddings()
     if head is not None:
         handles.append(head.register_forward_hook(lambda _m, _a, out: _count_lm_rows(state, out)))
@@ -130,7 +134,8 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
              modules: Iterable[str] = ("attn", "mlp"), kv: str | None = None, seed: int = 0, path: str = "auto",
              allocation: str = "uniform", protect_first: int | None = None, straight_through: bool = False,
              sync_free: bool | None = None, protect_last: bool | None = None,
-             protect_tokens: Iterable[int] | None = None):
+             protect_tokens: Iterable[int] | None = None, recheck_tokens: Iterable[int] | None = None,
+             recheck_below: float = 0.0, saved: float | None = None):
     """Run ``model`` with a per-layer skip budget inside the ``with`` block.
 
     Args:
@@ -154,6 +159,13 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         protect_last: never skip the last position of a prompt (a call with nothing cached): the one whose logits
             give the first generated token. Default: the gate config's.
         protect_tokens: token ids never skipped (e.g. ``gateskip.special_token_ids(tok)``); default: the gate config's.
+        recheck_tokens: generation: a forward call whose top next token is one of these ids (e.g. the stop tokens,
+            ``gateskip.stop_ids(tok)``) is computed again for that row without skipping (recheck.py); its compute is
+            counted. An answer then ends only where the model without skipping ends it on the same prefix.
+        recheck_below: the same for rows whose top next-token probability is below this value (0: off).
+        saved: a budget in FLOP-weighted compute saved instead of ``ratio``: after every forward call the ratio of
+            every branch of ``modules`` is steered so that the compute saved on the text run so far lands at this
+            fraction (gates, fallbacks and rechecks counted; saved.py). Any per-token policy; not with a ratio.
         straight_through: training only (masked path, gates after the branch): a skipped token's output
             is still 0, but its gate receives the gradient it would get if the token were kept.
         sync_free: never read a branch's skip decision back from the device (a GPU sync per branch).
@@ -189,6 +201,11 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     last = st.cfg.protect_last if protect_last is None else bool(protect_last)
     never = tuple(st.cfg.protect_tokens if protect_tokens is None else GateSkipConfig(protect_tokens=protect_tokens)
                   .protect_tokens)
+    if saved is not None:
+        if ratio or allocation != "uniform":
+            raise GateSkipError("saved= sets the budget in compute saved and steers one ratio for every branch: "
+                                "leave ratio and allocation at their defaults")
+        ratio = 0.0
     if allocation == "global":
         ratios = _global_ratios(st, ratio, modules, kv)
     else:
@@ -210,13 +227,33 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         sync_free = next(model.parameters()).device.type != "cpu"
     st.plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=thresholds, generator=gen, path=path,
                    protect=int(protect), straight_through=bool(straight_through), sync_free=bool(sync_free),
-                   protect_last=last, protect_tokens=torch.tensor(never, dtype=torch.long) if never else None)
+                   protect_last=last, protect_tokens=torch.tensor(never, dtype=torch.long) if never else None,
+                   recheck_tokens=_recheck_ids(recheck_tokens), recheck_below=_check_below(recheck_below))
+    if saved is not None:
+        weights = [1.0 if b.kind in modules else 0.0 for b in st.branches]
+        budget = SavedBudget(st, check_saved(saved), weights, (policy, modules, kv, round(float(saved), 6)))
+        st.plan = with_ratio(st, dataclasses.replace(st.plan, budget=budget), budget.ratio(True))
     st.reset_stats()
     st.call.one_token = False  # set per forward call (begin_call) for the plan in force
     try:
         yield st.plan
     finally:
         st.plan, st.call.one_token = previous, False
+
+
+def _recheck_ids(ids) -> torch.Tensor | None:
+    if ids is None:
+        return None
+    ids = sorted({int(i) for i in ids})
+    if not ids or ids[0] < 0:
+        raise GateSkipError(f"recheck_tokens={ids!r} is invalid: give token ids >= 0, e.g. gateskip.stop_ids(tok)")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _check_below(p: float) -> float:
+    if not 0.0 <= float(p) < 1.0:
+        raise GateSkipError(f"recheck_below={p!r} is invalid: use a probability in [0, 1), 0 for off")
+    return float(p)
 
 
 def _global_ratios(st: GateState, ratio, modules: tuple[str, ...], kv: str) -> list[float]:
@@ -258,41 +295,13 @@ def stats(model: nn.Module) -> dict:
     st = gate_state(model)
     if st.counts is None:
         raise GateSkipError("no statistics yet: run the model inside `with gateskip.skipping(model, ...)` first")
-    f = st.flops
-    c = st.counts.double().cpu()
-    skipped, valid, kept_ctx, valid_ctx = c.unbind(-1)
     kv = st.plan.kv if st.plan is not None else st.cfg.kv
-    dense = executed = 0.0
-    per_module, frac_by_kind = {}, {"attn": [], "mlp": []}
+    dense, executed, per_module, frac_by_kind = _flops(st, st.counts, st.stats.lm_rows, kv)
+    rerun, rechecked = st.stats.recheck, 0
+    if rerun is not None:  # dense reruns (recheck.py): executed on top, the reference is the calls as asked
+        executed += _flops(st, rerun.counts(None), rerun.lm_rows, kv)[1]
+        rechecked = rerun.rows
     kinds = {b.kind for b in st.branches}
-    for b in st.branches:
-        i = b.index
-        n, s = float(valid[i]), float(skipped[i])
-        kept = n - s
-        if b.kind == "attn":
-            d = n * (f.attn_qo + f.attn_kv) + f.attn_ctx * float(valid_ctx[i])
-            e = kept * f.attn_qo + (kept if kv == "copy" else n) * f.attn_kv + f.attn_ctx * float(kept_ctx[i])
-        else:
-            d, e = n * f.mlp, kept * f.mlp
-        e += n * f.gate
-        e += s * f.fallback_for(b.kind)  # a skipped token runs its fallback instead (fallback.py)
-        # The other branch of the layer when it has no gate (cfg.modules a subset) runs densely on the same
-        # tokens: the same cost on both sides, and 0 tokens skipped. An MLP branch's valid_ctx is the context
-        # its layer's attention attends to (Stats.queue).
-        if "attn" not in kinds:
-            ungated = n * (f.attn_qo + f.attn_kv) + f.attn_ctx * float(valid_ctx[i])
-        elif "mlp" not in kinds:
-            ungated = n * f.mlp
-        else:
-            ungated = 0.0
-        dense += d + ungated
-        executed += e + ungated
-        frac = s / n if n else 0.0
-        per_module[b.name] = {"skipped": frac, "tokens": int(n)}
-        frac_by_kind[b.kind].append(frac)
-    lm = st.stats.lm_rows * f.lm_head
-    dense += lm
-    executed += lm
     all_fracs = frac_by_kind["attn"] + frac_by_kind["mlp"]
     all_fracs += [0.0] * (len(all_fracs) if len(kinds) == 1 else 0)  # the ungated branches skip nothing
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
@@ -303,7 +312,7 @@ def stats(model: nn.Module) -> dict:
         "mlp_skipped": mean(frac_by_kind["mlp"]),
         "flops_dense": dense,
         "flops_executed": executed,
-        "gate_flops": float(valid.sum()) * f.gate,
+        "gate_flops": float(st.counts[:, 1].sum()) * st.flops.gate,
         "forward_calls": st.stats.calls,
         "policy": st.plan.policy if st.plan is not None else None,
         "path": _path_summary(st.stats.path_calls),  # physical / masked / mixed / dense (nothing was skipped)
@@ -312,7 +321,21 @@ def stats(model: nn.Module) -> dict:
         # the quantile policy, whose count is known on the host)
         "sync_calls": st.stats.sync_calls,
         "per_module": per_module,
+        "rechecked": rechecked,  # rows computed again without skipping (recheck.py), their compute counted
     }
+
+
+def _flops(st: GateState, counts: torch.Tensor, lm_rows: int, kv: str) -> tuple[float, float, dict, dict]:
+    """(dense FLOPs, executed FLOPs, per-module skipped fractions, fractions by kind) of per-branch ``counts``."""
+    c = counts.double().cpu()
+    e_cost, d_cost = st.flops_by_branch(kv)
+    lm = lm_rows * st.flops.lm_head
+    per_module, frac_by_kind = {}, {"attn": [], "mlp": []}
+    for b, (s, n) in zip(st.branches, c[:, :2].tolist()):
+        frac = s / n if n else 0.0
+        per_module[b.name] = {"skipped": frac, "tokens": int(n)}
+        frac_by_kind[b.kind].append(frac)
+    return float((c * d_cost).sum()) + lm, float((c * e_cost).sum()) + lm, per_module, frac_by_kind
 
 
 def _path_summary(calls: dict) -> str:
@@ -435,7 +458,20 @@ def _begin_call(model, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         past = get_cache(kwargs)
         cached = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-        peek(model).state.begin_call(*tokens, ids=ids, prefill=not cached)
+        st = peek(model).state
+        if st.plan is not None and st.plan.budget is not None and not st.rechecking:
+            before_call(st, not cached)
+        st.begin_call(*tokens, ids=ids, prefill=not cached)
+
+
+def _end_call(model, args, kwargs, output):
+    """Model-level forward hook: the dense recheck of this call's triggered rows (recheck.py), then, under a
+    compute-saved budget, the next call's ratio (saved.py)."""
+    out = recheck_after_call(model, args, kwargs, output)
+    st = peek(model).state
+    if st is not None and st.plan is not None and st.plan.budget is not None and not st.rechecking:
+        after_call(st)
+    return out
 
 
 def _count_lm_rows(st: GateState, output: torch.Tensor) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from gateskip.arch import text_config
 from gateskip.config import GateSkipConfig
 from gateskip.gates import gate_flops
@@ -30,6 +32,38 @@ class LayerFlops:
     def fallback_for(self, kind: str) -> int:
         """FLOPs a skipped token of a ``kind`` branch spends in its fallback."""
         return self.fallback_mlp if kind == "mlp" else self.fallback
+
+
+def branch_costs(f: LayerFlops, kinds: list[str], kv: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(executed, dense): [branches, 4] FLOPs per unit of each column of the statistics' per-branch counts
+    ``[skipped, valid, kept_ctx, valid_ctx]`` (state.Stats), for branches of ``kinds`` (in order), so that
+    ``(counts * executed).sum()`` is what a physical run executes and ``(counts * dense).sum()`` what the dense model
+    without gates does on the same tokens (LM head rows aside).
+
+    A kept token runs its branch and gate; a skipped one its gate and fallback, and under ``kv="compute"`` its K/V
+    projections. Attention over the context costs per position attended (kept tokens' context for the executed side).
+    When only one kind has gates, the layer's other branch runs densely on both sides (an MLP branch's ``valid_ctx``
+    is the context its layer's attention attends to: Stats.queue)."""
+    gated = set(kinds)
+    qkv = f.attn_qo + f.attn_kv
+    executed, dense = [], []
+    for kind in kinds:
+        if kind == "attn":
+            saved = f.attn_qo + (f.attn_kv if kv == "copy" else 0)
+            e = [f.fallback_for(kind) - saved, qkv + f.gate, f.attn_ctx, 0.0]
+            d = [0.0, qkv, 0.0, f.attn_ctx]
+        else:
+            e = [f.fallback_for(kind) - f.mlp, f.mlp + f.gate, 0.0, 0.0]
+            d = [0.0, f.mlp, 0.0, 0.0]
+        if "attn" not in gated:  # the ungated other branch, the same on both sides
+            extra = [0.0, qkv, 0.0, f.attn_ctx]
+        elif "mlp" not in gated:
+            extra = [0.0, f.mlp, 0.0, 0.0]
+        else:
+            extra = [0.0] * 4
+        executed.append([a + b for a, b in zip(e, extra)])
+        dense.append([a + b for a, b in zip(d, extra)])
+    return torch.tensor(executed, dtype=torch.float64), torch.tensor(dense, dtype=torch.float64)
 
 
 def model_flops(model, cfg: GateSkipConfig) -> LayerFlops:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gateskip.config import GateSkipConfig
-from gateskip.flops import LayerFlops
+from gateskip.flops import LayerFlops, branch_costs
 from gateskip.gates import importance
 from gateskip.policies import quantile_count, quantile_skip, random_skip, threshold_skip
 
@@ -40,14 +40,24 @@ class Plan:
     # physical path sized from host-known counts only: no device-to-host read per branch (GPU; physical.py)
     sync_free: bool = False
     host_thr: dict = field(default_factory=dict, repr=False)  # dtype -> host_thresholds (decode at batch 1)
+    # dense recheck (recheck.py): rows whose top next token is one of these ids, or whose top probability is below
+    # ``recheck_below``, are computed again without skipping
+    recheck_tokens: torch.Tensor | None = None
+    recheck_below: float = 0.0
+    budget: object | None = None  # saved.SavedBudget: the ratio is steered to a compute-saved target (saved.py)
+
+    @functools.cached_property
+    def rechecks(self) -> bool:
+        """A recheck rule is set and anything can skip (at ratio 0 a rerun would compute the same)."""
+        return (self.recheck_tokens is not None or self.recheck_below > 0.0) and any(r > 0.0 for r in self.ratios)
 
     def host_thresholds(self, dtype: torch.dtype) -> list[float | None]:
         """Per branch: the threshold as a host float, rounded to ``dtype`` as the tensor comparison rounds it
         (None where the branch does not skip)."""
         t = self.host_thr.get(dtype)
-        if t is None:
-            t = self.host_thr[dtype] = [float(thr.to(dtype)) if r > 0.0 else None
-                                        for thr, r in zip(self.thresholds, self.ratios)]
+        if t is None:  # one stack and one read for all branches
+            values = torch.stack([thr.reshape(()).cpu() for thr in self.thresholds]).to(dtype).tolist()
+            t = self.host_thr[dtype] = [v if r > 0.0 else None for v, r in zip(values, self.ratios)]
         return t
 
     @functools.cached_property
@@ -97,6 +107,8 @@ class Stats:
         self.host_tally = [[0.0] * 4 for _ in range(n_branches)]
         self.lm_rows, self.calls, self.sync_calls = 0, 0, 0
         self.path_calls = {"physical": 0, "masked": 0, "dense": 0}  # branch calls per path (dense: nothing to skip)
+        self.recheck: Stats | None = None  # the dense reruns' own counts (recheck.py): executed, not in the reference
+        self.rows = 0  # rows rerun (on the recheck's Stats)
 
     def counts(self, ctx: torch.Tensor | None) -> torch.Tensor:
         """The per-branch counts, every queued decision included (``ctx``: the last call's context lengths)."""
@@ -205,6 +217,7 @@ class GateState:
     collect: bool = False  # training: log every branch's gate values in ``call.gate_log``
     record: list | None = None  # calibration: importances per branch
     handles: list = field(default_factory=list)
+    rechecking: bool = False  # inside a dense recheck (recheck.py)
 
     def begin_call(self, valid: torch.Tensor, ctx: torch.Tensor, ids: torch.Tensor | None = None,
                    prefill: bool = False) -> None:
@@ -224,6 +237,14 @@ class GateState:
     @property
     def counts(self) -> torch.Tensor | None:
         return None if self.stats is None else self.stats.counts(self.call.ctx)
+
+    def flops_by_branch(self, kv: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``flops.branch_costs`` of these branches (executed, dense per unit of each count), made once per kv mode."""
+        cache = self.__dict__.setdefault("_costs", {})
+        key = (self.flops, kv)  # the FLOP table may be replaced (a fallback fitted after add_gates)
+        if key not in cache:
+            cache[key] = branch_costs(self.flops, [b.kind for b in self.branches], kv)
+        return cache[key]
 
     def reset_stats(self) -> None:
         self.stats = Stats(len(self.branches))

@@ -66,7 +66,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
           warmup: int = 1, threads: int = 2, clock: str = "wall", seed: int = 0, json: str | None = None,
           quant: str = "none", speculative: bool = False, draft_ratio: list[str] = ("0.25", "0.5"), k: list[int] = (2, 4),
           verify: str = "gated", prompts: int = 4, decode_timing: str = "interleaved", plot: str | None = None,
-          fallback: list[str] = ("zero",), fallback_rank: int = 64) -> dict:
+          fallback: list[str] = ("zero",), fallback_rank: int = 64, saved: list[float] | None = None) -> dict:
     """Measure prefill and decode speed of the dense and the gated model at several skip ratios.
 
     Args:
@@ -109,10 +109,13 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
             brings its own. Comma-separated (``zero,lowrank``): every kind is measured in the same run,
             against the same dense timings, settings named ``gate+fallback@ratio``.
         fallback_rank: inner size of a lowrank fallback.
+        saved: compute-saved budgets measured besides --ratios, e.g. 0.25: the ratio is steered while running
+            (gateskip.skipping(saved=...)); settings named ``gate@saved0.25``.
     """
     from tqdm import tqdm
 
     ratio_list = as_list(ratios, float, "--ratios")
+    saved_list = as_list(saved, float, "--saved") if saved else []
     batch_list = as_list(decode_batches, int, "--decode-batches")
     kinds = as_list(gate, str, "--gate")
     if gates is None and not random_gates:
@@ -148,8 +151,13 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
     variants = timing.variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy, ratio_list,
                          fallbacks=fallbacks, fallback_rank=fallback_rank)
     settings = [("dense", None, 0.0)] + [(f"{k}@{r:g}", k, r) for k in variants for r in ratio_list]
+    knob = {name: "ratio" for name, _, _ in settings}
+    for k in variants:
+        for r in saved_list:
+            settings.append((f"{k}@saved{r:g}", k, r))
+            knob[settings[-1][0]] = "saved"
     live = timing.live_models(m, variants, settings)
-    ctxs = {name: {} if kind is None else dict(ratio=ratio, policy=policy, kv=kv, path=path)
+    ctxs = {name: {} if kind is None else {knob[name]: ratio, "policy": policy, "kv": kv, "path": path}
             for name, kind, ratio in settings}
     phases = list(PHASES) + [f"decode_b{b}" for b in batch_list]
     times = {name: {p: [] for p in phases} for name, _, _ in settings}
@@ -253,7 +261,7 @@ def format_table(results: list[dict], phases: list[str]) -> str:
 
 
 def _command(args: dict) -> str:
-    keys = ["model", "gates", "random_gates", "gate", "rank", "ratios", "policy", "kv", "path", "prefill_batch",
+    keys = ["model", "gates", "random_gates", "gate", "rank", "ratios", "saved", "policy", "kv", "path", "prefill_batch",
             "prefill_len", "decode_batches", "prompt_len", "new_tokens", "repeats", "warmup", "threads", "clock", "seed", "quant",
             "decode_timing"]
     return "gateskip bench " + " ".join(_flag(k, args[k]) for k in keys if args.get(k) is not None)

@@ -43,7 +43,8 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
              fidelity_prompt_tokens: int = 48, fidelity_tokens: int = 64, shared_prefix: bool = True,
              fallback: str = "zero", fallback_rank: int = 64, fallback_batches: int = 12,
              reference: str | None = None, resume: bool = True, reuse_dense: bool = True, offset: int = 0,
-             protect_last: bool | None = None) -> dict:
+             protect_last: bool | None = None, recheck_stops: bool = False, recheck_below: float = 0.0,
+             saved: list[float] | None = None) -> dict:
     """Sweep skip ratios on offline benchmarks; writes results.json, report.md and curve.png to --out.
 
     Args:
@@ -107,6 +108,11 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
         shortgpt_layers: suite: numbers of layers ShortGPT removes, one row each.
         protect_first: suite: never skip the first N tokens (default: the gates' config).
         protect_last: suite chat: never skip a prompt's last position (default: the gates' config).
+        recheck_stops: suites chat and gen: a generated step whose top token ends the answer is computed again without
+            skipping (counted in the compute saved), for every skipping row (gateskip, random, oracle).
+        recheck_below: suites chat and gen: the same for steps whose top probability is below this value (0: off).
+        saved: suites chat and gen: compute-saved budgets, e.g. 0.15,0.25: every method (gateskip, random, oracle)
+            is steered to each (gateskip.skipping(saved=...)) instead of running at --ratios.
         fidelity_prompts: suite: held-out prompts for generation fidelity (0: off).
         fidelity_prompt_tokens: suite: length of each fidelity prompt in tokens.
         fidelity_tokens: suite: greedy tokens generated per fidelity prompt.
@@ -135,14 +141,15 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
         return evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios,
                              ["gateskip", "random", "oracle"] if methods == DEFAULT_METHODS else as_list(methods, str),
                              policy, as_list(modules, str), kv, limit, out, fidelity_tokens, batch_size, protect_first,
-                             protect_last, seed)
+                             protect_last, seed, recheck_stops, recheck_below, saved)
     if suite == "gen":
         from gateskip.commands.eval_gen import GEN_METHODS, evaluate_gen
 
         chosen = list(GEN_METHODS) if methods == DEFAULT_METHODS else as_list(methods, str)
         return evaluate_gen(gates, model, None if tasks == DEFAULT_TASKS else tasks, ratios, random_ratios,
                             oracle_ratios, [] if chosen == ["none"] else chosen, policy, as_list(modules, str), kv,
-                            limit, out, batch_size, protect_first, protect_last, seed)
+                            limit, out, batch_size, protect_first, protect_last, seed, recheck_stops, recheck_below,
+                            saved)
     if suite:
         return evaluate_suite(gates=gates, suite=suite, ratios=ratios, random_ratios=random_ratios,
                               oracle_ratios=oracle_ratios,                              shortgpt_layers=shortgpt_layers,

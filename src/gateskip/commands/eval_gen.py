@@ -12,7 +12,8 @@ GEN_METHODS = ("gateskip", "random", "oracle")
 
 
 def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, methods, policy, modules, kv,
-                 limit, out, batch_size, protect_first, protect_last, seed) -> dict:
+                 limit, out, batch_size, protect_first, protect_last, seed, recheck_stops=False,
+                 recheck_below=0.0, saved=None) -> dict:
     """The original model on every task/format of ``tasks`` (None: all of them), then the ``methods`` rows on
     the qualifying ones; no ``methods`` (``--methods none``): the qualification run alone."""
     from gateskip.commands.eval_chat import settings
@@ -28,7 +29,7 @@ def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, meth
         raise GateSkipError("--suite gen measures a gates folder: pass --gates DIR (or --methods none for "
                             "the qualification run of the original model)")
     rows = settings(ratios, random_ratios, oracle_ratios, methods, policy, modules, kv, protect_first,
-                    protect_last, seed)
+                    protect_last, seed, recheck_stops, recheck_below, saved)
     prepare_run(limit, out)
     net, tok = load_for_inference(model, gates)
     t0 = time.perf_counter()
@@ -37,6 +38,7 @@ def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, meth
     res["config"] = {"gates": gates, "model": model, "tasks": [f"{t}:{f}" for t, f in specs],
                      "policy": policy, "methods": list(methods), "modules": list(modules), "kv": kv,
                      "protect_first": protect_first, "protect_last": protect_last, "seed": seed,
+                     "recheck_stops": recheck_stops, "recheck_below": recheck_below, "saved": saved,
                      "seconds": round(time.perf_counter() - t0, 1)}
     path = gentasks.write(res, out)
     print(path.read_text())

@@ -17,7 +17,8 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
              max_new_tokens: int = 64, chat: bool = True, sample: bool = False, temperature: float = 0.7,
              top_p: float = 0.9, seed: int = 0, allocation: str = "uniform", speculative: bool = False,
              draft_ratio: float = 0.5, k: int = 4, verify: str = "gated", protect_first: int | None = None,
-             protect_last: bool | None = None) -> str:
+             protect_last: bool | None = None, recheck_stops: bool = True, recheck_below: float = 0.0,
+             saved: float | None = None) -> str:
     """Generate a completion with token-wise skipping; prints it on stdout and statistics on stderr.
 
     Args:
@@ -45,6 +46,11 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
         protect_first: never skip the first N tokens (BOS, the attention sink); default: the gates'.
         protect_last: never skip the prompt's last position (its logits choose the first answer token); default:
             the gates'.
+        recheck_stops: a step whose top token ends the answer is computed again without skipping (its compute
+            counted), so the answer ends only where the model without skipping would end it on the same text.
+        recheck_below: the same for steps whose top probability is below this value (0: off).
+        saved: a budget in FLOP-weighted compute saved instead of --skip, e.g. 0.25: the skip ratio is steered
+            while generating so that this fraction is saved (gates, fallbacks and rechecks counted).
     """
     from gateskip.core import add_gates
     from gateskip.policies import check_policy, check_ratio
@@ -53,9 +59,11 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
         raise GateSkipError("empty prompt: give the text to continue, e.g. gateskip generate \"Explain photosynthesis.\"")
     check_ratio(skip)
     check_policy(policy)
+    if saved is not None and skip:
+        raise GateSkipError("--skip and --saved are two ways to set the budget: give one")
     if max_new_tokens < 1:
         raise GateSkipError(f"max_new_tokens={max_new_tokens} is invalid: use a positive integer")
-    if gates is None and skip > 0 and policy != "random":
+    if gates is None and (skip > 0 or saved) and policy != "random":
         raise GateSkipError("skipping by importance needs trained gates: pass --gates DIR (or --policy random "
                             "for the untrained baseline)")
     if speculative:
@@ -77,10 +85,11 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
     text, s, seconds, n_new = complete(net, tok, prompt, skip=skip, policy=policy, modules=mods, kv=kv,
                                        max_new_tokens=max_new_tokens, chat=chat, sample=sample,
                                        temperature=temperature, top_p=top_p, seed=seed, allocation=allocation,
-                                       protect_first=protect_first, protect_last=protect_last)
+                                       protect_first=protect_first, protect_last=protect_last,
+                                       recheck_stops=recheck_stops, recheck_below=recheck_below, saved=saved)
     print(text)
-    print(f"[gateskip] {summary_line(s, policy, skip)} new_tokens={n_new} tokens/s={n_new / seconds:.1f}",
-          file=sys.stderr)
+    print(f"[gateskip] {summary_line(s, policy, skip, saved)} rechecked={s['rechecked']} new_tokens={n_new} "
+          f"tokens/s={n_new / seconds:.1f}", file=sys.stderr)
     if not text.strip():
         print("[gateskip] warning: the answer is empty (the model ended its turn at once): lower --skip, or use "
               "gates that never skip the prompt's last position (--protect-last)", file=sys.stderr)
@@ -108,8 +117,9 @@ def _speculative(net, tok, prompt, mods, kv, max_new_tokens, chat, sample, tempe
     return text
 
 
-def summary_line(s: dict, policy: str, skip: float) -> str:
-    return (f"policy={policy} skip={skip:g} tokens_skipped={s['tokens_skipped']:.3f} "
+def summary_line(s: dict, policy: str, skip: float, saved: float | None = None) -> str:
+    budget = f"saved={saved:g}" if saved else f"skip={skip:g}"
+    return (f"policy={policy} {budget} tokens_skipped={s['tokens_skipped']:.3f} "
             f"compute_saved={s['compute_saved']:.3f} (FLOP-weighted, gates counted; path={s['path']})")
 
 
@@ -117,8 +127,10 @@ def complete(net, tok, prompt: str, skip: float = 0.0, policy: str = "threshold"
              kv: str | None = None, max_new_tokens: int = 64, chat: bool = True, sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
              allocation: str = "uniform", protect_first: int | None = None,
-             protect_last: bool | None = None) -> tuple[str, dict, float, int]:
+             protect_last: bool | None = None, recheck_stops: bool = False,
+             recheck_below: float = 0.0, saved: float | None = None) -> tuple[str, dict, float, int]:
     """Generate with an already-loaded gated model: (completion, stats, seconds, new tokens)."""
+    from gateskip.chat import stop_ids
     from gateskip.core import skipping, stats
 
     enc = encode_prompt(tok, prompt, chat, getattr(net.config, "max_position_embeddings", None), max_new_tokens)
@@ -129,9 +141,12 @@ def complete(net, tok, prompt: str, skip: float = 0.0, policy: str = "threshold"
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     t0 = time.perf_counter()
-    with torch.no_grad(), skipping(net, ratio=skip, policy=policy, modules=modules, kv=kv, seed=seed,
+    skips = bool(skip or saved)
+    with torch.no_grad(), skipping(net, ratio=skip, policy=policy, modules=modules, kv=kv, seed=seed, saved=saved,
                                           allocation=allocation, protect_first=protect_first,
-                                          protect_last=protect_last):
+                                          protect_last=protect_last,
+                                          recheck_tokens=stop_ids(tok) if recheck_stops and skips else None,
+                                          recheck_below=recheck_below if skips else 0.0):
         out = net.generate(**enc, **gen_kwargs)
         s = stats(net)
     seconds = time.perf_counter() - t0

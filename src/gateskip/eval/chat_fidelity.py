@@ -71,6 +71,10 @@ class Setting:
     method: str
     budget: float
     skip: dict | None = None
+    recheck_stops: bool = False  # the run's stop tokens are also ``skipping``'s recheck_tokens (recheck.py)
+
+    def skip_args(self, stops: list[int]) -> dict:
+        return {**self.skip, "recheck_tokens": stops} if self.recheck_stops else dict(self.skip)
 
 
 @dataclass
@@ -142,7 +146,7 @@ def run(net, tok, settings: list[Setting], n: int = 200, max_new_tokens: int = 4
                 ans = greedy_answers(net, prompts, max_new_tokens, stops, pad, batch=batch)
             s = {}
         else:
-            with skipping(net, **st.skip):
+            with skipping(net, **st.skip_args(stops)):
                 ans = greedy_answers(net, prompts, max_new_tokens, stops, pad, batch=batch)
                 s = stats(net)
         with original_backbone(net):

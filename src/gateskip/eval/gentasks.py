@@ -241,7 +241,7 @@ def _answer(net, tok, setting: Setting, task: Task, fmt: str, data: dict, batch:
             ans = greedy_answers(net, data[fmt], task.max_new_tokens, stops, pad_id(tok), batch=batch)
         s = {"compute_saved": 0.0, "tokens_skipped": 0.0}
     else:
-        with skipping(net, **setting.skip):
+        with skipping(net, **setting.skip_args(stops)):
             ans = greedy_answers(net, data[fmt], task.max_new_tokens, stops, pad_id(tok), batch=batch)
             s = stats(net)
     texts = [tok.decode(a, skip_special_tokens=True) for a in ans.tokens]

@@ -1,0 +1,138 @@
+"""A budget in compute saved: ``skipping(model, saved=0.25)`` steers the skip ratio so that the FLOP-weighted
+compute saved on the text being run lands at the target, whatever the gates skip and whatever the text.
+
+The ratio is the paper's knob: each branch skips a fraction of the tokens of the calibration text (threshold) or of
+each call (quantile). What that saves depends on the text (thresholds calibrated on one text skip more or less of
+another), on which branches have gates, and on what the run adds (gates, fallbacks, dense rechecks). A small
+controller sits on the ratio ``q`` (one for every branch that may skip):
+
+- predicted saving of ``q`` on this text: ``s(q) = slope * q + offset``. ``slope`` comes from the FLOP table (what
+  skipping every token of every skippable branch saves); the prior offset is the gates' own cost.
+- after each forward call of the model (a prefill, a decode step, a scored batch), the call's observed saving
+  updates ``offset``: a FLOP-weighted running mean of ``observed - slope * q`` over the calls so far, the prior
+  counting as ``PRIOR_CALLS`` calls of the first one's size.
+- the next call's ``q`` is the one whose predicted saving pays the target plus the debt run up so far, spread over
+  the next ``HORIZON`` calls of the last one's size.
+
+The offsets implied by every call are also averaged (FLOP-weighted) on the model, per setting and kind of call, and
+the next ``skipping`` context with the same setting starts from them: a second generation starts where the first
+ended. ``stats()["compute_saved"]`` reports what was saved, as always.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from gateskip.errors import GateSkipError
+
+PRIOR_CALLS = 1.0  # weight of the prior offset, in calls of the first call's size
+HORIZON = 8.0  # the debt is paid back over this many calls of the last one's size
+MAX_RATIO = 0.98
+
+
+def check_saved(saved: float) -> float:
+    if not 0.0 < float(saved) < 1.0:
+        raise GateSkipError(f"saved={saved!r} is invalid: give the fraction of compute to save, e.g. 0.25")
+    return float(saved)
+
+
+class SavedBudget:
+    """The controller of one ``skipping(saved=...)`` context (see the module doc). Prefill calls (nothing cached) and
+    cached steps keep separate offsets: a long prompt and a decode step save differently at the same ratio."""
+
+    def __init__(self, st, target: float, weights: list[float], key: tuple):
+        self.target, self.key = target, key
+        self.weights = weights  # per branch: 1 where the branch may skip, else 0
+        e_cost, d_cost = st.flops_by_branch(key[2])
+        ones = torch.tensor([[0.0, 1.0, 64.0, 64.0]], dtype=torch.float64).expand(len(weights), 4)
+        dense = float((ones * d_cost).sum())
+        none = float((ones * e_cost).sum())
+        skip_all = ones.clone()
+        skip_all[:, 0] = torch.tensor(weights, dtype=torch.float64)
+        skip_all[:, 2] = 64.0 * (1.0 - skip_all[:, 0])
+        self.slope = max(1e-6, (none - float((skip_all * e_cost).sum())) / dense)
+        self.memory = st.__dict__.setdefault("_saved_offsets", {})  # kept on the model for the next context
+        prior = -(none - dense) / dense  # the gates' own cost
+        # by prefill / cached step; the memory is (FLOP-weighted mean offset, FLOPs) over earlier contexts
+        self.offset = {r: self.memory.get((*key, r), (prior, 0.0))[0] for r in (True, False)}
+        self.weight = {True: 0.0, False: 0.0}  # FLOPs observed per kind of call (dense reference)
+        self.last = {True: None, False: None}  # the last call's dense FLOPs per kind
+        self.prior = {True: None, False: None}  # the prior offset's weight per kind, set by its first call
+        self.dense = self.executed = 0.0
+        self.prefill = True
+        self.q = self.ratio(True)
+
+    def ratio(self, prefill: bool) -> float:
+        """The ratio for the next call: its predicted saving pays the target and the debt so far, spread over the
+        next ``HORIZON`` calls of this kind's last size."""
+        want = self.target
+        size = self.last[prefill]
+        if size:
+            debt = self.target * self.dense - (self.dense - self.executed)  # FLOPs still to save
+            want += debt / (HORIZON * size)
+        self.prefill = prefill
+        self.q = min(MAX_RATIO, max(0.0, (min(0.95, max(0.0, want)) - self.offset[prefill]) / self.slope))
+        return self.q
+
+    def observe(self, dense: float, executed: float) -> None:
+        """Count the call just run (its dense and executed FLOPs): its kind's offset moves to the FLOP-weighted mean
+        of what the calls implied, the prior counting as ``PRIOR_CALLS`` calls of the first one's size."""
+        if dense <= 0:
+            return
+        r = self.prefill
+        implied = (1.0 - executed / dense) - self.slope * self.q
+        if self.prior[r] is None:
+            self.prior[r] = PRIOR_CALLS * dense
+        seen = self.prior[r] + self.weight[r]
+        self.offset[r] = (self.offset[r] * seen + implied * dense) / (seen + dense)
+        self.weight[r] += dense
+        self.last[r] = dense
+        self.dense += dense
+        self.executed += executed
+        mean, weight = self.memory.get((*self.key, r), (0.0, 0.0))
+        self.memory[(*self.key, r)] = ((mean * weight + implied * dense) / (weight + dense), weight + dense)
+
+
+def before_call(st, prefill: bool) -> None:
+    """Before a forward call under a ``saved`` plan: install this call's ratio."""
+    st.plan = with_ratio(st, st.plan, st.plan.budget.ratio(prefill))
+
+
+def after_call(st) -> None:
+    """After a forward call under a ``saved`` plan: count its FLOPs (reruns of recheck.py included)."""
+    plan, c = st.plan, st.stats
+    budget = plan.budget
+    main = c.counts(st.call.ctx).double().cpu()
+    both = main if c.recheck is None else main + c.recheck.counts(None).double().cpu()  # reruns: executed on top
+    e_cost, d_cost = st.flops_by_branch(plan.kv)
+    lm = st.flops.lm_head
+    total_d = float((main * d_cost).sum()) + lm * c.lm_rows
+    total_e = float((both * e_cost).sum()) + lm * (c.lm_rows + (c.recheck.lm_rows if c.recheck else 0))
+    budget.observe(total_d - budget.dense, total_e - budget.executed)
+
+
+def with_ratio(st, plan, q: float):
+    """``plan`` with every skippable branch at ratio ``q`` (thresholds from the calibration grid under threshold)."""
+    ratios = [q * w for w in plan.budget.weights]
+    thresholds = None
+    if plan.thresholds is not None:
+        cal = st.loaded.oracle_calibration if plan.policy == "oracle_threshold" else st.loaded.calibration
+        thresholds = list(thresholds_at(cal["grid"], q, plan.budget.weights).unbind(0))
+    return dataclasses.replace(plan, ratios=ratios, thresholds=thresholds, host_thr={})
+
+
+def thresholds_at(grid: torch.Tensor, q: float, weights: list[float]) -> torch.Tensor:
+    """[branches]: ``policies.threshold_from_grid`` of every branch's calibration quantiles ``grid`` ([branches, G])
+    at ratio ``q`` in one go (-inf where a branch may not skip: weight 0)."""
+    if q <= 0.0:
+        return torch.full((grid.shape[0],), float("-inf"), dtype=grid.dtype)
+    pos = min(q, 1.0) * (grid.shape[1] - 1)
+    lo = int(pos)
+    hi = min(lo + 1, grid.shape[1] - 1)
+    thr = grid[:, lo] * (1 - (pos - lo)) + grid[:, hi] * (pos - lo)
+    if q >= 1.0:
+        thr = torch.full_like(thr, float("inf"))
+    w = torch.tensor(weights, dtype=torch.bool)
+    return thr.masked_fill(~w, float("-inf"))

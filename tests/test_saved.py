@@ -1,0 +1,68 @@
+"""A budget in compute saved (saved.py): the ratio is steered so that stats()' FLOP-weighted saving lands at the
+target on generation and on scoring, under every per-token policy, with one kind of gates or both."""
+
+import pytest
+import torch
+
+import gateskip
+from gateskip.core import gate_state
+from gateskip.errors import GateSkipError
+from gateskip.models import tiny_model
+from tests.conftest import VOCAB, left_padded
+
+
+def gated(modules=("attn", "mlp"), calibrated=False):
+    m = tiny_model("llama")
+    gateskip.add_gates(m, gateskip.GateSkipConfig(modules=modules))
+    if calibrated:  # thresholds fitted on other text than the one run: the saving must not depend on it
+        g = torch.Generator().manual_seed(3)
+        gateskip.calibrate(m, [torch.randint(1, VOCAB // 4, (4, 32), generator=g) for _ in range(4)], ratio=0.3)
+    return m
+
+
+def generated_saving(m, target, **plan):
+    ids, mask = left_padded([30, 20, 25])
+    with torch.no_grad(), gateskip.skipping(m, saved=target, **plan):
+        m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+        return gateskip.stats(m)["compute_saved"]
+
+
+@pytest.mark.parametrize("policy", ["random", "quantile", "threshold"])
+@pytest.mark.parametrize("target", [0.1, 0.3])
+def test_generation_lands_at_the_saving_asked(policy, target):
+    m = gated(calibrated=policy == "threshold")
+    assert generated_saving(m, target, policy=policy) == pytest.approx(target, abs=0.02)
+
+
+@pytest.mark.parametrize("modules", [("mlp",), ("attn",)])
+def test_one_kind_of_gates_lands_too(modules):
+    m = gated(modules=modules)
+    assert generated_saving(m, 0.2, policy="random") == pytest.approx(0.2, abs=0.02)
+
+
+def test_scoring_many_calls_lands_and_rechecks_are_paid_for():
+    m = gated()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad(), gateskip.skipping(m, saved=0.25, policy="random"):
+        for _ in range(12):
+            m(input_ids=torch.randint(1, VOCAB, (2, 24), generator=g))
+        s = gateskip.stats(m)
+    assert s["compute_saved"] == pytest.approx(0.25, abs=0.02)
+    ids, mask = left_padded([12, 9])
+    with torch.no_grad(), gateskip.skipping(m, saved=0.25, policy="random", recheck_tokens=range(1, 12)):
+        m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+        s = gateskip.stats(m)
+    assert s["rechecked"] > 0 and s["compute_saved"] == pytest.approx(0.25, abs=0.03)
+
+
+def test_the_plan_is_restored_and_bad_budgets_fail_in_one_line():
+    m = gated()
+    generated_saving(m, 0.2, policy="random")
+    assert gate_state(m).plan is None
+    for bad in (0.0, 1.0, -0.2):
+        with pytest.raises(GateSkipError, match="saved="):
+            with gateskip.skipping(m, saved=bad, policy="random"):
+                pass
+    with pytest.raises(GateSkipError, match="saved="):
+        with gateskip.skipping(m, saved=0.2, ratio=0.3):
+            pass
