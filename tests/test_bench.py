@@ -163,5 +163,7 @@ def test_bench_measures_compute_saved_budgets():
     report = bench(model="tiny-llama", random_gates=True, gate="vector", ratios="0", saved="0.3", prefill_batch=2,
                    prefill_len=64, decode_batches="2", prompt_len=8, new_tokens=24, repeats=2, warmup=1, threads=1)
     row = {r["setting"]: r for r in report["results"]}["vector@saved0.3"]
-    for phase in ("prefill", "decode_b2"):  # the offset learned in the warm-up round carries over to the timed ones
-        assert row[phase]["compute_saved"] == pytest.approx(0.3, abs=0.03)
+    # the offset learned in the warm-up round carries over to the timed ones; the decode phase's steps also pay back
+    # what its prompt (not counted in the phase) saved too little or too much: the budget is over the whole run
+    assert row["prefill"]["compute_saved"] == pytest.approx(0.3, abs=0.03)
+    assert row["decode_b2"]["compute_saved"] == pytest.approx(0.3, abs=0.06)

@@ -616,3 +616,16 @@ def test_merged_rows_keep_fidelity_only_from_the_same_prompts(tmp_path, monkeypa
         mine = {"config": dict(base), "rows": json.loads(json.dumps(res["rows"][:1]))}
         merged = suite_merge.merge(mine, str(other))["rows"]
         assert len(merged) == 2 and ("fidelity" in merged[1]) == kept
+
+
+def test_saved_budget_rows_land_at_their_saving_on_the_suite_text(tmp_path):
+    """--saved on a suite run: gateskip and random rows steered to a compute saved, labelled by it."""
+    lin = _gates_folder(tmp_path / "lin", "zero")
+    items = [Item(i, it.requests, it.gold, it.choice_chars) for i, it in enumerate(ITEMS * 16)]  # 6 batches of 8 items
+    res = sweep(tiny_model("llama"), tiny_tokenizer(), lin, [SuiteTask("t", "mc", "acc", items)], ["gateskip", "random"],
+                {"gateskip": [], "random": [], "saved": [0.3]}, "threshold", None, None, 0, _data(seed=3), None, Bar(),
+                fallback={"kind": "zero", "rank": 64}, fit_batches=_never)
+    rows = res["rows"][1:]
+    assert [(r["method"], r["budget"]) for r in rows] == [("gateskip", "saved 0.3"), ("random", "saved 0.3")]
+    for r in rows:
+        assert r["compute_saved"] == pytest.approx(0.3, abs=0.03)

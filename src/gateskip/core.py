@@ -232,7 +232,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     if saved is not None:
         weights = [1.0 if b.kind in modules else 0.0 for b in st.branches]
         budget = SavedBudget(st, check_saved(saved), weights, (policy, modules, kv, round(float(saved), 6)))
-        st.plan = with_ratio(st, dataclasses.replace(st.plan, budget=budget), budget.ratio(True))
+        st.plan = with_ratio(st, dataclasses.replace(st.plan, budget=budget), budget.q)
     st.reset_stats()
     st.call.one_token = False  # set per forward call (begin_call) for the plan in force
     try:
@@ -460,7 +460,7 @@ def _begin_call(model, args, kwargs):
         cached = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         st = peek(model).state
         if st.plan is not None and st.plan.budget is not None and not st.rechecking:
-            before_call(st, not cached)
+            before_call(st, not cached, *tokens)
         st.begin_call(*tokens, ids=ids, prefill=not cached)
 
 

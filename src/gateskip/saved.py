@@ -12,7 +12,8 @@ controller sits on the ratio ``q`` (one for every branch that may skip):
   updates ``offset``: a FLOP-weighted running mean of ``observed - slope * q`` over the calls so far, the prior
   counting as ``PRIOR_CALLS`` calls of the first one's size.
 - the next call's ``q`` is the one whose predicted saving pays the target plus the debt run up so far, spread over
-  the next ``HORIZON`` calls of the last one's size.
+  ``HORIZON`` calls of its own size (known before it runs: its tokens and their context). The budget is over the
+  whole run: a prompt that saved too little is paid back by the answer's steps.
 
 The offsets implied by every call are also averaged (FLOP-weighted) on the model, per setting and kind of call, and
 the next ``skipping`` context with the same setting starts from them: a second generation starts where the first
@@ -28,7 +29,7 @@ import torch
 from gateskip.errors import GateSkipError
 
 PRIOR_CALLS = 1.0  # weight of the prior offset, in calls of the first call's size
-HORIZON = 8.0  # the debt is paid back over this many calls of the last one's size
+HORIZON = 8.0  # the debt is paid back over this many calls of the coming one's size
 MAX_RATIO = 0.98
 
 
@@ -58,20 +59,19 @@ class SavedBudget:
         # by prefill / cached step; the memory is (FLOP-weighted mean offset, FLOPs) over earlier contexts
         self.offset = {r: self.memory.get((*key, r), (prior, 0.0))[0] for r in (True, False)}
         self.weight = {True: 0.0, False: 0.0}  # FLOPs observed per kind of call (dense reference)
-        self.last = {True: None, False: None}  # the last call's dense FLOPs per kind
         self.prior = {True: None, False: None}  # the prior offset's weight per kind, set by its first call
-        self.dense = self.executed = 0.0
+        self.dense = self.executed = 0.0  # FLOPs of every call so far (what stats() counts)
         self.prefill = True
-        self.q = self.ratio(True)
+        self.q = self.ratio(True, 0.0)
 
-    def ratio(self, prefill: bool) -> float:
-        """The ratio for the next call: its predicted saving pays the target and the debt so far, spread over the
-        next ``HORIZON`` calls of this kind's last size."""
-        want = self.target
-        size = self.last[prefill]
-        if size:
-            debt = self.target * self.dense - (self.dense - self.executed)  # FLOPs still to save
-            want += debt / (HORIZON * size)
+    def ratio(self, prefill: bool, size: float) -> float:
+        """The ratio for the next call (``size``: its dense FLOPs, estimated): its predicted saving pays the target
+        and the debt so far, spread over ``HORIZON`` calls of its size. A kind of call not seen yet in this context
+        starts from the other kind's offset when that one has been measured."""
+        if not self.weight[prefill] and self.weight[not prefill] and (*self.key, prefill) not in self.memory:
+            self.offset[prefill] = self.offset[not prefill]
+        debt = self.target * self.dense - (self.dense - self.executed)  # FLOPs still to save over the whole run
+        want = self.target + (debt / (HORIZON * size) if size > 0 else 0.0)
         self.prefill = prefill
         self.q = min(MAX_RATIO, max(0.0, (min(0.95, max(0.0, want)) - self.offset[prefill]) / self.slope))
         return self.q
@@ -88,16 +88,19 @@ class SavedBudget:
         seen = self.prior[r] + self.weight[r]
         self.offset[r] = (self.offset[r] * seen + implied * dense) / (seen + dense)
         self.weight[r] += dense
-        self.last[r] = dense
         self.dense += dense
         self.executed += executed
         mean, weight = self.memory.get((*self.key, r), (0.0, 0.0))
         self.memory[(*self.key, r)] = ((mean * weight + implied * dense) / (weight + dense), weight + dense)
 
 
-def before_call(st, prefill: bool) -> None:
-    """Before a forward call under a ``saved`` plan: install this call's ratio."""
-    st.plan = with_ratio(st, st.plan, st.plan.budget.ratio(prefill))
+def before_call(st, prefill: bool, valid: torch.Tensor, ctx: torch.Tensor) -> None:
+    """Before a forward call under a ``saved`` plan (``valid``, ``ctx``: its tokens and the context each sees, as
+    ``core.call_tokens`` gives them): install this call's ratio."""
+    _, d_cost = st.flops_by_branch(st.plan.kv)
+    n = float(valid.sum())
+    size = n * float(d_cost[:, 1].sum()) + float(ctx.masked_fill(~valid, 0).sum()) * float(d_cost[:, 3].sum())
+    st.plan = with_ratio(st, st.plan, st.plan.budget.ratio(prefill, size))
 
 
 def after_call(st) -> None:

@@ -111,8 +111,9 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
         recheck_stops: suites chat and gen: a generated step whose top token ends the answer is computed again without
             skipping (counted in the compute saved), for every skipping row (gateskip, random, oracle).
         recheck_below: suites chat and gen: the same for steps whose top probability is below this value (0: off).
-        saved: suites chat and gen: compute-saved budgets, e.g. 0.15,0.25: every method (gateskip, random, oracle)
-            is steered to each (gateskip.skipping(saved=...)) instead of running at --ratios.
+        saved: compute-saved budgets, e.g. 0.15,0.25 (gateskip.skipping(saved=...): the ratio is steered while
+            running). Suites chat and gen: every method (gateskip, random, oracle) runs at these instead of
+            --ratios. Other suites: gateskip and random rows at these budgets besides --ratios.
         fidelity_prompts: suite: held-out prompts for generation fidelity (0: off).
         fidelity_prompt_tokens: suite: length of each fidelity prompt in tokens.
         fidelity_tokens: suite: greedy tokens generated per fidelity prompt.
@@ -135,6 +136,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
     """
     if threads:
         torch.set_num_threads(threads)
+    saved = as_list(saved, float, "--saved") if saved else None
     if suite == "chat":
         from gateskip.commands.eval_chat import evaluate_chat
 
@@ -160,7 +162,8 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
                               if fidelity_prompts else None, shared_prefix=shared_prefix, fallback=fallback,
                               fallback_rank=fallback_rank, fallback_batches=fallback_batches,
                               compare_with=compare_with, reference=reference, resume=resume,
-                              reuse_dense=reuse_dense, modules=modules, offset=offset)
+                              reuse_dense=reuse_dense, modules=modules, offset=offset,
+                              saved=saved)
     if offset:
         raise GateSkipError("--offset applies to suite runs: pass --suite core (or extended, all)")
     if fallback != "zero" or reference is not None:
@@ -229,7 +232,8 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
 def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_layers, methods, policy, kv, limit, out, model,
                    tokenizer, seed, threads, calib_batches, protect_first, fidelity, shared_prefix=True,
                    fallback="zero", fallback_rank=64, fallback_batches=12, compare_with=None,
-                   reference=None, resume=True, reuse_dense=True, modules=("attn", "mlp"), offset=0) -> dict:
+                   reference=None, resume=True, reuse_dense=True, modules=("attn", "mlp"), offset=0,
+                   saved=None) -> dict:
     """``gateskip eval --suite``: see ``evaluate`` for the arguments."""
     import tempfile
 
@@ -262,6 +266,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
     budgets["oracle"] = suite_run.parse_budgets(oracle_ratios, "oracle") if oracle_ratios else budgets["random"]
     budgets["shortgpt"] = suite_run.parse_budgets(shortgpt_layers, "layers")
     budgets["shortgpt_linear"] = budgets["shortgpt"]
+    budgets["saved"] = list(saved or [])  # gateskip and random rows steered to these savings (saved.py)
     # fail now, not after the sweep: the runs to merge must cover the same tasks and items, and the
     # reference must name a row of the report
     paths = suite_merge.split_paths(compare_with)
@@ -285,7 +290,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gateskip-suite-") as tmp:
         tasks = load_items(names, limit or None, task_manager(f"{tmp}/tasks"), offset=offset)
-    n_rows = 1 + sum(len(budgets[m]) for m in items)
+    n_rows = 1 + sum(len(budgets[m]) + (len(budgets["saved"]) if m in ("gateskip", "random") else 0) for m in items)
     calib = calibration_batches(tok, calib_batches) if {"shortgpt", "shortgpt_linear"} & set(items) else None
     bar = tqdm(total=n_rows * len(tasks), desc="gateskip eval --suite", unit="task")
     try:

@@ -251,6 +251,8 @@ def _row_key(method: str, budget: str, setting: dict, plan: dict | None) -> str:
 
 
 def _skips(plan: dict) -> bool:
+    if plan.get("saved"):
+        return True
     r = plan.get("ratio", 0.0)
     return any(v > 0 for v in r.values()) if isinstance(r, dict) else r > 0
 
@@ -306,6 +308,10 @@ def sweep(net, tok, gates: str | None, tasks, methods: list[str], budgets: dict[
                     label, ratio = _budget_plan(b)
                     rows.append(run.row("gateskip" + scope + suffix, label, {"ratio": ratio},
                                         {"ratio": ratio, "policy": policy, **common}))
+            for m in [m for m in ("gateskip", "random") if m in methods]:
+                for v in budgets.get("saved", []):
+                    rows.append(run.row(m + scope + suffix, f"saved {v:g}", {"saved": v},
+                                        {"saved": v, "policy": policy if m == "gateskip" else "random", **common}))
             for r in budgets.get("random", []) if "random" in methods else []:
                 rows.append(run.row("random" + scope + suffix, f"ratio {r:g}", {"ratio": r},
                                     {"ratio": r, "policy": "random", **common}))
