@@ -30,7 +30,7 @@ def test_recipe_writes_a_folder_with_fallbacks_and_the_matched_compute_table(tmp
     assert ("At matched compute" in md) == (recipe == "fit")
     printed = capsys.readouterr().out
     assert "--- dense (the original model)" in printed
-    assert f"--- skip {0.5 if recipe == 'best' else 0.3}:" in printed  # MLP tokens alone skip more by default
+    assert "--- policy=threshold saved=0.15 " in printed  # the examples run at a budget in compute saved
 
 
 def test_unknown_recipe_is_refused_before_any_work(tmp_path):

@@ -16,6 +16,7 @@ from gateskip.config import GateSkipConfig, special_token_ids
 from gateskip.core import add_gates, calibrate, gate_parameters, is_gated, remove_gates, skipping, stats
 from gateskip.errors import GateSkipError
 from gateskip.fallback_fit import fit_fallback
+from gateskip.generation import generate
 from gateskip.speculative import speculative_generate
 from gateskip.version import __version__
 
@@ -29,6 +30,7 @@ def load_model(*args, **kwargs):
 
 __all__ = [
     "GateSkipConfig", "GateSkipError", "__version__", "add_gates", "calibrate", "fit_fallback", "gate_parameters",
+    "generate",
     "importances", "is_gated", "load_gates", "load_model", "remove_gates", "save_gates", "skipping",
     "special_token_ids", "speculative_generate", "stats", "stop_ids",
 ]

@@ -135,7 +135,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
              allocation: str = "uniform", protect_first: int | None = None, straight_through: bool = False,
              sync_free: bool | None = None, protect_last: bool | None = None,
              protect_tokens: Iterable[int] | None = None, recheck_tokens: Iterable[int] | None = None,
-             recheck_below: float = 0.0, saved: float | None = None):
+             recheck_below: float = 0.0, saved: float | None = None, protect_prompt: bool = False):
     """Run ``model`` with a per-layer skip budget inside the ``with`` block.
 
     Args:
@@ -158,6 +158,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
             default: the gate config's (0 unless the gates were trained with it).
         protect_last: never skip the last position of a prompt (a call with nothing cached): the one whose logits
             give the first generated token. Default: the gate config's.
+        protect_prompt: never skip a prompt (a call with nothing cached) at all: only generated tokens skip.
         protect_tokens: token ids never skipped (e.g. ``gateskip.special_token_ids(tok)``); default: the gate config's.
         recheck_tokens: generation: a forward call whose top next token is one of these ids (e.g. the stop tokens,
             ``gateskip.stop_ids(tok)``) is computed again for that row without skipping (recheck.py); its compute is
@@ -227,7 +228,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         sync_free = next(model.parameters()).device.type != "cpu"
     st.plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=thresholds, generator=gen, path=path,
                    protect=int(protect), straight_through=bool(straight_through), sync_free=bool(sync_free),
-                   protect_last=last, protect_tokens=torch.tensor(never, dtype=torch.long) if never else None,
+                   protect_last=last, protect_prompt=bool(protect_prompt), protect_tokens=torch.tensor(never, dtype=torch.long) if never else None,
                    recheck_tokens=_recheck_ids(recheck_tokens), recheck_below=_check_below(recheck_below))
     if saved is not None:
         weights = [1.0 if b.kind in modules else 0.0 for b in st.branches]

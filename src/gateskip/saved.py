@@ -12,8 +12,9 @@ controller sits on the ratio ``q`` (one for every branch that may skip):
   updates ``offset``: a FLOP-weighted running mean of ``observed - slope * q`` over the calls so far, the prior
   counting as ``PRIOR_CALLS`` calls of the first one's size.
 - the next call's ``q`` is the one whose predicted saving pays the target plus the debt run up so far, spread over
-  ``HORIZON`` calls of its own size (known before it runs: its tokens and their context). The budget is over the
-  whole run: a prompt that saved too little is paid back by the answer's steps.
+  ``HORIZON`` calls of its own size (known before it runs: its tokens and their context), or over as many FLOPs as
+  were run so far if that is more, and never aiming above ``CATCH_UP`` times the target. The budget is over the
+  whole run: a prompt that saved too little is paid back by the answer's steps, a little at each.
 
 The offsets implied by every call are also averaged (FLOP-weighted) on the model, per setting and kind of call, and
 the next ``skipping`` context with the same setting starts from them: a second generation starts where the first
@@ -30,7 +31,8 @@ from gateskip.errors import GateSkipError
 
 PRIOR_CALLS = 1.0  # weight of the prior offset, in calls of the first call's size
 HORIZON = 8.0  # the debt is paid back over this many calls of the coming one's size
-MAX_RATIO = 0.98
+CATCH_UP = 1.5  # a call never aims at more than this times the target
+MAX_RATIO = 0.95
 
 
 def check_saved(saved: float) -> float:
@@ -71,9 +73,13 @@ class SavedBudget:
         if not self.weight[prefill] and self.weight[not prefill] and (*self.key, prefill) not in self.memory:
             self.offset[prefill] = self.offset[not prefill]
         debt = self.target * self.dense - (self.dense - self.executed)  # FLOPs still to save over the whole run
-        want = self.target + (debt / (HORIZON * size) if size > 0 else 0.0)
+        # paid back over HORIZON calls of this one's size, or over as many FLOPs as were run so far if that is more
+        # (a long prompt is paid back by the answer's steps a little each, not by skipping all of the next one)
+        horizon = max(HORIZON * size, self.dense)
+        want = self.target + (debt / horizon if horizon > 0 else 0.0)
+        want = min(max(want, 0.0), CATCH_UP * self.target)
         self.prefill = prefill
-        self.q = min(MAX_RATIO, max(0.0, (min(0.95, max(0.0, want)) - self.offset[prefill]) / self.slope))
+        self.q = min(MAX_RATIO, max(0.0, (want - self.offset[prefill]) / self.slope))
         return self.q
 
     def observe(self, dense: float, executed: float) -> None:

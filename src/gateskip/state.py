@@ -33,6 +33,7 @@ class Plan:
     path: str = "auto"  # auto (physical unless gradients are needed) / physical / masked
     protect: int = 0  # the first N tokens of each sequence never skip (GateSkipConfig.protect_first)
     protect_last: bool = False  # the last position of a prompt never skips (GateSkipConfig.protect_last)
+    protect_prompt: bool = False  # no position of a prompt (a call with nothing cached) skips: only generated tokens
     protect_tokens: torch.Tensor | None = None  # token ids that never skip (GateSkipConfig.protect_tokens)
     supported: dict = field(default_factory=dict)  # branch index -> physical path supported (wrap.py)
     # training: a skipped token's gate still gets the gradient it would get if it were kept (wrap.py)
@@ -324,7 +325,8 @@ class GateState:
 
         ``protect``: ``ctx`` is the context length a token sees (its 1-based position in its sequence, cache and
         left padding accounted for), so in cached decode nothing is protected and in a left-padded row the first
-        *real* token is. ``protect_last``: in a call with nothing cached, each row's last real token.
+        *real* token is. ``protect_last``: in a call with nothing cached, each row's last real token (``protect_prompt``:
+        all of its tokens).
         ``protect_tokens``: tokens with those ids, wherever they are."""
         p, c = self.plan, self.call
         if c.valid is None or c.valid.shape != valid.shape:
@@ -334,7 +336,9 @@ class GateState:
         elig = valid
         if p.protect > 0 and c.ctx is not None and c.ctx.shape == valid.shape:
             elig = elig & (c.ctx.to(valid.device) > p.protect)
-        if p.protect_last and c.prefill:
+        if p.protect_prompt and c.prefill:
+            elig = torch.zeros_like(valid)
+        elif p.protect_last and c.prefill:
             elig = elig & ~last_real(valid)
         if p.protect_tokens is not None and c.ids is not None and c.ids.shape == valid.shape:
             if p.protect_tokens.device != c.ids.device:

@@ -28,7 +28,7 @@ RECIPES = ("best", "fit", "paper")
 def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "best", batches: int | None = None,
          heal_steps: int | None = None, compare: list[float] = (0.15, 0.3, 0.45, 0.6, 0.7, 0.8), baselines: list[int] = (3, 6, 9, 12),
          steps: int = 40, gate: str = "lowrank",
-         ratio: float | None = None, prompts: int = 2, max_new_tokens: int = 64, evaluate: bool = True,
+         saved: float = 0.15, prompts: int = 2, max_new_tokens: int = 64, evaluate: bool = True,
          limit: int = 60, ratios: list[str] = ("0.15", "0.3", "0.45"), methods: list[str] = ("gateskip", "random", "shortgpt"),
          threads: int = 2) -> None:
     """Run the main job on the embedded default model: make gates, generate with skipping, compare.
@@ -55,8 +55,7 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
         baselines: best, fit: ShortGPT layer counts (with and without linear replacement).
         steps: paper: gate training steps (a short run; see docs/benchmark-log.md for longer ones).
         gate: paper: gate kind: lowrank (cheap: ~1% FLOPs on SmolLM2), vector (the paper's), scalar.
-        ratio: skip ratio of the generation examples (default: 0.5 of the MLP tokens for best, 0.3 of every
-            branch's tokens otherwise: about a fifth of the compute saved in both).
+        saved: compute saved by the generation examples (a budget: the skip ratio is steered while generating).
         prompts: number of example instructions to generate from.
         max_new_tokens: tokens generated per example.
         evaluate: run the comparison (paper: the core suite, needs the eval extra: lm-eval).
@@ -65,12 +64,11 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
         methods: paper: suite methods besides dense (see ``gateskip eval --help``).
         threads: torch CPU threads.
     """
-    from gateskip.policies import check_ratio
+    from gateskip.saved import check_saved
 
     if recipe not in RECIPES:
         raise GateSkipError(f"unknown recipe {recipe!r}: choose from {', '.join(RECIPES)}")
-    ratio = (0.5 if recipe == "best" else 0.3) if ratio is None else ratio
-    check_ratio(ratio)
+    check_saved(saved)
     torch.set_num_threads(threads)
     from gateskip.recipes import load_recipe
 
@@ -101,7 +99,7 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
         train(**{**load_recipe("paper"), "model": model, "out": str(gates_dir), "steps": steps, "gate": gate,
                  "resume": False})
     _say(f"    done in {time.perf_counter() - t0:.0f}s")
-    _generate(model, gates_dir, ratio, prompts, max_new_tokens)
+    _generate(model, gates_dir, saved, prompts, max_new_tokens)
     if not evaluate:
         return
     if recipe in ("best", "fit"):
@@ -127,25 +125,26 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
     _say(f"done in {(time.perf_counter() - t0) / 60:.1f} min: see {out_dir / 'report.md'} and {out_dir / 'curve.png'}")
 
 
-def _generate(model: str, gates_dir: Path, ratio: float, prompts: int, max_new_tokens: int) -> None:
+def _generate(model: str, gates_dir: Path, saved: float, prompts: int, max_new_tokens: int) -> None:
     from gateskip.checkpoint import load_gates
-    from gateskip.commands.generate import complete, summary_line
-    from gateskip.core import original_backbone, remove_gates
+    from gateskip.commands.generate import summary_line
+    from gateskip.core import remove_gates
     from gateskip.data import sample_prompts
+    from gateskip.generation import generate
     from gateskip.models import load_model
 
-    _say(f"2/3 generating with and without skipping (threshold policy, ratio {ratio})")
+    _say(f"2/3 generating with and without skipping ({saved:.0%} of the compute saved, threshold policy)")
     net, tok = load_model(model)
     load_gates(net, gates_dir)
     for prompt in sample_prompts()[:prompts]:
         print(f"\n### {prompt}")
-        with original_backbone(net):  # the original model (a healed folder's LoRA deltas taken out)
-            text, _s, seconds, n = complete(net, tok, prompt, skip=0.0, max_new_tokens=max_new_tokens)
-        print(f"--- dense (the original model): {n} new tokens, {n / seconds:.1f} tokens/s")
-        print(text.strip())
-        text, s, seconds, n = complete(net, tok, prompt, skip=ratio, max_new_tokens=max_new_tokens)
-        print(f"--- skip {ratio:g}: {summary_line(s, 'threshold', ratio)}, {n} new tokens, {n / seconds:.1f} tokens/s")
-        print(text.strip())
+        out = generate(net, tok, prompt, max_new_tokens=max_new_tokens)  # the original model (a healed backbone's
+        print(f"--- dense (the original model): {out.new_tokens} new tokens, {out.tokens_per_s:.1f} tokens/s")  # too)
+        print(out.text.strip())
+        out = generate(net, tok, prompt, saved=saved, max_new_tokens=max_new_tokens)
+        print(f"--- {summary_line(out.stats, 'threshold', 0.0, saved)} rechecked={out.stats['rechecked']}, "
+              f"{out.new_tokens} new tokens, {out.tokens_per_s:.1f} tokens/s")
+        print(out.text.strip())
     remove_gates(net)
 
 

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
-
-import torch
-
 from gateskip.data import encode_prompt
 from gateskip.errors import GateSkipError
 from gateskip.options import as_list
@@ -129,26 +125,12 @@ def complete(net, tok, prompt: str, skip: float = 0.0, policy: str = "threshold"
              allocation: str = "uniform", protect_first: int | None = None,
              protect_last: bool | None = None, recheck_stops: bool = False,
              recheck_below: float = 0.0, saved: float | None = None) -> tuple[str, dict, float, int]:
-    """Generate with an already-loaded gated model: (completion, stats, seconds, new tokens)."""
-    from gateskip.chat import stop_ids
-    from gateskip.core import skipping, stats
+    """Generate with an already-loaded gated model (``gateskip.generate``): (completion, stats, seconds, new tokens).
+    Without a budget (``skip`` 0, no ``saved``): the gated model at ratio 0, gates' cost included."""
+    from gateskip.generation import generate as answer
 
-    enc = encode_prompt(tok, prompt, chat, getattr(net.config, "max_position_embeddings", None), max_new_tokens)
-    torch.manual_seed(seed)
-    gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sample, "pad_token_id": tok.pad_token_id}
-    if sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p)
-    else:
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-    t0 = time.perf_counter()
-    skips = bool(skip or saved)
-    with torch.no_grad(), skipping(net, ratio=skip, policy=policy, modules=modules, kv=kv, seed=seed, saved=saved,
-                                          allocation=allocation, protect_first=protect_first,
-                                          protect_last=protect_last,
-                                          recheck_tokens=stop_ids(tok) if recheck_stops and skips else None,
-                                          recheck_below=recheck_below if skips else 0.0):
-        out = net.generate(**enc, **gen_kwargs)
-        s = stats(net)
-    seconds = time.perf_counter() - t0
-    new = out[0, enc["input_ids"].shape[1]:]
-    return tok.decode(new, skip_special_tokens=True), s, seconds, len(new)
+    out = answer(net, tok, prompt, saved=saved, ratio=skip, policy=policy, max_new_tokens=max_new_tokens, chat=chat,
+                 recheck_stops=recheck_stops, sample=sample, temperature=temperature, top_p=top_p, seed=seed,
+                 modules=modules, kv=kv, allocation=allocation, protect_first=protect_first, protect_last=protect_last,
+                 recheck_below=recheck_below, dense=False)
+    return out.text, out.stats, out.seconds, out.new_tokens

@@ -1,0 +1,43 @@
+"""``gateskip.generate``: one prompt in, one answer out, with what it cost."""
+
+import pytest
+import torch
+
+import gateskip
+from gateskip.errors import GateSkipError
+from gateskip.models import tiny_model, tiny_tokenizer
+
+
+def test_without_a_budget_the_answer_is_the_model_without_gates():
+    tok = tiny_tokenizer()
+    plain = tiny_model("llama")
+    m = tiny_model("llama")
+    m.load_state_dict(plain.state_dict())
+    gateskip.add_gates(m, gateskip.GateSkipConfig(init_std=0.3))
+    out = gateskip.generate(m, tok, "the cat sat on the", max_new_tokens=8, chat=False)
+    enc = tok("the cat sat on the", return_tensors="pt")
+    with torch.no_grad():
+        ref = plain.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.text == tok.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert out.compute_saved == 0.0 and out.new_tokens == ref.shape[1] - enc["input_ids"].shape[1]
+    assert out.tokens_per_s > 0
+
+
+def test_a_budget_in_compute_saved_is_reported_with_its_statistics():
+    tok = tiny_tokenizer()
+    m = gateskip.add_gates(tiny_model("llama"))
+    out = gateskip.generate(m, tok, "the cat sat on the mat and the dog sat on the log " * 3, saved=0.3,
+                            policy="random", max_new_tokens=24, chat=False)
+    assert out.compute_saved == pytest.approx(0.3, abs=0.05)
+    assert out.stats["compute_saved"] == out.compute_saved and out.tokens_skipped > 0
+
+
+def test_bad_calls_fail_in_one_line():
+    tok = tiny_tokenizer()
+    with pytest.raises(GateSkipError, match="has no gates"):
+        gateskip.generate(tiny_model("llama"), tok, "hello")
+    m = gateskip.add_gates(tiny_model("llama"))
+    with pytest.raises(GateSkipError, match="empty prompt"):
+        gateskip.generate(m, tok, "  ")
+    with pytest.raises(GateSkipError, match="max_new_tokens"):
+        gateskip.generate(m, tok, "hello", max_new_tokens=0)
