@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+
 from gateskip.data import encode_prompt
 from gateskip.errors import GateSkipError
 from gateskip.options import as_list
