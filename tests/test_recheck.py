@@ -9,7 +9,7 @@ from gateskip.chat import greedy_answers
 from gateskip.core import gate_state
 from gateskip.errors import GateSkipError
 from gateskip.models import tiny_model
-from tests.conftest import left_padded
+from conftest import left_padded
 
 
 def gated(family="llama"):

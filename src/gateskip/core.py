@@ -135,7 +135,8 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
              allocation: str = "uniform", protect_first: int | None = None, straight_through: bool = False,
              sync_free: bool | None = None, protect_last: bool | None = None,
              protect_tokens: Iterable[int] | None = None, recheck_tokens: Iterable[int] | None = None,
-             recheck_below: float = 0.0, saved: float | None = None, protect_prompt: bool = False):
+             recheck_below: float = 0.0, saved: float | None = None, protect_prompt: bool = False,
+             prompt_boost: float = 1.0):
     """Run ``model`` with a per-layer skip budget inside the ``with`` block.
 
     Args:
@@ -167,6 +168,9 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         saved: a budget in FLOP-weighted compute saved instead of ``ratio``: after every forward call the ratio of
             every branch of ``modules`` is steered so that the compute saved on the text run so far lands at this
             fraction (gates, fallbacks and rechecks counted; saved.py). Any per-token policy; not with a ratio.
+            Under ``threshold`` a prompt (a call with nothing cached) is ranked like ``quantile`` ranks a call.
+        prompt_boost: with ``saved``: prompts aim at this times the budget, the generated tokens make up the rest
+            (skipping a prompt's tokens costs an answer less than skipping its own).
         straight_through: training only (masked path, gates after the branch): a skipped token's output
             is still 0, but its gate receives the gradient it would get if the token were kept.
         sync_free: never read a branch's skip decision back from the device (a GPU sync per branch).
@@ -232,7 +236,12 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
                    recheck_tokens=_recheck_ids(recheck_tokens), recheck_below=_check_below(recheck_below))
     if saved is not None:
         weights = [1.0 if b.kind in modules else 0.0 for b in st.branches]
-        budget = SavedBudget(st, check_saved(saved), weights, (policy, modules, kv, round(float(saved), 6)))
+        check_saved(saved)
+        if not 0.0 <= float(prompt_boost) * float(saved) < 1.0:
+            raise GateSkipError(f"prompt_boost={prompt_boost!r} is invalid: prompts would aim at "
+                                f"{prompt_boost * saved:.2f} of their compute; use a factor below {1 / saved:.1f}")
+        budget = SavedBudget(st, check_saved(saved), weights, (policy, modules, kv, round(float(saved), 6),
+                                                               float(prompt_boost)), float(prompt_boost))
         st.plan = with_ratio(st, dataclasses.replace(st.plan, budget=budget), budget.q)
     st.reset_stats()
     st.call.one_token = False  # set per forward call (begin_call) for the plan in force

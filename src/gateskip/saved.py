@@ -45,8 +45,8 @@ class SavedBudget:
     """The controller of one ``skipping(saved=...)`` context (see the module doc). Prefill calls (nothing cached) and
     cached steps keep separate offsets: a long prompt and a decode step save differently at the same ratio."""
 
-    def __init__(self, st, target: float, weights: list[float], key: tuple):
-        self.target, self.key = target, key
+    def __init__(self, st, target: float, weights: list[float], key: tuple, prompt_boost: float = 1.0):
+        self.target, self.key, self.prompt_boost = target, key, prompt_boost
         self.weights = weights  # per branch: 1 where the branch may skip, else 0
         e_cost, d_cost = st.flops_by_branch(key[2])
         ones = torch.tensor([[0.0, 1.0, 64.0, 64.0]], dtype=torch.float64).expand(len(weights), 4)
@@ -72,12 +72,14 @@ class SavedBudget:
         starts from the other kind's offset when that one has been measured."""
         if not self.weight[prefill] and self.weight[not prefill] and (*self.key, prefill) not in self.memory:
             self.offset[prefill] = self.offset[not prefill]
-        debt = self.target * self.dense - (self.dense - self.executed)  # FLOPs still to save over the whole run
-        # paid back over HORIZON calls of this one's size, or over as many FLOPs as were run so far if that is more
-        # (a long prompt is paid back by the answer's steps a little each, not by skipping all of the next one)
+        # a prompt aims at prompt_boost times the target, a cached step at the target; both pay the debt run up so
+        # far, spread over HORIZON calls of this one's size or over as many FLOPs as were run so far if that is more
+        # (a long prompt is paid back by the answer's steps a little each, not by all of the next one)
+        boost = self.prompt_boost if prefill else 1.0
+        debt = self.target * self.dense - (self.dense - self.executed)  # FLOPs still to save over the run
         horizon = max(HORIZON * size, self.dense)
-        want = self.target + (debt / horizon if horizon > 0 else 0.0)
-        want = min(max(want, 0.0), CATCH_UP * self.target)
+        want = boost * self.target + (debt / horizon if horizon > 0 else 0.0)
+        want = min(max(want, 0.0), max(CATCH_UP, boost) * self.target, 0.9)
         self.prefill = prefill
         self.q = min(MAX_RATIO, max(0.0, (want - self.offset[prefill]) / self.slope))
         return self.q

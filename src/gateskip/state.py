@@ -66,19 +66,20 @@ class Plan:
         """Skipped tokens take the layer below's K/V; only worth the cache proxy when anything can skip."""
         return self.kv == "copy" and any(r > 0.0 for r in self.ratios)
 
-    def decide(self, index: int, imp: torch.Tensor, valid: torch.Tensor | None, n_valid: int | None = None
-               ) -> tuple[torch.Tensor | None, int | None]:
+    def decide(self, index: int, imp: torch.Tensor, valid: torch.Tensor | None, n_valid: int | None = None,
+               rank: bool = False) -> tuple[torch.Tensor | None, int | None]:
         """(skip mask or None, number skipped as a host int, else None).
 
         The count is known without reading the device under quantile (and at ratio 0). At inference, one
         token under thresholds (decode at batch 1) is decided by ``one_token.decide`` instead.
 
-        ``valid``: tokens that may skip, or None when all may (not for quantile, which ranks them).
+        ``valid``: tokens that may skip, or None when all may (not for quantile, which ranks them). ``rank``: rank
+        like quantile whatever the policy (a prompt under a compute-saved budget: ``GateState._ranks_prompt``).
         """
         r = self.ratios[index]
         if r <= 0.0:
             return None, 0
-        if self.policy in ("quantile", "oracle"):  # the oracle ranks its own scores (wrap.py) like quantile
+        if rank or self.policy in ("quantile", "oracle"):  # the oracle ranks its own scores (wrap.py) like quantile
             if n_valid is not None:
                 k = quantile_count(n_valid, r)
                 return (None, 0) if k == 0 else (quantile_skip(imp, valid, r, n_valid), k)
@@ -289,11 +290,19 @@ class GateState:
         n = self._count_eligible(elig)
         if self.plan.policy in ("quantile", "oracle"):
             skip, k = self.plan.decide(branch.index, imp, elig, n)
+        elif self._ranks_prompt():
+            skip, k = self.plan.decide(branch.index, imp, elig, n, rank=True)
         else:
             skip, k = self.plan.decide(branch.index, imp, None if n == elig.numel() else elig)
         self.call.decided = (skip, k)
         self.count_decision(branch, skip, valid)
         return skip
+
+    def _ranks_prompt(self) -> bool:
+        """Under a compute-saved budget, a prompt (a call with nothing cached) is ranked like the quantile policy
+        ranks a call: its least important fraction skips, whatever the thresholds, calibrated on other text, would
+        make of it (saved.py)."""
+        return self.plan.budget is not None and self.call.prefill and self.plan.policy == "threshold"
 
     def skip_count(self, skip: torch.Tensor) -> int | None:
         """How many tokens ``skip`` (the last decision) skips, as a host int.

@@ -44,7 +44,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
              fallback: str = "zero", fallback_rank: int = 64, fallback_batches: int = 12,
              reference: str | None = None, resume: bool = True, reuse_dense: bool = True, offset: int = 0,
              protect_last: bool | None = None, recheck_stops: bool = False, recheck_below: float = 0.0,
-             saved: list[float] | None = None, protect_prompt: bool = False) -> dict:
+             saved: list[float] | None = None, protect_prompt: bool = False, prompt_boost: float = 1.0) -> dict:
     """Sweep skip ratios on offline benchmarks; writes results.json, report.md and curve.png to --out.
 
     Args:
@@ -109,6 +109,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
         protect_first: suite: never skip the first N tokens (default: the gates' config).
         protect_last: suite chat: never skip a prompt's last position (default: the gates' config).
         protect_prompt: suite chat: never skip a prompt at all (only generated tokens skip).
+        prompt_boost: suite chat with --saved: prompts aim at this times the budget, the answers make up the rest.
         recheck_stops: suites chat and gen: a generated step whose top token ends the answer is computed again without
             skipping (counted in the compute saved), for every skipping row (gateskip, random, oracle).
         recheck_below: suites chat and gen: the same for steps whose top probability is below this value (0: off).
@@ -144,7 +145,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
         return evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios,
                              ["gateskip", "random", "oracle"] if methods == DEFAULT_METHODS else as_list(methods, str),
                              policy, as_list(modules, str), kv, limit, out, fidelity_tokens, batch_size, protect_first,
-                             protect_last, seed, recheck_stops, recheck_below, saved, protect_prompt)
+                             protect_last, seed, recheck_stops, recheck_below, saved, protect_prompt, prompt_boost)
     if suite == "gen":
         from gateskip.commands.eval_gen import GEN_METHODS, evaluate_gen
 

@@ -11,7 +11,8 @@ from gateskip.eval.chat_fidelity import Setting, run, write
 
 def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, modules, kv, protect_first,
              protect_last, seed: int, recheck_stops: bool = False, recheck_below: float = 0.0,
-             saved: list[float] | None = None, protect_prompt: bool = False) -> list[Setting]:
+             saved: list[float] | None = None, protect_prompt: bool = False, prompt_boost: float = 1.0
+             ) -> list[Setting]:
     """The rows: dense, then gateskip (``policy``) at ``ratios``, random and oracle at theirs (default: ``ratios``);
     with ``saved``, every method at those compute-saved budgets instead (saved.py: matched by construction).
     ``recheck_stops`` / ``recheck_below``: the dense recheck (recheck.py), the same for every skipping row."""
@@ -22,6 +23,8 @@ def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, modules
         rules["recheck_below"] = recheck_below
     if protect_prompt:
         rules["protect_prompt"] = True
+    if saved and prompt_boost != 1.0:
+        rules["prompt_boost"] = prompt_boost
     common = {"modules": tuple(modules), "kv": kv, **rules}
     gates = parse_ratios(ratios)
     out = [Setting("dense", 0.0)]
@@ -39,7 +42,7 @@ def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, modules
 
 def evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios, methods, policy, modules, kv, limit, out,
                   fidelity_tokens, batch_size, protect_first, protect_last, seed, recheck_stops=False,
-                  recheck_below=0.0, saved=None, protect_prompt=False) -> dict:
+                  recheck_below=0.0, saved=None, protect_prompt=False, prompt_boost=1.0) -> dict:
     from gateskip.eval.inputs import prepare_run
     from gateskip.loading import load_for_inference
 
@@ -48,14 +51,14 @@ def evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios, methods, p
     prepare_run(limit, out)
     net, tok = load_for_inference(model, gates)
     rows = settings(ratios, random_ratios, oracle_ratios, methods, policy, modules, kv, protect_first, protect_last,
-                    seed, recheck_stops, recheck_below, saved, protect_prompt)
+                    seed, recheck_stops, recheck_below, saved, protect_prompt, prompt_boost)
     t0 = time.perf_counter()
     res = run(net, tok, rows, n=limit or 200, max_new_tokens=fidelity_tokens, batch=max(batch_size, 16),
               log=lambda line: print(f"[gateskip eval chat] {line}", flush=True))
     res["config"] = {"gates": gates, "model": model, "policy": policy, "modules": list(modules), "kv": kv,
                      "protect_first": protect_first, "protect_last": protect_last, "seed": seed,
                      "recheck_stops": recheck_stops, "recheck_below": recheck_below, "saved": saved,
-                     "protect_prompt": protect_prompt,
+                     "protect_prompt": protect_prompt, "prompt_boost": prompt_boost,
                      "seconds": round(time.perf_counter() - t0, 1)}
     path = write(res, out)
     print(path.read_text())

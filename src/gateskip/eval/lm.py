@@ -38,7 +38,8 @@ class GateSkipLM(HFLM):
         pretrained: a model name for ``gateskip.load_model`` or an already-loaded model object.
         gates: a gates folder to attach (``gateskip.load_gates``); a model object that already has
             gates can be passed with ``gates=None``.
-        ratio, policy, modules, kv, seed, allocation: passed to ``gateskip.skipping``.
+        ratio, policy, modules, kv, seed, allocation, saved: passed to ``gateskip.skipping`` (``saved``: a budget
+            in compute saved instead of ``ratio``).
         uncounted_gates: branch names (or "all") whose gate FLOPs are left out of ``compute_saved``:
             gates a real implementation would not compute (always-skipped branches, open stand-ins).
         tokenizer: needed with a model object; loaded with the model for a name.
@@ -46,7 +47,8 @@ class GateSkipLM(HFLM):
 
     def __init__(self, pretrained="smollm2-135m", gates: str | None = None, ratio: float | Mapping = 0.0,
                  policy: str = "threshold", modules="attn,mlp", kv: str | None = None, seed: int = 0,
-                 allocation: str = "uniform", uncounted_gates=None, tokenizer=None, batch_size=1, **kwargs):
+                 allocation: str = "uniform", uncounted_gates=None, tokenizer=None, batch_size=1,
+                 saved: float | None = None, **kwargs):
         if isinstance(pretrained, str):
             from gateskip.models import load_model
 
@@ -61,17 +63,21 @@ class GateSkipLM(HFLM):
         mods = tuple(m.strip() for m in modules.split(",")) if isinstance(modules, str) else tuple(modules)
         # ratio: a float, or a mapping from branch names / kinds to ratios (as gateskip.skipping takes)
         ratio = dict(ratio) if isinstance(ratio, Mapping) else float(ratio)
-        skips = any(r > 0 for r in ratio.values()) if isinstance(ratio, dict) else ratio > 0
+        saved = float(saved) if saved not in (None, "", "None") else None
+        skips = bool(saved) or (any(r > 0 for r in ratio.values()) if isinstance(ratio, dict) else ratio > 0)
         check_policy(policy)  # fail at construction, not at the first request
         if not skips:  # nothing is skipped, so no policy applies (and uncalibrated gates are fine)
             policy = "quantile"
         self.plan = {"ratio": ratio, "policy": policy, "modules": mods, "kv": kv, "seed": int(seed)}
         if allocation != "uniform":  # passed only when asked: older gateskip.skipping has no such argument
             self.plan["allocation"] = allocation
+        if saved:
+            self.plan["saved"] = saved
         if not is_gated(pretrained) and skips:
             raise GateSkipError(f"ratio={ratio} needs gates: pass gates=<gates folder> or use ratio=0 (dense)")
         self.uncounted_gates = uncounted_gates
         self._runs: list[dict] = []
+        GateSkipLM.last_stats = None  # what the command line prints at the end (lm_eval_cli.py): no model reference
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
 
     @contextlib.contextmanager
@@ -84,6 +90,7 @@ class GateSkipLM(HFLM):
             st = gate_state(self.model)
             if st.counts is not None and st.stats.calls:
                 self._runs.append(stats(self.model))
+                GateSkipLM.last_stats = self.stats()
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         with self._measured(), self._padding_recorded():
