@@ -3,13 +3,13 @@ batch 1 and in a left-padded batch; its compute is counted; bad settings fail in
 
 import pytest
 import torch
+from conftest import left_padded
 
 import gateskip
 from gateskip.chat import greedy_answers
 from gateskip.core import gate_state
 from gateskip.errors import GateSkipError
 from gateskip.models import tiny_model
-from conftest import left_padded
 
 
 def gated(family="llama"):

@@ -3,12 +3,12 @@ target on generation and on scoring, under every per-token policy, with one kind
 
 import pytest
 import torch
+from conftest import VOCAB, left_padded
 
 import gateskip
 from gateskip.core import gate_state
 from gateskip.errors import GateSkipError
 from gateskip.models import tiny_model
-from conftest import VOCAB, left_padded
 
 
 def gated(modules=("attn", "mlp"), calibrated=False):

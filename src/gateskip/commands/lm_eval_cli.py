@@ -23,7 +23,6 @@ def main(argv: list[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     import gateskip.eval.lm  # noqa: F401  (registers the model name "gateskip" with lm-eval)
-
     from gateskip.eval.lm import GateSkipLM
 
     args = list(sys.argv[1:] if argv is None else argv)
