@@ -254,3 +254,13 @@ def test_real_smollm2_load_and_cache(tmp_path):
         logits = model(**enc).logits
     assert logits.shape[-1] == 49152 and torch.isfinite(logits).all()
     assert timings[1] < timings[0]
+
+
+def test_a_hub_model_that_is_not_cached_fails_at_once_offline(monkeypatch):
+    """Offline, a hub id that is not in the local cache is one line, not a minute of HTTP retries."""
+    from gateskip import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not models._hub_reachable()  # decided without a connection attempt
+    with pytest.raises(GateSkipError, match="not in the local Hugging Face cache"):
+        models.load_model("no-such-org/no-such-model-xyz")

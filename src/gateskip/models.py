@@ -120,6 +120,32 @@ def _resolve(name: str, cache_dir: str | None) -> tuple[str, bool]:
     return name, False
 
 
+def _in_hub_cache(repo: str) -> bool:
+    """Whether ``repo``'s config is in the local Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    found = try_to_load_from_cache(repo, "config.json")
+    return isinstance(found, str)
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """One quick connection attempt to the hub (no retries): offline, fail in seconds rather than after retrying.
+    ``HF_HUB_OFFLINE=1`` means unreachable without trying."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_model(
     name_or_path: str = "smollm2-135m",
     dtype: str | torch.dtype = "float32",
@@ -130,6 +156,10 @@ def load_model(
     """Load (model, tokenizer) in eval mode; aliases are converted to a cached safetensors copy once."""
     torch_dtype = _dtype(dtype)
     source, local = _resolve(name_or_path, cache_dir)
+    if not local and not _in_hub_cache(source) and not _hub_reachable():
+        raise GateSkipError(f"model {name_or_path!r} is not in the local Hugging Face cache and the hub cannot be "
+                            "reached (offline): use an alias (" + ", ".join(ALIASES) + "), a local folder, or "
+                            "download it where there is a network")
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
