@@ -13,12 +13,12 @@ policies.py, physical.py, kv.py, flops.py).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from gateskip.accounting import stats  # noqa: F401  (the public API: gateskip.stats)
 from gateskip.arch import arch_spec, decoder_layers, text_config
 from gateskip.budget import check_allocation, global_ratios
 from gateskip.compat import get_cache
@@ -29,8 +29,9 @@ from gateskip.flops import model_flops
 from gateskip.gates import Gate
 from gateskip.policies import ORACLES, check_policy, check_ratio, threshold_from_grid
 from gateskip.recheck import after_call as recheck_after_call
+from gateskip.recheck import check_recheck_below, check_recheck_tokens
 from gateskip.record import model_record, peek
-from gateskip.saved import SavedBudget, after_call, before_call, check_saved, with_ratio
+from gateskip.saved import after_call, before_call, install_budget
 from gateskip.state import GateState, Plan
 from gateskip.wrap import GatedBranch
 
@@ -200,49 +201,25 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         if st.cfg.placement != "after":
             raise GateSkipError(f"policy {policy!r} needs gates placed after the branch (placement='after')")
         path = "masked"
-    protect = st.cfg.protect_first if protect_first is None else protect_first
-    if int(protect) != protect or protect < 0:
-        raise GateSkipError(f"protect_first={protect_first!r} is invalid: use a whole number >= 0")
-    last = st.cfg.protect_last if protect_last is None else bool(protect_last)
-    never = tuple(st.cfg.protect_tokens if protect_tokens is None else GateSkipConfig(protect_tokens=protect_tokens)
-                  .protect_tokens)
-    if saved is not None:
-        if ratio or allocation != "uniform":
-            raise GateSkipError("saved= sets the budget in compute saved and steers one ratio for every branch: "
-                                "leave ratio and allocation at their defaults")
-        ratio = 0.0
+    protect, last, never = _rules(st, protect_first, protect_last, protect_tokens)
+    if saved is not None and (ratio or allocation != "uniform"):
+        raise GateSkipError("saved= sets the budget in compute saved and steers one ratio for every branch: "
+                            "leave ratio and allocation at their defaults")
     if allocation == "global":
         ratios = _global_ratios(st, ratio, modules, kv)
     else:
         ratios = [(_ratio_for(b, ratio) if b.kind in modules else 0.0) for b in st.branches]
-    thresholds = None
-    if policy in ("threshold", "oracle_threshold"):
-        cal = st.loaded.calibration if policy == "threshold" else st.loaded.oracle_calibration
-        if cal is None:
-            raise GateSkipError("policy 'threshold' needs calibrated thresholds: run gateskip.calibrate(model, batches) "
-                                "or load a gates folder that has them" if policy == "threshold" else
-                                "policy 'oracle_threshold' needs the oracle's thresholds: run "
-                                "gateskip.calibrate(model, batches, score='oracle') first")
-        thresholds = [threshold_from_grid(cal["grid"][b.index], r) for b, r in zip(st.branches, ratios)]
-    gen = None
-    if policy == "random":
-        gen = torch.Generator().manual_seed(seed)
     previous = st.plan
     if sync_free is None:
         sync_free = next(model.parameters()).device.type != "cpu"
-    st.plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=thresholds, generator=gen, path=path,
-                   protect=int(protect), straight_through=bool(straight_through), sync_free=bool(sync_free),
-                   protect_last=last, protect_prompt=bool(protect_prompt), protect_tokens=torch.tensor(never, dtype=torch.long) if never else None,
-                   recheck_tokens=_recheck_ids(recheck_tokens), recheck_below=_check_below(recheck_below))
+    st.plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=_thresholds(st, policy, ratios),
+                   generator=torch.Generator().manual_seed(seed) if policy == "random" else None, path=path,
+                   protect=protect, straight_through=bool(straight_through), sync_free=bool(sync_free),
+                   protect_last=last, protect_prompt=bool(protect_prompt), protect_tokens=never,
+                   recheck_tokens=check_recheck_tokens(recheck_tokens),
+                   recheck_below=check_recheck_below(recheck_below))
     if saved is not None:
-        weights = [1.0 if b.kind in modules else 0.0 for b in st.branches]
-        check_saved(saved)
-        if not 0.0 <= float(prompt_boost) * float(saved) < 1.0:
-            raise GateSkipError(f"prompt_boost={prompt_boost!r} is invalid: prompts would aim at "
-                                f"{prompt_boost * saved:.2f} of their compute; use a factor below {1 / saved:.1f}")
-        budget = SavedBudget(st, check_saved(saved), weights, (policy, modules, kv, round(float(saved), 6),
-                                                               float(prompt_boost)), float(prompt_boost))
-        st.plan = with_ratio(st, dataclasses.replace(st.plan, budget=budget), budget.q)
+        st.plan = install_budget(st, st.plan, saved, prompt_boost, modules)
     st.reset_stats()
     st.call.one_token = False  # set per forward call (begin_call) for the plan in force
     try:
@@ -251,19 +228,28 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         st.plan, st.call.one_token = previous, False
 
 
-def _recheck_ids(ids) -> torch.Tensor | None:
-    if ids is None:
+def _rules(st: GateState, protect_first, protect_last, protect_tokens) -> tuple[int, bool, torch.Tensor | None]:
+    """The never-skip rules in force: (first N tokens, a prompt's last position, token ids), the gates' by default."""
+    protect = st.cfg.protect_first if protect_first is None else protect_first
+    if int(protect) != protect or protect < 0:
+        raise GateSkipError(f"protect_first={protect_first!r} is invalid: use a whole number >= 0")
+    last = st.cfg.protect_last if protect_last is None else bool(protect_last)
+    never = tuple(st.cfg.protect_tokens if protect_tokens is None else GateSkipConfig(protect_tokens=protect_tokens)
+                  .protect_tokens)
+    return int(protect), last, torch.tensor(never, dtype=torch.long) if never else None
+
+
+def _thresholds(st: GateState, policy: str, ratios: list[float]) -> list[torch.Tensor] | None:
+    """Per branch, the importance threshold of its ratio on the calibration grid (threshold policies only)."""
+    if policy not in ("threshold", "oracle_threshold"):
         return None
-    ids = sorted({int(i) for i in ids})
-    if not ids or ids[0] < 0:
-        raise GateSkipError(f"recheck_tokens={ids!r} is invalid: give token ids >= 0, e.g. gateskip.stop_ids(tok)")
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def _check_below(p: float) -> float:
-    if not 0.0 <= float(p) < 1.0:
-        raise GateSkipError(f"recheck_below={p!r} is invalid: use a probability in [0, 1), 0 for off")
-    return float(p)
+    cal = st.loaded.calibration if policy == "threshold" else st.loaded.oracle_calibration
+    if cal is None:
+        raise GateSkipError("policy 'threshold' needs calibrated thresholds: run gateskip.calibrate(model, batches) "
+                            "or load a gates folder that has them" if policy == "threshold" else
+                            "policy 'oracle_threshold' needs the oracle's thresholds: run "
+                            "gateskip.calibrate(model, batches, score='oracle') first")
+    return [threshold_from_grid(cal["grid"][b.index], r) for b, r in zip(st.branches, ratios)]
 
 
 def _global_ratios(st: GateState, ratio, modules: tuple[str, ...], kv: str) -> list[float]:
@@ -288,69 +274,6 @@ def _ratio_for(branch: GatedBranch, ratio) -> float:
                 return check_ratio(ratio[key], f"skip ratio for {key}")
         return 0.0
     return check_ratio(ratio)
-
-
-def stats(model: nn.Module) -> dict:
-    """Statistics of the forward calls since the current (or last) ``skipping`` context began.
-
-    ``tokens_skipped`` is the paper's measure: the fraction of (token, branch) pairs skipped,
-    attention and MLP weighted equally (with gates on one kind only, the other kind's branches
-    count as never skipped; ``attn_skipped`` / ``mlp_skipped`` give each kind alone).
-    ``compute_saved`` is FLOP-weighted: 1 - FLOPs a physical run executes (kept tokens' branches,
-    K/V of skipped tokens in ``kv="compute"`` mode, attention over the context, every gate, the
-    fallback of every skipped token, the branches without a gate, the LM head rows computed) / FLOPs
-    of the dense model without gates on the same calls. With vector gates on a small model it can be
-    negative at low ratios.
-    """
-    st = gate_state(model)
-    if st.counts is None:
-        raise GateSkipError("no statistics yet: run the model inside `with gateskip.skipping(model, ...)` first")
-    kv = st.plan.kv if st.plan is not None else st.cfg.kv
-    dense, executed, per_module, frac_by_kind = _flops(st, st.counts, st.stats.lm_rows, kv)
-    rerun, rechecked = st.stats.recheck, 0
-    if rerun is not None:  # dense reruns (recheck.py): executed on top, the reference is the calls as asked
-        executed += _flops(st, rerun.counts(None), rerun.lm_rows, kv)[1]
-        rechecked = rerun.rows
-    kinds = {b.kind for b in st.branches}
-    all_fracs = frac_by_kind["attn"] + frac_by_kind["mlp"]
-    all_fracs += [0.0] * (len(all_fracs) if len(kinds) == 1 else 0)  # the ungated branches skip nothing
-    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-    return {
-        "tokens_skipped": mean(all_fracs),
-        "compute_saved": 1.0 - executed / dense if dense else 0.0,
-        "attn_skipped": mean(frac_by_kind["attn"]),
-        "mlp_skipped": mean(frac_by_kind["mlp"]),
-        "flops_dense": dense,
-        "flops_executed": executed,
-        "gate_flops": float(st.counts[:, 1].sum()) * st.flops.gate,
-        "forward_calls": st.stats.calls,
-        "policy": st.plan.policy if st.plan is not None else None,
-        "path": _path_summary(st.stats.path_calls),  # physical / masked / mixed / dense (nothing was skipped)
-        "path_calls": dict(st.stats.path_calls),  # branch calls per path
-        # branch calls that read their skipped count back from the device (one GPU sync each; 0 under
-        # the quantile policy, whose count is known on the host)
-        "sync_calls": st.stats.sync_calls,
-        "per_module": per_module,
-        "rechecked": rechecked,  # rows computed again without skipping (recheck.py), their compute counted
-    }
-
-
-def _flops(st: GateState, counts: torch.Tensor, lm_rows: int, kv: str) -> tuple[float, float, dict, dict]:
-    """(dense FLOPs, executed FLOPs, per-module skipped fractions, fractions by kind) of per-branch ``counts``."""
-    c = counts.double().cpu()
-    e_cost, d_cost = st.flops_by_branch(kv)
-    lm = lm_rows * st.flops.lm_head
-    per_module, frac_by_kind = {}, {"attn": [], "mlp": []}
-    for b, (s, n) in zip(st.branches, c[:, :2].tolist()):
-        frac = s / n if n else 0.0
-        per_module[b.name] = {"skipped": frac, "tokens": int(n)}
-        frac_by_kind[b.kind].append(frac)
-    return float((c * d_cost).sum()) + lm, float((c * e_cost).sum()) + lm, per_module, frac_by_kind
-
-
-def _path_summary(calls: dict) -> str:
-    used = [p for p in ("physical", "masked") if calls.get(p)]
-    return used[0] if len(used) == 1 else ("mixed" if used else "dense")
 
 
 @torch.no_grad()

@@ -23,6 +23,21 @@ from gateskip.errors import GateSkipError
 from gateskip.record import peek
 
 
+def check_recheck_tokens(ids) -> torch.Tensor | None:
+    if ids is None:
+        return None
+    ids = sorted({int(i) for i in ids})
+    if not ids or ids[0] < 0:
+        raise GateSkipError(f"recheck_tokens={ids!r} is invalid: give token ids >= 0, e.g. gateskip.stop_ids(tok)")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def check_recheck_below(p: float) -> float:
+    if not 0.0 <= float(p) < 1.0:
+        raise GateSkipError(f"recheck_below={p!r} is invalid: use a probability in [0, 1), 0 for off")
+    return float(p)
+
+
 def needs_recheck(plan, logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """[B] bool: live rows whose next-token logits (``[B, V]``) trigger the plan's recheck rule."""
     hit = torch.zeros_like(live)

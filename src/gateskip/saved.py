@@ -102,6 +102,18 @@ class SavedBudget:
         self.memory[(*self.key, r)] = ((mean * weight + implied * dense) / (weight + dense), weight + dense)
 
 
+def install_budget(st, plan, saved: float, prompt_boost: float, modules: tuple[str, ...]):
+    """``plan`` steered to ``saved`` (``skipping(saved=...)``): every branch of ``modules`` at the controller's ratio."""
+    check_saved(saved)
+    if not 0.0 <= float(prompt_boost) * float(saved) < 1.0:
+        raise GateSkipError(f"prompt_boost={prompt_boost!r} is invalid: prompts would aim at "
+                            f"{prompt_boost * saved:.2f} of their compute; use a factor below {1 / saved:.1f}")
+    weights = [1.0 if b.kind in modules else 0.0 for b in st.branches]
+    key = (plan.policy, modules, plan.kv, round(float(saved), 6), float(prompt_boost))
+    budget = SavedBudget(st, float(saved), weights, key, float(prompt_boost))
+    return with_ratio(st, dataclasses.replace(plan, budget=budget), budget.q)
+
+
 def before_call(st, prefill: bool, valid: torch.Tensor, ctx: torch.Tensor) -> None:
     """Before a forward call under a ``saved`` plan (``valid``, ``ctx``: its tokens and the context each sees, as
     ``core.call_tokens`` gives them): install this call's ratio."""
@@ -113,15 +125,11 @@ def before_call(st, prefill: bool, valid: torch.Tensor, ctx: torch.Tensor) -> No
 
 def after_call(st) -> None:
     """After a forward call under a ``saved`` plan: count its FLOPs (reruns of recheck.py included)."""
-    plan, c = st.plan, st.stats
-    budget = plan.budget
-    main = c.counts(st.call.ctx).double().cpu()
-    both = main if c.recheck is None else main + c.recheck.counts(None).double().cpu()  # reruns: executed on top
-    e_cost, d_cost = st.flops_by_branch(plan.kv)
-    lm = st.flops.lm_head
-    total_d = float((main * d_cost).sum()) + lm * c.lm_rows
-    total_e = float((both * e_cost).sum()) + lm * (c.lm_rows + (c.recheck.lm_rows if c.recheck else 0))
-    budget.observe(total_d - budget.dense, total_e - budget.executed)
+    from gateskip.accounting import run_flops
+
+    budget = st.plan.budget
+    dense, executed = run_flops(st, st.plan.kv)
+    budget.observe(dense - budget.dense, executed - budget.executed)
 
 
 def with_ratio(st, plan, q: float):
