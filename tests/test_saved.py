@@ -69,3 +69,22 @@ def test_the_plan_is_restored_and_bad_budgets_fail_in_one_line():
     with pytest.raises(GateSkipError, match="saved="):
         with gateskip.skipping(m, saved=0.2, ratio=0.3):
             pass
+
+
+def test_a_prompt_boost_moves_the_saving_to_prompts_and_still_lands():
+    """prompt_boost: prompts (calls with nothing cached) aim at a multiple of the budget, the answer's steps save
+    less, the whole run still lands; prompts are ranked within their call, so they land without calibration."""
+    from gateskip.accounting import run_flops
+
+    m = gated(calibrated=True)
+    ids, mask = left_padded([30, 28, 26])
+    st = gate_state(m)
+    with torch.no_grad(), gateskip.skipping(m, saved=0.2, policy="threshold", prompt_boost=2.0):
+        m(input_ids=ids, attention_mask=mask)
+        d, e = run_flops(st, st.plan.kv)
+        assert 1 - e / d == pytest.approx(0.4, abs=0.06)  # the prompt alone: about twice the budget (from the prior)
+        m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=60, do_sample=False, pad_token_id=0)
+        assert gateskip.stats(m)["compute_saved"] == pytest.approx(0.2, abs=0.03)
+    with pytest.raises(GateSkipError, match="prompt_boost"):
+        with gateskip.skipping(m, saved=0.4, prompt_boost=3.0):
+            pass

@@ -47,6 +47,7 @@ class SavedBudget:
 
     def __init__(self, st, target: float, weights: list[float], key: tuple, prompt_boost: float = 1.0):
         self.target, self.key, self.prompt_boost = target, key, prompt_boost
+        self.rank_prompts = True  # rank a prompt's tokens within its call (quantile-like) instead of thresholds
         self.weights = weights  # per branch: 1 where the branch may skip, else 0
         e_cost, d_cost = st.flops_by_branch(key[2])
         ones = torch.tensor([[0.0, 1.0, 64.0, 64.0]], dtype=torch.float64).expand(len(weights), 4)
@@ -77,7 +78,8 @@ class SavedBudget:
         # (a long prompt is paid back by the answer's steps a little each, not by all of the next one)
         boost = self.prompt_boost if prefill else 1.0
         debt = self.target * self.dense - (self.dense - self.executed)  # FLOPs still to save over the run
-        horizon = max(HORIZON * size, self.dense)
+        # saved too much so far: skipping less is safe, so the next calls give it back at once
+        horizon = HORIZON * size if debt < 0 else max(HORIZON * size, self.dense)
         want = boost * self.target + (debt / horizon if horizon > 0 else 0.0)
         want = min(max(want, 0.0), max(CATCH_UP, boost) * self.target, 0.9)
         self.prefill = prefill

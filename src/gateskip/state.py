@@ -302,7 +302,8 @@ class GateState:
         """Under a compute-saved budget, a prompt (a call with nothing cached) is ranked like the quantile policy
         ranks a call: its least important fraction skips, whatever the thresholds, calibrated on other text, would
         make of it (saved.py)."""
-        return self.plan.budget is not None and self.call.prefill and self.plan.policy == "threshold"
+        return (self.plan.budget is not None and self.plan.budget.rank_prompts and self.call.prefill
+                and self.plan.policy == "threshold")
 
     def skip_count(self, skip: torch.Tensor) -> int | None:
         """How many tokens ``skip`` (the last decision) skips, as a host int.
