@@ -27,8 +27,13 @@ def test_a_budget_in_compute_saved_is_reported_with_its_statistics():
     tok = tiny_tokenizer()
     m = gateskip.add_gates(tiny_model("llama"))
     out = gateskip.generate(m, tok, "the cat sat on the mat and the dog sat on the log " * 3, saved=0.3,
-                            policy="random", max_new_tokens=24, chat=False)
+                            policy="random", max_new_tokens=24, chat=False, prompt_boost=1.0)
     assert out.compute_saved == pytest.approx(0.3, abs=0.05)
+    # by default the prompt saves 1.5 times the budget up front; with a prompt this long against the answer, the
+    # answer cannot give all of it back, and the run saves more than asked, never less
+    boosted = gateskip.generate(m, tok, "the cat sat on the mat and the dog sat on the log " * 3, saved=0.3,
+                                policy="random", max_new_tokens=24, chat=False)
+    assert 0.3 - 0.03 < boosted.compute_saved < 0.3 * 1.5
     assert out.stats["compute_saved"] == out.compute_saved and out.tokens_skipped > 0
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from gateskip.errors import GateSkipError
+from gateskip.saved import GENERATION_PROMPT_BOOST
 
 
 @dataclass
@@ -32,13 +33,15 @@ class Generation:
 
 def generate(model, tok, prompt: str, saved: float | None = None, ratio: float = 0.0, policy: str = "threshold",
              max_new_tokens: int = 64, chat: bool = True, recheck_stops: bool = True, sample: bool = False,
-             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, dense: bool = True, **skip) -> Generation:
+             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, dense: bool = True,
+             prompt_boost: float = GENERATION_PROMPT_BOOST, **skip) -> Generation:
     """Answer ``prompt`` with a gated model (``load_gates`` / ``add_gates``), greedy unless ``sample``.
 
     ``saved``: a budget in compute saved (e.g. 0.25); or ``ratio``: the paper's per-branch skip ratio; neither: the
     original model (gates bypassed, a healed backbone's original weights), the answer to compare with (``dense``
     False: the gated model at ratio 0 instead, the gates' cost included). ``recheck_stops``: a step whose top token ends the answer is computed again
-    without skipping. Other keyword arguments go to ``gateskip.skipping`` (``modules``, ``kv``, ``protect_first``,
+    without skipping. ``prompt_boost`` (with ``saved``): the prompt aims at this times the budget, the answer makes up
+    the rest (saved.py). Other keyword arguments go to ``gateskip.skipping`` (``modules``, ``kv``, ``protect_first``,
     ``recheck_below`` ...)."""
     from gateskip.chat import stop_ids
     from gateskip.core import is_gated, original_backbone, skipping, stats
@@ -60,6 +63,8 @@ def generate(model, tok, prompt: str, saved: float | None = None, ratio: float =
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     plan = {"ratio": ratio, "saved": saved, "policy": policy, "seed": seed, **skip}
+    if saved:
+        plan["prompt_boost"] = prompt_boost
     if recheck_stops:
         plan["recheck_tokens"] = stop_ids(tok)
     # no budget: the original model (gates bypassed, a healed backbone put back), the reference to compare with

@@ -28,6 +28,7 @@ from gateskip.eval.sweep import (
 )
 from gateskip.eval.taskconfigs import parse_tasks, task_manager
 from gateskip.options import as_list
+from gateskip.saved import GENERATION_PROMPT_BOOST
 
 
 def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
@@ -44,7 +45,8 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
              fallback: str = "zero", fallback_rank: int = 64, fallback_batches: int = 12,
              reference: str | None = None, resume: bool = True, reuse_dense: bool = True, offset: int = 0,
              protect_last: bool | None = None, recheck_stops: bool = False, recheck_below: float = 0.0,
-             saved: list[float] | None = None, protect_prompt: bool = False, prompt_boost: float = 1.0) -> dict:
+             saved: list[float] | None = None, protect_prompt: bool = False,
+             prompt_boost: float = GENERATION_PROMPT_BOOST) -> dict:
     """Sweep skip ratios on offline benchmarks; writes results.json, report.md and curve.png to --out.
 
     Args:
@@ -109,7 +111,8 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
         protect_first: suite: never skip the first N tokens (default: the gates' config).
         protect_last: suite chat: never skip a prompt's last position (default: the gates' config).
         protect_prompt: suite chat: never skip a prompt at all (only generated tokens skip).
-        prompt_boost: suite chat with --saved: prompts aim at this times the budget, the answers make up the rest.
+        prompt_boost: suites chat and gen with --saved: prompts aim at this times the budget, the answers make up the
+            rest (what gateskip generate does).
         recheck_stops: suites chat and gen: a generated step whose top token ends the answer is computed again without
             skipping (counted in the compute saved), for every skipping row (gateskip, random, oracle).
         recheck_below: suites chat and gen: the same for steps whose top probability is below this value (0: off).
@@ -153,7 +156,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
         return evaluate_gen(gates, model, None if tasks == DEFAULT_TASKS else tasks, ratios, random_ratios,
                             oracle_ratios, [] if chosen == ["none"] else chosen, policy, as_list(modules, str), kv,
                             limit, out, batch_size, protect_first, protect_last, seed, recheck_stops, recheck_below,
-                            saved)
+                            saved, prompt_boost)
     if suite:
         return evaluate_suite(gates=gates, suite=suite, ratios=ratios, random_ratios=random_ratios,
                               oracle_ratios=oracle_ratios,                              shortgpt_layers=shortgpt_layers,

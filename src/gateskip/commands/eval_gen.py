@@ -13,7 +13,7 @@ GEN_METHODS = ("gateskip", "random", "oracle")
 
 def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, methods, policy, modules, kv,
                  limit, out, batch_size, protect_first, protect_last, seed, recheck_stops=False,
-                 recheck_below=0.0, saved=None) -> dict:
+                 recheck_below=0.0, saved=None, prompt_boost=1.0) -> dict:
     """The original model on every task/format of ``tasks`` (None: all of them), then the ``methods`` rows on
     the qualifying ones; no ``methods`` (``--methods none``): the qualification run alone."""
     from gateskip.commands.eval_chat import settings
@@ -29,7 +29,7 @@ def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, meth
         raise GateSkipError("--suite gen measures a gates folder: pass --gates DIR (or --methods none for "
                             "the qualification run of the original model)")
     rows = settings(ratios, random_ratios, oracle_ratios, methods, policy, modules, kv, protect_first,
-                    protect_last, seed, recheck_stops, recheck_below, saved)
+                    protect_last, seed, recheck_stops, recheck_below, saved, prompt_boost=prompt_boost)
     prepare_run(limit, out)
     net, tok = load_for_inference(model, gates)
     t0 = time.perf_counter()

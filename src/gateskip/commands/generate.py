@@ -7,6 +7,7 @@ import sys
 from gateskip.data import encode_prompt
 from gateskip.errors import GateSkipError
 from gateskip.options import as_list
+from gateskip.saved import GENERATION_PROMPT_BOOST
 
 
 def generate(prompt: str, model: str | None = None, gates: str | None = None, skip: float = 0.0,
@@ -15,7 +16,7 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
              top_p: float = 0.9, seed: int = 0, allocation: str = "uniform", speculative: bool = False,
              draft_ratio: float = 0.5, k: int = 4, verify: str = "gated", protect_first: int | None = None,
              protect_last: bool | None = None, recheck_stops: bool = True, recheck_below: float = 0.0,
-             saved: float | None = None) -> str:
+             saved: float | None = None, prompt_boost: float = GENERATION_PROMPT_BOOST) -> str:
     """Generate a completion with token-wise skipping; prints it on stdout and statistics on stderr.
 
     Args:
@@ -48,6 +49,7 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
         recheck_below: the same for steps whose top probability is below this value (0: off).
         saved: a budget in FLOP-weighted compute saved instead of --skip, e.g. 0.25: the skip ratio is steered
             while generating so that this fraction is saved (gates, fallbacks and rechecks counted).
+        prompt_boost: with --saved: the prompt aims at this times the budget, the answer makes up the rest.
     """
     from gateskip.core import add_gates
     from gateskip.policies import check_policy, check_ratio
@@ -83,7 +85,8 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
                                        max_new_tokens=max_new_tokens, chat=chat, sample=sample,
                                        temperature=temperature, top_p=top_p, seed=seed, allocation=allocation,
                                        protect_first=protect_first, protect_last=protect_last,
-                                       recheck_stops=recheck_stops, recheck_below=recheck_below, saved=saved)
+                                       recheck_stops=recheck_stops, recheck_below=recheck_below, saved=saved,
+                                       prompt_boost=prompt_boost)
     print(text)
     print(f"[gateskip] {summary_line(s, policy, skip, saved)} rechecked={s['rechecked']} new_tokens={n_new} "
           f"tokens/s={n_new / seconds:.1f}", file=sys.stderr)
@@ -125,7 +128,8 @@ def complete(net, tok, prompt: str, skip: float = 0.0, policy: str = "threshold"
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
              allocation: str = "uniform", protect_first: int | None = None,
              protect_last: bool | None = None, recheck_stops: bool = False,
-             recheck_below: float = 0.0, saved: float | None = None) -> tuple[str, dict, float, int]:
+             recheck_below: float = 0.0, saved: float | None = None,
+             prompt_boost: float = GENERATION_PROMPT_BOOST) -> tuple[str, dict, float, int]:
     """Generate with an already-loaded gated model (``gateskip.generate``): (completion, stats, seconds, new tokens).
     Without a budget (``skip`` 0, no ``saved``): the gated model at ratio 0, gates' cost included."""
     from gateskip.generation import generate as answer
@@ -133,5 +137,5 @@ def complete(net, tok, prompt: str, skip: float = 0.0, policy: str = "threshold"
     out = answer(net, tok, prompt, saved=saved, ratio=skip, policy=policy, max_new_tokens=max_new_tokens, chat=chat,
                  recheck_stops=recheck_stops, sample=sample, temperature=temperature, top_p=top_p, seed=seed,
                  modules=modules, kv=kv, allocation=allocation, protect_first=protect_first, protect_last=protect_last,
-                 recheck_below=recheck_below, dense=False)
+                 recheck_below=recheck_below, dense=False, prompt_boost=prompt_boost)
     return out.text, out.stats, out.seconds, out.new_tokens
