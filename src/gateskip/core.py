@@ -137,7 +137,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
              sync_free: bool | None = None, protect_last: bool | None = None,
              protect_tokens: Iterable[int] | None = None, recheck_tokens: Iterable[int] | None = None,
              recheck_below: float = 0.0, saved: float | None = None, protect_prompt: bool = False,
-             prompt_boost: float = 1.0):
+             prompt_boost: float | None = None):
     """Run ``model`` with a per-layer skip budget inside the ``with`` block.
 
     Args:
@@ -169,9 +169,9 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         saved: a budget in FLOP-weighted compute saved instead of ``ratio``: after every forward call the ratio of
             every branch of ``modules`` is steered so that the compute saved on the text run so far lands at this
             fraction (gates, fallbacks and rechecks counted; saved.py). Any per-token policy; not with a ratio.
-            Under ``threshold`` a prompt (a call with nothing cached) is ranked like ``quantile`` ranks a call.
-        prompt_boost: with ``saved``: prompts aim at this times the budget, the generated tokens make up the rest
-            (skipping a prompt's tokens costs an answer less than skipping its own).
+        prompt_boost: with ``saved``, for generation: prompts (calls with nothing cached) are ranked within their call,
+            like ``quantile`` ranks a call, and aim at this times the budget; the generated tokens make up the rest
+            (skipping a prompt's tokens costs an answer less than skipping its own). None: every call alike.
         straight_through: training only (masked path, gates after the branch): a skipped token's output
             is still 0, but its gate receives the gradient it would get if the token were kept.
         sync_free: never read a branch's skip decision back from the device (a GPU sync per branch).

@@ -50,9 +50,12 @@ class SavedBudget:
     """The controller of one ``skipping(saved=...)`` context (see the module doc). Prefill calls (nothing cached) and
     cached steps keep separate offsets: a long prompt and a decode step save differently at the same ratio."""
 
-    def __init__(self, st, target: float, weights: list[float], key: tuple, prompt_boost: float = 1.0):
-        self.target, self.key, self.prompt_boost = target, key, prompt_boost
-        self.rank_prompts = True  # rank a prompt's tokens within its call (quantile-like) instead of thresholds
+    def __init__(self, st, target: float, weights: list[float], key: tuple, prompt_boost: float | None = None):
+        self.target, self.key = target, key
+        self.prompt_boost = 1.0 if prompt_boost is None else prompt_boost
+        # generation (a boost given): a prompt's tokens are ranked within its call (quantile-like), so its share lands
+        # without the calibration text's shift; otherwise every call is decided by the plan's policy
+        self.rank_prompts = prompt_boost is not None
         self.weights = weights  # per branch: 1 where the branch may skip, else 0
         e_cost, d_cost = st.flops_by_branch(key[2])
         ones = torch.tensor([[0.0, 1.0, 64.0, 64.0]], dtype=torch.float64).expand(len(weights), 4)
@@ -109,15 +112,15 @@ class SavedBudget:
         self.memory[(*self.key, r)] = ((mean * weight + implied * dense) / (weight + dense), weight + dense)
 
 
-def install_budget(st, plan, saved: float, prompt_boost: float, modules: tuple[str, ...]):
+def install_budget(st, plan, saved: float, prompt_boost: float | None, modules: tuple[str, ...]):
     """``plan`` steered to ``saved`` (``skipping(saved=...)``): every branch of ``modules`` at the controller's ratio."""
     check_saved(saved)
-    if not 0.0 <= float(prompt_boost) * float(saved) < 1.0:
+    if prompt_boost is not None and not 0.0 < float(prompt_boost) * float(saved) < 1.0:
         raise GateSkipError(f"prompt_boost={prompt_boost!r} is invalid: prompts would aim at "
                             f"{prompt_boost * saved:.2f} of their compute; use a factor below {1 / saved:.1f}")
     weights = [1.0 if b.kind in modules else 0.0 for b in st.branches]
-    key = (plan.policy, modules, plan.kv, round(float(saved), 6), float(prompt_boost))
-    budget = SavedBudget(st, float(saved), weights, key, float(prompt_boost))
+    key = (plan.policy, modules, plan.kv, round(float(saved), 6), prompt_boost)
+    budget = SavedBudget(st, float(saved), weights, key, prompt_boost)
     return with_ratio(st, dataclasses.replace(plan, budget=budget), budget.q)
 
 

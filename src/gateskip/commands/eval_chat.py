@@ -11,7 +11,7 @@ from gateskip.eval.chat_fidelity import Setting, run, write
 
 def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, modules, kv, protect_first,
              protect_last, seed: int, recheck_stops: bool = False, recheck_below: float = 0.0,
-             saved: list[float] | None = None, protect_prompt: bool = False, prompt_boost: float = 1.0
+             saved: list[float] | None = None, protect_prompt: bool = False, prompt_boost: float | None = None
              ) -> list[Setting]:
     """The rows: dense, then gateskip (``policy``) at ``ratios``, random and oracle at theirs (default: ``ratios``);
     with ``saved``, every method at those compute-saved budgets instead (saved.py: matched by construction).
@@ -23,7 +23,7 @@ def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, modules
         rules["recheck_below"] = recheck_below
     if protect_prompt:
         rules["protect_prompt"] = True
-    if saved and prompt_boost != 1.0:
+    if saved and prompt_boost is not None:
         rules["prompt_boost"] = prompt_boost
     common = {"modules": tuple(modules), "kv": kv, **rules}
     gates = parse_ratios(ratios)
@@ -42,7 +42,7 @@ def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, modules
 
 def evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios, methods, policy, modules, kv, limit, out,
                   fidelity_tokens, batch_size, protect_first, protect_last, seed, recheck_stops=False,
-                  recheck_below=0.0, saved=None, protect_prompt=False, prompt_boost=1.0) -> dict:
+                  recheck_below=0.0, saved=None, protect_prompt=False, prompt_boost=None) -> dict:
     from gateskip.eval.inputs import prepare_run
     from gateskip.loading import load_for_inference
 

@@ -13,7 +13,7 @@ GEN_METHODS = ("gateskip", "random", "oracle")
 
 def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, methods, policy, modules, kv,
                  limit, out, batch_size, protect_first, protect_last, seed, recheck_stops=False,
-                 recheck_below=0.0, saved=None, prompt_boost=1.0) -> dict:
+                 recheck_below=0.0, saved=None, prompt_boost=None) -> dict:
     """The original model on every task/format of ``tasks`` (None: all of them), then the ``methods`` rows on
     the qualifying ones; no ``methods`` (``--methods none``): the qualification run alone."""
     from gateskip.commands.eval_chat import settings
