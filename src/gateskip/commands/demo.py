@@ -33,12 +33,12 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
          threads: int = 2) -> None:
     """Run the main job on the embedded default model: make gates, generate with skipping, compare.
 
-    Recipe ``best`` (default, the best measured one; ~11 min on 2 cores): gates on the MLP branches with
-    neurons fallbacks for skipped tokens and rank-16 gates fitted in closed form and refitted under skipping,
-    then ``heal_steps`` steps of end-to-end self-distillation with LoRA at 60% of the MLP tokens skipped
-    (``gateskip train``'s defaults; it trains 300);
-    then generation with and without skipping; then held-out CE at matched compute against random skipping
-    with the same fallback, the residual oracle, ShortGPT and ShortGPT with linear replacement.
+    Recipe ``best`` (default, the best measured one): gates on the MLP branches with neurons fallbacks for skipped
+    tokens and rank-16 gates fitted in closed form on ``mix`` and the model's own chat answers and refitted under
+    skipping, then ``heal_steps`` steps of self-distillation with the backbone frozen at 60% of the MLP tokens
+    skipped (``gateskip train``'s defaults; it trains 150); then generation with and without skipping at a budget
+    in compute saved; then held-out CE at matched compute against random skipping with the same fallback, the
+    residual oracle, ShortGPT and ShortGPT with linear replacement.
     Recipe ``fit``: the closed-form fit alone (``gateskip fit``), then the same. Recipe ``paper``: the
     paper's gates (zero for skipped tokens) trained for ``steps`` steps (``gateskip train --config paper``),
     then the core benchmark suite against random skipping and ShortGPT.
@@ -89,7 +89,8 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
         from gateskip.commands.train import train
 
         _say(f"1/3 fitting fallbacks and gates on {model} in closed form, then healing them for {heal_steps} "
-             f"steps (LoRA, self-distillation, 60% of the MLP tokens skipped) -> {gates_dir}")
+             f"steps (self-distillation on mix and the model's own chat answers, backbone frozen, 60% of the MLP tokens "
+             f"skipped) -> {gates_dir}")
         train(**{**shipped, "model": model, "out": str(gates_dir), "steps": heal_steps, "fallback_batches": batches,
                  "resume": False})
     else:
