@@ -46,3 +46,18 @@ def test_bad_calls_fail_in_one_line():
         gateskip.generate(m, tok, "  ")
     with pytest.raises(GateSkipError, match="max_new_tokens"):
         gateskip.generate(m, tok, "hello", max_new_tokens=0)
+
+
+def test_the_command_warns_when_a_budget_is_not_reached(tmp_path, capsys):
+    """Rechecking every step costs more than skipping saves: the run misses its budget and says so."""
+    from conftest import tiny_folder
+
+    from gateskip.commands.generate import generate as generate_command
+
+    d, _ = tiny_folder(tmp_path)
+    m, tok = gateskip.load_model(str(d))
+    gateskip.add_gates(m)
+    gateskip.save_gates(m, tmp_path / "g")
+    generate_command("the cat sat on the", model=str(d), gates=str(tmp_path / "g"), saved=0.3, policy="random",
+                     max_new_tokens=6, chat=False, recheck_below=0.999)
+    assert "warning: saved" in capsys.readouterr().err

@@ -90,6 +90,10 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, sk
     print(text)
     print(f"[gateskip] {summary_line(s, policy, skip, saved)} rechecked={s['rechecked']} new_tokens={n_new} "
           f"tokens/s={n_new / seconds:.1f}", file=sys.stderr)
+    if saved and s["compute_saved"] < saved - 0.05:
+        print(f"[gateskip] warning: saved {s['compute_saved']:.1%} of the compute against a budget of {saved:.0%}: one "
+              "short request lands only roughly (later ones in a process land closer), and rechecks cost compute "
+              "(--recheck-below)", file=sys.stderr)
     if not text.strip():
         print("[gateskip] warning: the answer is empty (the model ended its turn at once): lower --skip, or use "
               "gates that never skip the prompt's last position (--protect-last)", file=sys.stderr)
