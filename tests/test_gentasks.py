@@ -177,3 +177,49 @@ def test_tiny_run_sweeps_qualifying_tasks(monkeypatch):
         assert rows[1]["compute_saved"] > 0.1 and len(rows[1]["per_prompt"]["score"]) == 5
         assert all(0.0 <= x <= 1.0 for x in rows[0]["per_prompt"]["score"])
     assert "levels" in res["analysis"]
+
+
+def test_resume_keeps_measured_rows_and_merge_adds_tasks(monkeypatch, tmp_path):
+    """An interrupted run's rows are kept (not measured again) when the fingerprint matches, re-measured when it
+    does not or the file is corrupt; merge adds another run's tasks and refuses other settings or the same task."""
+    import gateskip
+
+    tok = tiny_tokenizer()
+    tok.chat_template = TEMPLATE
+    net = tiny_model("llama")
+    gateskip.add_gates(net, gateskip.GateSkipConfig())
+    monkeypatch.setattr(g, "qualify", lambda s: (0.5, 0.1, True))
+    monkeypatch.setitem(g.TASKS, "nq", g.Task("nq", "f1", 3, "", "Answer briefly."))
+    data = {"nq": (items(4), items(13)[10:])}
+    settings = [Setting("dense", 0.0), Setting("random", 0.5, {"ratio": 0.5, "policy": "random", "seed": 0})]
+    path = tmp_path / "partial.json"
+    first = g.run(net, tok, settings, [("nq", "fewshot")], 4, batch=2, items=data, resume=(path, {"gates": "a"}))
+    assert first["resumed"] == 0 and path.is_file()
+    calls = []
+    real = g._answer
+    monkeypatch.setattr(g, "_answer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = g.run(net, tok, settings, [("nq", "fewshot")], 4, batch=2, items=data, resume=(path, {"gates": "a"}))
+    assert again["resumed"] == 2 and not calls
+    assert again["tasks"]["nq:fewshot"]["rows"] == first["tasks"]["nq:fewshot"]["rows"]
+    g.run(net, tok, settings, [("nq", "fewshot")], 4, batch=2, items=data, resume=(path, {"gates": "b"}))
+    assert len(calls) == 2  # another fingerprint: measured again
+    path.write_text("{not json")
+    g.run(net, tok, settings, [("nq", "fewshot")], 4, batch=2, items=data, resume=(path, {"gates": "b"}))
+    assert len(calls) == 4  # a corrupt file: measured again
+    other = g.run(net, tok, settings, [("nq", "chat")], 4, batch=2, items=data)
+    merged = g.merge(first, [("b.json", other)])
+    assert set(merged["tasks"]) == {"nq:fewshot", "nq:chat"}
+    with pytest.raises(GateSkipError, match="also holds nq:chat"):
+        g.merge(merged, [("b.json", other)])
+    with pytest.raises(GateSkipError, match="other settings"):
+        g.merge(first, [("c.json", {**other, "limit": 9})])
+
+
+def test_a_row_within_half_a_point_counts_as_at_the_level():
+    from gateskip.eval.chat_fidelity import matched
+
+    rows = [_row("dense", 0.0, [1.0]), _row("gateskip", 0.148, [0.5]), _row("gateskip", 0.251, [0.3])]
+    assert matched(rows, "gateskip", 0.20, "score") == pytest.approx([0.5 - 0.2 * 0.052 / 0.103])
+    assert matched(rows, "gateskip", 0.145, "score") == [0.5]  # 0.3 points above its lowest row: taken there
+    assert matched(rows, "gateskip", 0.255, "score") == [0.3]
+    assert matched(rows, "gateskip", 0.14, "score") is None  # 0.8 points away: not extrapolated

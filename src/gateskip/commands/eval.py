@@ -84,7 +84,8 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
             report and curve, e.g. ``--quant int4 --compare-with runs/eval/results.json``. Suite: one or
             more suite results.json, comma-separated, on the same tasks and items (same --limit, dense rows
             identical item by item); their rows follow this run's (their dense dropped), a method name
-            this run already has suffixed with @<folder of that results.json>.
+            this run already has suffixed with @<folder of that results.json>. Suite gen: gen.json of runs
+            with the same settings on other tasks, whose task/formats are added to this report.
         prune: method pruned_gateskip: remove this many layers of lowest Block Influence (ShortGPT)
             from the gated model, then skip with its remaining gates at every ratio.
         recalibrate: method pruned_gateskip: re-fit the remaining gates' thresholds on calibration
@@ -133,8 +134,8 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
             on: --fallback and method shortgpt_linear.
         reference: suite: the method the who-wins table compares every other against (default:
             gateskip+KIND of --fallback if present, else gateskip).
-        resume: suite: every task score is written to OUT/partial.json as soon as it is measured, and a rerun
-            of the same sweep keeps them (an interrupted sweep resumes); --no-resume starts over.
+        resume: suites core and gen: every task score is written to OUT/partial.json as soon as it is measured,
+            and a rerun of the same sweep keeps them (an interrupted sweep resumes); --no-resume starts over.
         reuse_dense: suite with --compare-with: take the dense row of the first run to merge when it used the
             same model, items, prefix sharing and fidelity prompts (after re-scoring the first 8 items of
             every task and finding them equal) instead of scoring it again; --no-reuse-dense scores it.
@@ -156,7 +157,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
         return evaluate_gen(gates, model, None if tasks == DEFAULT_TASKS else tasks, ratios, random_ratios,
                             oracle_ratios, [] if chosen == ["none"] else chosen, policy, as_list(modules, str), kv,
                             limit, out, batch_size, protect_first, protect_last, seed, recheck_stops, recheck_below,
-                            saved, prompt_boost)
+                            saved, prompt_boost, as_list(compare_with, str, "--compare-with"), resume)
     if suite:
         return evaluate_suite(gates=gates, suite=suite, ratios=ratios, random_ratios=random_ratios,
                               oracle_ratios=oracle_ratios,                              shortgpt_layers=shortgpt_layers,

@@ -173,15 +173,22 @@ def run(net, tok, settings: list[Setting], n: int = 200, max_new_tokens: int = 4
     return {"prompts": n, "max_new_tokens": max_new_tokens, "requests": requests, "rows": [asdict(r) for r in rows]}
 
 
+AT_LEVEL = 0.005  # a row this close to a level of compute saved counts as measured at it
+
+
 def matched(rows: list[dict], method: str, level: float, metric: str) -> list[float] | None:
     """Per prompt, ``metric`` of ``method`` interpolated to ``level`` of compute saved between its two bracketing
-    rows (None when no pair of rows brackets it)."""
+    rows, or taken from its row within ``AT_LEVEL`` of it (a ``--saved`` row landing at 24.8% for 25%); None
+    when neither holds (never extrapolated further)."""
     mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["compute_saved"])
     for lo, hi in zip(mine, mine[1:]):
         a, b = lo["compute_saved"], hi["compute_saved"]
         if a <= level <= b and b > a:
             w = (level - a) / (b - a)
             return [(1 - w) * x + w * y for x, y in zip(lo["per_prompt"][metric], hi["per_prompt"][metric])]
+    near = min(mine, key=lambda r: abs(r["compute_saved"] - level), default=None)
+    if near is not None and abs(near["compute_saved"] - level) <= AT_LEVEL:
+        return list(near["per_prompt"][metric])
     return None
 
 

@@ -266,24 +266,54 @@ def _prepare(tok, specs, n, context, items, log) -> dict:
     return data
 
 
+def _load_partial(path: str | Path | None, fingerprint: dict) -> dict:
+    """The rows an interrupted run with the same ``fingerprint`` wrote to ``path`` (task key -> rows)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}  # a corrupt partial file is measured again, never trusted
+    return saved.get("rows", {}) if saved.get("fingerprint") == fingerprint else {}
+
+
+def _save_partial(path: str | Path | None, fingerprint: dict, res: dict) -> None:
+    if path is None:
+        return
+    from gateskip.checkpoint import atomic_write
+
+    rows = {k: t["rows"] for k, t in res["tasks"].items()}
+    atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps({"fingerprint": fingerprint, "rows": rows})))
+
+
 def run(net, tok, settings: list[Setting], specs: list[tuple[str, str]], n: int | None, batch: int = 16,
-        log: Callable[[str], None] | None = None, items: dict | None = None) -> dict:
+        log: Callable[[str], None] | None = None, items: dict | None = None,
+        resume: tuple[str | Path, dict] | None = None) -> dict:
     """The dense row (the original model) on the first ``n`` items of every task/format of ``specs``, then
     every other setting on the qualifying ones. ``items``: task name -> (items, shots) instead of the offline
-    sets."""
+    sets. ``resume``: (path, fingerprint): every row is written there as soon as it is measured, and the rows
+    an earlier run with the same fingerprint wrote are kept instead of measured again."""
     if not settings or settings[0].skip is not None:
         raise GateSkipError("the gen suite needs the original model's row first: Setting('dense', 0.0)")
     data = _prepare(tok, specs, n, getattr(net.config, "max_position_embeddings", None), items, log)
-    res = {"limit": n, "settings": [asdict(s) for s in settings], "tasks": {}}
-    for st in settings:
+    res = {"limit": n, "settings": [asdict(s) for s in settings], "tasks": {}, "resumed": 0}
+    path, fingerprint = resume or (None, {})
+    fingerprint = {**fingerprint, "limit": n, "settings": res["settings"]}
+    done = _load_partial(path, fingerprint)
+    for i, st in enumerate(settings):
         for name, fmt in specs:
             key, task, its = f"{name}:{fmt}", TASKS[name], data[name]["items"]
             entry = res["tasks"].setdefault(key, {"task": name, "format": fmt, "metric": task.metric,
                                                    "items": len(its), "rows": []})
             if st.skip is not None and not entry["qualifies"]:
                 continue
-            row = _answer(net, tok, st, task, fmt, data[name], batch)
+            kept = done.get(key, [])
+            if i < len(kept) and (kept[i]["method"], kept[i]["budget"]) == (st.method, st.budget):
+                row, res["resumed"] = kept[i], res["resumed"] + 1
+            else:
+                row = _answer(net, tok, st, task, fmt, data[name], batch)
             entry["rows"].append(row)
+            _save_partial(path, fingerprint, res)
             if st.skip is None:
                 entry["dense"], entry["se"], entry["qualifies"] = qualify(row["per_prompt"]["score"])
                 entry["questions"] = [it.question for it in its[:3]]
@@ -293,6 +323,21 @@ def run(net, tok, settings: list[Setting], specs: list[tuple[str, str]], n: int 
                      if st.skip is None else "")
                 log(f"{key} {st.method} {st.budget:g}: score {row['score']:.3f} (EM {row['em']:.3f}), saved "
                     f"{row['compute_saved']:.1%}, {len(its)} items, {row['seconds']:.0f} s{q}")
+    res["analysis"] = analyse(res)
+    return res
+
+
+def merge(res: dict, others: list[tuple[str, dict]]) -> dict:
+    """``res`` with the task/formats of ``others`` ((name, results) of gen runs with the same settings and
+    limit on other tasks) added, and analysed again over all of them."""
+    for name, other in others:
+        if other.get("settings") != res["settings"] or other.get("limit") != res["limit"]:
+            raise GateSkipError(f"{name} ran other settings or another --limit than this run: merge gen runs "
+                                "of the same --gates, --saved/--ratios, --methods and --limit")
+        clash = set(other["tasks"]) & set(res["tasks"])
+        if clash:
+            raise GateSkipError(f"{name} also holds {', '.join(sorted(clash))}: merge runs on other tasks")
+        res["tasks"].update(other["tasks"])
     res["analysis"] = analyse(res)
     return res
 
