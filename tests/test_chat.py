@@ -136,6 +136,7 @@ def test_ratio_zero_chat_generation_equals_the_model_without_gates():
     """Gates that leave the backbone unchanged (bias 30: every gate exactly 1) at ratio 0 write what the original
     model writes, token for token, in the chat format; ``greedy_answers`` (batched, left-padded, ended rows masked)
     writes what ``generate`` writes one prompt at a time."""
+    from gateskip.args import SkipArgs
     from gateskip.chat import pad_id, stop_ids, template_ids
     from gateskip.commands.generate import complete
 
@@ -144,7 +145,7 @@ def test_ratio_zero_chat_generation_equals_the_model_without_gates():
     gated = tiny_model("llama")
     gateskip.add_gates(gated, gateskip.GateSkipConfig(init_bias=30.0, init_std=0.0))
     for prompt in ("hi there", "what is the cat doing on the mat?"):
-        text, _, _, _ = complete(gated, tok, prompt, skip=0.0, policy="quantile", max_new_tokens=10)
+        text, _, _, _ = complete(gated, tok, prompt, ratio=0.0, skipping=SkipArgs(policy="quantile"), max_new_tokens=10)
         enc = tok(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                           add_generation_prompt=True), return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():

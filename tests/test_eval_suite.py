@@ -117,7 +117,7 @@ def test_suite_items_come_from_lm_eval_tasks(tmp_path):
 
 
 def test_a_resumed_sweep_reports_its_last_run_and_all_scoring_time():
-    from gateskip.eval.suite_report import _timing
+    from gateskip.eval.suite_markdown import _timing
 
     assert _timing({"seconds": 120.0}) == "2.0 min for the whole sweep"
     t = _timing({"seconds": 120.0, "resumed": 3, "scoring_seconds": 600.0})

@@ -253,9 +253,9 @@ def test_fit_command_writes_a_folder_allocations_and_the_bracket(tmp_path):
 
     d, data = tiny_folder(tmp_path)
     out = tmp_path / "f"
-    s = fit_command(model=str(d), out=str(out), fallback="lowrank", fallback_rank=8, batches=2, seq_len=32,
-                    batch_size=2, compare="0.3", compare_batches=1, data=str(data), sequential=0.3,
-                    sequential_batches=1, allocate="0.1,0.2", sens_batches=1, sens_steps="0.5,1", baselines="1")
+    s = fit_command(model=str(d), out=str(out), fallback="lowrank", fallback_rank=8, fallback_batches=2, seq_len=32,
+                    batch_size=2, compare="0.3", compare_batches=1, data=str(data), fit_ratio=0.3, modules="attn,mlp",
+                    allocate="0.1,0.2", sens_batches=1, sens_steps="0.5,1", baselines="1")
     rows = s["compare"]["rows"]
     assert [r["scope"] for r in rows] == ["attn", "mlp", "both", "alloc 0.1", "alloc 0.2"]
     assert all(r["random"] > 0 and r["gates"] > 0 and r["oracle"] > 0 for r in rows)
@@ -269,9 +269,9 @@ def test_fit_command_writes_a_folder_allocations_and_the_bracket(tmp_path):
     with pytest.raises(GateSkipError, match="needs a fallback"):
         fit_command(model=str(d), out=str(tmp_path / "z"), fallback="zero")
     # refit under an allocation instead of a uniform ratio
-    s2 = fit_command(model=str(d), out=str(tmp_path / "g"), fallback="lowrank", fallback_rank=8, batches=2,
-                     seq_len=32, batch_size=2, compare="", data=str(data), sequential_batches=1,
-                     sequential_budget=str(out / "alloc_0.2.json"), compare_budgets=str(out / "alloc_0.2.json"))
+    s2 = fit_command(model=str(d), out=str(tmp_path / "g"), fallback="lowrank", fallback_rank=8, fallback_batches=2,
+                     seq_len=32, batch_size=2, compare="", data=str(data), modules="attn,mlp",
+                     fit_budget=str(out / "alloc_0.2.json"), compare_budgets=str(out / "alloc_0.2.json"))
     assert s2["sequential"]["ratio"] == json.loads((out / "alloc_0.2.json").read_text())
     assert [r["scope"] for r in s2["compare"]["rows"]] == ["alloc_0.2"]
 
@@ -283,29 +283,29 @@ def test_fit_command_keeps_a_folders_fallback_to_measure_it(tmp_path):
     from gateskip.commands.fit import fit as fit_command
 
     d, data = tiny_folder(tmp_path)
-    kw = dict(seq_len=32, batch_size=2, batches=2, compare_batches=1, data=str(data), sequential_batches=1)
+    kw = dict(seq_len=32, batch_size=2, fallback_batches=2, compare_batches=1, data=str(data))
     fit_command(model=str(d), out=str(tmp_path / "a"), fallback="lowrank", fallback_rank=8, compare="",
-                sequential=0.3, **kw)
-    s = fit_command(gates=str(tmp_path / "a"), out=str(tmp_path / "b"), fallback="keep", fit_gates=False,
-                    sequential=0, compare="0.3", **kw)
+                fit_ratio=0.3, modules="attn,mlp", **kw)
+    s = fit_command(init=str(tmp_path / "a"), out=str(tmp_path / "b"), fit_gates=False, fit_ratio=0,
+                    compare="0.3", **kw)  # no fallback flags: the folder's own are kept
     assert s["fallback"]["kept"] == str(tmp_path / "a") and "fallback_r2" not in s
     a, b = (load_file(str(tmp_path / x / "gates.safetensors")) for x in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("calibration"))  # nothing refitted
     assert [r["scope"] for r in s["compare"]["rows"]] == ["attn", "mlp", "both"]
-    t = fit_command(gates=str(tmp_path / "a"), out=str(tmp_path / "t"), fallback="keep", fit_gates=False,
-                    sequential=0, compare="0.3", compare_policy="threshold", **kw)
+    t = fit_command(init=str(tmp_path / "a"), out=str(tmp_path / "t"), fit_gates=False, fit_ratio=0,
+                    compare="0.3", compare_policy="threshold", **kw)
     for q, th in zip(s["compare"]["rows"], t["compare"]["rows"], strict=True):  # only the gates' choice changes
         assert (q["random"], q["oracle"]) == (th["random"], th["oracle"])
     assert any(q["gates"] != th["gates"] for q, th in zip(s["compare"]["rows"], t["compare"]["rows"]))
     with pytest.raises(GateSkipError, match="--compare-policy 'exact'"):
-        fit_command(gates=str(tmp_path / "a"), out=str(tmp_path / "u"), fallback="keep", compare_policy="exact")
-    with pytest.raises(GateSkipError, match="pass --gates DIR"):
-        fit_command(model=str(d), out=str(tmp_path / "c"), fallback="keep")
+        fit_command(init=str(tmp_path / "a"), out=str(tmp_path / "u"), compare_policy="exact")
+    with pytest.raises(GateSkipError, match="pass --init fit"):
+        fit_command(model=str(d), out=str(tmp_path / "c"), init="none")
     from gateskip.models import load_model
 
     gateskip.save_gates(gateskip.add_gates(load_model(str(d))[0]), tmp_path / "zero")
     with pytest.raises(GateSkipError, match="has no fallback"):
-        fit_command(gates=str(tmp_path / "zero"), out=str(tmp_path / "c"), fallback="keep", **kw)
+        fit_command(init=str(tmp_path / "zero"), out=str(tmp_path / "c"), **kw)
 
 
 def test_matched_ce_interpolates_each_method_and_never_extrapolates():
@@ -332,9 +332,9 @@ def test_fit_compare_scores_kl_to_the_dense_model(tmp_path):
     from gateskip.eval.fidelity import language_kl, reference_logprobs
 
     d, data = tiny_folder(tmp_path)
-    kw = dict(seq_len=32, batch_size=2, batches=2, compare_batches=1, data=str(data), sequential_batches=1)
+    kw = dict(seq_len=32, batch_size=2, fallback_batches=2, compare_batches=1, data=str(data))
     s = fit_command(model=str(d), out=str(tmp_path / "a"), fallback="lowrank", fallback_rank=8, compare="0,0.5",
-                    compare_scopes="both", compare_metric="kl", baselines="1", sequential=0, **kw)
+                    compare_scopes="both", compare_metric="kl", baselines="1", fit_ratio=0, modules="attn,mlp", **kw)
     res = s["compare"]
     assert res["metric"] == "kl" and res["dense"] == 0.0
     zero, half = res["rows"]

@@ -107,10 +107,10 @@ def test_module_skipped_at_decode_batch1_is_not_called(kv):
 def test_path_choice_and_stats():
     m = _calibrated("llama")
     ids = torch.randint(1, VOCAB, (2, 12))
-    with torch.no_grad(), gateskip.skipping(m, ratio=0.3):
+    with torch.no_grad(), gateskip.skipping(m, ratio=0.3, policy="quantile"):
         m(input_ids=ids)
         assert gateskip.stats(m)["path"] == "physical"
-    with gateskip.skipping(m, ratio=0.3):  # gradients needed (training): masked by default
+    with gateskip.skipping(m, ratio=0.3, policy="quantile"):  # gradients needed (training): masked by default
         m(input_ids=ids)
         assert gateskip.stats(m)["path"] == "masked"
     with torch.no_grad(), gateskip.skipping(m, ratio=0.0):

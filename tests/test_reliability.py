@@ -309,7 +309,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
         (["generate", "--model", str(d), "--max-new-tokens", "0", "hi"], "max_new_tokens=0"),
         (["generate", "--model", str(d), "--no-chat", "   "], "empty prompt"),
         (["generate", "--model", str(d), "--no-chat", "x" * 300], "exceeds"),
-        (["generate", "--model", str(d), "--skip", "2", "--policy", "random", "hi"], "out of range"),
+        (["generate", "--model", str(d), "--ratio", "2", "--policy", "random", "hi"], "out of range"),
     ]
     for argv, match in cases:
         capsys.readouterr()

@@ -144,7 +144,7 @@ def test_train_cli_then_generate_cli(tmp_path, capsys):
     assert meta["base_model"]["source"] == str(d) and meta["config"]["gate"] == "lowrank"
     capsys.readouterr()
     # --model is left out: the gates folder records its base model.
-    assert main(["generate", "--gates", str(out), "--skip", "0.3", "--max-new-tokens", "5", "--no-chat",
+    assert main(["generate", "--gates", str(out), "--ratio", "0.3", "--max-new-tokens", "5", "--no-chat",
                  "the cat"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip()
@@ -153,8 +153,8 @@ def test_train_cli_then_generate_cli(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["generate", "  "], "empty prompt"),
-    (["generate", "--skip", "1.5", "hi"], "out of range"),
-    (["generate", "--skip", "0.3", "hi"], "needs trained gates"),
+    (["generate", "--ratio", "1.5", "hi"], "out of range"),
+    (["generate", "--ratio", "0.3", "hi"], "needs trained gates"),
     (["generate", "--gates", "/nonexistent/dir", "hi"], "does not exist"),
     (["generate", "--model", "no/such-model!", "hi"], "not an alias"),
     (["train", "--backbone", "half"], "backbone"),
@@ -208,10 +208,10 @@ def test_yaml_config_supplies_flags_and_flags_win(tmp_path, capsys):
     from gateskip.commands.cli import main
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("skip: 0.5\npolicy: best\n")
+    cfg.write_text("ratio: 0.5\npolicy: best\n")
     assert main(["generate", "--config", str(cfg), "hi"]) == 2
     assert "policy='best'" in capsys.readouterr().err  # the YAML value reached the function
-    assert main(["generate", "--config", str(cfg), "--policy", "random", "--skip", "2", "hi"]) == 2
+    assert main(["generate", "--config", str(cfg), "--policy", "random", "--ratio", "2", "hi"]) == 2
     assert "skip ratio 2.0 is out of range" in capsys.readouterr().err  # flags override the file
     cfg.write_text("stepz: 3\n")
     assert main(["train", "--config", str(cfg)]) == 2
@@ -295,7 +295,7 @@ def test_train_from_a_fit_folder_with_a_budget_file(tmp_path):
     from gateskip.commands.train import train
 
     d, data = tiny_folder(tmp_path)
-    fit_command(model=str(d), out=str(tmp_path / "f"), fallback="lowrank", fallback_rank=8, batches=2, seq_len=32,
+    fit_command(model=str(d), out=str(tmp_path / "f"), fallback="lowrank", fallback_rank=8, fallback_batches=2, seq_len=32,
                 batch_size=2, compare="", data=str(data))
     budget = tmp_path / "b.json"
     budget.write_text(json.dumps({"layers.1.mlp": 0.5}))
@@ -342,22 +342,31 @@ def test_training_one_branch_kind_gates_that_kind_alone(tmp_path):
 
 
 def test_shipped_recipes_best_is_trains_defaults_and_paper_is_the_papers(capsys):
+    """best.yaml, loaded alone, gives train's default argument groups, and names every option of them (complete);
+    paper.yaml's gates are GateSkipConfig()'s defaults (the paper's); demo.yaml is best with a shorter run."""
+    import dataclasses
     import inspect
 
-    from gateskip.commands.cli import main
+    from gateskip.args import apply
+    from gateskip.commands.cli import main, options
     from gateskip.commands.train import train
+    from gateskip.config import GateSkipConfig
     from gateskip.recipes import load_recipe, names
 
     assert {"best", "demo", "paper"} <= set(names())
-    defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
-    demo = load_recipe("demo")  # make demo's training: train's defaults with a short run and fewer chat answers
-    assert set(demo) == {"steps", "fallback_batches", "chat_texts"} and demo["steps"] < defaults["steps"]
-    assert demo["chat_texts"] < defaults["chat_texts"]
+    groups = {k: p.default for k, p in inspect.signature(train).parameters.items() if dataclasses.is_dataclass(p.default)}
+    assert set(groups) == {"text", "gates", "start", "loop", "calibration", "run"}
     best = load_recipe("best")
-    assert best and {k: defaults[k] for k in best} == best  # written out, the defaults themselves
+    assert set(best) == {f.name for g in groups.values() for f in dataclasses.fields(g)}  # complete
+    assert apply(best, groups) == groups  # loaded alone: the defaults themselves
+    assert set(best) <= {row[0] for row in options(train)}  # and every one of them is a flag
+    demo = load_recipe("demo")  # make demo's training: train's defaults with a short run and fewer chat answers
+    assert set(demo) == {"steps", "fallback_batches", "chat_texts"}
+    assert demo["steps"] < groups["loop"].steps and demo["chat_texts"] < groups["text"].chat_texts
     paper = load_recipe("paper")
-    assert paper["fallback"] == "zero" and paper["gate"] == "vector" and paper["objective"] == "ce"
-    assert paper["max_ratio"] == 0.2 and paper["lam"] > 0 and paper["init"] == "none"
+    assert apply(paper, groups)["gates"] == GateSkipConfig()  # the paper's gates are the config's defaults
+    assert paper["objective"] == "ce" and paper["max_ratio"] == 0.2 and paper["lam"] > 0 and paper["init"] == "none"
+    assert set(paper) == set(best)  # complete too
     from gateskip.commands.cli import _load_yaml
 
     assert _load_yaml("paper", train) == paper  # --config paper: a shipped name resolves like a path

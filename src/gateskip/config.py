@@ -1,6 +1,6 @@
 """GateSkipConfig: every choice that shapes the gates, validated once, on construction.
 
-Defaults are the paper's: one vector gate per attention and per MLP branch, placed after the
+Defaults are the paper's (``RECOMMENDED`` is the best measured recipe's): one vector gate per attention and per MLP branch, placed after the
 module, initialised almost open (bias 5 -> sigmoid 0.993, weights N(0, 0.01)), fed the module's
 own (pre-normed, detached) input. docs/method-notes.md says where gateskip departs from the paper and why.
 """
@@ -8,6 +8,7 @@ own (pre-normed, detached) input. docs/method-notes.md says where gateskip depar
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 from gateskip.errors import GateSkipError
 
@@ -60,6 +61,10 @@ class GateSkipConfig:
             rank-128 ``neurons`` map next to rank-64 attention fallbacks). None: ``fallback_rank``.
     """
 
+    # A per-kind override that follows its general field: setting ``fallback`` alone (``--fallback zero``) sets
+    # every branch's, dropping the MLPs' own; ``args.apply`` reads this.
+    FOLLOWS: ClassVar[dict[str, str]] = {"fallback_mlp": "fallback", "fallback_rank_mlp": "fallback_rank"}
+
     gate: str = "vector"
     rank: int = 16
     placement: str = "after"
@@ -79,7 +84,8 @@ class GateSkipConfig:
     fallback_rank_mlp: int | None = None
 
     def __post_init__(self) -> None:
-        self.modules = tuple(self.modules)
+        self.modules = tuple(m.strip() for m in self.modules.split(",")) if isinstance(self.modules, str) \
+            else tuple(self.modules)
         self.protect_tokens = tuple(sorted({int(t) for t in self.protect_tokens}))
         if any(t < 0 for t in self.protect_tokens):
             raise GateSkipError(f"protect_tokens={self.protect_tokens!r} is invalid: use token ids >= 0")
@@ -193,3 +199,12 @@ def _whole(v) -> bool:
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise GateSkipError(f"{name}={value!r} is not supported: choose one of {', '.join(allowed)}")
+
+
+# The recommended gates (``gateskip train``'s defaults, recipes/best.yaml, ``artifacts/smollm2-chat``): rank-16
+# low-rank gates on the MLP branches only, each with a neurons fallback (64 of its own neurons and a rank-128 map;
+# attention's would be rank-64 low-rank), skipped attention K/V computed, BOS and each prompt's last position
+# never skipped. ``GateSkipConfig()`` is the paper's.
+RECOMMENDED = GateSkipConfig(gate="lowrank", rank=16, modules=("mlp",), kv="compute", protect_first=1,
+                             protect_last=True, fallback="lowrank", fallback_rank=64, fallback_mlp="neurons",
+                             fallback_neurons=64, fallback_rank_mlp=128)

@@ -27,7 +27,7 @@ from gateskip.errors import GateSkipError
 from gateskip.fallback import make_fallback
 from gateskip.flops import model_flops
 from gateskip.gates import Gate
-from gateskip.policies import ORACLES, check_policy, check_ratio, threshold_from_grid
+from gateskip.policies import ORACLES, check_ratio, resolve_policy, threshold_from_grid
 from gateskip.recheck import after_call as recheck_after_call
 from gateskip.recheck import check_recheck_below, check_recheck_tokens
 from gateskip.record import model_record, peek
@@ -131,7 +131,7 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @contextlib.contextmanager
-def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy: str = "quantile",
+def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy: str | None = None,
              modules: Iterable[str] = ("attn", "mlp"), kv: str | None = None, seed: int = 0, path: str = "auto",
              allocation: str = "uniform", protect_first: int | None = None, straight_through: bool = False,
              sync_free: bool | None = None, protect_last: bool | None = None,
@@ -143,11 +143,14 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     Args:
         ratio: fraction of tokens each branch skips; a float for all branches, or a mapping from
             ``"attn"`` / ``"mlp"`` / a branch name (``"layers.3.mlp"``) to a ratio (most specific wins).
-        policy: ``quantile`` (paper), ``threshold`` (needs ``calibrate``), ``random``, or ``oracle``: a
+        policy: ``threshold`` (per token, needs ``calibrate``), ``quantile`` (paper, per call), ``random``,
+            ``oracle``: a
             ceiling for measuring gates, not a method (it computes every branch, then skips, per batch
             like quantile, the tokens whose output differs least from their fallback; kv="compute");
             ``oracle_threshold``: the same scores compared per token with thresholds fitted by
-            ``calibrate(score="oracle")``, as ``threshold`` compares the gates' importance.
+            ``calibrate(score="oracle")``, as ``threshold`` compares the gates' importance. Default
+            (``policies.resolve_policy``): ``threshold`` when the gates are calibrated (a loaded gates folder),
+            else ``quantile``.
         modules: branch kinds that skip; the others are gated but never skipped.
         kv: ``copy`` / ``compute`` for skipped attention tokens; default: the gate config's.
         seed: seed of the ``random`` policy.
@@ -183,7 +186,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
             cost of one read per branch (counted in ``stats()["sync_calls"]``). See physical.py.
     """
     st = gate_state(model)
-    check_policy(policy)
+    policy = resolve_policy(policy, st.loaded.calibration is not None)
     modules = tuple(modules)
     for m in modules:
         if m not in ("attn", "mlp"):

@@ -4,7 +4,8 @@ Per branch ``fit_fallback`` streams float64 sums of X^T X, X^T Y, sum X, sum Y a
 (O(H^2) memory, any number of batches), then ridge-solves the centered least-squares problem with an
 intercept. ``lowrank`` is the reduced-rank regression of that solution: W projected onto the top-R
 right singular vectors of the fitted values X W, found from (X W)^T (X W) = W^T X^T X W without
-materialising X. Optionally under a skipping plan, branch by branch in execution order.
+materialising X (the sums and their solution: ``moments.Moments``). Optionally under a skipping plan,
+branch by branch in execution order.
 
 A ``neurons`` fallback (MLP branches) regresses on [x, h], h the branch's whole activation (what its down
 projection receives): the same sums over H + I inputs give, for every neuron, how much of what the linear map
@@ -26,84 +27,7 @@ from gateskip.core import _as_inputs, gate_state, skipping
 from gateskip.errors import GateSkipError
 from gateskip.fallback import make_fallback, mlp_parts
 from gateskip.flops import model_flops
-
-
-class Moments:
-    """Streaming float64 sums of one branch's (x, y) pairs: enough for a ridge fit with intercept."""
-
-    def __init__(self, hidden: int, full: bool, device, out: int | None = None):
-        dev = torch.device("cpu") if torch.device(device).type == "mps" else device  # mps has no float64
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=dev)  # noqa: E731
-        out = hidden if out is None else out  # width of y (gatefit.py regresses one value per token)
-        self.n, self.yy = 0, z(())
-        self.sx, self.sy = z(hidden), z(out)
-        self.xx, self.xy = (z(hidden, hidden), z(hidden, out)) if full else (None, None)
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """``x``, ``y``: [N, H] (real tokens only)."""
-        x, y = x.to(self.sx.device, torch.float64), y.to(self.sx.device, torch.float64)
-        self.n += x.shape[0]
-        self.sx += x.sum(0)
-        self.sy += y.sum(0)
-        self.yy += (y * y).sum()
-        if self.xx is not None:
-            self.xx.addmm_(x.T, x)
-            self.xy.addmm_(x.T, y)
-
-    def select(self, cols: torch.Tensor) -> Moments:
-        """The sums of the inputs ``cols`` only (and every output)."""
-        sub = Moments.__new__(Moments)
-        sub.n, sub.yy, sub.sy = self.n, self.yy, self.sy
-        sub.sx = self.sx[cols]
-        sub.xx, sub.xy = self.xx[cols][:, cols], self.xy[cols]
-        return sub
-
-    def solve(self, kind: str, rank: int, ridge: float) -> tuple[object, torch.Tensor, float]:
-        """(weights, bias, R^2 on the fitted data). Weights: None (mean), W (linear) or (A, B) (lowrank)."""
-        n = self.n
-        mx, my = self.sx / n, self.sy / n
-        sst = float(self.yy - n * my.dot(my))
-        if kind == "mean":
-            return None, my, 0.0
-        cxx = self.xx - n * torch.outer(mx, mx)
-        cxy = self.xy - n * torch.outer(mx, my)
-        h = cxx.shape[0]
-        # ridge relative to the mean input variance: scale-free, and the same for any split of the data
-        lam = ridge * float(cxx.diagonal().sum()) / h
-        lam = lam if lam > 0 else max(ridge, 1e-12)
-        w = torch.linalg.solve(cxx + lam * torch.eye(h, dtype=cxx.dtype, device=cxx.device), cxy)
-        fitted = w.T @ cxx @ w  # (X W)^T (X W), centered: its eigenvectors are X W's right singular vectors
-        if kind == "lowrank":
-            _, vecs = torch.linalg.eigh((fitted + fitted.T) / 2)
-            v = vecs[:, -rank:].flip(1)  # top-R, largest first
-            weights = (w @ v, v.T)
-            w = weights[0] @ weights[1]
-            fitted = w.T @ cxx @ w
-        else:
-            weights = w
-        sse = sst - 2 * float((w * cxy).sum()) + float(fitted.diagonal().sum())
-        return weights, my - mx @ w, (1.0 - sse / sst) if sst > 0 else 0.0
-
-
-def neuron_gain(m: Moments, hidden: int, ridge: float) -> torch.Tensor:
-    """Per neuron, the output variance it would explain alone on top of the ridge fit of y on x.
-
-    ``m``: sums over z = [x, h] (``hidden`` + I inputs). With r = h - x P_h and e = y - x P_y the residuals of
-    the neuron activations and of y on x, gain_i = |cov(r_i, e)|^2 / var(r_i), all from the centered sums."""
-    n = m.n
-    mz = m.sx / n
-    czz = m.xx - n * torch.outer(mz, mz)
-    czy = m.xy - n * torch.outer(mz, m.sy / n)
-    cxx, cxh, chh_diag = czz[:hidden, :hidden], czz[:hidden, hidden:], czz.diagonal()[hidden:]
-    cxy, chy = czy[:hidden], czy[hidden:]
-    lam = ridge * float(cxx.diagonal().sum()) / hidden
-    lam = lam if lam > 0 else max(ridge, 1e-12)
-    p = torch.linalg.solve(cxx + lam * torch.eye(hidden, dtype=cxx.dtype, device=cxx.device),
-                           torch.cat([cxh, cxy], 1))
-    ph, py = p[:, :cxh.shape[1]], p[:, cxh.shape[1]:]
-    cov_re = chy - ph.T @ cxy - cxh.T @ py + ph.T @ (cxx @ py)
-    var_r = chh_diag - 2 * (ph * cxh).sum(0) + (ph * (cxx @ ph)).sum(0)
-    return (cov_re * cov_re).sum(1) / var_r.clamp_min(1e-12 * max(float(chh_diag.max()), 1e-30))
+from gateskip.moments import Moments, neuron_gain
 
 
 def solve_fallback(fb: nn.Module, m: Moments, branch, cfg, ridge: float) -> float:
@@ -184,6 +108,25 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
     st = gate_state(model)
     cfg = _fallback_config(model, st, kind, rank, mlp_kind, neurons, mlp_rank, "fit_fallback")
     hidden = text_config(model).hidden_size
+    inputs = _fit_inputs(model, batches, under_plan, ridge)
+    before = _snapshot(st)  # put back if the fit fails (a refit changes the parameters in place)
+    _install(model, st, cfg)
+    was_training = model.training
+    model.eval()
+    try:
+        groups, plan = _fit_groups(st, branches, under_plan)
+        r2, tokens, passes = _fit_groups_in_turn(model, st, cfg, inputs, groups, plan, hidden, ridge,
+                                                 exclude_first)
+    except BaseException:
+        _restore(st, before)
+        raise
+    finally:
+        model.train(was_training)
+    return {**describe_fallback(cfg), "tokens": tokens, "batches": len(inputs), "passes": passes, "r2": r2}
+
+
+def _fit_inputs(model: nn.Module, batches: Iterable, under_plan, ridge: float) -> list[dict]:
+    """``fit_fallback``'s arguments checked, and its ``batches`` as model inputs on the model's device."""
     if under_plan is not None and not isinstance(under_plan, Mapping):
         raise GateSkipError(f"under_plan must be a dict of skipping() arguments, not {type(under_plan).__name__}")
     if ridge < 0:
@@ -192,52 +135,61 @@ def fit_fallback(model: nn.Module, batches: Iterable, kind: str | None = None, r
     if not batches:
         raise GateSkipError("fit_fallback got no batches: pass an iterable of input_ids tensors or tokenizer outputs")
     device = next(model.parameters()).device
-    inputs = [_as_inputs(batch, device) for batch in batches]
-    # put back if the fit fails (a refit changes the parameters in place)
-    before = st.cfg, st.flops, [(b.fallback, None if b.fallback is None else
-                                 {k: v.clone() for k, v in b.fallback.state_dict().items()}) for b in st.branches]
-    _install(model, st, cfg)
-    was_training = model.training
-    model.eval()
+    return [_as_inputs(batch, device) for batch in batches]
+
+
+def _snapshot(st) -> tuple:
+    """The gate config, FLOP counts and every branch's fallback (module and a copy of its parameters)."""
+    fallbacks = [(b.fallback, None if b.fallback is None else
+                  {k: v.clone() for k, v in b.fallback.state_dict().items()}) for b in st.branches]
+    return st.cfg, st.flops, fallbacks
+
+
+def _restore(st, before: tuple) -> None:
+    """Put back what ``_snapshot`` took."""
+    st.cfg, st.flops = before[0], before[1]
+    for b, (fb, values) in zip(st.branches, before[2]):
+        b.fallback = fb
+        if fb is not None:
+            fb.load_state_dict(values)
+
+
+def _fit_groups(st, branches: Iterable[str] | None,
+                under_plan: Mapping | None) -> tuple[list[list], dict | None]:
+    """The branches to fit, grouped by pass (all in one, or one each under a plan), and the passes' plan."""
+    chosen = st.branches
+    if branches is not None:
+        names = set(branches)
+        unknown = names - {b.name for b in st.branches}
+        if unknown:
+            raise GateSkipError(f"fit_fallback: no gated branch named {sorted(unknown)[0]!r}: use names like "
+                                f"{st.branches[0].name!r}")
+        chosen = [b for b in st.branches if b.name in names]
+    chosen = [b for b in chosen if b.fallback is not None]  # a kind with fallback "zero" has nothing to fit
+    if under_plan is None:
+        return [chosen], None
+    # kv="compute": under "copy" a skipped token's attention runs on the K/V of the layer below, and that
+    # altered output is not the branch the fallback stands in for
+    return [[b] for b in chosen], {**under_plan, "path": "masked", "kv": "compute"}
+
+
+def _fit_groups_in_turn(model, st, cfg, inputs: list[dict], groups: list[list], plan: dict | None,
+                        hidden: int, ridge: float, exclude_first: int | None) -> tuple[dict, int, int]:
+    """Per group, one pass collecting its branches' sums, then their fits: (r2 by branch, tokens, passes)."""
     r2, tokens, passes = {}, 0, 0
-    try:
-        chosen = st.branches
-        if branches is not None:
-            names = set(branches)
-            unknown = names - {b.name for b in st.branches}
-            if unknown:
-                raise GateSkipError(f"fit_fallback: no gated branch named {sorted(unknown)[0]!r}: use names like "
-                                    f"{st.branches[0].name!r}")
-            chosen = [b for b in st.branches if b.name in names]
-        chosen = [b for b in chosen if b.fallback is not None]  # a kind with fallback "zero" has nothing to fit
-        if under_plan is None:
-            groups, plan = [chosen], None
-        else:
-            # kv="compute": under "copy" a skipped token's attention runs on the K/V of the layer below, and that
-            # altered output is not the branch the fallback stands in for
-            groups, plan = [[b] for b in chosen], {**under_plan, "path": "masked", "kv": "compute"}
-        for group in groups:
-            full = any(cfg.fallback_of(b.kind) != "mean" for b in group)
-            moments = _collect(model, st, inputs, group, hidden, full, plan, skipping, wide=True,
-                               first=st.cfg.protect_first if exclude_first is None else int(exclude_first))
-            passes += 1
-            for b in group:
-                m = moments[b.index]
-                if m.n == 0:
-                    raise GateSkipError("fit_fallback saw no real tokens (every position is padding): pass batches "
-                                        "whose attention_mask keeps some tokens")
-                r2[b.name] = solve_fallback(b.fallback, m, b, cfg, ridge)
-                tokens = tokens or m.n
-    except BaseException:
-        st.cfg, st.flops = before[0], before[1]
-        for b, (fb, values) in zip(st.branches, before[2]):
-            b.fallback = fb
-            if fb is not None:
-                fb.load_state_dict(values)
-        raise
-    finally:
-        model.train(was_training)
-    return {**describe_fallback(cfg), "tokens": tokens, "batches": len(inputs), "passes": passes, "r2": r2}
+    for group in groups:
+        full = any(cfg.fallback_of(b.kind) != "mean" for b in group)
+        moments = _collect(model, st, inputs, group, hidden, full, plan, skipping, wide=True,
+                           first=st.cfg.protect_first if exclude_first is None else int(exclude_first))
+        passes += 1
+        for b in group:
+            m = moments[b.index]
+            if m.n == 0:
+                raise GateSkipError("fit_fallback saw no real tokens (every position is padding): pass batches "
+                                    "whose attention_mask keeps some tokens")
+            r2[b.name] = solve_fallback(b.fallback, m, b, cfg, ridge)
+            tokens = tokens or m.n
+    return r2, tokens, passes
 
 
 def install_fallbacks(model: nn.Module, kind: str | None = None, rank: int | None = None,

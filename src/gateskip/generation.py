@@ -31,7 +31,7 @@ class Generation:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def generate(model, tok, prompt: str, saved: float | None = None, ratio: float = 0.0, policy: str = "threshold",
+def generate(model, tok, prompt: str, saved: float | None = None, ratio: float = 0.0, policy: str | None = None,
              max_new_tokens: int = 64, chat: bool = True, recheck_stops: bool = True, sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, dense: bool = True,
              prompt_boost: float = GENERATION_PROMPT_BOOST, **skip) -> Generation:

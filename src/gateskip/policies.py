@@ -77,9 +77,18 @@ def threshold_from_grid(grid: torch.Tensor, ratio: float) -> torch.Tensor:
     return grid[lo] * (1 - frac) + grid[hi] * frac
 
 
-def check_policy(policy: str) -> None:
-    if policy not in POLICIES:
+def check_policy(policy: str | None) -> None:
+    if policy is not None and policy not in POLICIES:
         raise GateSkipError(f"policy={policy!r} is not supported: choose one of {', '.join(POLICIES)}")
+
+
+def resolve_policy(policy: str | None, calibrated: bool) -> str:
+    """The policy in force, the same default for the library and every command: ``policy`` when given, else
+    ``threshold`` (per token and causal: what generation and evaluation run) when the gates have calibrated
+    thresholds (every saved gates folder has them), else ``quantile`` (the paper's per-call ranking, for gates
+    not calibrated yet)."""
+    check_policy(policy)
+    return policy if policy is not None else "threshold" if calibrated else "quantile"
 
 
 def check_ratio(ratio: float, what: str = "skip ratio") -> float:

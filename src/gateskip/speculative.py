@@ -145,7 +145,7 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u:
 
 def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                          max_new_tokens: int = 64, k: int = 4, draft_ratio: float = 0.5,
-                         draft_policy: str = "threshold", modules=("attn", "mlp"), kv: str | None = None,
+                         draft_policy: str | None = None, modules=("attn", "mlp"), kv: str | None = None,
                          verify: str = "gated", sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0, eos_token_id=None, pad_token_id: int | None = None,
                          seed: int = 0, allocation: str = "uniform", clock=time.perf_counter) -> SpeculativeResult:
@@ -164,7 +164,54 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
         seed: seed of sampling and of the random draft policy.
         clock: the clock of ``seconds``, ``draft_seconds`` and ``verify_seconds`` (e.g. ``time.process_time``).
     """
-    from gateskip.core import gate_state, is_gated, skipping, stats
+    _check_request(model, input_ids, k, max_new_tokens, verify)
+    dev = input_ids.device
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev).long()
+    eos = _eos_set(model, eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = getattr(model.generation_config, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+    gen = torch.Generator(device=dev).manual_seed(seed) if sample else None
+    probs = (lambda logits: warp(logits, temperature, top_k, top_p)) if sample else None
+    plan = {"ratio": draft_ratio, "policy": draft_policy, "modules": modules, "kv": kv,
+            "allocation": allocation}  # the draft's skipping() arguments, but its seed
+
+    cache = _new_cache(model)
+    res = SpeculativeResult(sequences=input_ids, new_tokens=0)
+    t0 = clock()
+    with torch.no_grad(), _full(model, verify):
+        logits = _forward(model, input_ids, mask, cache, last_only=True)[:, -1]
+    nxt = _pick(logits, probs, gen)
+    out = [nxt]
+    done = _hit(nxt, eos)
+    tally = None
+    while sum(t.shape[1] for t in out) < max_new_tokens and not bool(done.all()):
+        kk = min(k, max_new_tokens - sum(t.shape[1] for t in out) - 1)
+        last = out[-1][:, -1:]
+        start = cache.get_seq_length()
+        drafts, qs = [], []
+        if kk > 0:
+            drafts, qs, s = _draft(model, last, mask, cache, kk, probs, gen,
+                                   {**plan, "seed": seed + res.cycles}, res, clock)
+            tally = _add_stats(tally, s)
+        emitted, mask = _verify_drafts(model, last, drafts, qs, mask, cache, start, verify, probs, gen, done,
+                                       res, clock)
+        emitted = torch.where(done[:, None], torch.full_like(emitted, pad_token_id), emitted)
+        out.append(emitted)
+        done = done | _hit_any(emitted, eos)
+    new = torch.cat(out, dim=1)[:, :max_new_tokens]
+    new = _pad_after_eos(new, eos, pad_token_id)
+    res.sequences = torch.cat([input_ids, new], dim=1)
+    res.new_tokens = new.shape[1]
+    res.seconds = clock() - t0
+    res.draft_stats = tally or {}
+    res.past_key_values = cache
+    return res
+
+
+def _check_request(model, input_ids: torch.Tensor, k: int, max_new_tokens: int, verify: str) -> None:
+    """A one-line error for a request ``speculative_generate`` cannot serve."""
+    from gateskip.core import gate_state, is_gated
 
     if not is_gated(model):
         raise GateSkipError("self-speculative decoding drafts with the model's gates: add or load gates first")
@@ -178,71 +225,49 @@ def speculative_generate(model, input_ids: torch.Tensor, attention_mask: torch.T
         raise GateSkipError("empty prompt: input_ids must be [batch, tokens] with at least one token")
     if gate_state(model).plan is not None:
         raise GateSkipError("speculative_generate manages skipping itself: call it outside `gateskip.skipping`")
-    dev = input_ids.device
-    b = input_ids.shape[0]
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev).long()
-    eos = _eos_set(model, eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = getattr(model.generation_config, "pad_token_id", None)
-        pad_token_id = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
-    gen = torch.Generator(device=dev).manual_seed(seed) if sample else None
-    probs = (lambda logits: warp(logits, temperature, top_k, top_p)) if sample else None
 
-    cache = _new_cache(model)
-    res = SpeculativeResult(sequences=input_ids, new_tokens=0)
-    t0 = clock()
+
+def _draft(model, last: torch.Tensor, mask: torch.Tensor, cache, kk: int, probs, gen, plan: dict,
+           res: SpeculativeResult, clock) -> tuple[list, list, dict]:
+    """Draft ``kk`` tokens after ``last`` under the skipping ``plan``: (drafts [B, 1] each, their warped
+    distributions when sampling, the draft's ``stats``). The cache is cropped back to where it started."""
+    from gateskip.core import skipping, stats
+
+    drafts, qs = [], []
+    t_draft = clock()
+    with torch.no_grad(), skipping(model, **plan):
+        tok = last
+        for _ in range(kk):
+            mask = torch.cat([mask, mask.new_ones(last.shape[0], 1)], dim=1)
+            lg = _forward(model, tok, mask, cache)[:, -1]
+            tok = _pick(lg, probs, gen, keep=qs)
+            drafts.append(tok)
+        s = stats(model)
+    res.draft_seconds += clock() - t_draft
+    cache.crop(-kk)  # the full model recomputes these positions
+    return drafts, qs, s
+
+
+def _verify_drafts(model, last: torch.Tensor, drafts: list, qs: list, mask: torch.Tensor, cache, start: int,
+                   verify: str, probs, gen, done: torch.Tensor, res: SpeculativeResult,
+                   clock) -> tuple[torch.Tensor, torch.Tensor]:
+    """One full-model forward over ``[last, *drafts]`` appended to the cache (``start`` tokens long):
+    (the tokens the cycle emits [B, n + 1], the mask cropped to the cache and them); counts it in ``res``."""
+    kk = len(drafts)
+    block = torch.cat([last, *drafts], dim=1)
+    mask = torch.cat([mask, mask.new_ones(last.shape[0], kk + 1)], dim=1)
+    t_verify = clock()
     with torch.no_grad(), _full(model, verify):
-        logits = _forward(model, input_ids, mask, cache, last_only=True)[:, -1]
-    nxt = _pick(logits, probs, gen)
-    out = [nxt]
-    done = _hit(nxt, eos)
-    tally = None
-    while sum(t.shape[1] for t in out) < max_new_tokens and not bool(done.all()):
-        remaining = max_new_tokens - sum(t.shape[1] for t in out)
-        kk = min(k, remaining - 1)
-        last = out[-1][:, -1:]
-        start = cache.get_seq_length()
-        drafts, qs = [], []
-        if kk > 0:
-            t_draft = clock()
-            with torch.no_grad(), skipping(model, ratio=draft_ratio, policy=draft_policy, modules=modules, kv=kv,
-                                          seed=seed + res.cycles, allocation=allocation):
-                tok = last
-                for _ in range(kk):
-                    mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-                    lg = _forward(model, tok, mask, cache)[:, -1]
-                    tok = _pick(lg, probs, gen, keep=qs)
-                    drafts.append(tok)
-                s = stats(model)
-            res.draft_seconds += clock() - t_draft
-            tally = _add_stats(tally, s)
-            cache.crop(-kk)  # the full model recomputes these positions
-            mask = mask[:, :-kk]
-        block = torch.cat([last, *drafts], dim=1)
-        mask = torch.cat([mask, mask.new_ones(b, kk + 1)], dim=1)
-        t_verify = clock()
-        with torch.no_grad(), _full(model, verify):
-            lg = _forward(model, block, mask, cache)  # [B, kk + 1, V]
-        res.verify_seconds += clock() - t_verify
-        n, own = _accept(lg, drafts, qs, probs, gen, done)
-        res.rejections += int(n < kk)
-        emitted = torch.cat([*drafts[:n], own[:, None]], dim=1) if n else own[:, None]
-        cache.crop(-(kk - n))
-        mask = mask[:, :start + n + 1]
-        emitted = torch.where(done[:, None], torch.full_like(emitted, pad_token_id), emitted)
-        out.append(emitted)
-        done = done | _hit_any(emitted, eos)
-        res.cycles += 1
-        res.drafted += kk
-        res.accepted += n
-    new = torch.cat(out, dim=1)[:, :max_new_tokens]
-    new = _pad_after_eos(new, eos, pad_token_id)
-    res.sequences = torch.cat([input_ids, new], dim=1)
-    res.new_tokens = new.shape[1]
-    res.seconds = clock() - t0
-    res.draft_stats = tally or {}
-    res.past_key_values = cache
-    return res
+        lg = _forward(model, block, mask, cache)  # [B, kk + 1, V]
+    res.verify_seconds += clock() - t_verify
+    n, own = _accept(lg, drafts, qs, probs, gen, done)
+    res.rejections += int(n < kk)
+    emitted = torch.cat([*drafts[:n], own[:, None]], dim=1) if n else own[:, None]
+    cache.crop(-(kk - n))
+    res.cycles += 1
+    res.drafted += kk
+    res.accepted += n
+    return emitted, mask[:, :start + n + 1]
 
 
 # ---- helpers -----------------------------------------------------------------------------------

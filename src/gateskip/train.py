@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -22,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gateskip import distributed as gdist
+from gateskip.args import TrainArgs
 from gateskip.checkpoint import atomic_write
 from gateskip.core import (
     gate_parameters,
@@ -63,145 +65,61 @@ def ramp_ratio(step: int, ramp_steps: int, max_ratio: float, min_ratio: float | 
     return target * min(1.0, step / max(1, ramp_steps))
 
 
-def _check_ladder(min_ratio: float | None, max_ratio: float, budget) -> None:
-    if min_ratio is None:
-        return
-    if budget:
-        raise GateSkipError("min_ratio (a budget ladder) and budget (fixed per-branch ratios) exclude each other: "
-                            "pass one")
-    if not 0.0 <= min_ratio <= max_ratio:
-        raise GateSkipError(f"min_ratio={min_ratio} is invalid: use 0 <= min_ratio <= max_ratio ({max_ratio})")
-
-
-def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1, lr: float = 1e-3,
-        backbone: str = "frozen", backbone_lr: float = 1e-4, lora_rank: int = 8, objective: str = "distill",
-        sparsity_kind: str = "l2", lam: float = 0.1, kl_target: float = 0.5, max_ratio: float = 0.2,
-        min_ratio: float | None = None, ramp_steps: int | None = None, modules: tuple[str, ...] = ("attn", "mlp"),
-        warmup: int = 20, save_every: int = 50, resume: bool = True, seed: int = 0, dist: gdist.Dist | None = None, keep_checkpoints: int = 2,
-        fsdp: bool = False, straight_through: bool = False, budget: dict | None = None,
-        train_fallback: bool = False, fallback_lr: float = 1e-4):
+def fit(net, stream, args: TrainArgs | None = None, *, out: Path | None = None,
+        modules: tuple[str, ...] | None = None, fitted: bool = False, dist: gdist.Dist | None = None,
+        fsdp: bool = False, **overrides):
     """The training loop on a gated model and an iterator of ``input_ids`` batches.
+
+    ``args`` (``gateskip.args.TrainArgs``, whose defaults are ``gateskip train``'s) with ``overrides``
+    (its fields, e.g. ``steps=200``) replaced. ``modules``: the branch kinds that skip (default: every gated
+    kind). ``fitted``: the gates start fitted (closed form or a folder), so an unset ``ramp_steps`` is the short
+    ramp (``TrainArgs.ramp``).
 
     Returns the model with LoRA layers still attached (or None): ``train`` merges them. Writes
     ``train_log.jsonl`` and resumable checkpoints under ``out`` when given. With ``dist`` (several
     torchrun processes) each batch from ``stream`` is the global batch: every rank trains on its
     slice, gradients are averaged by DDP, logs are averaged over ranks, and only rank 0 writes.
     ``fsdp`` shards the model with FSDP2 instead of replicating it (see docs/distributed.md).
-    ``straight_through``: see ``train``. ``budget``: per-branch ratios reached at the end of the ramp
-    (instead of ``max_ratio`` for every branch). ``train_fallback``: the fallbacks train too (``fallback_lr``).
-    ``min_ratio``: a budget ladder, each step's ratio drawn from [min_ratio, max_ratio] (``ramp_ratio``).
     """
+    a = dataclasses.replace(args or TrainArgs(), **overrides) if overrides else args or TrainArgs()
     d = dist or gdist.SINGLE
-    if backbone not in BACKBONES:
-        raise GateSkipError(f"backbone={backbone!r} is not supported: choose one of {', '.join(BACKBONES)}")
-    if objective not in OBJECTIVES:
-        raise GateSkipError(f"objective={objective!r} is not supported: choose one of {', '.join(OBJECTIVES)}")
-    _check_ladder(min_ratio, max_ratio, budget)
     if not is_gated(net):
         raise GateSkipError("fit() needs a gated model: call gateskip.add_gates(model) first")
-    if steps < 1:
-        raise GateSkipError(f"steps={steps} is invalid: train for at least 1 step")
     if fsdp:
-        _check_fsdp(net, d, backbone, objective)
-    ramp_steps = ramp_steps if ramp_steps is not None else max(1, int(0.8 * steps))
-    skip_modules = tuple(modules)
-    teacher = None
-    if "distill" in objective and backbone == "full":
-        teacher = copy.deepcopy(net)  # the backbone moves: keep the original as the teacher
-    for p in net.parameters():
-        p.requires_grad_(False)
-    peft_model = None
-    if backbone == "lora":
-        peft_model = attach_lora(net, lora_rank)
-    elif backbone == "full":
-        for p in net.parameters():
-            p.requires_grad_(True)
-    for p in gate_parameters(net):
-        p.requires_grad_(True)
-    fallbacks = fallback_parameters(net) if train_fallback else []
-    if train_fallback and not fallbacks:
-        raise GateSkipError("--train-fallback needs fallbacks: pass --fallback mean, lowrank or linear")
-    for p in fallbacks:
-        p.requires_grad_(True)
-    if fsdp:  # shard before the optimizer is built, so that it holds (and shards) the DTensor parameters
-        gdist.shard_model(net)
-    gates = gate_parameters(net)
-    fb_ids = {id(p) for p in fallbacks}
-    gate_ids = {id(p) for p in gates} | fb_ids
-    other = [p for p in net.parameters() if p.requires_grad and id(p) not in gate_ids]
-    groups = [{"params": gates, "lr": lr, "base_lr": lr}]
-    if fallbacks:
-        groups.append({"params": [p for p in net.parameters() if id(p) in fb_ids], "lr": fallback_lr,
-                       "base_lr": fallback_lr})
-    if other:
-        groups.append({"params": other, "lr": backbone_lr, "base_lr": backbone_lr})
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.001)
-
-    start = 0
+        _check_fsdp(net, d, a.backbone, a.objective)
+    skip_modules = tuple(modules) if modules is not None else tuple(gate_state(net).cfg.modules)
+    teacher = copy.deepcopy(net) if "distill" in a.objective and a.backbone == "full" else None  # the backbone moves
+    peft_model, opt = _trainable(net, a, fsdp)
     ckpt = Path(out) / "checkpoint" if out is not None else None
-    if resume and ckpt is not None:
-        start = load_checkpoint(ckpt, net, opt, stream, warn=_warn if d.is_main else None, fsdp=fsdp)
+    start = load_checkpoint(ckpt, net, opt, stream, warn=_warn if d.is_main else None, fsdp=fsdp) \
+        if a.resume and ckpt is not None else 0
     last_good = start
     log_path = None
     if out is not None and d.is_main:
         Path(out).mkdir(parents=True, exist_ok=True)
         log_path = Path(out) / "train_log.jsonl"
         _truncate_log(log_path, start)  # rows past the checkpoint are re-done: do not log them twice
-    st = gate_state(net)
-    device = next(net.parameters()).device
     # DDP all-reduces (averages) the trainable gradients during backward; rank 0's weights are
     # broadcast at construction, so ranks start identical even if their seeds differed.
     # Under FSDP the model itself is sharded and reduces gradients (reduce-scatter) on its own.
     model = torch.nn.parallel.DistributedDataParallel(net) if d.enabled and not fsdp else net
     net.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train gates", dynamic_ncols=True,
+    bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="train gates", dynamic_ncols=True,
                disable=not d.is_main)
+    ramp_steps, budget = a.ramp(fitted), a.budget_ratios()
     for step in bar:
-        ratio = ramp_ratio(step, ramp_steps, 1.0 if budget else max_ratio, min_ratio, seed)
+        ratio = ramp_ratio(step, ramp_steps, 1.0 if budget else a.max_ratio, a.min_ratio, a.seed)
         plan_ratio = {k: v * ratio for k, v in budget.items()} if budget else ratio
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, warmup, group["base_lr"])
+            group["lr"] = lr_at(step, a.steps, a.warmup, group["base_lr"])
         t0 = time.time()
         totals = {"loss": 0.0, "task": 0.0, "sparsity": 0.0, "gate_mean": 0.0, "skipped": 0.0}
-        for micro in range(grad_accum):
-            ids = gdist.shard(next(stream), d).to(device)
-            teacher_logits = None
-            if "distill" in objective:
-                with torch.no_grad():
-                    if teacher is not None:
-                        with gates_bypassed(teacher):
-                            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-                    else:
-                        with gates_bypassed(net), LoraDisabled(peft_model):
-                            teacher_logits = net(input_ids=ids, use_cache=False).logits
-            st.collect = True
-            try:
-                with skipping(net, ratio=plan_ratio, policy="quantile", modules=skip_modules,
-                              straight_through=straight_through):
-                    logits = model(input_ids=ids, use_cache=False).logits
-                    gate_log = st.call.gate_log
-                    skipped = _skipped_fraction(st)
-            finally:
-                st.collect = False
-            task = torch.zeros((), device=logits.device)
-            if "ce" in objective.split("+"):
-                task = task + _ce(logits, ids)
-            if teacher_logits is not None:
-                task = task + distillation_kl(logits, teacher_logits)
-            sp = sparsity(gate_log, sparsity_kind, kl_target)
-            loss = (task + lam * sp) / grad_accum
-            # Decided together, so that no rank waits forever in an all-reduce its peers left.
-            if gdist.any_rank(not bool(torch.isfinite(loss)), d):
-                raise GateSkipError(f"loss became non-finite ({loss.item()} here) at step {step + 1}: training "
-                                    f"stopped; lower --lr or --lam. {_last_good(ckpt, last_good)}")
-            sync = d.enabled and not fsdp and micro < grad_accum - 1
-            with model.no_sync() if sync else contextlib.nullcontext():
-                loss.backward()
-            totals["loss"] += loss.item()
-            totals["task"] += task.item() / grad_accum
-            totals["sparsity"] += sp.item() / grad_accum
-            totals["gate_mean"] += float(torch.stack([g.detach().mean() for g, _ in gate_log]).mean()) / grad_accum
-            totals["skipped"] += skipped / grad_accum
+        for micro in range(a.grad_accum):
+            ids = gdist.shard(next(stream), d).to(next(net.parameters()).device)
+            for k, v in _micro_step(net, model, teacher, peft_model, ids, a, plan_ratio, skip_modules, step,
+                                    ckpt, last_good, sync=d.enabled and not fsdp and micro < a.grad_accum - 1,
+                                    d=d).items():
+                totals[k] += v
         norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         if not torch.isfinite(norm):  # gradients are all-reduced, so every rank sees the same norm
@@ -217,24 +135,103 @@ def fit(net, stream, *, steps: int, out: Path | None = None, grad_accum: int = 1
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.3f}", sp=f"{row['sparsity']:.3f}", gate=f"{row['gate_mean']:.3f}",
                         skip=f"{row['skipped']:.2f}")
-        if ckpt is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-            error = None
-            # Under FSDP gathering the full state is a collective: every rank takes part, rank 0 writes.
-            weights = gdist.gathered_trainable(net, opt) if fsdp else None
-            if d.is_main:
-                try:
-                    save_checkpoint(ckpt, net, opt, stream, step + 1, keep=keep_checkpoints,
-                                     schedule={"steps": steps, "warmup": warmup, "ramp_steps": ramp_steps,
-                                               "max_ratio": max_ratio, "min_ratio": min_ratio}, gathered=weights)
-                except OSError as e:
-                    error = e
-            if gdist.any_rank(error is not None, d):
-                why = f" ({error.strerror or error})" if error is not None else " on rank 0"
-                raise GateSkipError(f"could not write the checkpoint of step {step + 1}{why}: free disk space in "
-                                    f"{ckpt} and run again (it resumes). {_last_good(ckpt, last_good)}") from None
+        if ckpt is not None and ((step + 1) % a.save_every == 0 or step + 1 == a.steps):
+            _checkpoint(net, opt, stream, ckpt, step, a, ramp_steps, last_good, d, fsdp)
             last_good = step + 1
     net.eval()
     return peft_model
+
+
+def _trainable(net, a: TrainArgs, fsdp: bool) -> tuple:
+    """(the LoRA model or None, the optimizer): what trains (gates, fallbacks when ``a.train_fallback`` and the
+    model has any, LoRA or the whole backbone), each group at its learning rate."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    peft_model = None
+    if a.backbone == "lora":
+        peft_model = attach_lora(net, a.lora_rank)
+    elif a.backbone == "full":
+        for p in net.parameters():
+            p.requires_grad_(True)
+    for p in gate_parameters(net):
+        p.requires_grad_(True)
+    fallbacks = fallback_parameters(net) if a.train_fallback else []  # none with zero fallbacks
+    for p in fallbacks:
+        p.requires_grad_(True)
+    if fsdp:  # shard before the optimizer is built, so that it holds (and shards) the DTensor parameters
+        gdist.shard_model(net)
+    gates = gate_parameters(net)
+    fb_ids = {id(p) for p in fallbacks}
+    gate_ids = {id(p) for p in gates} | fb_ids
+    other = [p for p in net.parameters() if p.requires_grad and id(p) not in gate_ids]
+    groups = [{"params": gates, "lr": a.lr, "base_lr": a.lr}]
+    if fallbacks:
+        groups.append({"params": [p for p in net.parameters() if id(p) in fb_ids], "lr": a.fallback_lr,
+                       "base_lr": a.fallback_lr})
+    if other:
+        groups.append({"params": other, "lr": a.backbone_lr, "base_lr": a.backbone_lr})
+    return peft_model, torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.001)
+
+
+def _micro_step(net, model, teacher, peft_model, ids, a: TrainArgs, plan_ratio, skip_modules, step: int, ckpt,
+                last_good: int, sync: bool, d) -> dict[str, float]:
+    """One micro-batch: the teacher's logits (distillation), the forward pass under skipping, the loss
+    (objective + lam * sparsity) backward; returns its share of the step's logged values."""
+    teacher_logits = None
+    if "distill" in a.objective:
+        with torch.no_grad():
+            if teacher is not None:
+                with gates_bypassed(teacher):
+                    teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+            else:
+                with gates_bypassed(net), LoraDisabled(peft_model):
+                    teacher_logits = net(input_ids=ids, use_cache=False).logits
+    st = gate_state(net)
+    st.collect = True
+    try:
+        with skipping(net, ratio=plan_ratio, policy="quantile", modules=skip_modules,
+                      straight_through=a.straight_through):
+            logits = model(input_ids=ids, use_cache=False).logits
+            gate_log = st.call.gate_log
+            skipped = _skipped_fraction(st)
+    finally:
+        st.collect = False
+    task = torch.zeros((), device=logits.device)
+    if "ce" in a.objective.split("+"):
+        task = task + _ce(logits, ids)
+    if teacher_logits is not None:
+        task = task + distillation_kl(logits, teacher_logits)
+    sp = sparsity(gate_log, a.sparsity_kind, a.kl_target)
+    loss = (task + a.lam * sp) / a.grad_accum
+    # Decided together, so that no rank waits forever in an all-reduce its peers left.
+    if gdist.any_rank(not bool(torch.isfinite(loss)), d):
+        raise GateSkipError(f"loss became non-finite ({loss.item()} here) at step {step + 1}: training "
+                            f"stopped; lower --lr or --lam. {_last_good(ckpt, last_good)}")
+    with model.no_sync() if sync else contextlib.nullcontext():
+        loss.backward()
+    n = a.grad_accum
+    return {"loss": loss.item(), "task": task.item() / n, "sparsity": sp.item() / n, "skipped": skipped / n,
+            "gate_mean": float(torch.stack([g.detach().mean() for g, _ in gate_log]).mean()) / n}
+
+
+def _checkpoint(net, opt, stream, ckpt: Path, step: int, a: TrainArgs, ramp_steps: int, last_good: int, d,
+                fsdp: bool) -> None:
+    """The checkpoint after ``step`` (rank 0 writes; under FSDP every rank gathers); a failed write stops
+    training with a one-line error on every rank."""
+    error = None
+    # Under FSDP gathering the full state is a collective: every rank takes part, rank 0 writes.
+    weights = gdist.gathered_trainable(net, opt) if fsdp else None
+    if d.is_main:
+        try:
+            save_checkpoint(ckpt, net, opt, stream, step + 1, keep=a.keep_checkpoints,
+                            schedule={"steps": a.steps, "warmup": a.warmup, "ramp_steps": ramp_steps,
+                                      "max_ratio": a.max_ratio, "min_ratio": a.min_ratio}, gathered=weights)
+        except OSError as e:
+            error = e
+    if gdist.any_rank(error is not None, d):
+        why = f" ({error.strerror or error})" if error is not None else " on rank 0"
+        raise GateSkipError(f"could not write the checkpoint of step {step + 1}{why}: free disk space in "
+                            f"{ckpt} and run again (it resumes). {_last_good(ckpt, last_good)}") from None
 
 
 def _check_fsdp(net, d: gdist.Dist, backbone: str, objective: str) -> None:

@@ -166,6 +166,19 @@ def fallback_stats(model, batches, ratio: float = 0.3, protect_first: int | None
     if not inputs:
         raise GateSkipError("no rows to measure: pass held-out input_ids rows")
     acc = {b.index: _Branch() for b in st.branches}
+    handles = _hooks(st, acc, first)
+    bar = tqdm(total=sum(int(inp["input_ids"].numel()) for inp in inputs), unit="tok", desc="fallback residuals",
+               disable=not progress)
+    _dense_run(model, inputs, handles, bar)
+    if acc[st.branches[0].index].n == 0:
+        raise GateSkipError(f"no token left to measure (padding and the first {first} of each row are left out): "
+                            "pass longer rows")
+    rows = sum(int(inp["input_ids"].shape[0]) for inp in inputs)
+    return _summary(st, acc, ratio, first, rows)
+
+
+def _hooks(st, acc: dict, first: int) -> list:
+    """Hooks feeding each branch's real tokens (past the first ``first`` of a row) to its ``acc`` entry."""
     raw, seen = {}, {}
     handles = []
 
@@ -200,9 +213,12 @@ def fallback_stats(model, batches, ratio: float = 0.3, protect_first: int | None
         handles.append(b.register_forward_pre_hook(take_branch_input(b), with_kwargs=True))
         handles.append(b.module.register_forward_pre_hook(take_module_input(b), with_kwargs=True))
         handles.append((b.module if b.post_norm is None else b.post_norm).register_forward_hook(take_output(b)))
-    rows = sum(int(inp["input_ids"].shape[0]) for inp in inputs)
-    bar = tqdm(total=sum(int(inp["input_ids"].numel()) for inp in inputs), unit="tok", desc="fallback residuals",
-               disable=not progress)
+    return handles
+
+
+def _dense_run(model, inputs: list[dict], handles: list, bar) -> None:
+    """One dense forward per batch of ``inputs``, counting tokens on ``bar``; then closes it and removes
+    ``handles``."""
     try:
         with skipping(model, ratio=0.0):  # a dense run, whatever context the caller is in
             for inp in inputs:
@@ -212,9 +228,10 @@ def fallback_stats(model, batches, ratio: float = 0.3, protect_first: int | None
         bar.close()
         for h in handles:
             h.remove()
-    if acc[st.branches[0].index].n == 0:
-        raise GateSkipError(f"no token left to measure (padding and the first {first} of each row are left out): "
-                            "pass longer rows")
+
+
+def _summary(st, acc: dict, ratio: float, first: int, rows: int) -> dict:
+    """``fallback_stats``'s result from the filled ``acc`` (NaN figures become None)."""
     branches = []
     for b in st.branches:
         f = acc[b.index].figures(ratio)

@@ -60,7 +60,7 @@ def _quiet_transformers(fn):
 
 @_quiet_transformers
 def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: bool = False,
-          gate: list[str] = ("vector",), rank: int = 16, ratios: list[float] = (0.0, 0.25, 0.5), policy: str = "threshold",
+          gate: list[str] = ("vector",), rank: int = 16, ratios: list[float] = (0.0, 0.25, 0.5), policy: str | None = None,
           kv: str = "copy", path: str = "auto", prefill_batch: int = 4, prefill_len: int = 512,
           decode_batches: list[int] = (1, 8), prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3,
           warmup: int = 1, threads: int = 2, clock: str = "wall", seed: int = 0, json: str | None = None,
@@ -76,7 +76,8 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         gate: gate kind(s) for --random-gates: vector, lowrank, scalar, mlp.
         rank: inner size of lowrank gates.
         ratios: skip ratios (each branch skips this fraction of tokens).
-        policy: skip policy; ``threshold`` (calibrated per token) is what skips at decode batch 1.
+        policy: skip policy: threshold (calibrated per token: what skips at decode batch 1; the default, random
+            gates are calibrated for it), quantile (paper, per call) or random.
         kv: what skipped tokens leave in the KV cache: copy or compute.
         path: auto / physical / masked (masked computes every token: no speed-up expected).
         prefill_batch: prompts per prefill batch.
@@ -138,9 +139,11 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         raise GateSkipError("--fallback applies to --random-gates: a gates folder brings its own fallback")
     torch.set_num_threads(threads)
     from gateskip.loading import load_named, quantize_for_run
+    from gateskip.policies import resolve_policy
 
     m, tok = load_named(model, tiny_tokenizer=False)
     quantize_for_run(m, quant, gates)
+    policy = resolve_policy(policy, True)  # gates without thresholds are calibrated for it (bench_timing.variants)
     if speculative:
         return _speculative(m, tok, gates, random_gates, kinds, rank, seed, policy, locals())
     vocab = m.get_output_embeddings().weight.shape[0]

@@ -2,13 +2,17 @@
 
 ``gateskip train --steps 200 --out runs/s`` calls ``gateskip.commands.train.train(steps=200, out="runs/s")``.
 Parameters without a default become positional arguments; ``bool`` parameters become
-``--flag / --no-flag``; ``--config file.yaml`` supplies values for any flags (flags given on the
-command line win). Any ``GateSkipError`` is printed as one line on stderr with exit code 2.
+``--flag / --no-flag``; a parameter whose default is an argument group (a dataclass of gateskip/args.py, or
+GateSkipConfig) gives one flag per field, with the group's defaults and its docstring's help, passed on by
+name (the command replaces them into the group: ``args.apply``). ``--config file.yaml`` supplies values for
+any flags, flat or nested by group (flags given on the command line win). Any ``GateSkipError`` is printed
+as one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import re
 import sys
@@ -73,9 +77,10 @@ def _list_of(cast):
 
 
 def _base_type(annotation):
-    """int / float / str / bool, or a comma-list parser for ``list[X]``, from an annotation such as ``int | None``."""
-    if typing.get_origin(annotation) is list:
-        (item,) = typing.get_args(annotation) or (str,)
+    """int / float / str / bool, or a comma-list parser for ``list[X]`` (or ``tuple[X, ...]``), from an annotation
+    such as ``int | None``."""
+    if typing.get_origin(annotation) in (list, tuple):
+        item = (typing.get_args(annotation) or (str,))[0]  # tuple[X, ...]: X
         return _list_of(item if item in (int, float, str) else str)
     if isinstance(annotation, str):
         annotation = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation.split("|")[0].strip(), str)
@@ -86,30 +91,61 @@ def _base_type(annotation):
     return annotation if annotation in (int, float, str, bool) else str
 
 
+def options(fn: Callable) -> list[tuple[str, object, object, str, bool]]:
+    """Every option of command ``fn``: (name, annotation, default, help, positional), its plain parameters in
+    order, each argument group's fields in place of the group. A name in two places is an error."""
+    summary, helps = _doc_args(fn)
+    hints = typing.get_type_hints(fn)
+    out, seen = [], {}
+    for pname, param in inspect.signature(fn).parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        default = param.default
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            _, group_help = _doc_args(type(default))
+            group_hints = typing.get_type_hints(type(default))
+            rows = [(f.name, group_hints[f.name], getattr(default, f.name), group_help.get(f.name, ""), False)
+                    for f in dataclasses.fields(default)]
+        else:
+            rows = [(pname, hints.get(pname, str), default, helps.get(pname, ""),
+                     default is inspect.Parameter.empty)]
+        for row in rows:
+            if row[0] in seen:
+                raise RuntimeError(f"{fn.__name__}: option {row[0]!r} is in {seen[row[0]]} and {pname}")
+            seen[row[0]] = pname
+            out.append(row)
+    return out
+
+
+def group_names(fn: Callable) -> set[str]:
+    """The parameters of ``fn`` that are argument groups."""
+    return {n for n, p in inspect.signature(fn).parameters.items()
+            if dataclasses.is_dataclass(p.default) and not isinstance(p.default, type)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateskip", description="GateSkip: learned token-wise layer skipping.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in _commands().items():
-        summary, helps = _doc_args(fn)
+        summary, _ = _doc_args(fn)
         p = sub.add_parser(name, help=summary, description=summary)
         p.add_argument("--config", help="YAML file whose keys supply values for this command's flags, or a "
                        "shipped recipe of gateskip train: best, demo, paper")
-        hints = typing.get_type_hints(fn)
-        for i, (pname, param) in enumerate(inspect.signature(fn).parameters.items()):
-            typ = _base_type(hints.get(pname, str))
+        for i, (pname, annotation, default, h, positional) in enumerate(options(fn)):
+            typ = _base_type(annotation)
             flag = "--" + pname.replace("_", "-")
-            h = helps.get(pname, "").replace("%", "%%")  # argparse %-formats help ("80% of steps")
-            if param.default is inspect.Parameter.empty:
+            h = h.replace("%", "%%")  # argparse %-formats help ("80% of steps")
+            if positional:
                 p.add_argument(pname, type=typ, help=h)
-            elif i == 0 and param.default is None and typ is str:
+            elif i == 0 and default is None and typ is str:
                 # An optional first argument (`gateskip inspect "text"` or `--text "text"`).
                 p.add_argument(_POSITIONAL + pname, nargs="?", type=typ, default=None, metavar=pname.upper(), help=h)
                 p.add_argument(flag, dest=pname, type=typ, default=None, help=f"{h} (same as {pname.upper()})")
             elif typ is bool:
                 p.add_argument(flag, dest=pname, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"{h} (default: {param.default})")
+                               help=f"{h} (default: {default})")
             else:
-                shown = param.default
+                shown = default
                 if isinstance(shown, list | tuple):  # a list parameter: shown as it is typed
                     shown = ",".join(str(v) for v in shown) or "none"
                 p.add_argument(flag, dest=pname, type=typ, default=None, help=f"{h} (default: {shown})")
@@ -118,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_yaml(path: str, fn: Callable) -> dict:
+    """A recipe's values for ``fn``'s options (flat, or a mapping per argument group: recipes.load_recipe)."""
     from gateskip.recipes import load_recipe
 
     values = load_recipe(path)
-    known = set(inspect.signature(fn).parameters)
+    known = {row[0] for row in options(fn)}
     unknown = set(values) - known
     if unknown:
         raise GateSkipError(f"config {path!r} has unknown keys {sorted(unknown)}: valid keys are {sorted(known)}")

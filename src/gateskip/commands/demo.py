@@ -25,7 +25,7 @@ from gateskip.errors import GateSkipError
 RECIPES = ("best", "fit", "paper")
 
 
-def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "best", batches: int | None = None,
+def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "best", fallback_batches: int | None = None,
          heal_steps: int | None = None, compare: list[float] = (0.15, 0.3, 0.45, 0.6, 0.7, 0.8), baselines: list[int] = (3, 6, 9, 12),
          steps: int = 40, gate: str = "lowrank",
          saved: float = 0.15, prompts: int = 2, max_new_tokens: int = 64, evaluate: bool = True,
@@ -48,7 +48,7 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
         model: base model (the embedded smollm2-135m by default).
         recipe: best (fitted, then healed), fit (closed-form fallbacks and gates) or paper (trained gates,
             zero fallback).
-        batches: best, fit: calibration batches of 4 x 256 tokens for the closed-form fits (default: the
+        fallback_batches: best, fit: calibration batches of 4 x 256 tokens for the closed-form fits (default: the
             shipped ``demo`` recipe's, 8).
         heal_steps: best: end-to-end training steps after the fit (default: the shipped ``demo`` recipe's, 60).
         compare: best, fit: skip ratios of every gated branch at which the held-out CE is compared.
@@ -73,7 +73,7 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
     from gateskip.recipes import load_recipe
 
     shipped = load_recipe("demo")  # what the best recipe trains here: train's defaults, a short healing run
-    batches = shipped["fallback_batches"] if batches is None else batches
+    batches = shipped["fallback_batches"] if fallback_batches is None else fallback_batches
     heal_steps = shipped["steps"] if heal_steps is None else heal_steps
     out_dir = Path(out)
     gates_dir = out_dir / "gates"
@@ -81,10 +81,9 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
     if recipe == "fit":
         from gateskip.commands.fit import fit
 
-        _say(f"1/3 fitting rank-64 fallbacks and rank-16 gates on {model} ({batches} x 4 x 256 tokens), refitted "
-             f"under skipping 0.3 -> {gates_dir}")
-        fit(model=model, out=str(gates_dir), batches=batches, sequential=0.3, sequential_batches=batches,
-            compare="", threads=threads)
+        _say(f"1/3 fitting the recommended gates (rank-16 gates and neurons fallbacks on the MLPs) on {model} "
+             f"({batches} x 4 x 256 tokens) in closed form, refitted under skipping -> {gates_dir}")
+        fit(model=model, out=str(gates_dir), fallback_batches=batches, compare="", threads=threads)
     elif recipe == "best":
         from gateskip.commands.train import train
 
@@ -108,9 +107,8 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
 
         _say(f"3/3 held-out CE at skip ratios {_csv(compare)} and ShortGPT with {_csv(baselines)} layers removed "
              f"-> {out_dir}")
-        fit(gates=str(gates_dir), out=str(out_dir / "compare"), fallback="keep", fit_gates=False, sequential=0,
-            compare=compare, compare_scopes="both", compare_batches=4, baselines=baselines, sequential_batches=4,
-            batches=2, threads=threads)
+        fit(init=str(gates_dir), out=str(out_dir / "compare"), fit_gates=False, fit_ratio=0, compare=compare,
+            compare_scopes="both", compare_batches=4, baselines=baselines, fallback_batches=2, threads=threads)
         _say(f"done in {(time.perf_counter() - t0) / 60:.1f} min: see {out_dir / 'compare' / 'compare.md'}")
         return
     if importlib.util.find_spec("lm_eval") is None:

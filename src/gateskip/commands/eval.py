@@ -32,7 +32,7 @@ from gateskip.saved import GENERATION_PROMPT_BOOST
 
 
 def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
-             ratios: list[str] = ("0", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6"), policy: str = "threshold",
+             ratios: list[str] = ("0", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6"), policy: str | None = None,
              methods: list[str] = DEFAULT_METHODS, modules: list[str] = ("attn", "mlp"), kv: str | None = None,
              limit: int | None = 50, out: str = "runs/eval", model: str | None = None, tokenizer=None,
              batch_size: int = 1, calib_batches: int = 4, seed: int = 0, threads: int = 0,
@@ -54,7 +54,8 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
         tasks: comma-separated tasks: hellaswag, piqa, arc_easy, arc_challenge, winogrande, boolq,
             openbookqa, commonsense_qa, mmlu, lambada, lambada_gen, gsm8k.
         ratios: comma-separated skip ratios per branch, e.g. 0,0.1,0.2,0.3,0.4,0.5,0.6.
-        policy: how GateSkip picks tokens: threshold (calibrated, per token), quantile (paper) or random.
+        policy: how GateSkip picks tokens: threshold (calibrated, per token; the default: gates without thresholds
+            are calibrated first), quantile (paper) or random.
         methods: comma-separated methods besides the dense reference: gateskip, random, static,
             gatefree_random, shortgpt, mod, mod_topk (need --mod), early_exit.
         modules: branch kinds that skip: attn, mlp or attn,mlp (suite: the gateskip, random and oracle rows;
@@ -143,6 +144,9 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
     if threads:
         torch.set_num_threads(threads)
     saved = as_list(saved, float, "--saved") if saved else None
+    from gateskip.policies import resolve_policy
+
+    policy = resolve_policy(policy, True)  # gates without thresholds are calibrated first (suite_run, sweep)
     if suite == "chat":
         from gateskip.commands.eval_chat import evaluate_chat
 

@@ -15,45 +15,33 @@ import json
 import time
 from pathlib import Path
 
+from gateskip.args import FALLBACK_FIELDS, StartArgs, apply, fit_ranks, given_fields, start_config
+from gateskip.config import RECOMMENDED, GateSkipConfig
 from gateskip.errors import GateSkipError
 from gateskip.options import as_list
 
 
-def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/fit", fallback: str = "lowrank",
-        fallback_rank: int = 64, gate: str = "lowrank", gate_rank: int = 16, fit_gates: bool = True,
-        protect_first: int = 1, kv: str = "compute", batches: int = 8, seq_len: int = 256, batch_size: int = 4,
+def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipConfig = RECOMMENDED,
+        start: StartArgs = StartArgs(), fit_gates: bool = True, seq_len: int = 256, batch_size: int = 4,
         ridge: float = 1e-3, gate_ridge: float = 1e-2, under_ratio: float = 0.0, compare: list[float] = (0.15, 0.3, 0.5),
         compare_batches: int = 8, threads: int = 0, data: str = "mix", allocate: list[float] = (),
-        sens_batches: int = 2, sens_steps: list[float] = (0.25, 0.5, 0.75, 1.0), sequential: float = 0.3,
-        sequential_batches: int = 8, baselines: list[int] = (), sequential_budget: str | None = None,
-        compare_budgets: list[str] = (), save_dtype: str = "float32", compare_scopes: list[str] = ("attn", "mlp", "both"),
-        compare_policy: str = "quantile", compare_metric: str = "ce", compare_data: str | None = None, fallback_mlp: str | None = None, fallback_neurons: int = 64,
-        fallback_rank_mlp: int | None = None) -> dict:
+        sens_batches: int = 2, sens_steps: list[float] = (0.25, 0.5, 0.75, 1.0),
+        baselines: list[int] = (), fit_budget: str | None = None,
+        compare_budgets: list[str] = (), save_dtype: str = "float32", compare_scopes: list[str] | None = None,
+        compare_policy: str = "quantile", compare_metric: str = "ce", compare_data: str | None = None,
+        **flags) -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
+    The gates are ``gates`` (gateskip.GateSkipConfig, default ``config.RECOMMENDED``: its fields are flags, e.g.
+    ``--rank 16 --fallback lowrank --modules attn,mlp``) fitted from new (``--init fit``), or a gates folder
+    (``--init DIR``) whose config is kept except the gate flags given: its fallbacks are kept unless fallback
+    flags are given (``--init DIR --no-fit-gates --fit-ratio 0`` only measures a folder, with its own
+    calibrated thresholds). ``--fit-ratio`` and ``--fallback-batches`` are ``gateskip train --init fit``'s.
+
     Args:
-        model: base model name or folder (ignored with --gates: the folder's base model is used).
-        gates: start from this gates folder (its gates and backbone changes are kept unless --fit-gates);
-            default: new gates.
+        model: base model name or folder (ignored with --init DIR: the folder's base model is used).
         out: the gates folder to write (with fit.json and compare.md).
-        fallback: mean, lowrank or linear (what a skipped token gets instead of 0), or keep: the --gates folder's
-            own, unchanged (with --no-fit-gates --sequential 0: only measure a folder, e.g. a trained one, with its
-            own calibrated thresholds).
-        fallback_rank: inner size of a lowrank fallback.
-        fallback_mlp: the MLP branches' fallback when it differs from --fallback (which then is the attention
-            branches'), e.g. --fallback lowrank --fallback-mlp linear: a full map costs ~12% of an MLP but half
-            of what a skipped attention token saves; neurons: the MLP's own activation on
-            --fallback-neurons of its neurons plus a rank --fallback-rank map (nonlinear). Default: --fallback.
-        fallback_neurons: how many of each MLP's neurons a neurons fallback computes.
-        fallback_rank_mlp: the MLP fallbacks' rank when it differs from --fallback-rank (default: the same).
-        gate: new gates' kind: vector, scalar or lowrank.
-        gate_rank: inner size of a lowrank gate.
         fit_gates: fit each gate to rank tokens by the fallback's residual (no: keep the gates as they are).
-        protect_first: never skip the first N tokens of a sequence (BOS, the attention sink).
-        kv: K/V of skipped attention tokens of new gates: copy or compute.
-        batches: calibration batches of batch_size x seq_len tokens (train split of --data). With --sequential
-            the refit on the first --sequential-batches decides every fit (a branch's inputs depend only on the
-            branches before it, refitted first): more batches than that only cost time.
         seq_len: tokens per calibration row.
         batch_size: rows per calibration batch.
         ridge: fallback ridge penalty (relative to the mean input variance).
@@ -68,20 +56,15 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
             (gateskip.allocate); thresholds are then calibrated under the middle one. Empty: none.
         sens_batches: calibration batches the sensitivity is measured on.
         sens_steps: skip ratios at which each branch's sensitivity is measured.
-        sequential: after the one-pass fits, refit each branch's fallback and gate in execution order under
-            skipping at this ratio (quantile policy, every branch, the earlier branches already refitted), so
-            each is fitted on the inputs it sees when skipping is on (docs/benchmark-log.md: at 0.3 on every MLP the
-            one-pass gates are worse than random, the refitted ones close 82% of the gap to the oracle).
-            0: one pass only.
-        sequential_batches: calibration batches of the sequential refit (one pass per branch).
-        sequential_budget: refit under this JSON file of per-branch ratios (e.g. an alloc_<t>.json) instead of
-            --sequential's uniform ratio.
+        fit_budget: refit under this JSON file of per-branch ratios (e.g. an alloc_<t>.json) instead of
+            --fit-ratio's uniform ratio.
         compare_budgets: JSON files of per-branch ratios also compared (random / gates / oracle).
         baselines: ShortGPT layer counts, e.g. 3,6,9: after the comparison, the same held-out CE for ShortGPT
             (lowest Block Influence layers removed) and ShortGPT with each removed layer replaced by a fitted
-            linear map (baselines.shortgpt.linear_replaced, fitted on the first --sequential-batches
-            calibration batches), with their compute saved. Empty: none.
-        compare_scopes: which branches skip in the --compare rows: attn, mlp and/or both .
+            linear map (baselines.shortgpt.linear_replaced, fitted on the --fallback-batches calibration
+            batches), with their compute saved. Empty: none.
+        compare_scopes: which branches skip in the --compare rows: attn, mlp and/or both (default: each gated
+            kind, and both when both are gated).
         compare_policy: how the gates rows pick tokens: quantile (exactly the ratio of each branch per batch,
             like the oracle) or threshold (the folder's calibrated per-token thresholds: causal, what eval and
             generate run; the ratio skipped then follows the text).
@@ -95,8 +78,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
     """
     import torch
 
-    from gateskip.checkpoint import load_gates, read_meta, save_gates
-    from gateskip.config import GateSkipConfig
+    from gateskip.checkpoint import SAVE_DTYPES, load_gates, read_meta, save_gates
     from gateskip.core import add_gates, calibrate, gate_state
     from gateskip.data import fixed_batches, load_texts
     from gateskip.gatefit import fit_closed_form
@@ -104,53 +86,52 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
 
     if threads:
         torch.set_num_threads(threads)
-    from gateskip.checkpoint import SAVE_DTYPES
-
+    groups = apply(flags, {"gates": gates, "start": start}, "gateskip fit")
+    start = groups["start"]
+    if start.init is None:
+        raise GateSkipError("gateskip fit fits gates in closed form: pass --init fit (new gates) or --init DIR")
+    cfg, _, given = start_config(groups["gates"], start, given_fields(flags, gates, RECOMMENDED))
+    keep = start.folder is not None and not given & FALLBACK_FIELDS  # a folder's own fallbacks, kept
+    if not keep and not cfg.has_fallback:
+        raise GateSkipError("gateskip fit needs a fallback to fit: pass --fallback mean, lowrank or linear "
+                            "(--fallback-mlp neurons too)")
     if save_dtype not in SAVE_DTYPES:  # fail now, not after the fit
         raise GateSkipError(f"unknown --save-dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
     if compare_metric not in METRICS:
         raise GateSkipError(f"--compare-metric {compare_metric!r} is not supported: choose {' or '.join(METRICS)}")
     if compare_policy not in ("quantile", "threshold"):
         raise GateSkipError(f"--compare-policy {compare_policy!r} is not supported: choose quantile or threshold")
-    scopes = {k: SCOPES.get(k) for k in as_list(compare_scopes, str, "--compare-scopes")}
-    if None in scopes.values() or not scopes:
-        raise GateSkipError(f"--compare-scopes {compare_scopes!r}: choose from {', '.join(SCOPES)}, comma-separated")
-    if fallback == "zero":
-        raise GateSkipError("gateskip fit needs a fallback to fit: pass --fallback mean, lowrank or linear (--fallback-mlp neurons too)")
-    if fallback == "keep" and fallback_mlp:
-        raise GateSkipError("--fallback-mlp sets the kind of fallbacks to fit: it does not go with --fallback keep")
-    if fallback == "keep" and not gates:
-        raise GateSkipError("--fallback keep keeps the fallbacks of a gates folder: pass --gates DIR")
+    scopes = _scopes(compare_scopes, cfg.modules)
     ratios = as_list(compare, float, "--compare")
     t0 = time.perf_counter()
-    if gates:
-        model = read_meta(gates)["base_model"].get("source") or model
+    if start.folder:
+        model = read_meta(start.folder)["base_model"].get("source") or model
     net, tok = load_model(model)
-    if gates:
-        load_gates(net, gates)
+    if start.folder:
+        load_gates(net, start.folder)
     else:
-        add_gates(net, GateSkipConfig(gate=gate, rank=gate_rank, fallback=fallback, fallback_rank=fallback_rank,
-                                      kv=kv, protect_first=protect_first, fallback_mlp=fallback_mlp,
-                                      fallback_neurons=fallback_neurons, fallback_rank_mlp=fallback_rank_mlp))
+        add_gates(net, fit_ranks(cfg, net, given))
     st = gate_state(net)
-    if fallback == "keep" and not st.cfg.has_fallback:
-        raise GateSkipError(f"--fallback keep: {gates!r} has no fallback (zero): pass --fallback lowrank (or mean, "
-                            "linear) to fit one")
-    cal = fixed_batches(tok, load_texts(data, "train"), seq_len, batch_size, batches)
+    if keep and not st.cfg.has_fallback:
+        raise GateSkipError(f"--init {start.folder!r} has no fallback (zero) to keep: pass --fallback lowrank (or "
+                            "mean, linear) to fit one")
+    fb = st.cfg if keep or not start.folder else fit_ranks(cfg, net, given)
+    cal = fixed_batches(tok, load_texts(data, "train"), seq_len, batch_size, start.fallback_batches)
     plan = {"ratio": under_ratio, "policy": "random", "kv": st.cfg.kv} if under_ratio > 0 else None
-    under = sequential
-    if sequential_budget:
+    under = start.fit_ratio
+    if fit_budget:
         from gateskip.allocate import read_budget
 
-        under = read_budget(sequential_budget)
-    summary = fit_closed_form(net, cal, fallback=fallback, fallback_rank=fallback_rank, ridge=ridge,
-                              gate_ridge=gate_ridge, fit_gates=fit_gates, under_plan=plan, sequential=under,
-                              sequential_batches=sequential_batches, fallback_mlp=fallback_mlp,
-                              fallback_neurons=None if fallback == "keep" else fallback_neurons,
-                              fallback_rank_mlp=fallback_rank_mlp,
+        under = read_budget(fit_budget)
+    summary = fit_closed_form(net, cal, fallback="keep" if keep else fb.fallback, fallback_rank=fb.fallback_rank,
+                              ridge=ridge, gate_ridge=gate_ridge, fit_gates=fit_gates, under_plan=plan,
+                              sequential=under, sequential_batches=start.fallback_batches,
+                              fallback_mlp=None if keep else fb.fallback_mlp,
+                              fallback_neurons=None if keep else fb.fallback_neurons,
+                              fallback_rank_mlp=None if keep else fb.fallback_rank_mlp,
                               log=lambda line: print(f"[gateskip fit] {line}", flush=True))
-    if fallback == "keep":
-        summary["fallback"]["kept"] = gates
+    if keep:
+        summary["fallback"]["kept"] = start.folder
     allocs = {}
     targets = as_list(allocate, float, "--allocate")
     if targets:
@@ -166,13 +147,13 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
         print(f"[gateskip fit] allocations for {', '.join(f'{t:g}' for t in targets)} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     cal_ratio = allocs[targets[len(targets) // 2]] if allocs else summary.get("sequential", {}).get("ratio", 0.3)
-    measure_only = fallback == "keep" and not fit_gates and "sequential" not in summary
+    measure_only = keep and not fit_gates and "sequential" not in summary
     if not (measure_only and st.loaded.calibration is not None):  # a folder only measured keeps its own thresholds
         calibrate(net, cal[: min(4, len(cal))], ratio=cal_ratio)
-    save_gates(net, out, dtype=save_dtype, extra_meta={"fit": {"command": "gateskip fit", "fallback": fallback,
-                                             "fallback_rank": fallback_rank, "fit_gates": bool(fit_gates),
-                                             "batches": batches, "seq_len": seq_len, "batch_size": batch_size,
-                                             "under_ratio": under_ratio, "data": data}})
+    save_gates(net, out, dtype=save_dtype, extra_meta={"fit": {
+        "command": "gateskip fit", "fallback": "keep" if keep else fb.fallback, "fallback_rank": fb.fallback_rank,
+        "fit_gates": bool(fit_gates), "batches": start.fallback_batches, "seq_len": seq_len,
+        "batch_size": batch_size, "under_ratio": under_ratio, "data": data}})
     for t, r in allocs.items():
         tmp = Path(out, f"alloc_{t:g}.json.tmp")
         tmp.write_text(json.dumps(r, indent=0))
@@ -190,7 +171,7 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
                                              gates_policy=compare_policy, score=score)
         summary["compare"]["data"] = compare_data or data
         if layers:
-            summary["compare"]["baselines"] = static_baselines(net, cal[:sequential_batches], held, layers, score=score)
+            summary["compare"]["baselines"] = static_baselines(net, cal, held, layers, score=score)
         md = compare_markdown(summary["compare"])
         Path(out, "compare.md").write_text(md)
         print(md)
@@ -200,6 +181,16 @@ def fit(model: str = "smollm2-135m", gates: str | None = None, out: str = "runs/
     tmp.replace(Path(out, "fit.json"))
     print(f"[gateskip fit] wrote {out} in {summary['seconds'] / 60:.1f} min")
     return summary
+
+
+def _scopes(compare_scopes, gated) -> dict[str, tuple[str, ...]]:
+    """The --compare scopes: the ones named, or each gated kind (and both when both are gated)."""
+    names = as_list(compare_scopes, str, "--compare-scopes") if compare_scopes is not None else \
+        [*gated, *(["both"] if len(gated) > 1 else [])]
+    scopes = {k: SCOPES.get(k) for k in names}
+    if None in scopes.values() or not scopes:
+        raise GateSkipError(f"--compare-scopes {compare_scopes!r}: choose from {', '.join(SCOPES)}, comma-separated")
+    return scopes
 
 
 CHOICES = ("random", "gates", "oracle")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from gateskip.errors import GateSkipError
+from gateskip.policies import resolve_policy
 from gateskip.quantize import _quanto, describe, quantize, weight_bytes
 
 
@@ -43,7 +44,7 @@ def quantize_command(model: str | None = None, gates: str | None = None, bits: i
     net, tok = load_named(name)
     if gates:
         load_gates(net, gates)
-    policy = "threshold" if gates and gate_state(net).loaded.calibration is not None else "quantile"
+    policy = resolve_policy(None, gates is not None and gate_state(net).loaded.calibration is not None)
     data = _heldout(tok, seq_len, batches)
     before, size_before = _nll(net, data, skip, policy, "full precision"), weight_bytes(net)
     quantize(net, bits=bits, group_size=group_size, optimizer=optimizer)

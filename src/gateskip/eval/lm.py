@@ -46,7 +46,7 @@ class GateSkipLM(HFLM):
     """
 
     def __init__(self, pretrained="smollm2-135m", gates: str | None = None, ratio: float | Mapping = 0.0,
-                 policy: str = "threshold", modules="attn,mlp", kv: str | None = None, seed: int = 0,
+                 policy: str | None = None, modules="attn,mlp", kv: str | None = None, seed: int = 0,
                  allocation: str = "uniform", uncounted_gates=None, tokenizer=None, batch_size=1,
                  saved: float | None = None, **kwargs):
         if isinstance(pretrained, str):

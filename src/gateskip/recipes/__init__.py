@@ -29,7 +29,8 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def load_recipe(name_or_path: str) -> dict:
-    """The flags of a recipe as a dict (keys with ``_``, as the command's keyword arguments)."""
+    """The flags of a recipe as a flat dict (keys with ``_``, as the command's keyword arguments); the recipe may
+    group them by argument group (``loop: {steps: 150}``)."""
     import yaml
 
     path = recipe_path(name_or_path)
@@ -41,4 +42,7 @@ def load_recipe(name_or_path: str) -> dict:
         raise GateSkipError(f"config {str(path)!r} is not valid YAML: fix its syntax") from None
     if not isinstance(values, dict):
         raise GateSkipError(f"config {str(path)!r} must be a mapping of flag names to values")
-    return {str(k).replace("-", "_"): v for k, v in values.items()}
+    flat = {}
+    for key, value in values.items():  # a mapping is one argument group's fields (``loop: {steps: 3}``)
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return {str(k).replace("-", "_"): v for k, v in flat.items()}
