@@ -340,7 +340,7 @@ def test_suite_flags_are_checked_before_the_model_loads(tmp_path):
         evaluate(fallback="linear", out=str(tmp_path / "o"), model="no-such-model")
     with pytest.raises(GateSkipError, match="--offset applies to suite runs"):
         evaluate(offset=500, out=str(tmp_path / "o"), model="no-such-model")
-    with pytest.raises(GateSkipError, match="--offset -1 is invalid"):
+    with pytest.raises(GateSkipError, match="offset=-1 is invalid"):
         evaluate(offset=-1, **kw)
     assert build_parser().parse_args(["eval", "--suite", "core", "--offset", "500"]).offset == 500
 

@@ -301,6 +301,84 @@ class SkipArgs:
                 "recheck_below": self.recheck_below}
 
 
+@dataclass(frozen=True)
+class SuiteArgs:
+    """``gateskip eval --suite``: the paired sweep's rows, fallbacks, generation fidelity and resumption.
+
+    Args:
+        random_ratios: ratios of the random method (default: the numeric --ratios).
+        oracle_ratios: ratios of the oracle method (default: the random ones): a ceiling, not a method; it computes
+            every branch and skips the tokens whose skipping changes it least.
+        shortgpt_layers: numbers of layers ShortGPT removes, one row each.
+        protect_prompt: suite chat: never skip a prompt at all (only generated tokens skip).
+        fidelity_prompts: core suite: held-out prompts for generation fidelity (0: off).
+        fidelity_prompt_tokens: core suite: length of each fidelity prompt in tokens.
+        fidelity_tokens: greedy tokens generated per fidelity prompt (suite chat: per request).
+        shared_prefix: score a multiple-choice item's shared context once and its choices from the KV cache (exact
+            under the threshold policy; the quantile policy always runs whole requests).
+        fallback: what skipped tokens of the gateskip and random rows get: default the gates folder's own; a kind
+            (mean, linear, lowrank) other than the folder's is fitted (gateskip.fit_fallback) and the rows are
+            named gateskip+KIND and random+KIND.
+        fallback_rank: rank of a lowrank fallback.
+        fallback_batches: batches of 4 x 256 tokens (train split of the mix text) to fit fallbacks on: --fallback
+            and method shortgpt_linear.
+        reference: the method the who-wins table compares every other against (default: gateskip+KIND of
+            --fallback if present, else gateskip).
+        resume: suites core and gen: every task score is written to OUT/partial.json as soon as it is measured,
+            and a rerun of the same sweep keeps them (an interrupted sweep resumes); --no-resume starts over.
+        reuse_dense: with --compare-with: take the dense row of the first run to merge when it used the same
+            model, items, prefix sharing and fidelity prompts (after re-scoring the first 8 items of every task
+            and finding them equal) instead of scoring it again; --no-reuse-dense scores it.
+        offset: skip the first N items of every task. The default scores items 0..limit-1 (the test items every
+            published figure uses); --offset 500 --limit 200 scores items 500-699, a dev split to choose recipes
+            on without touching the test items.
+    """
+
+    random_ratios: list[str] | None = None
+    oracle_ratios: list[str] | None = None
+    shortgpt_layers: list[int] = (4, 10, 16)
+    protect_prompt: bool = False
+    fidelity_prompts: int = 32
+    fidelity_prompt_tokens: int = 48
+    fidelity_tokens: int = 64
+    shared_prefix: bool = True
+    fallback: str | None = None
+    fallback_rank: int = 64
+    fallback_batches: int = 12
+    reference: str | None = None
+    resume: bool = True
+    reuse_dense: bool = True
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least(self, fidelity_prompts=0, fidelity_prompt_tokens=1, fidelity_tokens=1, offset=0)
+
+
+@dataclass(frozen=True)
+class HarnessArgs:
+    """``gateskip eval`` without --suite: the lm-eval harness sweep's own options.
+
+    Args:
+        calib_batches: batches of 4 x 256 tokens for Block Influence and mean gate values (train split of the
+            mix text: BoolQ passages + Shakespeare, never evaluation items).
+        mod: a MoD folder (``gateskip train-mod --out``) for methods mod and mod_topk.
+        exit_measure: confidence of method early_exit: softmax (top-1 minus top-2) or saturation.
+        quant: quantize the backbone's linear layers first: none, int4 or int8 (gateskip.quantize); rows are
+            then named e.g. gateskip[int4] and dense[int4]. A model object is quantized in place.
+        prune: method pruned_gateskip: remove this many layers of lowest Block Influence (ShortGPT) from the
+            gated model, then skip with its remaining gates at every ratio.
+        recalibrate: method pruned_gateskip: re-fit the remaining gates' thresholds on calibration text after
+            pruning (their inputs changed).
+    """
+
+    calib_batches: int = 4
+    mod: str | None = None
+    exit_measure: str = "softmax"
+    quant: str = "none"
+    prune: int = 4
+    recalibrate: bool = True
+
+
 def field_names(group) -> list[str]:
     """The fields of a group (a dataclass or its type)."""
     return [f.name for f in fields(group)]

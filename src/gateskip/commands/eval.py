@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from gateskip.args import HarnessArgs, SkipArgs, SuiteArgs
 from gateskip.errors import GateSkipError
 from gateskip.eval import suite_fallback, suite_merge, suite_run
 from gateskip.eval.inputs import prepare_run, require_lm_eval, resolve_model
@@ -28,119 +29,72 @@ from gateskip.eval.sweep import (
 )
 from gateskip.eval.taskconfigs import parse_tasks, task_manager
 from gateskip.options import as_list
-from gateskip.saved import GENERATION_PROMPT_BOOST
 
 
 def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
-             ratios: list[str] = ("0", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6"), policy: str | None = None,
-             methods: list[str] = DEFAULT_METHODS, modules: list[str] = ("attn", "mlp"), kv: str | None = None,
-             limit: int | None = 50, out: str = "runs/eval", model: str | None = None, tokenizer=None,
-             batch_size: int = 1, calib_batches: int = 4, seed: int = 0, threads: int = 0,
-             allocation: str = "uniform", mod: str | None = None, exit_measure: str = "softmax",
-             quant: str = "none", compare_with: list[str] | None = None, prune: int = 4,
-             recalibrate: bool = True, suite: str | None = None, random_ratios: list[str] | None = None,
-             oracle_ratios: list[str] | None = None,
-             shortgpt_layers: list[int] = (4, 10, 16), protect_first: int | None = None, fidelity_prompts: int = 32,
-             fidelity_prompt_tokens: int = 48, fidelity_tokens: int = 64, shared_prefix: bool = True,
-             fallback: str = "zero", fallback_rank: int = 64, fallback_batches: int = 12,
-             reference: str | None = None, resume: bool = True, reuse_dense: bool = True, offset: int = 0,
-             protect_last: bool | None = None, recheck_stops: bool = False, recheck_below: float = 0.0,
-             saved: list[float] | None = None, protect_prompt: bool = False,
-             prompt_boost: float = GENERATION_PROMPT_BOOST) -> dict:
+             ratios: list[str] = ("0", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6"), saved: list[float] | None = None,
+             methods: list[str] = DEFAULT_METHODS, limit: int | None = 50, out: str = "runs/eval",
+             model: str | None = None, tokenizer=None, batch_size: int = 1, threads: int = 0,
+             suite: str | None = None, compare_with: list[str] | None = None, *, skipping: SkipArgs = SkipArgs(),
+             suite_args: SuiteArgs = SuiteArgs(), harness: HarnessArgs = HarnessArgs(), **flags) -> dict:
     """Sweep skip ratios on offline benchmarks; writes results.json, report.md and curve.png to --out.
+
+    Options in groups (gateskip/args.py): how tokens skip, ``skipping`` (SkipArgs: --policy, --modules, --kv,
+    --protect-first, --recheck-stops ..., the same as ``gateskip generate``'s); the suites' own, ``suite_args``
+    (SuiteArgs: --random-ratios, --oracle-ratios, --fallback, --fidelity-prompts, --resume ...); the lm-eval
+    sweep's, ``harness`` (HarnessArgs: --mod, --quant, --prune ...).
 
     Args:
         gates: a gates folder (``gateskip train --out``); needed by every method but shortgpt.
         tasks: comma-separated tasks: hellaswag, piqa, arc_easy, arc_challenge, winogrande, boolq,
-            openbookqa, commonsense_qa, mmlu, lambada, lambada_gen, gsm8k.
-        ratios: comma-separated skip ratios per branch, e.g. 0,0.1,0.2,0.3,0.4,0.5,0.6.
-        policy: how GateSkip picks tokens: threshold (calibrated, per token; the default: gates without thresholds
-            are calibrated first), quantile (paper) or random.
+            openbookqa, commonsense_qa, mmlu, lambada, lambada_gen, gsm8k (suite gen: squad, nq, coqa, gsm8k,
+            each alone or as task:fewshot / task:chat).
+        ratios: comma-separated skip ratios per branch, e.g. 0,0.1,0.2,0.3,0.4,0.5,0.6 (a suite: also JSON files
+            of per-branch ratios).
+        saved: compute-saved budgets, e.g. 0.15,0.25 (gateskip.skipping(saved=...): the ratio is steered while
+            running). Suites chat and gen: every method (gateskip, random, oracle) runs at these instead of
+            --ratios. Other suites: gateskip and random rows at these budgets besides --ratios.
         methods: comma-separated methods besides the dense reference: gateskip, random, static,
-            gatefree_random, shortgpt, mod, mod_topk (need --mod), early_exit.
-        modules: branch kinds that skip: attn, mlp or attn,mlp (suite: the gateskip, random and oracle rows;
-            with one kind they are named for it, e.g. gateskip[mlp]+lowrank).
-        kv: K/V of skipped attention tokens: copy or compute; default: the gates' config.
+            gatefree_random, shortgpt, mod, mod_topk (need --mod), early_exit; a suite: gateskip, random,
+            shortgpt (the default), shortgpt_linear and oracle, or none for dense only.
         limit: items per task (the first N, same for every row); 0 for all.
-        offset: suite: skip the first N items of every task. The default scores items 0..limit-1 (the test
-            items every published figure uses); --offset 500 --limit 200 scores items 500-699, a dev split to
-            choose recipes on without touching the test items (a task with fewer items gives what it has).
         out: output folder.
         model: base model name or folder (a loaded model object from Python); default: the one
             recorded in the gates folder.
         tokenizer: with a model object: its tokenizer.
         batch_size: requests per forward pass. Padding is masked, so threshold results do not depend on it;
             the quantile policy ranks the whole batch, so only 1 keeps its decisions per request.
-        calib_batches: batches of 4 x 256 tokens for Block Influence and mean gate values (train
-            split of the mix text: BoolQ passages + Shakespeare, never evaluation items).
-        seed: seed of random skipping.
         threads: torch CPU threads (0: leave as is).
-        allocation: how GateSkip spreads the budget over branches: uniform (paper) or global
-            (see gateskip.skipping); baselines are unaffected.
-        mod: a MoD folder (``gateskip train-mod --out``) for methods mod and mod_topk.
-        exit_measure: confidence of method early_exit: softmax (top-1 minus top-2) or saturation.
-        quant: quantize the backbone's linear layers first: none, int4 or int8 (gateskip.quantize);
-            rows are then named e.g. gateskip[int4] and dense[int4]. A model object is quantized in place.
+        suite: chat: chat fidelity (eval/chat_fidelity.py) on --limit held-out chat requests (200 is the
+            measured setting): empty and early answers, overlap with the dense answer, the original model's NLL,
+            first-token agreement and compute saved while generating, for gateskip, random and oracle rows.
+            gen: generative tasks with checkable answers (eval/gentasks.py): retention at matched compute saved
+            on the task/formats the original model scores 3 standard errors above 0 (--methods none: that
+            qualification alone). core, extended, all or a comma list of tasks: the fast paired sweep
+            (eval/suite_run.py): per-item scores, above-chance retention, a paired who-wins table at matched
+            compute and generation fidelity.
         compare_with: results.json of another sweep (e.g. full precision) whose rows are added to this
             report and curve, e.g. ``--quant int4 --compare-with runs/eval/results.json``. Suite: one or
-            more suite results.json, comma-separated, on the same tasks and items (same --limit, dense rows
-            identical item by item); their rows follow this run's (their dense dropped), a method name
-            this run already has suffixed with @<folder of that results.json>. Suite gen: gen.json of runs
-            with the same settings on other tasks, whose task/formats are added to this report.
-        prune: method pruned_gateskip: remove this many layers of lowest Block Influence (ShortGPT)
-            from the gated model, then skip with its remaining gates at every ratio.
-        recalibrate: method pruned_gateskip: re-fit the remaining gates' thresholds on calibration
-            text after pruning (their inputs changed).
-        suite: chat: chat fidelity (eval/chat_fidelity.py): --limit held-out chat requests (200 is the measured
-            setting) answered greedily with at most --fidelity-tokens new tokens by the original model and by
-            gateskip (--ratios), random (--random-ratios) and oracle (--oracle-ratios) rows of --methods (default
-            gateskip,random,oracle); empty and early-stopped answers, overlap with the dense answer, the original
-            model's NLL, first-token agreement and compute saved while generating.
-            gen: generative tasks with checkable answers (eval/gentasks.py: squad, nq, coqa, gsm8k, few-shot and
-            chat; --tasks picks some, e.g. squad,nq:chat; default all): the original model on --limit items per
-            task, then gateskip, random and oracle rows as for chat on the task/formats it scores 3 standard errors
-            above 0; retention at matched compute saved (--methods none: the qualification run alone).
-            core, extended, all or a comma list of tasks: the fast paired sweep (eval/suite_run.py) on
-            that task suite instead of --tasks: methods dense + gateskip, random, shortgpt (the default), shortgpt_linear
-            (ShortGPT's layers replaced by fitted linear maps, row shortgpt+linear; on request) and oracle (the
-            gates folder with policy oracle, the ceiling for learned gates; on request), or none for
-            dense only; per-item scores, above-chance retention, a paired who-wins table at matched compute,
-            and generation fidelity. --ratios may then also name JSON files of per-branch ratios.
-        random_ratios: suite: ratios of the random method (default: the numeric --ratios).
-        oracle_ratios: suite: ratios of the oracle method (default: the random ones): a ceiling, not a
-            method; it computes every branch and skips the tokens whose skipping changes it least.
-        shortgpt_layers: suite: numbers of layers ShortGPT removes, one row each.
-        protect_first: suite: never skip the first N tokens (default: the gates' config).
-        protect_last: suite chat: never skip a prompt's last position (default: the gates' config).
-        protect_prompt: suite chat: never skip a prompt at all (only generated tokens skip).
-        prompt_boost: suites chat and gen with --saved: prompts aim at this times the budget, the answers make up the
-            rest (what gateskip generate does).
-        recheck_stops: suites chat and gen: a generated step whose top token ends the answer is computed again without
-            skipping (counted in the compute saved), for every skipping row (gateskip, random, oracle).
-        recheck_below: suites chat and gen: the same for steps whose top probability is below this value (0: off).
-        saved: compute-saved budgets, e.g. 0.15,0.25 (gateskip.skipping(saved=...): the ratio is steered while
-            running). Suites chat and gen: every method (gateskip, random, oracle) runs at these instead of
-            --ratios. Other suites: gateskip and random rows at these budgets besides --ratios.
-        fidelity_prompts: suite: held-out prompts for generation fidelity (0: off).
-        fidelity_prompt_tokens: suite: length of each fidelity prompt in tokens.
-        fidelity_tokens: suite: greedy tokens generated per fidelity prompt.
-        shared_prefix: suite: score a multiple-choice item's shared context once and its choices from
-            the KV cache (exact under the threshold policy; the quantile policy always runs whole requests).
-        fallback: suite: what skipped tokens of the gateskip and random rows get instead of 0: zero (the
-            paper; a gates folder saved with a fallback keeps its own), mean, linear or lowrank. The gates
-            folder's fallback is used when it is of that kind (and rank), otherwise one is fitted
-            (gateskip.fit_fallback); rows are then named gateskip+KIND and random+KIND.
-        fallback_rank: suite: rank of a lowrank fallback.
-        fallback_batches: suite: batches of 4 x 256 tokens (train split of the mix text) to fit fallbacks
-            on: --fallback and method shortgpt_linear.
-        reference: suite: the method the who-wins table compares every other against (default:
-            gateskip+KIND of --fallback if present, else gateskip).
-        resume: suites core and gen: every task score is written to OUT/partial.json as soon as it is measured,
-            and a rerun of the same sweep keeps them (an interrupted sweep resumes); --no-resume starts over.
-        reuse_dense: suite with --compare-with: take the dense row of the first run to merge when it used the
-            same model, items, prefix sharing and fidelity prompts (after re-scoring the first 8 items of
-            every task and finding them equal) instead of scoring it again; --no-reuse-dense scores it.
+            more suite results.json on the same tasks and items; their rows follow this run's (their dense
+            dropped), a method name this run already has suffixed with @<folder of that results.json>. Suite
+            gen: gen.json of runs with the same settings on other tasks, whose task/formats are added.
     """
+    from gateskip.args import apply
+
+    groups = apply(flags, {"skipping": skipping, "suite_args": suite_args, "harness": harness}, "gateskip eval")
+    sk, su, ha = groups["skipping"], groups["suite_args"], groups["harness"]
+    policy, modules, kv, seed, allocation = sk.policy, list(sk.modules), sk.kv, sk.seed, sk.allocation
+    protect_first, protect_last, recheck_stops, recheck_below, prompt_boost = (
+        sk.protect_first, sk.protect_last, sk.recheck_stops, sk.recheck_below, sk.prompt_boost)
+    random_ratios, oracle_ratios, shortgpt_layers, protect_prompt = (
+        su.random_ratios, su.oracle_ratios, su.shortgpt_layers, su.protect_prompt)
+    fidelity_prompts, fidelity_prompt_tokens, fidelity_tokens = (
+        su.fidelity_prompts, su.fidelity_prompt_tokens, su.fidelity_tokens)
+    shared_prefix, fallback, fallback_rank, fallback_batches = (
+        su.shared_prefix, su.fallback or "zero", su.fallback_rank, su.fallback_batches)
+    reference, resume, reuse_dense, offset = su.reference, su.resume, su.reuse_dense, su.offset
+    calib_batches, mod, exit_measure, quant, prune, recalibrate = (
+        ha.calib_batches, ha.mod, ha.exit_measure, ha.quant, ha.prune, ha.recalibrate)
     if threads:
         torch.set_num_threads(threads)
     saved = as_list(saved, float, "--saved") if saved else None
