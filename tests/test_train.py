@@ -347,10 +347,10 @@ def test_shipped_recipes_best_is_trains_defaults_and_paper_is_the_papers(capsys)
     import dataclasses
     import inspect
 
-    from gateskip.args import apply
     from gateskip.commands.cli import main, options
     from gateskip.commands.train import train
     from gateskip.config import GateSkipConfig
+    from gateskip.flags import apply
     from gateskip.recipes import load_recipe, names
 
     assert {"best", "demo", "paper"} <= set(names())

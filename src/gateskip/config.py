@@ -63,7 +63,8 @@ class GateSkipConfig:
 
     # A per-kind override that follows its general field: setting ``fallback`` alone (``--fallback zero``) sets
     # every branch's, dropping the MLPs' own; ``args.apply`` reads this.
-    FOLLOWS: ClassVar[dict[str, str]] = {"fallback_mlp": "fallback", "fallback_rank_mlp": "fallback_rank"}
+    FOLLOWS: ClassVar[dict[str, tuple[str, ...]]] = {"fallback_mlp": ("fallback",),
+                                                     "fallback_rank_mlp": ("fallback", "fallback_rank")}
 
     gate: str = "vector"
     rank: int = 16

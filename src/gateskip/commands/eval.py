@@ -79,7 +79,7 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
             dropped), a method name this run already has suffixed with @<folder of that results.json>. Suite
             gen: gen.json of runs with the same settings on other tasks, whose task/formats are added.
     """
-    from gateskip.args import apply
+    from gateskip.flags import apply
 
     groups = apply(flags, {"skipping": skipping, "suite_args": suite_args, "harness": harness}, "gateskip eval")
     sk, su, ha = groups["skipping"], groups["suite_args"], groups["harness"]

@@ -15,9 +15,10 @@ import json
 import time
 from pathlib import Path
 
-from gateskip.args import FALLBACK_FIELDS, StartArgs, apply, fit_ranks, given_fields, start_config
+from gateskip.args import StartArgs
 from gateskip.config import RECOMMENDED, GateSkipConfig
 from gateskip.errors import GateSkipError
+from gateskip.flags import FALLBACK_FIELDS, apply, fit_ranks, given_fields, start_config
 from gateskip.options import as_list
 
 

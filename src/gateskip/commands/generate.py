@@ -38,8 +38,8 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, ra
         verify: the full model of --speculative: gated (gates on, nothing skipped) or ungated (gates
             bypassed: the original model for gates trained on a frozen backbone).
     """
-    from gateskip.args import apply
     from gateskip.core import add_gates, gate_state
+    from gateskip.flags import apply
     from gateskip.policies import check_ratio, resolve_policy
 
     sk = apply(flags, {"skipping": skipping}, "gateskip generate")["skipping"]
