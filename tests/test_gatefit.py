@@ -297,7 +297,7 @@ def test_fit_command_keeps_a_folders_fallback_to_measure_it(tmp_path):
     for q, th in zip(s["compare"]["rows"], t["compare"]["rows"], strict=True):  # only the gates' choice changes
         assert (q["random"], q["oracle"]) == (th["random"], th["oracle"])
     assert any(q["gates"] != th["gates"] for q, th in zip(s["compare"]["rows"], t["compare"]["rows"]))
-    with pytest.raises(GateSkipError, match="--compare-policy 'exact'"):
+    with pytest.raises(GateSkipError, match="compare_policy='exact'"):
         fit_command(init=str(tmp_path / "a"), out=str(tmp_path / "u"), compare_policy="exact")
     with pytest.raises(GateSkipError, match="pass --init fit"):
         fit_command(model=str(d), out=str(tmp_path / "c"), init="none")
@@ -351,5 +351,5 @@ def test_fit_compare_scores_kl_to_the_dense_model(tmp_path):
     gateskip.load_gates(net, tmp_path / "a")
     with gateskip.skipping(net, ratio=0.5, policy="oracle", modules=("attn", "mlp"), kv="compute"):
         assert language_kl(net, held, ref) == pytest.approx(half["oracle"], rel=1e-5)
-    with pytest.raises(GateSkipError, match="--compare-metric 'bpb'"):
+    with pytest.raises(GateSkipError, match="compare_metric='bpb'"):
         fit_command(model=str(d), out=str(tmp_path / "b"), compare_metric="bpb", **kw)

@@ -376,3 +376,60 @@ class HarnessArgs:
     quant: str = "none"
     prune: int = 4
     recalibrate: bool = True
+
+
+@dataclass(frozen=True)
+class CompareArgs:
+    """``gateskip fit``'s held-out comparison: the fitted gates between random tokens (the floor) and the oracle
+    that computes the branch (the ceiling), with the same fallback, and static baselines.
+
+    Args:
+        compare: skip ratios of the held-out comparison (empty: none).
+        compare_batches: held-out batches of the comparison.
+        compare_scopes: which branches skip in the --compare rows: attn, mlp and/or both (default: each gated
+            kind, and both when both are gated).
+        compare_policy: how the gates rows pick tokens: quantile (exactly the ratio of each branch per batch,
+            like the oracle) or threshold (the folder's calibrated per-token thresholds: causal, what eval and
+            generate run; the ratio skipped then follows the text).
+        compare_metric: what the comparison scores: ce (next-token cross-entropy of the text) or kl (KL from the
+            dense model's next-token distribution, per token: needs no labels and, unlike CE, does not credit a
+            healed backbone for fitting the text's domain).
+        compare_data: held-out text of the comparison (default: --data), e.g. qa: question-answer text from sets
+            the evaluation suite does not score.
+        compare_budgets: JSON files of per-branch ratios also compared (random / gates / oracle).
+        baselines: ShortGPT layer counts, e.g. 3,6,9: after the comparison, the same held-out CE for ShortGPT
+            (lowest Block Influence layers removed) and ShortGPT with each removed layer replaced by a fitted
+            linear map (baselines.shortgpt.linear_replaced, fitted on the --fallback-batches calibration
+            batches), with their compute saved. Empty: none.
+    """
+
+    compare: list[float] = (0.15, 0.3, 0.5)
+    compare_batches: int = 8
+    compare_scopes: list[str] | None = None
+    compare_policy: str = "quantile"
+    compare_metric: str = "ce"
+    compare_data: str | None = None
+    compare_budgets: list[str] = ()
+    baselines: list[int] = ()
+
+    def __post_init__(self) -> None:
+        _choice("compare_policy", self.compare_policy, ("quantile", "threshold"))
+        _choice("compare_metric", self.compare_metric, ("ce", "kl"))
+        _at_least(self, compare_batches=1)
+
+
+@dataclass(frozen=True)
+class AllocateArgs:
+    """``gateskip fit --allocate``: per-branch ratios that reach FLOP-weighted compute-saved targets.
+
+    Args:
+        allocate: FLOP-weighted compute-saved targets, e.g. 0.1,0.2,0.3,0.4: measure each branch's sensitivity
+            (CE when it alone skips, its gates choosing) and write per-branch ratios alloc_<target>.json
+            (gateskip.allocate); thresholds are then calibrated under the middle one. Empty: none.
+        sens_batches: calibration batches the sensitivity is measured on.
+        sens_steps: skip ratios at which each branch's sensitivity is measured.
+    """
+
+    allocate: list[float] = ()
+    sens_batches: int = 2
+    sens_steps: list[float] = (0.25, 0.5, 0.75, 1.0)

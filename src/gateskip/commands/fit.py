@@ -15,7 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from gateskip.args import StartArgs
+from gateskip.args import AllocateArgs, CompareArgs, StartArgs
+from gateskip.checkpoint import atomic_write
 from gateskip.config import RECOMMENDED, GateSkipConfig
 from gateskip.errors import GateSkipError
 from gateskip.flags import FALLBACK_FIELDS, apply, fit_ranks, given_fields, start_config
@@ -23,14 +24,10 @@ from gateskip.options import as_list
 
 
 def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipConfig = RECOMMENDED,
-        start: StartArgs = StartArgs(), fit_gates: bool = True, seq_len: int = 256, batch_size: int = 4,
-        ridge: float = 1e-3, gate_ridge: float = 1e-2, under_ratio: float = 0.0, compare: list[float] = (0.15, 0.3, 0.5),
-        compare_batches: int = 8, threads: int = 0, data: str = "mix", allocate: list[float] = (),
-        sens_batches: int = 2, sens_steps: list[float] = (0.25, 0.5, 0.75, 1.0),
-        baselines: list[int] = (), fit_budget: str | None = None,
-        compare_budgets: list[str] = (), save_dtype: str = "float32", compare_scopes: list[str] | None = None,
-        compare_policy: str = "quantile", compare_metric: str = "ce", compare_data: str | None = None,
-        **flags) -> dict:
+        start: StartArgs = StartArgs(), comparison: CompareArgs = CompareArgs(),
+        allocation: AllocateArgs = AllocateArgs(), fit_gates: bool = True, seq_len: int = 256, batch_size: int = 4,
+        ridge: float = 1e-3, gate_ridge: float = 1e-2, under_ratio: float = 0.0, threads: int = 0,
+        data: str = "mix", fit_budget: str | None = None, save_dtype: str = "float32", **flags) -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
     The gates are ``gates`` (gateskip.GateSkipConfig, default ``config.RECOMMENDED``: its fields are flags, e.g.
@@ -38,6 +35,8 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
     (``--init DIR``) whose config is kept except the gate flags given: its fallbacks are kept unless fallback
     flags are given (``--init DIR --no-fit-gates --fit-ratio 0`` only measures a folder, with its own
     calibrated thresholds). ``--fit-ratio`` and ``--fallback-batches`` are ``gateskip train --init fit``'s.
+    The comparison is ``comparison`` (CompareArgs: --compare, --compare-scopes, --baselines ...), per-branch
+    allocations ``allocation`` (AllocateArgs: --allocate ...).
 
     Args:
         model: base model name or folder (ignored with --init DIR: the folder's base model is used).
@@ -48,47 +47,23 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
         ridge: fallback ridge penalty (relative to the mean input variance).
         gate_ridge: gate fit ridge penalty.
         under_ratio: fit each fallback under random skipping of this ratio upstream (0: on the dense model).
-        compare: skip ratios of the held-out comparison (empty: none).
-        compare_batches: held-out batches of the comparison.
         threads: torch CPU threads (0: leave as is).
         data: text source for calibration and the held-out comparison (built-in name or file).
-        allocate: FLOP-weighted compute-saved targets, e.g. 0.1,0.2,0.3,0.4: measure each branch's sensitivity
-            (CE when it alone skips, its gates choosing) and write per-branch ratios alloc_<target>.json
-            (gateskip.allocate); thresholds are then calibrated under the middle one. Empty: none.
-        sens_batches: calibration batches the sensitivity is measured on.
-        sens_steps: skip ratios at which each branch's sensitivity is measured.
         fit_budget: refit under this JSON file of per-branch ratios (e.g. an alloc_<t>.json) instead of
             --fit-ratio's uniform ratio.
-        compare_budgets: JSON files of per-branch ratios also compared (random / gates / oracle).
-        baselines: ShortGPT layer counts, e.g. 3,6,9: after the comparison, the same held-out CE for ShortGPT
-            (lowest Block Influence layers removed) and ShortGPT with each removed layer replaced by a fitted
-            linear map (baselines.shortgpt.linear_replaced, fitted on the --fallback-batches calibration
-            batches), with their compute saved. Empty: none.
-        compare_scopes: which branches skip in the --compare rows: attn, mlp and/or both (default: each gated
-            kind, and both when both are gated).
-        compare_policy: how the gates rows pick tokens: quantile (exactly the ratio of each branch per batch,
-            like the oracle) or threshold (the folder's calibrated per-token thresholds: causal, what eval and
-            generate run; the ratio skipped then follows the text).
-        compare_metric: what the comparison scores: ce (next-token cross-entropy of the text) or kl (KL from the
-            dense model's next-token distribution, per token: needs no labels and, unlike CE, does not credit a
-            healed backbone for fitting the text's domain).
-        compare_data: held-out text of the comparison (default: --data), e.g. qa: question-answer text from sets
-            the evaluation suite does not score.
         save_dtype: how the gates and fallbacks are stored: float32, or float16 / bfloat16 (half the size;
             loading casts them back).
     """
     import torch
 
-    from gateskip.checkpoint import SAVE_DTYPES, load_gates, read_meta, save_gates
-    from gateskip.core import add_gates, calibrate, gate_state
-    from gateskip.data import fixed_batches, load_texts
-    from gateskip.gatefit import fit_closed_form
-    from gateskip.models import load_model
+    from gateskip.checkpoint import SAVE_DTYPES, save_gates
+    from gateskip.core import calibrate, gate_state
 
     if threads:
         torch.set_num_threads(threads)
-    groups = apply(flags, {"gates": gates, "start": start}, "gateskip fit")
-    start = groups["start"]
+    groups = apply(flags, {"gates": gates, "start": start, "comparison": comparison, "allocation": allocation},
+                   "gateskip fit")
+    start, cmp, alloc = groups["start"], groups["comparison"], groups["allocation"]
     if start.init is None:
         raise GateSkipError("gateskip fit fits gates in closed form: pass --init fit (new gates) or --init DIR")
     cfg, _, given = start_config(groups["gates"], start, given_fields(flags, gates, RECOMMENDED))
@@ -98,13 +73,41 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
                             "(--fallback-mlp neurons too)")
     if save_dtype not in SAVE_DTYPES:  # fail now, not after the fit
         raise GateSkipError(f"unknown --save-dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
-    if compare_metric not in METRICS:
-        raise GateSkipError(f"--compare-metric {compare_metric!r} is not supported: choose {' or '.join(METRICS)}")
-    if compare_policy not in ("quantile", "threshold"):
-        raise GateSkipError(f"--compare-policy {compare_policy!r} is not supported: choose quantile or threshold")
-    scopes = _scopes(compare_scopes, cfg.modules)
-    ratios = as_list(compare, float, "--compare")
+    scopes = _scopes(cmp.compare_scopes, cfg.modules)
     t0 = time.perf_counter()
+    net, tok, cal, summary = _fitted(model, cfg, given, start, keep, data, seq_len, batch_size, ridge, gate_ridge,
+                                     fit_gates, under_ratio, fit_budget)
+    st = gate_state(net)
+    allocs = _allocations(net, cal, alloc, seq_len, summary, t0)
+    targets = list(allocs)
+    cal_ratio = allocs[targets[len(targets) // 2]] if allocs else summary.get("sequential", {}).get("ratio", 0.3)
+    measure_only = keep and not fit_gates and "sequential" not in summary
+    if not (measure_only and st.loaded.calibration is not None):  # a folder only measured keeps its own thresholds
+        calibrate(net, cal[: min(4, len(cal))], ratio=cal_ratio)
+    fb = st.cfg
+    save_gates(net, out, dtype=save_dtype, extra_meta={"fit": {
+        "command": "gateskip fit", "fallback": "keep" if keep else fb.fallback, "fallback_rank": fb.fallback_rank,
+        "fit_gates": bool(fit_gates), "batches": start.fallback_batches, "seq_len": seq_len,
+        "batch_size": batch_size, "under_ratio": under_ratio, "data": data}})
+    for t, r in allocs.items():
+        atomic_write(Path(out, f"alloc_{t:g}.json"), lambda p, r=r: Path(p).write_text(json.dumps(r, indent=0)))
+    _compare(net, tok, cal, cmp, scopes, allocs, data, seq_len, batch_size, out, summary)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    atomic_write(Path(out, "fit.json"), lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
+    print(f"[gateskip fit] wrote {out} in {summary['seconds'] / 60:.1f} min")
+    return summary
+
+
+def _fitted(model, cfg, given, start, keep, data, seq_len, batch_size, ridge, gate_ridge, fit_gates, under_ratio,
+            fit_budget) -> tuple:
+    """(model, tokenizer, calibration batches, summary): the gates (new or the folder's) with their fallbacks
+    and gates fitted in closed form (``gatefit.fit_closed_form``)."""
+    from gateskip.checkpoint import load_gates, read_meta
+    from gateskip.core import add_gates, gate_state
+    from gateskip.data import fixed_batches, load_texts
+    from gateskip.gatefit import fit_closed_form
+    from gateskip.models import load_model
+
     if start.folder:
         model = read_meta(start.folder)["base_model"].get("source") or model
     net, tok = load_model(model)
@@ -133,55 +136,53 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
                               log=lambda line: print(f"[gateskip fit] {line}", flush=True))
     if keep:
         summary["fallback"]["kept"] = start.folder
-    allocs = {}
-    targets = as_list(allocate, float, "--allocate")
-    if targets:
-        from gateskip.allocate import allocate as spread
-        from gateskip.allocate import dense_per_token, saved_per_token, sensitivity
+    return net, tok, cal, summary
 
-        steps = as_list(sens_steps, float, "--sens-steps")
-        sens = sensitivity(net, cal[:sens_batches], steps=steps)
-        saved, dense = saved_per_token(net, context=seq_len / 2), dense_per_token(net, context=seq_len / 2)
-        summary["sensitivity"] = sens
-        for t in targets:
-            allocs[t] = spread(sens, saved, dense, t)
-        print(f"[gateskip fit] allocations for {', '.join(f'{t:g}' for t in targets)} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    cal_ratio = allocs[targets[len(targets) // 2]] if allocs else summary.get("sequential", {}).get("ratio", 0.3)
-    measure_only = keep and not fit_gates and "sequential" not in summary
-    if not (measure_only and st.loaded.calibration is not None):  # a folder only measured keeps its own thresholds
-        calibrate(net, cal[: min(4, len(cal))], ratio=cal_ratio)
-    save_gates(net, out, dtype=save_dtype, extra_meta={"fit": {
-        "command": "gateskip fit", "fallback": "keep" if keep else fb.fallback, "fallback_rank": fb.fallback_rank,
-        "fit_gates": bool(fit_gates), "batches": start.fallback_batches, "seq_len": seq_len,
-        "batch_size": batch_size, "under_ratio": under_ratio, "data": data}})
-    for t, r in allocs.items():
-        tmp = Path(out, f"alloc_{t:g}.json.tmp")
-        tmp.write_text(json.dumps(r, indent=0))
-        tmp.replace(Path(out, f"alloc_{t:g}.json"))
-    if as_list(compare_budgets):
+
+def _allocations(net, cal, alloc: AllocateArgs, seq_len: int, summary: dict, t0: float) -> dict:
+    """``--allocate``: per target, the per-branch ratios that reach it (sensitivity kept in ``summary``)."""
+    targets = as_list(alloc.allocate, float, "--allocate")
+    if not targets:
+        return {}
+    from gateskip.allocate import allocate as spread
+    from gateskip.allocate import dense_per_token, saved_per_token, sensitivity
+
+    sens = sensitivity(net, cal[:alloc.sens_batches], steps=as_list(alloc.sens_steps, float, "--sens-steps"))
+    saved, dense = saved_per_token(net, context=seq_len / 2), dense_per_token(net, context=seq_len / 2)
+    summary["sensitivity"] = sens
+    allocs = {t: spread(sens, saved, dense, t) for t in targets}
+    print(f"[gateskip fit] allocations for {', '.join(f'{t:g}' for t in targets)} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return allocs
+
+
+def _compare(net, tok, cal, cmp: CompareArgs, scopes, allocs: dict, data, seq_len, batch_size, out,
+             summary: dict) -> None:
+    """The held-out comparison (random / gates / oracle per scope, ratio and allocation; static baselines),
+    in ``summary["compare"]`` and OUT/compare.md."""
+    from gateskip.data import fixed_batches, load_texts
+
+    allocs = dict(allocs)
+    if as_list(cmp.compare_budgets):
         from gateskip.allocate import read_budget
 
-        for f in as_list(compare_budgets, str, "--compare-budgets"):
+        for f in as_list(cmp.compare_budgets, str, "--compare-budgets"):
             allocs[Path(f).stem] = read_budget(f)
-    layers = as_list(baselines, int, "--baselines")
-    if ratios or allocs or layers:
-        held = fixed_batches(tok, load_texts(compare_data or data, "heldout"), seq_len, batch_size, compare_batches)
-        score = held_out_score(net, held, compare_metric)
-        summary["compare"] = compare_choices(net, held, ratios, scopes=scopes, allocs=allocs,
-                                             gates_policy=compare_policy, score=score)
-        summary["compare"]["data"] = compare_data or data
-        if layers:
-            summary["compare"]["baselines"] = static_baselines(net, cal, held, layers, score=score)
-        md = compare_markdown(summary["compare"])
-        Path(out, "compare.md").write_text(md)
-        print(md)
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
-    tmp = Path(out, "fit.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(Path(out, "fit.json"))
-    print(f"[gateskip fit] wrote {out} in {summary['seconds'] / 60:.1f} min")
-    return summary
+    ratios = as_list(cmp.compare, float, "--compare")
+    layers = as_list(cmp.baselines, int, "--baselines")
+    if not (ratios or allocs or layers):
+        return
+    held = fixed_batches(tok, load_texts(cmp.compare_data or data, "heldout"), seq_len, batch_size,
+                         cmp.compare_batches)
+    score = held_out_score(net, held, cmp.compare_metric)
+    summary["compare"] = compare_choices(net, held, ratios, scopes=scopes, allocs=allocs,
+                                         gates_policy=cmp.compare_policy, score=score)
+    summary["compare"]["data"] = cmp.compare_data or data
+    if layers:
+        summary["compare"]["baselines"] = static_baselines(net, cal, held, layers, score=score)
+    md = compare_markdown(summary["compare"])
+    atomic_write(Path(out, "compare.md"), lambda p: Path(p).write_text(md))
+    print(md)
 
 
 def _scopes(compare_scopes, gated) -> dict[str, tuple[str, ...]]:
