@@ -21,6 +21,7 @@ removed) and, for each gate kind, the gated model at each skip ratio. Per settin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json as jsonlib
 import os
@@ -31,12 +32,12 @@ from pathlib import Path
 
 import torch
 
+from gateskip.args import SpeculativeArgs, TimingArgs
 from gateskip.commands import bench_timing as timing
 from gateskip.errors import GateSkipError
 from gateskip.options import as_list
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-DECODE_TIMINGS = ("interleaved", "generate")
 PHASES = ("prefill",)  # decode phases are added per batch size: "decode_b1", "decode_b8", ...
 
 
@@ -60,14 +61,15 @@ def _quiet_transformers(fn):
 
 @_quiet_transformers
 def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: bool = False,
-          gate: list[str] = ("vector",), rank: int = 16, ratios: list[float] = (0.0, 0.25, 0.5), policy: str | None = None,
-          kv: str = "copy", path: str = "auto", prefill_batch: int = 4, prefill_len: int = 512,
-          decode_batches: list[int] = (1, 8), prompt_len: int = 32, new_tokens: int = 128, repeats: int = 3,
-          warmup: int = 1, threads: int = 2, clock: str = "wall", seed: int = 0, json: str | None = None,
-          quant: str = "none", speculative: bool = False, draft_ratio: list[str] = ("0.25", "0.5"), k: list[int] = (2, 4),
-          verify: str = "gated", prompts: int = 4, decode_timing: str = "interleaved", plot: str | None = None,
-          fallback: list[str] = ("zero",), fallback_rank: int = 64, saved: list[float] | None = None) -> dict:
+          gate: list[str] = ("vector",), rank: int = 16, ratios: list[float] = (0.0, 0.25, 0.5),
+          saved: list[float] | None = None, policy: str | None = None, kv: str | None = None, path: str = "auto",
+          threads: int = 2, seed: int = 0, json: str | None = None, quant: str = "none", plot: str | None = None,
+          fallback: list[str] = ("zero",), fallback_rank: int = 64, *, timing_args: TimingArgs = TimingArgs(),
+          speculation: SpeculativeArgs = SpeculativeArgs(), **flags) -> dict:
     """Measure prefill and decode speed of the dense and the gated model at several skip ratios.
+
+    The shapes and the clock are ``timing_args`` (TimingArgs: --prefill-len, --decode-batches, --new-tokens,
+    --repeats, --clock ...); ``--speculative`` and its options are ``speculation`` (SpeculativeArgs).
 
     Args:
         model: model alias, hub id or folder (``tiny-<family>`` for a tiny random model).
@@ -76,33 +78,17 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         gate: gate kind(s) for --random-gates: vector, lowrank, scalar, mlp.
         rank: inner size of lowrank gates.
         ratios: skip ratios (each branch skips this fraction of tokens).
+        saved: compute-saved budgets measured besides --ratios, e.g. 0.25: the ratio is steered while running
+            (gateskip.skipping(saved=...)); settings named ``gate@saved0.25``.
         policy: skip policy: threshold (calibrated per token: what skips at decode batch 1; the default, random
             gates are calibrated for it), quantile (paper, per call) or random.
-        kv: what skipped tokens leave in the KV cache: copy or compute.
+        kv: what skipped tokens leave in the KV cache: copy or compute; default: the gates' (random gates: copy).
         path: auto / physical / masked (masked computes every token: no speed-up expected).
-        prefill_batch: prompts per prefill batch.
-        prefill_len: tokens per prefill prompt.
-        decode_batches: batch sizes for decode.
-        prompt_len: prompt tokens before decoding.
-        new_tokens: tokens generated per decode run.
-        repeats: timed repeats per setting (medians reported).
-        warmup: untimed rounds before the timed ones (same shapes, 8 decode steps).
         threads: torch CPU threads.
-        clock: ``wall`` (elapsed time) or ``cpu`` (this process's CPU time: on a machine shared with
-            other jobs, use it with --threads 1, where it tracks what an idle core would take).
         seed: seed of the random prompts and random gates.
         json: write the results to this JSON file.
         quant: quantize the backbone's linear layers first (dense and gated settings alike): none, int4
             or int8 (gateskip.quantize; gates and LM head stay full precision).
-        speculative: benchmark lossless self-speculative decoding against dense greedy decoding of the
-            same prompts instead (acceptance rate, mean accepted length, tokens/s, output identity).
-        draft_ratio: with --speculative: draft skip ratios, or JSON files mapping
-            branch names to ratios.
-        k: with --speculative: draft lengths.
-        verify: with --speculative: gated (gates on, nothing skipped) or ungated (gates bypassed).
-        prompts: with --speculative: number of instruction prompts (chat template), decoded one by one.
-        decode_timing: ``interleaved`` (settings take turns one decode step at a time, each with its own
-            cache: drift hits them alike) or ``generate`` (``model.generate``, one setting after another).
         plot: write a PNG of speed-up against compute saved, per phase, to this file; with --speculative,
             the acceptance every setting would need against what it reached (bench_plot.plot_speculative).
         fallback: with --random-gates: what skipped tokens get, zero (paper) or a mean, lowrank or linear
@@ -110,9 +96,14 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
             brings its own. Comma-separated (``zero,lowrank``): every kind is measured in the same run,
             against the same dense timings, settings named ``gate+fallback@ratio``.
         fallback_rank: inner size of a lowrank fallback.
-        saved: compute-saved budgets measured besides --ratios, e.g. 0.25: the ratio is steered while running
-            (gateskip.skipping(saved=...)); settings named ``gate@saved0.25``.
     """
+    from gateskip.flags import apply
+
+    groups = apply(flags, {"timing_args": timing_args, "speculation": speculation}, "gateskip bench")
+    ta, sp = groups["timing_args"], groups["speculation"]
+    prefill_batch, prefill_len, decode_batches, prompt_len, new_tokens, repeats, warmup, clock, decode_timing = (
+        getattr(ta, f.name) for f in dataclasses.fields(ta))
+    speculative, draft_ratio, k, verify, prompts = (getattr(sp, f.name) for f in dataclasses.fields(sp))
     from tqdm import tqdm
 
     ratio_list = as_list(ratios, float, "--ratios")
@@ -123,12 +114,6 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
         raise GateSkipError("bench needs gates: pass --gates DIR (a trained run) or --random-gates")
     if gates is not None and random_gates:
         raise GateSkipError("--gates and --random-gates exclude each other: pass one of them")
-    if min(repeats, prefill_batch, prefill_len, prompt_len) < 1 or new_tokens < 2 or warmup < 0:
-        raise GateSkipError("repeats, prefill sizes and prompt-len must be >= 1, new-tokens >= 2, warmup >= 0")
-    if clock not in CLOCKS:
-        raise GateSkipError(f"clock={clock!r} is not supported: choose wall or cpu")
-    if decode_timing not in DECODE_TIMINGS:
-        raise GateSkipError(f"decode-timing={decode_timing!r} is not supported: choose interleaved or generate")
     from gateskip.config import FALLBACK_KINDS
 
     fallbacks = as_list(fallback, str, "--fallback") or ["zero"]
