@@ -4,10 +4,11 @@
 inside the wrappers), registers one pre-hook on the model that records which tokens of each call
 are real (not padding), and one hook on the LM head that counts the logits rows computed.
 
-Why one module of ~450 lines: it is the public surface of the kernel (``add_gates``, ``remove_gates``,
+Why one module of ~370 lines: it is the public surface of the kernel (``add_gates``, ``remove_gates``,
 ``skipping``, ``stats``, ``calibrate`` and their small helpers), each function short, and a reader of
-"what does the model-level API do" finds all of it here; the mechanics live below it (wrap.py, state.py,
-policies.py, physical.py, kv.py, flops.py).
+"what does the model-level API do" finds all of it here; the mechanics live below it (planning.py: the
+checking of ``skipping``'s arguments and the plan they make; wrap.py, state.py, policies.py, physical.py,
+kv.py, flops.py).
 """
 
 from __future__ import annotations
@@ -20,19 +21,18 @@ from torch import nn
 
 from gateskip.accounting import stats  # noqa: F401  (the public API: gateskip.stats)
 from gateskip.arch import arch_spec, decoder_layers, text_config
-from gateskip.budget import check_allocation, global_ratios
 from gateskip.compat import get_cache
 from gateskip.config import GateSkipConfig
 from gateskip.errors import GateSkipError
 from gateskip.fallback import make_fallback
 from gateskip.flops import model_flops
 from gateskip.gates import Gate
-from gateskip.policies import ORACLES, check_ratio, resolve_policy, threshold_from_grid
+from gateskip.planning import build_plan
+from gateskip.policies import ORACLES, check_ratio
 from gateskip.recheck import after_call as recheck_after_call
-from gateskip.recheck import check_recheck_below, check_recheck_tokens
 from gateskip.record import model_record, peek
 from gateskip.saved import after_call, before_call, install_budget
-from gateskip.state import GateState, Plan
+from gateskip.state import GateState
 from gateskip.wrap import GatedBranch
 
 CALIBRATION_POINTS = 1001  # importance quantiles kept per branch: any ratio can be served afterwards
@@ -186,41 +186,10 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
             cost of one read per branch (counted in ``stats()["sync_calls"]``). See physical.py.
     """
     st = gate_state(model)
-    policy = resolve_policy(policy, st.loaded.calibration is not None)
-    modules = tuple(modules)
-    for m in modules:
-        if m not in ("attn", "mlp"):
-            raise GateSkipError(f"modules={modules!r} is invalid: use 'attn' and/or 'mlp'")
-    kv = kv or st.cfg.kv
-    if kv not in ("copy", "compute"):
-        raise GateSkipError(f"kv={kv!r} is not supported: choose copy or compute")
-    if path not in ("auto", "physical", "masked"):
-        raise GateSkipError(f"path={path!r} is not supported: choose auto, physical or masked")
-    check_allocation(allocation)
-    if policy in ORACLES:
-        if kv != "compute":
-            raise GateSkipError(f"policy {policy!r} computes every branch to rank its tokens, so skipped tokens keep "
-                                "their own K/V: pass kv='compute'")
-        if st.cfg.placement != "after":
-            raise GateSkipError(f"policy {policy!r} needs gates placed after the branch (placement='after')")
-        path = "masked"
-    protect, last, never = _rules(st, protect_first, protect_last, protect_tokens)
-    if saved is not None and (ratio or allocation != "uniform"):
-        raise GateSkipError("saved= sets the budget in compute saved and steers one ratio for every branch: "
-                            "leave ratio and allocation at their defaults")
-    if allocation == "global":
-        ratios = _global_ratios(st, ratio, modules, kv)
-    else:
-        ratios = [(_ratio_for(b, ratio) if b.kind in modules else 0.0) for b in st.branches]
     previous = st.plan
-    if sync_free is None:
-        sync_free = next(model.parameters()).device.type != "cpu"
-    st.plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=_thresholds(st, policy, ratios),
-                   generator=torch.Generator().manual_seed(seed) if policy == "random" else None, path=path,
-                   protect=protect, straight_through=bool(straight_through), sync_free=bool(sync_free),
-                   protect_last=last, protect_prompt=bool(protect_prompt), protect_tokens=never,
-                   recheck_tokens=check_recheck_tokens(recheck_tokens),
-                   recheck_below=check_recheck_below(recheck_below))
+    st.plan, modules = build_plan(model, st, ratio, policy, modules, kv, seed, path, allocation, protect_first,
+                                  straight_through, sync_free, protect_last, protect_tokens, recheck_tokens,
+                                  recheck_below, saved, protect_prompt)
     if saved is not None:
         st.plan = install_budget(st, st.plan, saved, prompt_boost, modules)
     st.reset_stats()
@@ -229,54 +198,6 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         yield st.plan
     finally:
         st.plan, st.call.one_token = previous, False
-
-
-def _rules(st: GateState, protect_first, protect_last, protect_tokens) -> tuple[int, bool, torch.Tensor | None]:
-    """The never-skip rules in force: (first N tokens, a prompt's last position, token ids), the gates' by default."""
-    protect = st.cfg.protect_first if protect_first is None else protect_first
-    if int(protect) != protect or protect < 0:
-        raise GateSkipError(f"protect_first={protect_first!r} is invalid: use a whole number >= 0")
-    last = st.cfg.protect_last if protect_last is None else bool(protect_last)
-    never = tuple(st.cfg.protect_tokens if protect_tokens is None else GateSkipConfig(protect_tokens=protect_tokens)
-                  .protect_tokens)
-    return int(protect), last, torch.tensor(never, dtype=torch.long) if never else None
-
-
-def _thresholds(st: GateState, policy: str, ratios: list[float]) -> list[torch.Tensor] | None:
-    """Per branch, the importance threshold of its ratio on the calibration grid (threshold policies only)."""
-    if policy not in ("threshold", "oracle_threshold"):
-        return None
-    cal = st.loaded.calibration if policy == "threshold" else st.loaded.oracle_calibration
-    if cal is None:
-        raise GateSkipError("policy 'threshold' needs calibrated thresholds: run gateskip.calibrate(model, batches) "
-                            "or load a gates folder that has them" if policy == "threshold" else
-                            "policy 'oracle_threshold' needs the oracle's thresholds: run "
-                            "gateskip.calibrate(model, batches, score='oracle') first")
-    return [threshold_from_grid(cal["grid"][b.index], r) for b, r in zip(st.branches, ratios)]
-
-
-def _global_ratios(st: GateState, ratio, modules: tuple[str, ...], kv: str) -> list[float]:
-    if isinstance(ratio, Mapping):
-        raise GateSkipError("allocation='global' takes one overall ratio, not a mapping: pass a float")
-    r = check_ratio(ratio)
-    if st.loaded.calibration is None:
-        raise GateSkipError("allocation='global' needs calibrated importances: run gateskip.calibrate(model, batches) "
-                            "or load a gates folder that has them")
-    f = st.flops
-    # what a skipped token saves: with kv="compute" its K/V are still projected; its fallback runs instead
-    per_token = {"attn": f.attn_qo + (f.attn_kv if kv == "copy" else 0.0), "mlp": f.mlp}
-    per_token = {k: max(0.0, v - f.fallback_for(k)) for k, v in per_token.items()}
-    weights = [per_token[b.kind] if b.kind in modules else 0.0 for b in st.branches]
-    return global_ratios(st.loaded.calibration["grid"], weights, r)
-
-
-def _ratio_for(branch: GatedBranch, ratio) -> float:
-    if isinstance(ratio, Mapping):
-        for key in (branch.name, branch.kind):
-            if key in ratio:
-                return check_ratio(ratio[key], f"skip ratio for {key}")
-        return 0.0
-    return check_ratio(ratio)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from gateskip.args.measuring import (
     AllocateArgs,
     CompareArgs,
     HarnessArgs,
+    RandomGatesArgs,
     SkipArgs,
     SpeculativeArgs,
     SuiteArgs,
@@ -33,5 +34,5 @@ from gateskip.args.training import (
 )
 
 __all__ = ["AllocateArgs", "BACKBONES", "CalibrationArgs", "CompareArgs", "FITTED_GATES_RAMP", "HarnessArgs",
-           "NEW_GATES_RAMP", "OBJECTIVES", "RunArgs", "SkipArgs", "SpeculativeArgs", "StartArgs", "SuiteArgs",
+           "NEW_GATES_RAMP", "OBJECTIVES", "RandomGatesArgs", "RunArgs", "SkipArgs", "SpeculativeArgs", "StartArgs", "SuiteArgs",
            "TextArgs", "TimingArgs", "TrainArgs"]

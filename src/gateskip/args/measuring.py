@@ -261,3 +261,26 @@ class SpeculativeArgs:
     k: list[int] = (2, 4)
     verify: str = "gated"
     prompts: int = 4
+
+
+@dataclass(frozen=True)
+class RandomGatesArgs:
+    """``gateskip bench --random-gates``: untrained gates with diverse random importances, timed like trained ones
+    (no training needed; the method's upper bound on speed).
+
+    Args:
+        random_gates: attach untrained gates with diverse random importances instead of --gates.
+        gate: gate kind(s) of the random gates: vector, lowrank, scalar, mlp (comma-separated: each timed).
+        rank: inner size of lowrank gates.
+        fallback: what skipped tokens of the random gates get, zero (paper) or a mean, lowrank or linear fallback
+            (unfitted: the same operations as a fitted one, so the same speed); a gates folder brings its own.
+            Comma-separated (``zero,lowrank``): every kind is measured in the same run, against the same dense
+            timings, settings named ``gate+fallback@ratio``.
+        fallback_rank: inner size of a lowrank fallback.
+    """
+
+    random_gates: bool = False
+    gate: list[str] = ("vector",)
+    rank: int = 16
+    fallback: list[str] = ("zero",)
+    fallback_rank: int = 64

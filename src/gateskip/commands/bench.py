@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from gateskip.args import SpeculativeArgs, TimingArgs
+from gateskip.args import RandomGatesArgs, SpeculativeArgs, TimingArgs
+from gateskip.checkpoint import atomic_write
 from gateskip.commands import bench_timing as timing
 from gateskip.errors import GateSkipError
 from gateskip.options import as_list
@@ -60,23 +61,20 @@ def _quiet_transformers(fn):
 
 
 @_quiet_transformers
-def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: bool = False,
-          gate: list[str] = ("vector",), rank: int = 16, ratios: list[float] = (0.0, 0.25, 0.5),
+def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[float] = (0.0, 0.25, 0.5),
           saved: list[float] | None = None, policy: str | None = None, kv: str | None = None, path: str = "auto",
-          threads: int = 2, seed: int = 0, json: str | None = None, quant: str = "none", plot: str | None = None,
-          fallback: list[str] = ("zero",), fallback_rank: int = 64, *, timing_args: TimingArgs = TimingArgs(),
+          threads: int = 2, seed: int = 0, json: str | None = None, quant: str = "none", plot: str | None = None, *,
+          random: RandomGatesArgs = RandomGatesArgs(), timing_args: TimingArgs = TimingArgs(),
           speculation: SpeculativeArgs = SpeculativeArgs(), **flags) -> dict:
     """Measure prefill and decode speed of the dense and the gated model at several skip ratios.
 
     The shapes and the clock are ``timing_args`` (TimingArgs: --prefill-len, --decode-batches, --new-tokens,
-    --repeats, --clock ...); ``--speculative`` and its options are ``speculation`` (SpeculativeArgs).
+    --repeats, --clock ...); ``--speculative`` and its options are ``speculation`` (SpeculativeArgs); untrained
+    gates instead of --gates are ``random`` (RandomGatesArgs: --random-gates, --gate, --fallback ...).
 
     Args:
         model: model alias, hub id or folder (``tiny-<family>`` for a tiny random model).
         gates: folder of trained gates (``gateskip train`` output); or use --random-gates.
-        random_gates: attach untrained gates with diverse random importances (no trained run needed).
-        gate: gate kind(s) for --random-gates: vector, lowrank, scalar, mlp.
-        rank: inner size of lowrank gates.
         ratios: skip ratios (each branch skips this fraction of tokens).
         saved: compute-saved budgets measured besides --ratios, e.g. 0.25: the ratio is steered while running
             (gateskip.skipping(saved=...)); settings named ``gate@saved0.25``.
@@ -91,21 +89,17 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
             or int8 (gateskip.quantize; gates and LM head stay full precision).
         plot: write a PNG of speed-up against compute saved, per phase, to this file; with --speculative,
             the acceptance every setting would need against what it reached (bench_plot.plot_speculative).
-        fallback: with --random-gates: what skipped tokens get, zero (paper) or a mean, lowrank or linear
-            fallback (unfitted: the same operations as a fitted one, so the same speed); a gates folder
-            brings its own. Comma-separated (``zero,lowrank``): every kind is measured in the same run,
-            against the same dense timings, settings named ``gate+fallback@ratio``.
-        fallback_rank: inner size of a lowrank fallback.
     """
     from gateskip.flags import apply
 
-    groups = apply(flags, {"timing_args": timing_args, "speculation": speculation}, "gateskip bench")
+    groups = apply(flags, {"random": random, "timing_args": timing_args, "speculation": speculation},
+                   "gateskip bench")
     ta, sp = groups["timing_args"], groups["speculation"]
+    random_gates, gate, rank, fallback, fallback_rank = (getattr(groups["random"], f.name)
+                                                         for f in dataclasses.fields(groups["random"]))
     prefill_batch, prefill_len, decode_batches, prompt_len, new_tokens, repeats, warmup, clock, decode_timing = (
         getattr(ta, f.name) for f in dataclasses.fields(ta))
     speculative, draft_ratio, k, verify, prompts = (getattr(sp, f.name) for f in dataclasses.fields(sp))
-    from tqdm import tqdm
-
     ratio_list = as_list(ratios, float, "--ratios")
     saved_list = as_list(saved, float, "--saved") if saved else []
     batch_list = as_list(decode_batches, int, "--decode-batches")
@@ -148,14 +142,34 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
     ctxs = {name: {} if kind is None else {knob[name]: ratio, "policy": policy, "kv": kv, "path": path}
             for name, kind, ratio in settings}
     phases = list(PHASES) + [f"decode_b{b}" for b in batch_list]
+    times, saved, skipped = _time_rounds(m, live, ctxs, settings, phases, prefill_ids, prompts, ta, json, batch_list)
+    del live
+    results = _summarise(settings, phases, times, saved, skipped, prefill_batch * prefill_len, batch_list,
+                         new_tokens)
+    report = {"command": _command(locals()), "machine": _machine(threads), "results": results}
+    print(format_table(results, phases))
+    if json:
+        atomic_write(Path(json), lambda f: Path(f).write_text(jsonlib.dumps(report, indent=2)))
+    if plot:
+        from gateskip.commands.bench_plot import plot_speed
+
+        plot_speed(results, plot)
+    return report
+
+
+def _time_rounds(m, live, ctxs, settings, phases, prefill_ids, prompts, ta: TimingArgs, json, batch_list) -> tuple:
+    """Warm-up then timed rounds of every setting and phase: (times, compute saved, tokens skipped) per setting
+    and phase; after each timed round the partial results are written to ``json``."""
+    from tqdm import tqdm
+
     times = {name: {p: [] for p in phases} for name, _, _ in settings}
     saved, skipped = {name: {} for name, _, _ in settings}, {name: {} for name, _, _ in settings}
     pad = getattr(m.generation_config, "pad_token_id", None) or 0
-    now = CLOCKS[clock]
-    with tqdm(total=(warmup + repeats) * len(settings) * len(phases), desc="bench", unit="phase") as bar:
-        for rnd in range(warmup + repeats):
-            warm = rnd < warmup  # warm-up rounds: same shapes, fewer decode steps
-            steps = min(new_tokens, 8) if warm else new_tokens
+    now = CLOCKS[ta.clock]
+    with tqdm(total=(ta.warmup + ta.repeats) * len(settings) * len(phases), desc="bench", unit="phase") as bar:
+        for rnd in range(ta.warmup + ta.repeats):
+            warm = rnd < ta.warmup  # warm-up rounds: same shapes, fewer decode steps
+            steps = min(ta.new_tokens, 8) if warm else ta.new_tokens
 
             def record(name, phase, dt, s, warm=warm):
                 if not warm:
@@ -165,29 +179,20 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, random_gates: b
 
             for name, _, _ in settings:
                 record(name, "prefill", *timing.prefill(live[name], ctxs[name], prefill_ids, now))
-                if decode_timing == "generate":
+                if ta.decode_timing == "generate":
                     for b, ids in prompts.items():
-                        record(name, f"decode_b{b}", *timing.decode_generate(live[name], ctxs[name], ids, steps, pad, now))
-            if decode_timing == "interleaved":
+                        record(name, f"decode_b{b}", *timing.decode_generate(live[name], ctxs[name], ids, steps, pad,
+                                                                            now))
+            if ta.decode_timing == "interleaved":
                 for b, ids in prompts.items():
                     for name, (dt, s) in timing.decode_interleaved(live, ctxs, ids, steps, now).items():
                         record(name, f"decode_b{b}", dt, s)
             if json and not warm:  # partial results survive an interrupted run
-                partial = _summarise(settings, phases, times, saved, skipped, prefill_batch * prefill_len,
-                                     batch_list, new_tokens)
-                Path(json).write_text(jsonlib.dumps({"partial_after_round": rnd + 1 - warmup, "results": partial}))
-    del live
-    results = _summarise(settings, phases, times, saved, skipped, prefill_batch * prefill_len, batch_list,
-                         new_tokens)
-    report = {"command": _command(locals()), "machine": _machine(threads), "results": results}
-    print(format_table(results, phases))
-    if json:
-        Path(json).write_text(jsonlib.dumps(report, indent=2))
-    if plot:
-        from gateskip.commands.bench_plot import plot_speed
-
-        plot_speed(results, plot)
-    return report
+                partial = _summarise(settings, phases, times, saved, skipped, ta.prefill_batch * ta.prefill_len,
+                                     batch_list, ta.new_tokens)
+                text = jsonlib.dumps({"partial_after_round": rnd + 1 - ta.warmup, "results": partial})
+                atomic_write(Path(json), lambda f, text=text: Path(f).write_text(text))
+    return times, saved, skipped
 
 
 # ---- setting up ----------------------------------------------------------------------------------

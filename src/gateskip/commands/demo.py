@@ -78,6 +78,20 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
     out_dir = Path(out)
     gates_dir = out_dir / "gates"
     t0 = time.perf_counter()
+    _make_gates(recipe, model, gates_dir, shipped, batches, heal_steps, steps, gate, threads)
+    _say(f"    done in {time.perf_counter() - t0:.0f}s")
+    _generate(model, gates_dir, saved, prompts, max_new_tokens)
+    if not evaluate:
+        return
+    if recipe in ("best", "fit"):
+        _compare(out_dir, gates_dir, compare, baselines, threads, t0)
+    else:
+        _suite(out_dir, gates_dir, ratios, limit, methods, threads, t0)
+
+
+def _make_gates(recipe: str, model: str, gates_dir: Path, shipped: dict, batches: int, heal_steps: int, steps: int,
+                gate: str, threads: int) -> None:
+    """Step 1: the recipe's gates written to ``gates_dir``."""
     if recipe == "fit":
         from gateskip.commands.fit import fit
 
@@ -94,23 +108,26 @@ def demo(out: str = "runs/demo", model: str = "smollm2-135m", recipe: str = "bes
                  "resume": False})
     else:
         from gateskip.commands.train import train
+        from gateskip.recipes import load_recipe
 
         _say(f"1/3 training {gate} gates on {model} for {steps} steps (the paper's recipe) -> {gates_dir}")
         train(**{**load_recipe("paper"), "model": model, "out": str(gates_dir), "steps": steps, "gate": gate,
                  "resume": False})
-    _say(f"    done in {time.perf_counter() - t0:.0f}s")
-    _generate(model, gates_dir, saved, prompts, max_new_tokens)
-    if not evaluate:
-        return
-    if recipe in ("best", "fit"):
-        from gateskip.commands.fit import fit
 
-        _say(f"3/3 held-out CE at skip ratios {_csv(compare)} and ShortGPT with {_csv(baselines)} layers removed "
-             f"-> {out_dir}")
-        fit(init=str(gates_dir), out=str(out_dir / "compare"), fit_gates=False, fit_ratio=0, compare=compare,
-            compare_scopes="both", compare_batches=4, baselines=baselines, fallback_batches=2, threads=threads)
-        _say(f"done in {(time.perf_counter() - t0) / 60:.1f} min: see {out_dir / 'compare' / 'compare.md'}")
-        return
+
+def _compare(out_dir: Path, gates_dir: Path, compare, baselines, threads: int, t0: float) -> None:
+    """Step 3 of ``best`` and ``fit``: held-out CE at matched compute against the baselines (``gateskip fit``)."""
+    from gateskip.commands.fit import fit
+
+    _say(f"3/3 held-out CE at skip ratios {_csv(compare)} and ShortGPT with {_csv(baselines)} layers removed "
+         f"-> {out_dir}")
+    fit(init=str(gates_dir), out=str(out_dir / "compare"), fit_gates=False, fit_ratio=0, compare=compare,
+        compare_scopes="both", compare_batches=4, baselines=baselines, fallback_batches=2, threads=threads)
+    _say(f"done in {(time.perf_counter() - t0) / 60:.1f} min: see {out_dir / 'compare' / 'compare.md'}")
+
+
+def _suite(out_dir: Path, gates_dir: Path, ratios, limit: int, methods, threads: int, t0: float) -> None:
+    """Step 3 of ``paper``: the core benchmark suite (``gateskip eval``), skipped without lm-eval."""
     if importlib.util.find_spec("lm_eval") is None:
         _say("3/3 skipped: the benchmark suite needs lm-eval (pip install 'gateskip[eval]')")
         return

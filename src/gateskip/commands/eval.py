@@ -1,12 +1,11 @@
 """``gateskip eval``: accuracy against FLOP-weighted compute saved, for GateSkip and its baselines on one set of
 items. ``--suite`` runs the core suite with paired comparisons (eval/suite_run.py); otherwise the lm-eval sweep
-(eval/sweep.py). The command checks its flags before the model loads and sets the thread count; the library
-does neither.
+(eval/sweep.py, run by commands/eval_harness.py). The command checks its flags before the model loads and sets
+the thread count; the library does neither.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
@@ -14,20 +13,12 @@ import time
 import torch
 
 from gateskip.args import HarnessArgs, SkipArgs, SuiteArgs
+from gateskip.commands.eval_harness import _harness_sweep
 from gateskip.errors import GateSkipError
-from gateskip.eval import suite_fallback, suite_merge, suite_run
-from gateskip.eval.inputs import prepare_run, require_lm_eval, resolve_model
-from gateskip.eval.runner import Runner
-from gateskip.eval.sweep import (
-    DEFAULT_METHODS,
-    DEFAULT_TASKS,
-    NO_GATES,
-    gates_restored,
-    parse_methods,
-    parse_ratios,
-    sweep,
-)
-from gateskip.eval.taskconfigs import parse_tasks, task_manager
+from gateskip.eval import suite_fallback, suite_merge, suite_report, suite_run
+from gateskip.eval.inputs import calibration_batches, prepare_run, require_lm_eval, resolve_model
+from gateskip.eval.sweep import DEFAULT_METHODS, DEFAULT_TASKS
+from gateskip.eval.taskconfigs import task_manager
 from gateskip.options import as_list
 
 
@@ -83,31 +74,35 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
 
     groups = apply(flags, {"skipping": skipping, "suite_args": suite_args, "harness": harness}, "gateskip eval")
     sk, su, ha = groups["skipping"], groups["suite_args"], groups["harness"]
-    policy, modules, kv, seed, allocation = sk.policy, list(sk.modules), sk.kv, sk.seed, sk.allocation
-    protect_first, protect_last, recheck_stops, recheck_below, prompt_boost = (
-        sk.protect_first, sk.protect_last, sk.recheck_stops, sk.recheck_below, sk.prompt_boost)
-    random_ratios, oracle_ratios, shortgpt_layers, protect_prompt = (
-        su.random_ratios, su.oracle_ratios, su.shortgpt_layers, su.protect_prompt)
-    fidelity_prompts, fidelity_prompt_tokens, fidelity_tokens = (
-        su.fidelity_prompts, su.fidelity_prompt_tokens, su.fidelity_tokens)
-    shared_prefix, fallback, fallback_rank, fallback_batches = (
-        su.shared_prefix, su.fallback or "zero", su.fallback_rank, su.fallback_batches)
-    reference, resume, reuse_dense, offset = su.reference, su.resume, su.reuse_dense, su.offset
-    calib_batches, mod, exit_measure, quant, prune, recalibrate = (
-        ha.calib_batches, ha.mod, ha.exit_measure, ha.quant, ha.prune, ha.recalibrate)
     if threads:
         torch.set_num_threads(threads)
     saved = as_list(saved, float, "--saved") if saved else None
     from gateskip.policies import resolve_policy
 
-    policy = resolve_policy(policy, True)  # gates without thresholds are calibrated first (suite_run, sweep)
+    policy = resolve_policy(sk.policy, True)  # gates without thresholds are calibrated first (suite_run, sweep)
+    if suite:
+        return _run_suite(suite, gates, tasks, ratios, saved, methods, limit, out, model, tokenizer, batch_size,
+                          threads, compare_with, policy, sk, su, ha)
+    return _harness_sweep(gates, tasks, ratios, methods, limit, out, model, tokenizer, batch_size, compare_with,
+                          policy, sk, su, ha)
+
+
+def _run_suite(suite: str, gates: str | None, tasks: list[str], ratios: list[str], saved: list[float] | None,
+               methods: list[str], limit: int | None, out: str, model, tokenizer, batch_size: int, threads: int,
+               compare_with: list[str] | None, policy: str, sk: SkipArgs, su: SuiteArgs, ha: HarnessArgs) -> dict:
+    """``evaluate`` with --suite (``policy`` resolved): chat, gen, or the paired sweep (``evaluate_suite``)."""
+    modules, kv, seed = list(sk.modules), sk.kv, sk.seed
+    protect_first, protect_last, recheck_stops, recheck_below, prompt_boost = (
+        sk.protect_first, sk.protect_last, sk.recheck_stops, sk.recheck_below, sk.prompt_boost)
+    random_ratios, oracle_ratios, resume = su.random_ratios, su.oracle_ratios, su.resume
     if suite == "chat":
         from gateskip.commands.eval_chat import evaluate_chat
 
         return evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios,
                              ["gateskip", "random", "oracle"] if methods == DEFAULT_METHODS else as_list(methods, str),
-                             policy, as_list(modules, str), kv, limit, out, fidelity_tokens, batch_size, protect_first,
-                             protect_last, seed, recheck_stops, recheck_below, saved, protect_prompt, prompt_boost)
+                             policy, as_list(modules, str), kv, limit, out, su.fidelity_tokens, batch_size,
+                             protect_first, protect_last, seed, recheck_stops, recheck_below, saved,
+                             su.protect_prompt, prompt_boost)
     if suite == "gen":
         from gateskip.commands.eval_gen import GEN_METHODS, evaluate_gen
 
@@ -116,78 +111,17 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
                             oracle_ratios, [] if chosen == ["none"] else chosen, policy, as_list(modules, str), kv,
                             limit, out, batch_size, protect_first, protect_last, seed, recheck_stops, recheck_below,
                             saved, prompt_boost, as_list(compare_with, str, "--compare-with"), resume)
-    if suite:
-        return evaluate_suite(gates=gates, suite=suite, ratios=ratios, random_ratios=random_ratios,
-                              oracle_ratios=oracle_ratios,                              shortgpt_layers=shortgpt_layers,
-                              methods=None if methods == DEFAULT_METHODS else methods, policy=policy, kv=kv,
-                              limit=limit, out=out, model=model, tokenizer=tokenizer, seed=seed, threads=threads,
-                              calib_batches=calib_batches, protect_first=protect_first,
-                              fidelity=(fidelity_prompts, fidelity_prompt_tokens, fidelity_tokens)
-                              if fidelity_prompts else None, shared_prefix=shared_prefix, fallback=fallback,
-                              fallback_rank=fallback_rank, fallback_batches=fallback_batches,
-                              compare_with=compare_with, reference=reference, resume=resume,
-                              reuse_dense=reuse_dense, modules=modules, offset=offset,
-                              saved=saved)
-    if offset:
-        raise GateSkipError("--offset applies to suite runs: pass --suite core (or extended, all)")
-    if fallback != "zero" or reference is not None:
-        raise GateSkipError("--fallback and --reference apply to suite runs: pass --suite core (or extended, all)")
-    require_lm_eval()
-    from gateskip.policies import check_policy
-
-    task_names = parse_tasks(tasks)
-    ratio_list = parse_ratios(ratios)
-    method_list = parse_methods(methods)
-    if {"mod", "mod_topk"} & set(method_list) and not mod:
-        raise GateSkipError("methods mod/mod_topk need a MoD folder: pass --mod DIR (from `gateskip train-mod`)")
-    if "early_exit" in method_list and exit_measure not in ("softmax", "saturation"):
-        raise GateSkipError(f"exit_measure={exit_measure!r} is not supported: choose softmax or saturation")
-    check_policy(policy)
-    from gateskip.eval.report import combine_results
-    from gateskip.loading import quantize_for_run
-    from gateskip.quantize import check_quant
-
-    check_quant(quant)
-    merge_with = as_list(compare_with, str, "--compare-with")
-    if len(merge_with) > 1:
-        raise GateSkipError("--compare-with takes one results.json for an lm-eval sweep (several for --suite runs)")
-    compare_with = merge_with[0] if merge_with else None
-    if compare_with and not os.path.isfile(compare_with):  # fail now, not after the sweep
-        raise GateSkipError(f"--compare-with {compare_with!r} does not exist: pass an earlier sweep's results.json")
-    if allocation != "uniform":
-        from gateskip.budget import check_allocation
-
-        check_allocation(allocation)
-    prepare_run(limit, out)
-    net, tok, model_name = resolve_model(model, tokenizer, gates)
-    quantize_for_run(net, quant, gates)
-    mods = tuple(as_list(modules, str, "--modules"))
-    lm_log = logging.getLogger("lm_eval")
-    level = lm_log.level
-    lm_log.setLevel(logging.ERROR)  # lm-eval warns on every model object and default metric setting
-    with tempfile.TemporaryDirectory(prefix="gateskip-eval-") as tmp, gates_restored(net, gates, tmp) as gates_dir:
-        if gates_dir is None and set(method_list) - NO_GATES:
-            raise GateSkipError("methods gateskip/random/static need trained gates: pass --gates DIR "
-                                "(or --methods shortgpt,gatefree_random)")
-        runner = Runner(net, tok, task_names, limit or None, batch_size, seed, task_manager(f"{tmp}/tasks"),
-                         total=(1 + len(ratio_list) * len(method_list)) * len(task_names))
-        t0 = time.perf_counter()
-        try:
-            results = sweep(runner, gates_dir, ratio_list, method_list, policy, mods, kv, calib_batches, allocation,
-                             mod=mod, exit_measure=exit_measure, prune=prune, recalibrate=recalibrate)
-        finally:
-            runner.close()
-            lm_log.setLevel(level)
-    results["config"].update(model=model_name, gates=gates, tasks=task_names, limit=limit, policy=policy,
-                             modules=list(mods), kv=kv, seed=seed, batch_size=batch_size, allocation=allocation,
-                             mod=mod, exit_measure=exit_measure if "early_exit" in method_list else None,
-                             seconds=round(time.perf_counter() - t0, 1), quant=quant)
-    results = combine_results(results, quant, compare_with)
-    from gateskip.eval.report import write_report
-
-    print(write_report(results, out))
-    print(f"[gateskip] wrote {out}/results.json, report.md, curve.png")
-    return results
+    return evaluate_suite(gates=gates, suite=suite, ratios=ratios, random_ratios=random_ratios,
+                          oracle_ratios=oracle_ratios, shortgpt_layers=su.shortgpt_layers,
+                          methods=None if methods == DEFAULT_METHODS else methods, policy=policy, kv=kv,
+                          limit=limit, out=out, model=model, tokenizer=tokenizer, seed=seed, threads=threads,
+                          calib_batches=ha.calib_batches, protect_first=protect_first,
+                          fidelity=(su.fidelity_prompts, su.fidelity_prompt_tokens, su.fidelity_tokens)
+                          if su.fidelity_prompts else None, shared_prefix=su.shared_prefix,
+                          fallback=su.fallback or "zero", fallback_rank=su.fallback_rank,
+                          fallback_batches=su.fallback_batches, compare_with=compare_with, reference=su.reference,
+                          resume=resume, reuse_dense=su.reuse_dense, modules=modules, offset=su.offset,
+                          saved=saved)
 
 
 # ---- the sweep ---------------------------------------------------------------------------------
@@ -199,15 +133,37 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
                    reference=None, resume=True, reuse_dense=True, modules=("attn", "mlp"), offset=0,
                    saved=None) -> dict:
     """``gateskip eval --suite``: see ``evaluate`` for the arguments."""
-    import tempfile
+    names, items, budgets, modules, paths, runs = _suite_plan(
+        gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_layers, methods, policy, limit, fallback,
+        fallback_rank, fallback_batches, compare_with, reference, modules, offset, saved)
+    prepare_run(limit, out)
+    net, tok, model_name = resolve_model(model, tokenizer, gates)
+    t0 = time.perf_counter()
+    res = _suite_scores(net, tok, model_name, gates, names, items, budgets, runs, policy=policy, kv=kv, limit=limit,
+                        out=out, seed=seed, protect_first=protect_first, calib_batches=calib_batches,
+                        fidelity=fidelity, shared_prefix=shared_prefix, fallback=fallback,
+                        fallback_rank=fallback_rank, fallback_batches=fallback_batches, modules=modules,
+                        offset=offset, resume=resume, reuse_dense=reuse_dense)
+    fb = res.pop("fallback") or {"requested": fallback, "kind": "zero", "rank": None, "source": None}
+    fb.update(batches=fallback_batches, requested_rank=fallback_rank)
+    res["config"] = {"model": model_name, "gates": gates, "suite": suite, "tasks": names, "limit": limit, "offset": offset,
+                     "policy": policy, "kv": kv, "protect_first": protect_first, "seed": seed,
+                     "methods": items, "budgets": budgets, "shared_prefix": shared_prefix, "fallback": fb,
+                     "modules": list(modules),
+                     "fidelity": suite_run.fidelity_config(fidelity),
+                     "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1),
+                     "resumed": res.pop("resumed"), "scoring_seconds": round(sum(r["seconds"] for r in res["rows"]), 1)}
+    _write_suite(res, out, paths, reference, resume)
+    return res
 
-    from tqdm.auto import tqdm
 
+def _suite_plan(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_layers, methods, policy, limit,
+                fallback, fallback_rank, fallback_batches, compare_with, reference, modules, offset,
+                saved) -> tuple:
+    """The checks of ``evaluate_suite`` before the model loads: (task names, methods, budgets per method, the
+    checked modules, the runs to merge's paths, those runs)."""
     from gateskip.checkpoint import read_meta
-    from gateskip.eval import suite_report
-    from gateskip.eval.inputs import calibration_batches, prepare_run, require_lm_eval, resolve_model
-    from gateskip.eval.suite import load_items, suite_tasks
-    from gateskip.eval.taskconfigs import task_manager
+    from gateskip.eval.suite import suite_tasks
     from gateskip.policies import check_policy
 
     require_lm_eval()
@@ -249,9 +205,17 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
     if reference is not None and reference not in merged:
         raise GateSkipError(f"--reference {reference!r} names no method of this report: choose one of "
                             f"{', '.join(merged) or 'none (dense only)'}")
-    prepare_run(limit, out)
-    net, tok, model_name = resolve_model(model, tokenizer, gates)
-    t0 = time.perf_counter()
+    return names, items, budgets, modules, paths, runs
+
+
+def _suite_scores(net, tok, model_name, gates, names, items, budgets, runs, *, policy, kv, limit, out, seed,
+                  protect_first, calib_batches, fidelity, shared_prefix, fallback, fallback_rank, fallback_batches,
+                  modules, offset, resume, reuse_dense) -> dict:
+    """``evaluate_suite``'s scoring: the items loaded, every row swept (resumable from OUT/partial.json)."""
+    from tqdm.auto import tqdm
+
+    from gateskip.eval.suite import load_items
+
     with tempfile.TemporaryDirectory(prefix="gateskip-suite-") as tmp:
         tasks = load_items(names, limit or None, task_manager(f"{tmp}/tasks"), offset=offset)
     n_rows = 1 + sum(len(budgets[m]) + (len(budgets["saved"]) if m in ("gateskip", "random") else 0) for m in items)
@@ -265,7 +229,7 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
                        "fallback": [fallback, fallback_rank, fallback_batches],
                        **({"modules": list(modules)} if modules != suite_run.BOTH else {})}
         partial = os.path.join(out, "partial.json")
-        res = suite_run.sweep(net, tok, gates, tasks, items, budgets, policy, kv, protect_first, seed, calib, fidelity, bar,
+        return suite_run.sweep(net, tok, gates, tasks, items, budgets, policy, kv, protect_first, seed, calib, fidelity, bar,
                     shared_prefix, fallback={"kind": fallback, "rank": fallback_rank, "batches": fallback_batches},
                     fit_batches=lambda: calibration_batches(tok, fallback_batches), modules=modules,
                     resume=(partial, fingerprint) if resume else None,
@@ -274,16 +238,12 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
                         "fidelity": suite_run.fidelity_config(fidelity)}) if runs and reuse_dense else None)
     finally:
         bar.close()
-    fb = res.pop("fallback") or {"requested": fallback, "kind": "zero", "rank": None, "source": None}
-    fb.update(batches=fallback_batches, requested_rank=fallback_rank)
-    res["config"] = {"model": model_name, "gates": gates, "suite": suite, "tasks": names, "limit": limit, "offset": offset,
-                     "policy": policy, "kv": kv, "protect_first": protect_first, "seed": seed,
-                     "methods": items, "budgets": budgets, "shared_prefix": shared_prefix, "fallback": fb,
-                     "modules": list(modules),
-                     "fidelity": suite_run.fidelity_config(fidelity),
-                     "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1),
-                     "resumed": res.pop("resumed"), "scoring_seconds": round(sum(r["seconds"] for r in res["rows"]), 1)}
+
+
+def _write_suite(res: dict, out: str, paths: list[str], reference: str | None, resume: bool) -> None:
+    """``evaluate_suite``'s write-up: the raw scores saved, the runs of --compare-with merged, the report."""
     suite_run.save_raw(res, out)  # the scores are safe before the merge and the analysis run
+    partial = os.path.join(out, "partial.json")
     if resume and os.path.isfile(partial):
         os.remove(partial)  # results.json holds them all now; a later run with new code must not reuse them
     if paths:
@@ -295,4 +255,3 @@ def evaluate_suite(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_
     suite_report.analyse(res, reference=reference)
     print(suite_report.write(res, out))
     print(f"[gateskip] wrote {out}/results.json, report.md, curve.png")
-    return res

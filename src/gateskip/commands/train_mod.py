@@ -43,14 +43,9 @@ def train_mod(model: str = "smollm2-135m", out: str = "runs/mod", data: str = "m
     """
     from gateskip.data import fixed_batches, load_texts, pack
     from gateskip.models import load_model
-    from gateskip.train_state import load_train_state, save_train_state
 
-    for name, value, least in (("steps", steps, 1), ("batch_size", batch_size, 1), ("seq_len", seq_len, 2),
-                               ("save_every", save_every, 1), ("calibrate_batches", calibrate_batches, 1)):
-        if value < least:
-            raise GateSkipError(f"{name}={value} is invalid: use a value >= {least}")
-    if not 0.0 < capacity <= 1.0:
-        raise GateSkipError(f"capacity={capacity} is invalid: use a fraction in (0, 1]")
+    _check(steps=steps, batch_size=batch_size, seq_len=seq_len, save_every=save_every,
+           calibrate_batches=calibrate_batches, capacity=capacity)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -62,7 +57,37 @@ def train_mod(model: str = "smollm2-135m", out: str = "runs/mod", data: str = "m
                   seed=seed)
     params = gate_parameters(net)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.001)
-    ckpt, log_path, start = out_dir / "checkpoint", out_dir / "train_log.jsonl", 0
+    ckpt, log_path = out_dir / "checkpoint", out_dir / "train_log.jsonl"
+    start = _resume(net, opt, stream, ckpt, log_path, resume)
+    if start < steps:
+        fit_mod(net, stream, steps, lr=lr, capacity=capacity, decay=decay, objective=objective,
+                bce_weight=bce_weight, warmup=warmup, start=start, opt=opt,
+                on_step=_on_step(net, stream, ckpt, log_path, save_every, steps))
+    cal = calibrate_mod(net, fixed_batches(tok, load_texts(data, split="heldout"), seq_len, batch_size,
+                                           calibrate_batches), ratio=round(1.0 - capacity, 6))
+    save_mod(net, out_dir, {"training": {"data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
+                                         "lr": lr, "capacity": capacity, "decay": decay, "objective": objective,
+                                         "bce_weight": bce_weight, "seed": seed, "calibration": cal}})
+    print(f"[gateskip] wrote MoD folder {out_dir}")
+    return out_dir
+
+
+def _check(steps: int, batch_size: int, seq_len: int, save_every: int, calibrate_batches: int,
+           capacity: float) -> None:
+    for name, value, least in (("steps", steps, 1), ("batch_size", batch_size, 1), ("seq_len", seq_len, 2),
+                               ("save_every", save_every, 1), ("calibrate_batches", calibrate_batches, 1)):
+        if value < least:
+            raise GateSkipError(f"{name}={value} is invalid: use a value >= {least}")
+    if not 0.0 < capacity <= 1.0:
+        raise GateSkipError(f"capacity={capacity} is invalid: use a fraction in (0, 1]")
+
+
+def _resume(net, opt, stream, ckpt: Path, log_path: Path, resume: bool) -> int:
+    """The step to start from: routers, optimizer and data order restored from ``ckpt`` (when resuming and it has a
+    checkpoint), the log's rows past it dropped."""
+    from gateskip.train_state import load_train_state
+
+    start = 0
     found = load_train_state(ckpt) if resume else None
     if found is not None:
         state, _ = found
@@ -73,6 +98,12 @@ def train_mod(model: str = "smollm2-135m", out: str = "runs/mod", data: str = "m
     if log_path.exists():  # rows past the checkpoint are re-done: keep only those before it
         kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
         log_path.write_text("".join(ln + "\n" for ln in kept))
+    return start
+
+
+def _on_step(net, stream, ckpt: Path, log_path: Path, save_every: int, steps: int):
+    """fit_mod's per-step callback: a log row each step, a checkpoint every ``save_every`` steps and at the last."""
+    from gateskip.train_state import save_train_state
 
     def on_step(step, opt, row):
         with open(log_path, "a") as f:
@@ -83,16 +114,7 @@ def train_mod(model: str = "smollm2-135m", out: str = "runs/mod", data: str = "m
             save_train_state(ckpt, {"trainable": routers, "optimizer": opt.state_dict(), "data": stream.state_dict(),
                                     "step": step}, step)
 
-    if start < steps:
-        fit_mod(net, stream, steps, lr=lr, capacity=capacity, decay=decay, objective=objective,
-                bce_weight=bce_weight, warmup=warmup, start=start, opt=opt, on_step=on_step)
-    cal = calibrate_mod(net, fixed_batches(tok, load_texts(data, split="heldout"), seq_len, batch_size,
-                                           calibrate_batches), ratio=round(1.0 - capacity, 6))
-    save_mod(net, out_dir, {"training": {"data": data, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
-                                         "lr": lr, "capacity": capacity, "decay": decay, "objective": objective,
-                                         "bce_weight": bce_weight, "seed": seed, "calibration": cal}})
-    print(f"[gateskip] wrote MoD folder {out_dir}")
-    return out_dir
+    return on_step
 
 
 def _load_router_state(net, flat: dict) -> None:
