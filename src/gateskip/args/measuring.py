@@ -284,3 +284,11 @@ class RandomGatesArgs:
     rank: int = 16
     fallback: list[str] = ("zero",)
     fallback_rank: int = 64
+
+    def __post_init__(self) -> None:
+        from gateskip.config import FALLBACK_KINDS
+
+        fallbacks = self.fallback.split(",") if isinstance(self.fallback, str) else self.fallback
+        object.__setattr__(self, "fallback", [f.strip() for f in fallbacks if f.strip()] or ["zero"])
+        for fb in self.fallback:
+            _choice("fallback", fb, FALLBACK_KINDS)

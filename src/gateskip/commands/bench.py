@@ -108,12 +108,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
         raise GateSkipError("bench needs gates: pass --gates DIR (a trained run) or --random-gates")
     if gates is not None and random_gates:
         raise GateSkipError("--gates and --random-gates exclude each other: pass one of them")
-    from gateskip.config import FALLBACK_KINDS
-
-    fallbacks = as_list(fallback, str, "--fallback") or ["zero"]
-    for fb in fallbacks:
-        if fb not in FALLBACK_KINDS:
-            raise GateSkipError(f"fallback={fb!r} is not supported: choose one of {', '.join(FALLBACK_KINDS)}")
+    fallbacks = fallback
     if fallbacks != ["zero"] and gates is not None:
         raise GateSkipError("--fallback applies to --random-gates: a gates folder brings its own fallback")
     torch.set_num_threads(threads)
@@ -132,15 +127,8 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
     prompts = {b: rand_ids(b, prompt_len) for b in batch_list}
     variants = timing.variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy, ratio_list,
                          fallbacks=fallbacks, fallback_rank=fallback_rank)
-    settings = [("dense", None, 0.0)] + [(f"{k}@{r:g}", k, r) for k in variants for r in ratio_list]
-    knob = {name: "ratio" for name, _, _ in settings}
-    for k in variants:
-        for r in saved_list:
-            settings.append((f"{k}@saved{r:g}", k, r))
-            knob[settings[-1][0]] = "saved"
+    settings, ctxs = _settings(variants, ratio_list, saved_list, {"policy": policy, "kv": kv, "path": path})
     live = timing.live_models(m, variants, settings)
-    ctxs = {name: {} if kind is None else {knob[name]: ratio, "policy": policy, "kv": kv, "path": path}
-            for name, kind, ratio in settings}
     phases = list(PHASES) + [f"decode_b{b}" for b in batch_list]
     times, saved, skipped = _time_rounds(m, live, ctxs, settings, phases, prefill_ids, prompts, ta, json, batch_list)
     del live
@@ -155,6 +143,18 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
 
         plot_speed(results, plot)
     return report
+
+
+def _settings(variants, ratio_list, saved_list, plan: dict) -> tuple[list, dict]:
+    """The timed settings, (name, gate variant, budget) from dense on, and each one's skipping arguments: every
+    variant at every ratio (``gate@0.25``) and every compute-saved budget (``gate@saved0.25``)."""
+    settings = [("dense", None, 0.0)] + [(f"{k}@{r:g}", k, r) for k in variants for r in ratio_list]
+    knob = {name: "ratio" for name, _, _ in settings}
+    for k in variants:
+        for r in saved_list:
+            settings.append((f"{k}@saved{r:g}", k, r))
+            knob[settings[-1][0]] = "saved"
+    return settings, {name: {} if kind is None else {knob[name]: ratio, **plan} for name, kind, ratio in settings}
 
 
 def _time_rounds(m, live, ctxs, settings, phases, prefill_ids, prompts, ta: TimingArgs, json, batch_list) -> tuple:
