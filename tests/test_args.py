@@ -97,3 +97,23 @@ def test_one_default_policy_for_the_library_and_the_commands():
         for row in options(fn):            # reproduction of the paper's grid, which runs the paper's protocol
             if row[0] == "policy":
                 assert row[2] == ("quantile" if name == "reproduce" else None), name
+
+
+def test_every_committed_artifacts_command_parses_with_todays_flags():
+    """Each artifacts/*/COMMAND.txt reproduces its folder: its commands must be valid command lines of the CLI."""
+    import shlex
+    from pathlib import Path
+
+    from gateskip.commands.cli import build_parser
+
+    files = sorted(Path(__file__).resolve().parents[1].glob("artifacts/*/COMMAND.txt"))
+    assert files
+    parser = build_parser()
+    for f in files:
+        lines = [ln.split("#")[0].rstrip().rstrip("\\") for ln in f.read_text().splitlines()
+                 if not ln.lstrip().startswith("#")]
+        for part in " ".join(lines).split("gateskip ")[1:]:
+            try:
+                parser.parse_args(shlex.split(part))
+            except SystemExit:
+                pytest.fail(f"{f}: `gateskip {part.strip()}` is not a valid command line")
