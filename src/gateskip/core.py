@@ -28,7 +28,7 @@ from gateskip.fallback import make_fallback
 from gateskip.flops import model_flops
 from gateskip.gates import Gate
 from gateskip.planning import build_plan
-from gateskip.policies import ORACLES, check_ratio
+from gateskip.policies import POLICY, check_ratio
 from gateskip.recheck import after_call as recheck_after_call
 from gateskip.record import model_record, peek
 from gateskip.saved import after_call, before_call, install_budget
@@ -250,7 +250,7 @@ def record_quantiles(model: nn.Module, batches: Iterable, ratio: float, policy: 
     n_batches = 0
     try:
         with skipping(model, ratio=ratio, policy=policy, modules=modules,
-                      kv="compute" if policy in ORACLES else None):  # the oracles keep skipped tokens' K/V
+                      kv="compute" if POLICY[policy].computes_branch else None):  # the oracles keep skipped tokens' K/V
             for batch in batches:
                 model(**_as_inputs(batch, device), use_cache=False)
                 n_batches += 1

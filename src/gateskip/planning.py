@@ -15,7 +15,7 @@ from torch import nn
 from gateskip.budget import check_allocation, global_ratios
 from gateskip.config import GateSkipConfig
 from gateskip.errors import GateSkipError
-from gateskip.policies import ORACLES, check_ratio, resolve_policy, threshold_from_grid
+from gateskip.policies import POLICY, check_ratio, resolve_policy, threshold_from_grid
 from gateskip.recheck import check_recheck_below, check_recheck_tokens
 from gateskip.state import GateState, Plan
 from gateskip.wrap import GatedBranch
@@ -40,7 +40,7 @@ def build_plan(model: nn.Module, st: GateState, ratio, policy: str | None, modul
     if sync_free is None:
         sync_free = next(model.parameters()).device.type != "cpu"
     plan = Plan(policy=policy, ratios=ratios, kv=kv, thresholds=_thresholds(st, policy, ratios),
-                generator=torch.Generator().manual_seed(seed) if policy == "random" else None, path=path,
+                generator=torch.Generator().manual_seed(seed) if POLICY[policy].draws else None, path=path,
                 protect=protect, straight_through=bool(straight_through), sync_free=bool(sync_free),
                 protect_last=last, protect_prompt=bool(protect_prompt), protect_tokens=never,
                 recheck_tokens=check_recheck_tokens(recheck_tokens),
@@ -62,7 +62,7 @@ def _options(st: GateState, policy: str | None, modules: Iterable[str], kv: str 
     if path not in ("auto", "physical", "masked"):
         raise GateSkipError(f"path={path!r} is not supported: choose auto, physical or masked")
     check_allocation(allocation)
-    if policy in ORACLES:
+    if POLICY[policy].computes_branch:
         if kv != "compute":
             raise GateSkipError(f"policy {policy!r} computes every branch to rank its tokens, so skipped tokens keep "
                                 "their own K/V: pass kv='compute'")
@@ -85,14 +85,14 @@ def _rules(st: GateState, protect_first, protect_last, protect_tokens) -> tuple[
 
 def _thresholds(st: GateState, policy: str, ratios: list[float]) -> list[torch.Tensor] | None:
     """Per branch, the importance threshold of its ratio on the calibration grid (threshold policies only)."""
-    if policy not in ("threshold", "oracle_threshold"):
+    record = POLICY[policy].thresholds
+    if record is None:
         return None
-    cal = st.loaded.calibration if policy == "threshold" else st.loaded.oracle_calibration
+    cal = getattr(st.loaded, record)
     if cal is None:
-        raise GateSkipError("policy 'threshold' needs calibrated thresholds: run gateskip.calibrate(model, batches) "
-                            "or load a gates folder that has them" if policy == "threshold" else
-                            "policy 'oracle_threshold' needs the oracle's thresholds: run "
-                            "gateskip.calibrate(model, batches, score='oracle') first")
+        raise GateSkipError(f"policy {policy!r} needs calibrated thresholds: run gateskip.calibrate(model, batches"
+                            + (") or load a gates folder that has them" if POLICY[policy].uses_gates
+                               else ", score='oracle') first"))
     return [threshold_from_grid(cal["grid"][b.index], r) for b, r in zip(st.branches, ratios)]
 
 

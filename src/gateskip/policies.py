@@ -15,16 +15,76 @@ Every policy maps ``importance [B, T]`` and ``valid [B, T]`` (False for padding)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from gateskip.errors import GateSkipError
 
-POLICIES = ("quantile", "threshold", "random", "oracle", "oracle_threshold")
-ORACLES = ("oracle", "oracle_threshold")
-# The oracles are references, not methods: they compute the branch and skip the tokens whose branch output
-# differs least from what they get when skipped (0 or the fallback), ranked per call like quantile
-# ("oracle") or per token against calibrated thresholds like threshold ("oracle_threshold",
-# ``calibrate(score="oracle")``). See wrap.GatedBranch.
+
+@dataclass(frozen=True)
+class Policy:
+    """A skip policy: how a branch's skip mask comes from its tokens' importance, and what that needs. A new
+    policy is one entry in ``POLICY``; the rest of the library asks these attributes, never the name.
+
+    ``ranks_call``: the least important fraction of each forward call skips (its count known on the host).
+    ``thresholds``: the calibration record (a ``Loaded`` attribute) whose per-branch thresholds it compares each
+    token against, or None. ``computes_branch``: a reference that computes every branch to score its tokens (the
+    oracles: kv must be ``compute``). ``draws``: a seeded random draw per token. ``one_token``: a one-token decode
+    call can be decided on the host from the gate value alone (one_token.py).
+    """
+
+    name: str
+    ranks_call: bool = False
+    thresholds: str | None = None
+    computes_branch: bool = False
+    draws: bool = False
+    one_token: bool = False
+
+    @property
+    def needs_calibration(self) -> bool:
+        """It compares the gates' calibrated thresholds (``gateskip.calibrate``)."""
+        return self.thresholds == "calibration"
+
+    @property
+    def uses_gates(self) -> bool:
+        """Its decisions come from trained gates (not random draws, not an oracle's scores)."""
+        return not (self.draws or self.computes_branch)
+
+    def decide(self, imp: torch.Tensor, valid: torch.Tensor | None, ratio: float, threshold: torch.Tensor | None,
+               generator: torch.Generator | None, n_valid: int | None = None, rank: bool = False
+               ) -> tuple[torch.Tensor | None, int | None]:
+        """(skip mask or None, number skipped as a host int, else None) for one branch at ``ratio`` > 0.
+        ``rank``: rank the call like quantile whatever this policy is (a prompt under a compute-saved budget)."""
+        if rank or self.ranks_call:
+            if n_valid is not None:
+                k = quantile_count(n_valid, ratio)
+                return (None, 0) if k == 0 else (quantile_skip(imp, valid, ratio, n_valid), k)
+            return quantile_skip(imp, valid, ratio), None
+        if self.thresholds is not None:
+            return threshold_skip(imp, valid, threshold), None
+        return random_skip(imp, valid, ratio, generator), None
+
+
+POLICY = {p.name: p for p in (
+    Policy("quantile", ranks_call=True),
+    Policy("threshold", thresholds="calibration", one_token=True),
+    Policy("random", draws=True),
+    # The oracles are references, not methods: they compute the branch and skip the tokens whose branch output
+    # differs least from what they get when skipped (0 or the fallback), ranked per call like quantile ("oracle")
+    # or per token against calibrated thresholds like threshold ("oracle_threshold", ``calibrate(score="oracle")``).
+    # See wrap.GatedBranch.
+    Policy("oracle", ranks_call=True, computes_branch=True),
+    Policy("oracle_threshold", thresholds="oracle_calibration", computes_branch=True),
+)}
+POLICIES = tuple(POLICY)
+ORACLES = tuple(name for name, p in POLICY.items() if p.computes_branch)
+
+
+def policy_of(name: str) -> Policy:
+    """The policy called ``name`` (a one-line error for an unknown one)."""
+    check_policy(name)
+    return POLICY[name]
 
 
 def quantile_skip(imp: torch.Tensor, valid: torch.Tensor, ratio: float, n_valid: int | None = None
@@ -80,6 +140,11 @@ def threshold_from_grid(grid: torch.Tensor, ratio: float) -> torch.Tensor:
 def check_policy(policy: str | None) -> None:
     if policy is not None and policy not in POLICIES:
         raise GateSkipError(f"policy={policy!r} is not supported: choose one of {', '.join(POLICIES)}")
+
+
+def needs_trained_gates(policy: str | None) -> bool:
+    """Skipping under ``policy`` (None: the default) chooses tokens by trained gates."""
+    return policy is None or POLICY[policy].uses_gates
 
 
 def resolve_policy(policy: str | None, calibrated: bool) -> str:

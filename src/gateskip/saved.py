@@ -28,6 +28,7 @@ import dataclasses
 import torch
 
 from gateskip.errors import GateSkipError
+from gateskip.policies import POLICY
 
 PRIOR_CALLS = 1.0  # weight of the prior offset, in calls of the first call's size
 HORIZON = 8.0  # the debt is paid back over this many calls of the coming one's size
@@ -147,7 +148,7 @@ def with_ratio(st, plan, q: float):
     ratios = [q * w for w in plan.budget.weights]
     thresholds = None
     if plan.thresholds is not None:
-        cal = st.loaded.oracle_calibration if plan.policy == "oracle_threshold" else st.loaded.calibration
+        cal = getattr(st.loaded, POLICY[plan.policy].thresholds or "calibration")
         thresholds = list(thresholds_at(cal["grid"], q, plan.budget.weights).unbind(0))
     return dataclasses.replace(plan, ratios=ratios, thresholds=thresholds, host_thr={})
 

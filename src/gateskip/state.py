@@ -18,7 +18,7 @@ import torch
 from gateskip.config import GateSkipConfig
 from gateskip.flops import LayerFlops, branch_costs
 from gateskip.gates import importance
-from gateskip.policies import quantile_count, quantile_skip, random_skip, threshold_skip
+from gateskip.policies import POLICY
 
 
 @dataclass
@@ -79,18 +79,13 @@ class Plan:
         r = self.ratios[index]
         if r <= 0.0:
             return None, 0
-        if rank or self.policy in ("quantile", "oracle"):  # the oracle ranks its own scores (wrap.py) like quantile
-            if n_valid is not None:
-                k = quantile_count(n_valid, r)
-                return (None, 0) if k == 0 else (quantile_skip(imp, valid, r, n_valid), k)
-            return quantile_skip(imp, valid, r), None
-        if self.policy in ("threshold", "oracle_threshold"):
+        thr = None
+        if POLICY[self.policy].thresholds is not None:
             thr = self.thresholds[index]
             if thr.device != imp.device or thr.dtype != imp.dtype:  # once per branch, not per call
                 # same result: a 0-d tensor compares in the other operand's dtype anyway
                 thr = self.thresholds[index] = thr.to(imp.device, imp.dtype)
-            return threshold_skip(imp, valid, thr), None
-        return random_skip(imp, valid, r, self.generator), None
+        return POLICY[self.policy].decide(imp, valid, r, thr, self.generator, n_valid, rank)
 
 
 class Stats:
@@ -228,7 +223,7 @@ class GateState:
         p = self.plan
         # not under sync_free: deciding one token on the host reads its gate value back (a GPU sync)
         self.call = c = Call(valid, ctx, ids=ids, prefill=prefill)
-        c.one_token = (self.one_token_fast and p is not None and p.policy == "threshold" and valid.numel() == 1
+        c.one_token = (self.one_token_fast and p is not None and POLICY[p.policy].one_token and valid.numel() == 1
                        and not self.collect
                        and self.record is None and not p.sync_free and bool(self._eligible(valid)))
         if self.stats is not None:
@@ -288,7 +283,7 @@ class GateState:
         # the number of eligible tokens, read once per call, not per branch: the quantile count needs
         # it, and when every token is eligible the other policies can leave the mask out
         n = self._count_eligible(elig)
-        if self.plan.policy in ("quantile", "oracle"):
+        if POLICY[self.plan.policy].ranks_call:
             skip, k = self.plan.decide(branch.index, imp, elig, n)
         elif self._ranks_prompt():
             skip, k = self.plan.decide(branch.index, imp, elig, n, rank=True)
@@ -303,7 +298,7 @@ class GateState:
         ranks a call: its least important fraction skips, whatever the thresholds, calibrated on other text, would
         make of it (saved.py)."""
         return (self.plan.budget is not None and self.plan.budget.rank_prompts and self.call.prefill
-                and self.plan.policy == "threshold")
+                and POLICY[self.plan.policy].thresholds == "calibration")
 
     def skip_count(self, skip: torch.Tensor) -> int | None:
         """How many tokens ``skip`` (the last decision) skips, as a host int.

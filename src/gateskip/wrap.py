@@ -27,7 +27,7 @@ from gateskip import one_token, physical
 from gateskip.compat import cache_key
 from gateskip.fallback import gated_fallback
 from gateskip.kv import KVProxy
-from gateskip.policies import ORACLES
+from gateskip.policies import POLICY
 
 
 class GatedBranch(nn.Module):
@@ -74,7 +74,7 @@ class GatedBranch(nn.Module):
         if g.dtype != x.dtype:
             g = g.to(x.dtype)
         plan = st.plan
-        if plan is not None and plan.policy in ORACLES and plan.ratios[self.index] > 0.0:
+        if plan is not None and POLICY[plan.policy].computes_branch and plan.ratios[self.index] > 0.0:
             return self._oracle_call(x, g, args, kwargs)
         skip = st.on_gate(self, x, g)
         if self.placement == "before":

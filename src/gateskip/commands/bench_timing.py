@@ -14,6 +14,7 @@ from gateskip.compat import model_cache_arg, output_cache
 from gateskip.config import GateSkipConfig
 from gateskip.core import add_gates, calibrate, gate_modules, gate_state, is_gated, remove_gates, skipping
 from gateskip.core import stats as gate_stats
+from gateskip.policies import POLICY
 
 
 def variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy, ratios=(0.25,), fallbacks=("zero",),
@@ -39,7 +40,7 @@ def variants(m, gates, kinds, rank, seed, rand_ids, calib_len, policy, ratios=(0
         # keyed by calibration ratio; a per-branch calibration (a dict) is the folder's only one anyway
         key = None if own is None else own["ratio"] if not isinstance(own["ratio"], dict) else 0.0
         variant = {"dir": gates, "calibration": {key: own} if own is not None else {}}
-        if own is None and policy == "threshold":  # calibrate on random tokens
+        if own is None and POLICY[policy].needs_calibration:  # calibrate on random tokens
             variant["calibration"] = calibrations(m, rand_ids, calib_len, points)
         remove_gates(m)
         return {kind: variant}

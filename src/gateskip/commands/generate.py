@@ -40,7 +40,7 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, ra
     """
     from gateskip.core import add_gates, gate_state
     from gateskip.flags import apply
-    from gateskip.policies import check_ratio, resolve_policy
+    from gateskip.policies import check_ratio, needs_trained_gates, resolve_policy
 
     sk = apply(flags, {"skipping": skipping}, "gateskip generate")["skipping"]
     if not prompt or not prompt.strip():
@@ -50,7 +50,7 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, ra
         raise GateSkipError("--ratio and --saved are two ways to set the budget: give one")
     if max_new_tokens < 1:
         raise GateSkipError(f"max_new_tokens={max_new_tokens} is invalid: use a positive integer")
-    if gates is None and (ratio > 0 or saved) and sk.policy != "random":
+    if gates is None and (ratio > 0 or saved) and needs_trained_gates(sk.policy):
         raise GateSkipError("skipping by importance needs trained gates: pass --gates DIR (or --policy random "
                             "for the untrained baseline)")
     if speculative:
@@ -58,7 +58,7 @@ def generate(prompt: str, model: str | None = None, gates: str | None = None, ra
         if ratio:
             raise GateSkipError("--ratio and --speculative exclude each other: the speculative output is the full "
                                 "model's; set the draft's skipping with --draft-ratio")
-        if gates is None and sk.policy != "random":
+        if gates is None and needs_trained_gates(sk.policy):
             raise GateSkipError("the speculative draft skips by importance: pass --gates DIR (or --policy random)")
     from gateskip.loading import load_for_inference
 

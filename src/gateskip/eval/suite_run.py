@@ -32,6 +32,7 @@ import os
 from gateskip.errors import GateSkipError
 from gateskip.eval.suite_fallback import install_fallback, say
 from gateskip.eval.suite_rows import SuiteRun, row_key
+from gateskip.policies import POLICY
 
 
 def parse_budgets(values, what: str) -> list:
@@ -128,7 +129,7 @@ def _gated_rows(run: SuiteRun, gates: str | None, methods: list[str], budgets: d
         suffix = "" if fb_summary["kind"] == "zero" else f"+{fb_summary['kind']}"
         suffix += backbone_suffix(gates)  # a healed folder's rows are told apart from frozen-backbone ones
         if "gateskip" in methods:
-            if policy == "threshold" and gate_state(net).loaded.calibration is None:
+            if POLICY[policy].needs_calibration and gate_state(net).loaded.calibration is None:
                 raise GateSkipError(f"gates in {gates!r} have no calibration for policy 'threshold': "
                                     "run gateskip.calibrate and save them again, or pass --policy quantile")
             for b in budgets["gateskip"]:
@@ -183,7 +184,7 @@ def _oracle_setup(net, policy: str, batches) -> tuple[dict, str]:
     thresholds (calibrated on the fit batches at the gates' calibration ratio), else ranked per request."""
     from gateskip.core import calibrate, gate_state
 
-    if policy != "threshold":
+    if not POLICY[policy].needs_calibration:
         return {}, "oracle"
     own = gate_state(net).loaded.calibration
     ratio = own["ratio"] if own is not None else 0.3

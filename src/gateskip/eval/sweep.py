@@ -30,6 +30,7 @@ from gateskip.eval.inputs import calibration_batches
 from gateskip.eval.runner import Runner
 from gateskip.eval.taskconfigs import TASKS
 from gateskip.options import as_list
+from gateskip.policies import POLICY
 
 METHODS = ("gateskip", "random", "static", "gatefree_random", "shortgpt", "mod", "mod_topk", "early_exit",
            "pruned_gateskip")
@@ -53,7 +54,7 @@ def sweep(run: Runner, gates, ratios, methods, policy, mods, kv, calib_batches, 
     skip = {"modules": mods, "kv": kv, "seed": run.seed}
     if gates and {"gateskip", "random", "static"} & set(methods):
         load_gates(run.net, gates)
-        if policy == "threshold" and gate_state(run.net).loaded.calibration is None:
+        if POLICY[policy].needs_calibration and gate_state(run.net).loaded.calibration is None:
             raise GateSkipError(f"gates in {gates!r} have no calibration for policy 'threshold': "
                                 "run gateskip.calibrate and save them again, or pass --policy quantile")
         if "gateskip" in methods:
