@@ -117,3 +117,22 @@ def test_every_committed_artifacts_command_parses_with_todays_flags():
                 parser.parse_args(shlex.split(part))
             except SystemExit:
                 pytest.fail(f"{f}: `gateskip {part.strip()}` is not a valid command line")
+
+
+def test_fallback_kinds_are_one_registry():
+    """Every fallback kind the config accepts is one FALLBACK entry: its module, cost and fit flags together."""
+    from gateskip.config import FALLBACK_KINDS
+    from gateskip.fallback import FALLBACK, make_fallback
+    from gateskip.flops import fallback_flops
+
+    assert set(FALLBACK_KINDS) == set(FALLBACK)
+    h = 64
+    for name, kind in FALLBACK.items():
+        cfg = GateSkipConfig(modules=("mlp",), fallback=name, fallback_rank=8, fallback_neurons=4)
+        assert fallback_flops(h, cfg, "mlp") == kind.flops(h, 8, 4)
+        m = tiny_model("llama")
+        mlp = m.model.layers[0].mlp
+        fb = make_fallback(cfg, m.config.hidden_size, m.dtype, "cpu", "mlp", mlp)
+        assert (fb is None) == (kind.module is None) and (fb is None or type(fb) is kind.module)
+    with pytest.raises(GateSkipError, match="no meaning for attention"):
+        GateSkipConfig(modules=("attn", "mlp"), fallback="neurons")

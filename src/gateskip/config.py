@@ -118,7 +118,9 @@ class GateSkipConfig:
             self.fallback_rank_mlp = int(self.fallback_rank_mlp)
             if self.fallback_rank_mlp == self.fallback_rank:
                 self.fallback_rank_mlp = None
-        if "attn" in self.modules and self.fallback == "neurons":
+        from gateskip.fallback import FALLBACK
+
+        if "attn" in self.modules and FALLBACK[self.fallback].mlp_only:
             raise GateSkipError("fallback='neurons' computes some of an MLP's neurons and has no meaning for attention "
                                 "branches: use fallback_mlp='neurons' with another fallback for attention")
         if self.init_std < 0:
@@ -156,9 +158,10 @@ class GateSkipConfig:
 
     def fallback_name(self) -> str:
         """``lowrank64``, ``linear``, or ``attn lowrank64 / mlp linear`` when the kinds differ."""
+        from gateskip.fallback import FALLBACK
+
         def name(kind: str) -> str:
-            what, rank = self.fallback_of(kind), self.rank_of(kind)
-            return {"lowrank": f"lowrank{rank}", "neurons": f"neurons{self.fallback_neurons}r{rank}"}.get(what, what)
+            return FALLBACK[self.fallback_of(kind)].label(self.rank_of(kind), self.fallback_neurons)
 
         if len(self.modules) == 1 or name("attn") == name("mlp"):
             return name(self.modules[0])

@@ -24,6 +24,9 @@ and are ordinary trainable parameters. Unfitted, every fallback outputs 0 (the p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -142,6 +145,64 @@ def mlp_parts(module: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, objec
     return parts
 
 
+@dataclass(frozen=True)
+class FallbackKind:
+    """One kind of fallback: its module, its cost and what fitting it takes, together. A new kind is one module
+    class and one entry in ``FALLBACK``; the rest of the library asks these attributes, never the name.
+
+    ``module``: the module class (None: ``zero``, nothing computed). ``mlp_only``: it needs an MLP's own
+    neurons. ``uses_rank``: it has an inner rank (``GateSkipConfig.rank_of``). ``fits_weights``: its closed-form
+    fit solves for a weight (not only a bias). ``flops(hidden, rank, neurons)``: what one skipped token spends
+    in it (bias adds and the activation ignored, as for the gates)."""
+
+    name: str
+    module: type[nn.Module] | None
+    flops: Callable[[int, int, int], int]
+    mlp_only: bool = False
+    uses_rank: bool = False
+    fits_weights: bool = True
+
+    def label(self, rank: int, neurons: int) -> str:
+        """``lowrank64``, ``neurons64r128``, ``linear``: the kind with its sizes."""
+        if self.mlp_only:
+            return f"{self.name}{neurons}r{rank}"
+        return f"{self.name}{rank}" if self.uses_rank else self.name
+
+    def build(self, cfg, hidden: int, dt: torch.dtype, kind: str, module: nn.Module | None) -> nn.Module | None:
+        if self.module is None:
+            return None
+        if self.module is NeuronFallback:
+            if module is None:
+                raise GateSkipError("fallback 'neurons' needs the branch's MLP module (make_fallback(..., module=mlp))")
+            gate_proj, _, _, act = mlp_parts(module)
+            width = gate_proj.out_features
+            if cfg.fallback_neurons > width:
+                raise GateSkipError(f"fallback_neurons={cfg.fallback_neurons} is above the MLP's {width} neurons: "
+                                    f"use at most {width}")
+            return NeuronFallback(hidden, cfg.fallback_neurons, cfg.rank_of(kind), act, dt)
+        return self.module(hidden, cfg.rank_of(kind), dt) if self.uses_rank else self.module(hidden, dt)
+
+
+FALLBACK = {k.name: k for k in (
+    FallbackKind("zero", None, lambda h, r, k: 0, fits_weights=False),
+    FallbackKind("mean", MeanFallback, lambda h, r, k: h, fits_weights=False),
+    FallbackKind("linear", LinearFallback, lambda h, r, k: 2 * h * h),
+    FallbackKind("lowrank", LowRankFallback, lambda h, r, k: 2 * 2 * h * r, uses_rank=True),
+    FallbackKind("neurons", NeuronFallback, lambda h, r, k: 2 * 2 * h * k + 2 * (h + k) * r + 2 * r * h,
+                 mlp_only=True, uses_rank=True),
+)}
+
+
+def is_zero(kind: str) -> bool:
+    """``kind`` is the paper's zero: nothing replaces a skipped token's branch output."""
+    return FALLBACK[kind].module is None
+
+
+def with_rank(kind: str, rank: int | None) -> str:
+    """``lowrank (rank 64)`` for a kind with an inner rank, else the kind's name."""
+    return f"{kind} (rank {rank})" if FALLBACK[kind].uses_rank else kind
+
+
 def make_fallback(cfg, hidden: int, dtype: torch.dtype, device, kind: str = "attn",
                   module: nn.Module | None = None) -> nn.Module | None:
     """The (unfitted: output 0) fallback module of a ``kind`` branch (``cfg.fallback_of(kind)``), or None
@@ -149,26 +210,9 @@ def make_fallback(cfg, hidden: int, dtype: torch.dtype, device, kind: str = "att
 
     ``dtype``: the model's; parameters are kept at float32 precision at least. ``module``: the branch's
     module (the MLP, whose activation and width a ``neurons`` fallback needs)."""
-    what = cfg.fallback_of(kind)
-    if what == "zero":
-        return None
     dt = torch.promote_types(torch.float32, dtype) if dtype.is_floating_point else torch.float32
-    if what == "mean":
-        m = MeanFallback(hidden, dt)
-    elif what == "linear":
-        m = LinearFallback(hidden, dt)
-    elif what == "neurons":
-        if module is None:
-            raise GateSkipError("fallback 'neurons' needs the branch's MLP module (make_fallback(..., module=mlp))")
-        gate_proj, _, _, act = mlp_parts(module)
-        width = gate_proj.out_features
-        if cfg.fallback_neurons > width:
-            raise GateSkipError(f"fallback_neurons={cfg.fallback_neurons} is above the MLP's {width} neurons: "
-                                f"use at most {width}")
-        m = NeuronFallback(hidden, cfg.fallback_neurons, cfg.rank_of(kind), act, dt)
-    else:
-        m = LowRankFallback(hidden, cfg.rank_of(kind), dt)
-    return m.to(device)
+    m = FALLBACK[cfg.fallback_of(kind)].build(cfg, hidden, dt, kind, module)
+    return None if m is None else m.to(device)
 
 
 def gated_fallback(fb: nn.Module, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 from gateskip.arch import decoder_layers, keep_layers, text_config
 from gateskip.core import _as_inputs, gate_state, skipping
 from gateskip.errors import GateSkipError
-from gateskip.fallback import make_fallback, mlp_parts
+from gateskip.fallback import FALLBACK, make_fallback, mlp_parts
 from gateskip.flops import model_flops
 from gateskip.moments import Moments, neuron_gain
 
@@ -34,15 +34,15 @@ def solve_fallback(fb: nn.Module, m: Moments, branch, cfg, ridge: float) -> floa
     """Fit ``branch``'s fallback ``fb`` from the sums ``m`` (over [x, h] for ``neurons``); returns its R^2.
 
     A ``neurons`` fallback copies its chosen neurons' projections from the branch's MLP."""
-    kind, rank = cfg.fallback_of(branch.kind), cfg.rank_of(branch.kind)
-    if kind != "neurons":
-        w, bias, r2 = m.solve(kind, rank, ridge)
+    kind, rank = FALLBACK[cfg.fallback_of(branch.kind)], cfg.rank_of(branch.kind)
+    if not kind.mlp_only:
+        w, bias, r2 = m.solve(kind.fits_weights, rank if kind.uses_rank else None, ridge)
         set_solution(fb, w, bias)
         return r2
     hidden = fb.B.shape[1]
     chosen = neuron_gain(m, hidden, ridge).topk(cfg.fallback_neurons).indices.sort().values
     cols = torch.cat([torch.arange(hidden, device=chosen.device), hidden + chosen])
-    (a, b), bias, r2 = m.select(cols).solve("lowrank", rank, ridge)
+    (a, b), bias, r2 = m.select(cols).solve(True, rank, ridge)
     gate_proj, up_proj, _, _ = mlp_parts(branch.module)
     pick = chosen.to(gate_proj.weight.device)
     g, u = (_dense(lin)[pick].T for lin in (gate_proj, up_proj))  # weights are [I, H]: the neurons' columns
@@ -52,7 +52,7 @@ def solve_fallback(fb: nn.Module, m: Moments, branch, cfg, ridge: float) -> floa
 
 def _is_wide(st, b) -> bool:
     """Whether branch ``b``'s fallback regresses on [x, h] (a ``neurons`` fallback)."""
-    return st.cfg.fallback_of(b.kind) == "neurons"
+    return FALLBACK[st.cfg.fallback_of(b.kind)].mlp_only
 
 
 def _dense(linear: nn.Module) -> torch.Tensor:
@@ -178,7 +178,7 @@ def _fit_groups_in_turn(model, st, cfg, inputs: list[dict], groups: list[list], 
     """Per group, one pass collecting its branches' sums, then their fits: (r2 by branch, tokens, passes)."""
     r2, tokens, passes = {}, 0, 0
     for group in groups:
-        full = any(cfg.fallback_of(b.kind) != "mean" for b in group)
+        full = any(FALLBACK[cfg.fallback_of(b.kind)].fits_weights for b in group)
         moments = _collect(model, st, inputs, group, hidden, full, plan, skipping, wide=True,
                            first=st.cfg.protect_first if exclude_first is None else int(exclude_first))
         passes += 1

@@ -94,14 +94,6 @@ def fallback_flops(hidden: int, cfg: GateSkipConfig, kind: str = "attn") -> int:
     is a H x H matmul (2 H^2), lowrank two thin ones (2 * 2 H R), neurons the gate and up projections of K
     neurons (2 * 2 H K) and a rank-R map of the H + K features (2 (H + K) R + 2 R H). Bias adds and the
     activation are ignored, as for the gates."""
-    what = cfg.fallback_of(kind)
-    if what == "mean":
-        return hidden
-    if what == "linear":
-        return 2 * hidden * hidden
-    if what == "lowrank":
-        return 2 * 2 * hidden * cfg.rank_of(kind)
-    if what == "neurons":
-        k, r = cfg.fallback_neurons, cfg.rank_of(kind)
-        return 2 * 2 * hidden * k + 2 * (hidden + k) * r + 2 * r * hidden
-    return 0
+    from gateskip.fallback import FALLBACK
+
+    return FALLBACK[cfg.fallback_of(kind)].flops(hidden, cfg.rank_of(kind), cfg.fallback_neurons)

@@ -115,7 +115,7 @@ def _solve(chosen, moments, ridge, open_logit, spread, r2) -> int:
         m = moments[b.index]
         if m.n == 0:
             raise GateSkipError("fit_gates saw no real tokens: pass batches with tokens past the protected prefix")
-        w, bias, r2[b.name] = m.solve("linear", 1, ridge)
+        w, bias, r2[b.name] = m.solve(True, None, ridge)
         w = w[:, 0]
         n = m.n
         mx = m.sx / n
@@ -160,6 +160,7 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
     """
     from gateskip.arch import text_config
     from gateskip.core import gate_state, skipping
+    from gateskip.fallback import FALLBACK
     from gateskip.fallback_fit import Moments, _collect, layer_inputs, solve_fallback
 
     st = gate_state(model)
@@ -197,7 +198,7 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
             fb = b.fallback
             if fb is not None:
                 what = cfg.fallback_of(b.kind)
-                m = Moments(kept[0][0].shape[1], what != "mean", device, out=hidden)
+                m = Moments(kept[0][0].shape[1], FALLBACK[what].fits_weights, device, out=hidden)
                 for x, y in kept:
                     m.add(x, y)
                 fb_r2[b.name] = solve_fallback(fb, m, b, cfg, ridge)

@@ -40,12 +40,13 @@ class Moments:
         sub.xx, sub.xy = self.xx[cols][:, cols], self.xy[cols]
         return sub
 
-    def solve(self, kind: str, rank: int, ridge: float) -> tuple[object, torch.Tensor, float]:
-        """(weights, bias, R^2 on the fitted data). Weights: None (mean), W (linear) or (A, B) (lowrank)."""
+    def solve(self, weights: bool, rank: int | None, ridge: float) -> tuple[object, torch.Tensor, float]:
+        """(weights, bias, R^2 on the fitted data). Weights: None (``weights`` False: the mean), W (``rank``
+        None: a full map) or (A, B) (rank ``rank``)."""
         n = self.n
         mx, my = self.sx / n, self.sy / n
         sst = float(self.yy - n * my.dot(my))
-        if kind == "mean":
+        if not weights:
             return None, my, 0.0
         cxx = self.xx - n * torch.outer(mx, mx)
         cxy = self.xy - n * torch.outer(mx, my)
@@ -55,7 +56,7 @@ class Moments:
         lam = lam if lam > 0 else max(ridge, 1e-12)
         w = torch.linalg.solve(cxx + lam * torch.eye(h, dtype=cxx.dtype, device=cxx.device), cxy)
         fitted = w.T @ cxx @ w  # (X W)^T (X W), centered: its eigenvectors are X W's right singular vectors
-        if kind == "lowrank":
+        if rank is not None:
             _, vecs = torch.linalg.eigh((fitted + fitted.T) / 2)
             v = vecs[:, -rank:].flip(1)  # top-R, largest first
             weights = (w @ v, v.T)

@@ -30,6 +30,7 @@ import torch
 from gateskip.analysis.heatmap import write_figure
 from gateskip.core import _as_inputs, gate_state, skipping
 from gateskip.errors import GateSkipError
+from gateskip.fallback import FALLBACK
 from gateskip.gates import importance
 from gateskip.policies import quantile_count
 
@@ -241,7 +242,7 @@ def _summary(st, acc: dict, ratio: float, first: int, rows: int) -> dict:
                    **{m: _mean(r[m] for r in branches if r["kind"] == k) for m in MEASURES}}
                for k in KINDS if any(r["kind"] == k for r in branches)}
     kind = st.cfg.fallback if any(b.fallback is not None for b in st.branches) else "zero"
-    return {"fallback": kind, "rank": st.cfg.fallback_rank if kind == "lowrank" else None,
+    return {"fallback": kind, "rank": st.cfg.fallback_rank if FALLBACK[kind].uses_rank else None,
             "placement": st.cfg.placement, "ratio": float(ratio), "protect_first": first,
             "tokens": branches[0]["tokens"], "rows": rows, "branches": branches, "by_kind": by_kind}
 

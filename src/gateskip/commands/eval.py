@@ -19,6 +19,7 @@ from gateskip.eval import suite_fallback, suite_merge, suite_report, suite_run
 from gateskip.eval.inputs import calibration_batches, prepare_run, require_lm_eval, resolve_model
 from gateskip.eval.sweep import DEFAULT_METHODS, DEFAULT_TASKS
 from gateskip.eval.taskconfigs import task_manager
+from gateskip.fallback import is_zero
 from gateskip.options import as_list
 
 
@@ -195,7 +196,7 @@ def _suite_plan(gates, suite, ratios, random_ratios, oracle_ratios, shortgpt_lay
     runs = [(p, suite_merge.load_run(p, {"tasks": names, "limit": limit, "offset": offset})) for p in paths]
     kind = fallback
     gated = gates and {"gateskip", "random", "oracle"} & set(items)  # rows that load the gates folder
-    if kind == "zero" and gated:
+    if is_zero(kind) and gated:
         kind = suite_fallback.fallback_label(read_meta(gates)["config"])  # a folder saved with a fallback runs with it
     if "oracle" in items and gates and read_meta(gates)["config"].get("placement", "after") != "after":
         raise GateSkipError("method oracle needs gates placed after the branch: drop it or pass a folder "

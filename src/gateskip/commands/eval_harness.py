@@ -14,6 +14,7 @@ from gateskip.eval.inputs import prepare_run, require_lm_eval, resolve_model
 from gateskip.eval.runner import Runner
 from gateskip.eval.sweep import NO_GATES, gates_restored, parse_methods, parse_ratios, sweep
 from gateskip.eval.taskconfigs import parse_tasks, task_manager
+from gateskip.fallback import is_zero
 from gateskip.options import as_list
 
 
@@ -27,7 +28,7 @@ def _harness_sweep(gates: str | None, tasks: list[str], ratios: list[str], metho
         ha.calib_batches, ha.mod, ha.exit_measure, ha.quant, ha.prune, ha.recalibrate)
     if offset:
         raise GateSkipError("--offset applies to suite runs: pass --suite core (or extended, all)")
-    if fallback != "zero" or reference is not None:
+    if not is_zero(fallback) or reference is not None:
         raise GateSkipError("--fallback and --reference apply to suite runs: pass --suite core (or extended, all)")
     require_lm_eval()
     from gateskip.policies import check_policy

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from gateskip.errors import GateSkipError
+from gateskip.fallback import FALLBACK, is_zero, with_rank
 
 
 def say(bar, msg: str) -> None:
@@ -26,9 +27,10 @@ def install_fallback(net, gates: str, fallback: dict | None, batches, bar) -> di
     want = dict(fallback or {})
     kind, rank = want.get("kind") or "zero", int(want.get("rank") or cfg.fallback_rank)
     base = {"requested": kind, "batches": want.get("batches")}
-    if kind == "zero" or (fallback_label(cfg.to_dict()) == kind and (kind != "lowrank" or cfg.fallback_rank == rank)):
+    if is_zero(kind) or (fallback_label(cfg.to_dict()) == kind and (not FALLBACK[kind].uses_rank
+                                                                    or cfg.fallback_rank == rank)):
         have = fallback_label(cfg.to_dict())
-        if kind == "zero" and have != "zero":
+        if is_zero(kind) and not is_zero(have):
             say(bar, f"[gateskip] the gates folder holds a {cfg.fallback_name()} fallback: "
                       f"gateskip/random rows run with it (named +{have})")
         elif have != "zero":
@@ -50,7 +52,7 @@ def fallback_label(config: dict) -> str:
 
 
 def _fb_name(kind: str, rank: int) -> str:
-    return f"{kind} (rank {rank})" if kind == "lowrank" else kind
+    return with_rank(kind, rank)
 
 
 def _r2(x) -> str:

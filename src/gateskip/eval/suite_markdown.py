@@ -6,6 +6,7 @@ method and generation fidelity, one function per section."""
 from __future__ import annotations
 
 from gateskip.eval import paired
+from gateskip.fallback import is_zero, with_rank
 
 
 def markdown(results: dict) -> str:
@@ -199,8 +200,8 @@ def _notes(cfg: dict, rows: list) -> list[str]:
     out = []
     fb = cfg.get("fallback") or {}
     kind = fb.get("kind") or "zero"
-    if kind != "zero":
-        what = f"{kind} (rank {fb.get('rank')})" if kind == "lowrank" else kind
+    if not is_zero(kind):
+        what = with_rank(kind, fb.get("rank"))
         if fb.get("source") == "fitted":
             m = fb.get("r2_mean") or {}
             how = (f"fitted in closed form on {fb.get('tokens')} tokens of calibration text ({fb.get('batches')} "

@@ -23,6 +23,7 @@ from gateskip.errors import GateSkipError
 from gateskip.eval import paired
 from gateskip.eval.suite_markdown import markdown
 from gateskip.eval.suite_merge import join_tasks, merge, same_curve
+from gateskip.fallback import is_zero
 
 LEVELS = (0.10, 0.20, 0.30, 0.40)
 TASK_LEVEL = 0.20  # the per-task table: each task at this compute saved on its own text
@@ -36,8 +37,8 @@ def default_reference(methods, config: dict | None = None) -> str | None:
     else ``gateskip``, else the first gateskip variant, else the first method."""
     methods = list(methods)
     kind = ((config or {}).get("fallback") or {}).get("kind") or "zero"
-    tuned = [f"gateskip+{kind}+lora", f"gateskip+{kind}+ft"] if kind != "zero" else ["gateskip+lora", "gateskip+ft"]
-    for name in tuned + ([f"gateskip+{kind}"] if kind != "zero" else []) + ["gateskip"]:
+    tuned = [f"gateskip+{kind}+lora", f"gateskip+{kind}+ft"] if not is_zero(kind) else ["gateskip+lora", "gateskip+ft"]
+    for name in tuned + ([f"gateskip+{kind}"] if not is_zero(kind) else []) + ["gateskip"]:
         if name in methods:
             return name
     return next((m for m in methods if m.startswith(("gateskip+", "gateskip@"))), methods[0] if methods else None)

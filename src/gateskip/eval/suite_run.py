@@ -32,6 +32,7 @@ import os
 from gateskip.errors import GateSkipError
 from gateskip.eval.suite_fallback import install_fallback, say
 from gateskip.eval.suite_rows import SuiteRun, row_key
+from gateskip.fallback import is_zero
 from gateskip.policies import POLICY
 
 
@@ -247,7 +248,7 @@ def _scope(modules: tuple[str, ...]) -> str:
 def row_names(methods, kind: str = "zero", modules: tuple[str, ...] = BOTH, backbone: str = "") -> list[str]:
     """The method names of a suite run's rows (dense excluded), given its fallback kind, skipping kinds and
     the gates folder's ``backbone_suffix``."""
-    suffix = _scope(check_modules(modules)) + ("" if kind == "zero" else f"+{kind}") + backbone
+    suffix = _scope(check_modules(modules)) + ("" if is_zero(kind) else f"+{kind}") + backbone
     names = {"gateskip": "gateskip" + suffix, "random": "random" + suffix, "oracle": "oracle" + suffix,
              "shortgpt": "shortgpt",
              "shortgpt_linear": "shortgpt+linear"}
