@@ -12,7 +12,7 @@ Public API (see README.md):
 from gateskip.analysis import importances
 from gateskip.chat import stop_ids
 from gateskip.checkpoint import load_gates, save_gates
-from gateskip.config import GateSkipConfig, special_token_ids
+from gateskip.config import RECOMMENDED, GateSkipConfig, special_token_ids
 from gateskip.core import add_gates, calibrate, gate_parameters, is_gated, remove_gates, skipping, stats
 from gateskip.errors import GateSkipError
 from gateskip.fallback_fit import fit_fallback
@@ -29,7 +29,7 @@ def load_model(*args, **kwargs):
 
 
 __all__ = [
-    "GateSkipConfig", "GateSkipError", "__version__", "add_gates", "calibrate", "fit_fallback", "gate_parameters",
+    "GateSkipConfig", "GateSkipError", "RECOMMENDED", "__version__", "add_gates", "calibrate", "fit_fallback", "gate_parameters",
     "generate",
     "importances", "is_gated", "load_gates", "load_model", "remove_gates", "save_gates", "skipping",
     "special_token_ids", "speculative_generate", "stats", "stop_ids",

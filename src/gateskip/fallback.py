@@ -194,13 +194,14 @@ FALLBACK = {k.name: k for k in (
 
 
 def is_zero(kind: str) -> bool:
-    """``kind`` is the paper's zero: nothing replaces a skipped token's branch output."""
-    return FALLBACK[kind].module is None
+    """``kind`` is the paper's zero: nothing replaces a skipped token's branch output (a label of per-kind
+    fallbacks such as ``lowrank/neurons`` is not)."""
+    return kind in FALLBACK and FALLBACK[kind].module is None
 
 
 def with_rank(kind: str, rank: int | None) -> str:
     """``lowrank (rank 64)`` for a kind with an inner rank, else the kind's name."""
-    return f"{kind} (rank {rank})" if FALLBACK[kind].uses_rank else kind
+    return f"{kind} (rank {rank})" if kind in FALLBACK and FALLBACK[kind].uses_rank else kind
 
 
 def make_fallback(cfg, hidden: int, dtype: torch.dtype, device, kind: str = "attn",
