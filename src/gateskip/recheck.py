@@ -78,7 +78,7 @@ def after_call(model, args, kwargs, output):
         st.stats = main.recheck
         main.recheck.rows += rows.numel()
     previous = st.plan
-    st.plan = dataclasses.replace(plan, ratios=[0.0] * len(plan.ratios), host_thr={})
+    st.plan = dataclasses.replace(plan, ratios=[0.0] * len(plan.ratios))
     st.rechecking = True
     try:
         dense = model(**sub)

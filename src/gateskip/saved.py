@@ -150,7 +150,7 @@ def with_ratio(st, plan, q: float):
     if plan.thresholds is not None:
         cal = getattr(st.loaded, POLICY[plan.policy].thresholds or "calibration")
         thresholds = list(thresholds_at(cal["grid"], q, plan.budget.weights).unbind(0))
-    return dataclasses.replace(plan, ratios=ratios, thresholds=thresholds, host_thr={})
+    return dataclasses.replace(plan, ratios=ratios, thresholds=thresholds)
 
 
 def thresholds_at(grid: torch.Tensor, q: float, weights: list[float]) -> torch.Tensor:

@@ -10,7 +10,7 @@ logs for training and calibration. Nothing is global: two gated models in one pr
 
 from __future__ import annotations
 
-import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -20,10 +20,22 @@ from gateskip.flops import LayerFlops, branch_costs
 from gateskip.gates import importance
 from gateskip.policies import POLICY
 
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Plan -> values derived from it (plan_memo)
 
-@dataclass
+
+def plan_memo(plan: Plan) -> dict:
+    """Values derived from ``plan``'s fields, computed once per plan and kept beside it, never in it: its
+    thresholds as host floats per dtype, on another device, the physical path's support per branch."""
+    memo = _MEMO.get(plan)
+    if memo is None:
+        memo = _MEMO[plan] = {}
+    return memo
+
+
+@dataclass(frozen=True, eq=False)
 class Plan:
-    """An active skipping setting: per-branch ratio, policy, KV mode."""
+    """An active skipping setting: per-branch ratio, policy, KV mode. Immutable: a new setting (a budget's next
+    ratio, a recheck) is a new plan (``dataclasses.replace``); what is derived from one is in ``plan_memo``."""
 
     policy: str
     ratios: list[float]  # per branch index
@@ -35,36 +47,39 @@ class Plan:
     protect_last: bool = False  # the last position of a prompt never skips (GateSkipConfig.protect_last)
     protect_prompt: bool = False  # no position of a prompt (a call with nothing cached) skips: only generated tokens
     protect_tokens: torch.Tensor | None = None  # token ids that never skip (GateSkipConfig.protect_tokens)
-    supported: dict = field(default_factory=dict)  # branch index -> physical path supported (wrap.py)
     # training: a skipped token's gate still gets the gradient it would get if it were kept (wrap.py)
     straight_through: bool = False
     # physical path sized from host-known counts only: no device-to-host read per branch (GPU; physical.py)
     sync_free: bool = False
-    host_thr: dict = field(default_factory=dict, repr=False)  # dtype -> host_thresholds (decode at batch 1)
     # dense recheck (recheck.py): rows whose top next token is one of these ids, or whose top probability is below
     # ``recheck_below``, are computed again without skipping
     recheck_tokens: torch.Tensor | None = None
     recheck_below: float = 0.0
     budget: object | None = None  # saved.SavedBudget: the ratio is steered to a compute-saved target (saved.py)
+    any_skip: bool = field(init=False, repr=False)  # some branch has a ratio above 0
 
-    @functools.cached_property
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "any_skip", any(r > 0.0 for r in self.ratios))
+
+    @property
     def rechecks(self) -> bool:
         """A recheck rule is set and anything can skip (at ratio 0 a rerun would compute the same)."""
-        return (self.recheck_tokens is not None or self.recheck_below > 0.0) and any(r > 0.0 for r in self.ratios)
+        return (self.recheck_tokens is not None or self.recheck_below > 0.0) and self.any_skip
 
     def host_thresholds(self, dtype: torch.dtype) -> list[float | None]:
         """Per branch: the threshold as a host float, rounded to ``dtype`` as the tensor comparison rounds it
         (None where the branch does not skip)."""
-        t = self.host_thr.get(dtype)
+        memo = plan_memo(self)
+        t = memo.get(("host", dtype))
         if t is None:  # one stack and one read for all branches
             values = torch.stack([thr.reshape(()).cpu() for thr in self.thresholds]).to(dtype).tolist()
-            t = self.host_thr[dtype] = [v if r > 0.0 else None for v, r in zip(values, self.ratios)]
+            t = memo[("host", dtype)] = [v if r > 0.0 else None for v, r in zip(values, self.ratios)]
         return t
 
-    @functools.cached_property
+    @property
     def copy_kv(self) -> bool:
         """Skipped tokens take the layer below's K/V; only worth the cache proxy when anything can skip."""
-        return self.kv == "copy" and any(r > 0.0 for r in self.ratios)
+        return self.kv == "copy" and self.any_skip
 
     def decide(self, index: int, imp: torch.Tensor, valid: torch.Tensor | None, n_valid: int | None = None,
                rank: bool = False) -> tuple[torch.Tensor | None, int | None]:
@@ -82,9 +97,10 @@ class Plan:
         thr = None
         if POLICY[self.policy].thresholds is not None:
             thr = self.thresholds[index]
-            if thr.device != imp.device or thr.dtype != imp.dtype:  # once per branch, not per call
+            if thr.device != imp.device or thr.dtype != imp.dtype:  # once per branch and plan, not per call
                 # same result: a 0-d tensor compares in the other operand's dtype anyway
-                thr = self.thresholds[index] = thr.to(imp.device, imp.dtype)
+                memo, key = plan_memo(self), ("thr", index, imp.device, imp.dtype)
+                thr = memo[key] if key in memo else memo.setdefault(key, thr.to(imp.device, imp.dtype))
         return POLICY[self.policy].decide(imp, valid, r, thr, self.generator, n_valid, rank)
 
 

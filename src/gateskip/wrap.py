@@ -28,6 +28,7 @@ from gateskip.compat import cache_key
 from gateskip.fallback import gated_fallback
 from gateskip.kv import KVProxy
 from gateskip.policies import POLICY
+from gateskip.state import plan_memo
 
 
 class GatedBranch(nn.Module):
@@ -143,9 +144,10 @@ class GatedBranch(nn.Module):
     def _physical(self, plan, x) -> bool:
         if plan.path == "masked":
             return False
-        ok = plan.supported.get(self.index)  # asked once per plan: reading the HF config costs microseconds
+        memo = plan_memo(plan)  # asked once per plan: reading the HF config costs microseconds
+        ok = memo.get(("physical", self.index))
         if ok is None:
-            ok = plan.supported[self.index] = physical.supports(self)
+            ok = memo[("physical", self.index)] = physical.supports(self)
         if not ok:
             return False
         return plan.path == "physical" or not (torch.is_grad_enabled() and x.requires_grad)
