@@ -50,7 +50,7 @@ def test_oracle_skips_the_tokens_whose_output_moves_least(family, fallback):
     name = "layers.1.mlp"
     b, x, y = _branch_io(m, name, ids, ratio={name: 0.4}, policy="oracle", kv="compute")
     with torch.no_grad():
-        raw = b._run(x, (), {})
+        raw = b.run_module(x, (), {})
         g = b.gate(x).to(x.dtype)
         alt = torch.zeros_like(raw) if b.fallback is None else b.fallback(x)
         score = ((raw - alt) * g).norm(dim=-1)
@@ -108,7 +108,7 @@ def test_threshold_oracle_skips_per_token_what_it_was_calibrated_to(family):
     ids = _data(1, 2, 24, seed=5)[0]
     b, x, y = _branch_io(m, name, ids, ratio={name: 0.4}, policy="oracle_threshold", kv="compute", protect_first=0)
     with torch.no_grad(), gateskip.skipping(m, ratio={name: 0.4}, policy="oracle_threshold", kv="compute") as plan:
-        raw = b._run(x, (), {})
+        raw = b.run_module(x, (), {})
         g = b.gate(x).to(x.dtype)
         alt = b.fallback(x)
         skip = ((raw - alt) * g).norm(dim=-1) < plan.thresholds[b.index]
@@ -137,7 +137,7 @@ def test_fitted_gates_rank_tokens_by_their_skipping_cost(fallback):
     for name in names:
         b, x, _ = _branch_io(m, name, ids)
         with torch.no_grad():
-            raw = b._run(x, (), {})
+            raw = b.run_module(x, (), {})
             alt = torch.zeros_like(raw) if b.fallback is None else b.fallback(x)
             cost = (raw - alt).norm(dim=-1).flatten()
             imp = importance(b.gate(x)).flatten()

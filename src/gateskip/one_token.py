@@ -7,7 +7,7 @@ route. The call is one token, so the branch runs whole or not at all:
     g = gate_values(gate, x)        matrix-vector ops on the flat token, no module call
     skipped = decide(state, ...)    importance read on the host, compared with the host threshold
     skipped: physical.skip_all      the module is not called (K/V of the token still written)
-    kept:    branch._gated_call     the branch as is, times its gate
+    kept:    branch.gated_call     the branch as is, times its gate
 
 Same decisions and outputs as the general route (tests/test_core.py and tests/test_reliability.py check
 them against it); this is only its shortest route. At batch 1 a decode step of SmolLM2 is ~60 branch
@@ -27,16 +27,16 @@ _TRUE: dict = {}
 def run(branch, x: torch.Tensor, args: tuple, kwargs: dict):
     """The output of ``branch`` (a GatedBranch, gate after the branch) on the one token ``x`` ([1, 1, H])."""
     st = branch.state
-    g = gate_values(branch._fast_gate, x.detach() if branch.detach_input and x.requires_grad else x)
+    g = gate_values(branch.fast_gate, x.detach() if branch.detach_input and x.requires_grad else x)
     skip = decide(st, branch, g)
     if skip is None:
         st.count_path("dense")
-    elif branch._physical(st.plan, x) and not (args and branch.kind == "attn"):
+    elif branch.takes_physical_path(st.plan, x) and not (args and branch.kind == "attn"):
         st.count_path("physical")
         return physical.skip_all(branch, x, kwargs, skip, g)
     else:
         st.count_path("masked")
-    return branch._gated_call(x, g, skip, args, kwargs)
+    return branch.gated_call(x, g, skip, args, kwargs)
 
 
 def gate_values(gate, x: torch.Tensor) -> torch.Tensor:

@@ -77,9 +77,9 @@ def run(branch, x: torch.Tensor, g: torch.Tensor | None, skip: torch.Tensor, n_s
         return skip_all(branch, x, kwargs, skip, g)
     if branch.kind == "mlp":
         out = _mlp(branch, x, g, skip, n_skip, args, kwargs, static)
-        return out if branch._fast_fallback is None else _with_fallback(branch, out, x, g, skip, n_skip, static)
+        return out if branch.fast_fallback is None else _with_fallback(branch, out, x, g, skip, n_skip, static)
     out, w = _attention(branch, x, g, skip, n_skip, kwargs, static)
-    return (out if branch._fast_fallback is None else _with_fallback(branch, out, x, g, skip, n_skip, static)), w
+    return (out if branch.fast_fallback is None else _with_fallback(branch, out, x, g, skip, n_skip, static)), w
 
 
 def _with_fallback(branch, out, x, g, skip, n_skip, static):
@@ -90,7 +90,7 @@ def _with_fallback(branch, out, x, g, skip, n_skip, static):
         sidx = torch.argsort(flat.to(torch.uint8), stable=True)[b * t - n_skip:]
     else:
         sidx = flat.nonzero().squeeze(1)
-    v = gated_fallback(branch._fast_fallback, x.reshape(b * t, h).index_select(0, sidx),
+    v = gated_fallback(branch.fast_fallback, x.reshape(b * t, h).index_select(0, sidx),
                        None if g is None else g.reshape(b * t, -1).index_select(0, sidx))
     # in place: ``out`` is the fresh tensor _mlp / _attention built, so no second B x T x H copy
     return out.view(b * t, h).index_copy_(0, sidx, v.to(out.dtype)).view(b, t, h)
@@ -102,7 +102,7 @@ def _mlp(branch, x, g, skip, n_skip, args, kwargs, static):
         idx = torch.argsort(skip.reshape(-1).to(torch.uint8), stable=True)[:b * t - n_skip]
     else:  # nonzero: cheaper on CPU, but its size is data-dependent (a sync on GPU)
         idx = (~skip).reshape(-1).nonzero().squeeze(1)
-    o = branch._run(x.reshape(b * t, h).index_select(0, idx).unsqueeze(0), args, kwargs)[0]
+    o = branch.run_module(x.reshape(b * t, h).index_select(0, idx).unsqueeze(0), args, kwargs)[0]
     if g is not None:
         o = o * g.reshape(b * t, -1).index_select(0, idx)
     return x.new_zeros(b * t, h).index_copy_(0, idx, o).view(b, t, h)
@@ -115,7 +115,7 @@ def skip_all(branch, x: torch.Tensor, kwargs, skip: torch.Tensor, g: torch.Tenso
     written to the cache and kept for the layer above. ``skip``: the (all-True) skip mask; ``g``: the
     gate values (None when the gate sat before the branch), only read by a fallback.
     """
-    fb = branch._fast_fallback
+    fb = branch.fast_fallback
     if branch.kind == "mlp":
         return x.new_zeros(x.shape) if fb is None else gated_fallback(fb, x, g)
     attn, st = branch.module, branch.state
@@ -172,7 +172,7 @@ def _attention(branch, x, g, skip, n_skip, kwargs, static):
     if pos is not None:
         kwargs["position_ids"] = pos.gather(1, idx_r)
     kwargs[key] = GatheredKV(cache, st, base_k, base_v, idx, slot_kept, rows)
-    o = branch._run(take(x), (), kwargs)[0]
+    o = branch.run_module(take(x), (), kwargs)[0]
     if g is not None:
         o = o * take(g)
     if slot_r is not None:

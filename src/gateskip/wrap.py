@@ -47,13 +47,14 @@ class GatedBranch(nn.Module):
 
     # gate / module / post_norm / fallback are read on every call; nn.Module keeps submodules in
     # ``_modules``, reached through __getattr__ (two Python frames here). A plain copy in __dict__ is
-    # found directly.
+    # found directly: ``fast_gate``, ``fast_module``, ``fast_post_norm``, ``fast_fallback``, the public seams the
+    # physical and one-token paths read (with ``run_module``, ``gated_call`` and ``takes_physical_path``).
     _FAST = ("gate", "module", "post_norm", "fallback")
 
     def __setattr__(self, name: str, value):
         super().__setattr__(name, value)
         if name in self._FAST:
-            self.__dict__["_fast_" + name] = value
+            self.__dict__["fast_" + name] = value
 
     def __getattr__(self, name: str):
         try:
@@ -68,10 +69,10 @@ class GatedBranch(nn.Module):
             x = kwargs.pop("hidden_states")
         st = self.state
         if st.bypass:
-            return self._run(x, args, kwargs)
+            return self.run_module(x, args, kwargs)
         if st.call.one_token and x.numel() == x.shape[-1] and self.placement == "after":
             return one_token.run(self, x, args, kwargs)  # decode at batch 1: one_token.py
-        g = self._fast_gate(x.detach() if self.detach_input and x.requires_grad else x)
+        g = self.fast_gate(x.detach() if self.detach_input and x.requires_grad else x)
         if g.dtype != x.dtype:
             g = g.to(x.dtype)
         plan = st.plan
@@ -82,7 +83,7 @@ class GatedBranch(nn.Module):
             x = x * g
         if skip is None:
             st.count_path("dense")
-        elif self._physical(plan, x) and not (args and self.kind == "attn"):  # attention args come as keywords
+        elif self.takes_physical_path(plan, x) and not (args and self.kind == "attn"):  # attention args come as keywords
             n = skip.numel()
             n_skip = st.skip_count(skip)  # sizes the gather: host-known under quantile, else read (GPU: a sync)
             if n_skip is None:  # sync_free and a data-dependent count: reading it would be a sync, so run masked
@@ -98,7 +99,7 @@ class GatedBranch(nn.Module):
                 st.count_path("masked")
         else:
             st.count_path("masked")
-        return self._gated_call(x, g if self.placement == "after" else None, skip, args, kwargs)
+        return self.gated_call(x, g if self.placement == "after" else None, skip, args, kwargs)
 
     def _oracle_call(self, x, g, args, kwargs):
         """``policy="oracle"`` / ``"oracle_threshold"``, ceilings to measure learned gates against, not methods: the
@@ -107,9 +108,9 @@ class GatedBranch(nn.Module):
         policy or compared per token with calibrated thresholds (``calibrate(score="oracle")``). Masked path,
         skipped tokens keep their own K/V (``skipping`` asks for kv="compute" and gates after the branch)."""
         st = self.state
-        out = self._run(x, args, kwargs)
+        out = self.run_module(x, args, kwargs)
         o = out[0] if isinstance(out, tuple) else out
-        fb = self._fast_fallback
+        fb = self.fast_fallback
         alt = None if fb is None else fb(x)
         diff = (o if alt is None else o - alt) * g
         skip = st.on_gate(self, x, g, imp=diff.detach().float().norm(dim=-1))
@@ -119,20 +120,20 @@ class GatedBranch(nn.Module):
             o = o.masked_fill(skip.unsqueeze(-1), 0.0) if alt is None else torch.where(skip.unsqueeze(-1), alt * g, o)
         return (o, *out[1:]) if isinstance(out, tuple) else o
 
-    def _gated_call(self, x, g, skip, args, kwargs):
+    def gated_call(self, x, g, skip, args, kwargs):
         """The masked path: the branch on every token, times the gate (``g``, None if applied before), 0 where
         skipped (or the gated fallback: computed for every token here, kept only where skipped)."""
         st, plan = self.state, self.state.plan
         if self.kind == "attn" and plan is not None and plan.copy_kv:
             key = cache_key(kwargs)
             kwargs[key] = KVProxy(kwargs.get(key), st, skip)
-        out = self._run(x, args, kwargs)
+        out = self.run_module(x, args, kwargs)
         o = out[0] if isinstance(out, tuple) else out
         raw = o
         if g is not None:
             o = o * g
         if skip is not None:
-            fb = self._fast_fallback
+            fb = self.fast_fallback
             if plan.straight_through and g is not None and o.requires_grad:
                 o = _straight_through(raw, g, o, skip, None if fb is None else fb(x))
             elif fb is None:
@@ -141,7 +142,8 @@ class GatedBranch(nn.Module):
                 o = torch.where(skip.unsqueeze(-1), gated_fallback(fb, x, g), o)
         return (o, *out[1:]) if isinstance(out, tuple) else o
 
-    def _physical(self, plan, x) -> bool:
+    def takes_physical_path(self, plan, x) -> bool:
+        """Whether this call runs the physical path (skipped tokens never computed) under ``plan``."""
         if plan.path == "masked":
             return False
         memo = plan_memo(plan)  # asked once per plan: reading the HF config costs microseconds
@@ -152,10 +154,10 @@ class GatedBranch(nn.Module):
             return False
         return plan.path == "physical" or not (torch.is_grad_enabled() and x.requires_grad)
 
-    def _run(self, x, args, kwargs):
+    def run_module(self, x, args, kwargs):
         """The original branch, followed by its post-norm where the family has one."""
-        out = self._fast_module(x, *args, **kwargs)
-        post = self._fast_post_norm
+        out = self.fast_module(x, *args, **kwargs)
+        post = self.fast_post_norm
         if post is None:
             return out
         if isinstance(out, tuple):
