@@ -158,8 +158,9 @@ def test_analysis_on_hand_made_results(tmp_path):
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
-def test_tiny_run_sweeps_qualifying_tasks(monkeypatch):
-    """End to end on a tiny model: dense on both formats, then the other rows where dense qualifies."""
+def _tiny_sweep(monkeypatch, max_new_tokens: int):
+    """A gated tiny model with a chat template, every task qualifying, an ``nq`` task answered in at most
+    ``max_new_tokens``, and the dense and random settings."""
     import gateskip
 
     tok = tiny_tokenizer()
@@ -167,9 +168,14 @@ def test_tiny_run_sweeps_qualifying_tasks(monkeypatch):
     net = tiny_model("llama")
     gateskip.add_gates(net, gateskip.GateSkipConfig())
     monkeypatch.setattr(g, "qualify", lambda s: (0.5, 0.1, True))
-    monkeypatch.setitem(g.TASKS, "nq", g.Task("nq", "f1", 4, "", "Answer briefly."))
+    monkeypatch.setitem(g.TASKS, "nq", g.Task("nq", "f1", max_new_tokens, "", "Answer briefly."))
+    return net, tok, [Setting("dense", 0.0), Setting("random", 0.5, {"ratio": 0.5, "policy": "random", "seed": 0})]
+
+
+def test_tiny_run_sweeps_qualifying_tasks(monkeypatch):
+    """End to end on a tiny model: dense on both formats, then the other rows where dense qualifies."""
+    net, tok, settings = _tiny_sweep(monkeypatch, max_new_tokens=4)
     data = {"nq": (items(5), items(13)[10:])}
-    settings = [Setting("dense", 0.0), Setting("random", 0.5, {"ratio": 0.5, "policy": "random", "seed": 0})]
     res = g.run(net, tok, settings, [("nq", "fewshot"), ("nq", "chat")], 5, batch=2, items=data)
     for key in ("nq:fewshot", "nq:chat"):
         rows = res["tasks"][key]["rows"]
@@ -182,16 +188,8 @@ def test_tiny_run_sweeps_qualifying_tasks(monkeypatch):
 def test_resume_keeps_measured_rows_and_merge_adds_tasks(monkeypatch, tmp_path):
     """An interrupted run's rows are kept (not measured again) when the fingerprint matches, re-measured when it
     does not or the file is corrupt; merge adds another run's tasks and refuses other settings or the same task."""
-    import gateskip
-
-    tok = tiny_tokenizer()
-    tok.chat_template = TEMPLATE
-    net = tiny_model("llama")
-    gateskip.add_gates(net, gateskip.GateSkipConfig())
-    monkeypatch.setattr(g, "qualify", lambda s: (0.5, 0.1, True))
-    monkeypatch.setitem(g.TASKS, "nq", g.Task("nq", "f1", 3, "", "Answer briefly."))
+    net, tok, settings = _tiny_sweep(monkeypatch, max_new_tokens=3)
     data = {"nq": (items(4), items(13)[10:])}
-    settings = [Setting("dense", 0.0), Setting("random", 0.5, {"ratio": 0.5, "policy": "random", "seed": 0})]
     path = tmp_path / "partial.json"
     first = g.run(net, tok, settings, [("nq", "fewshot")], 4, batch=2, items=data, resume=(path, {"gates": "a"}))
     assert first["resumed"] == 0 and path.is_file()
