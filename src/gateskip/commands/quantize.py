@@ -11,7 +11,7 @@ from gateskip.quantize import _quanto, describe, quantize, weight_bytes
 
 
 def quantize_command(model: str | None = None, gates: str | None = None, bits: int = 4, group_size: int = 64,
-                     batches: int = 4, seq_len: int = 256, skip: float = 0.0, threads: int = 0,
+                     batches: int = 4, seq_len: int = 256, ratio: float = 0.0, threads: int = 0,
                      json: str | None = None, optimizer: str = "minmax") -> dict:
     """Quantize a model's backbone (decoder-layer linears) and report weight size and held-out NLL vs full precision.
 
@@ -23,7 +23,7 @@ def quantize_command(model: str | None = None, gates: str | None = None, bits: i
         group_size: input features per int4 scale/shift; must divide every layer's input size.
         batches: held-out batches of 4 x seq-len tokens (``mix`` text, never training text).
         seq_len: tokens per row.
-        skip: with --gates: skip ratio while measuring (threshold policy when calibrated, else quantile).
+        ratio: with --gates: the paper's skip ratio while measuring (threshold policy when calibrated, else quantile).
         threads: torch CPU threads (0: leave as is).
         json: write the report to this JSON file.
         optimizer: int4 scales/shifts: minmax (round to nearest) or hqq (half-quadratic, slower).
@@ -38,18 +38,18 @@ def quantize_command(model: str | None = None, gates: str | None = None, bits: i
     _quanto()  # fail before loading anything
     if threads:
         torch.set_num_threads(threads)
-    if skip and not gates:
-        raise GateSkipError("--skip needs gates: pass --gates DIR")
+    if ratio and not gates:
+        raise GateSkipError("--ratio needs gates: pass --gates DIR")
     name = base_model_name(model, gates)
     net, tok = load_named(name)
     if gates:
         load_gates(net, gates)
     policy = resolve_policy(None, gates is not None and gate_state(net).loaded.calibration is not None)
     data = _heldout(tok, seq_len, batches)
-    before, size_before = _nll(net, data, skip, policy, "full precision"), weight_bytes(net)
+    before, size_before = _nll(net, data, ratio, policy, "full precision"), weight_bytes(net)
     quantize(net, bits=bits, group_size=group_size, optimizer=optimizer)
-    after, size_after = _nll(net, data, skip, policy, describe(net)), weight_bytes(net)
-    report = {"model": name, "gates": gates, "skip": skip, "quant": describe(net), "tokens": after["tokens"],
+    after, size_after = _nll(net, data, ratio, policy, describe(net)), weight_bytes(net)
+    report = {"model": name, "gates": gates, "ratio": ratio, "quant": describe(net), "tokens": after["tokens"],
               "full_precision": {**before, "bytes": size_before}, "quantized": {**after, "bytes": size_after},
               "delta_nll": after["nll"] - before["nll"]}
     mb = lambda b: b / 2**20  # noqa: E731
@@ -58,7 +58,7 @@ def quantize_command(model: str | None = None, gates: str | None = None, bits: i
         print(f"{label:<40} {mb(sz['total']):10.1f} {mb(sz['linears']):18.1f} "
               f"{r['nll']:7.4f} {r['ppl']:8.2f}")
     print(f"NLL difference: {report['delta_nll']:+.4f} nats/token over {after['tokens']} held-out tokens"
-          + (f", skip {skip:g} ({policy})" if skip else ""))
+          + (f", ratio {ratio:g} ({policy})" if ratio else ""))
     if json:
         atomic_write(Path(json), lambda p: Path(p).write_text(jsonlib.dumps(report, indent=2)))
     return report
@@ -73,7 +73,7 @@ def _heldout(tok, seq_len: int, n: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def _nll(model: nn.Module, batches: list[torch.Tensor], skip: float, policy: str, label: str) -> dict:
+def _nll(model: nn.Module, batches: list[torch.Tensor], ratio: float, policy: str, label: str) -> dict:
     import contextlib
     import math
 
@@ -83,7 +83,7 @@ def _nll(model: nn.Module, batches: list[torch.Tensor], skip: float, policy: str
 
     total, n = 0.0, 0
     for b in tqdm(batches, desc=f"NLL, {label}", unit="batch", leave=False):
-        with skipping(model, ratio=skip, policy=policy) if skip else contextlib.nullcontext():
+        with skipping(model, ratio=ratio, policy=policy) if ratio else contextlib.nullcontext():
             logits = model(b).logits[:, :-1].float()
         total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
                                              reduction="sum").item()
