@@ -88,3 +88,18 @@ def test_a_prompt_boost_moves_the_saving_to_prompts_and_still_lands():
     with pytest.raises(GateSkipError, match="prompt_boost"):
         with gateskip.skipping(m, saved=0.4, prompt_boost=3.0):
             pass
+
+
+def test_a_boost_never_asks_more_than_short_answers_can_pay_back():
+    """Long prompts with short answers (extractive questions): prompts at 1.5 times the budget would leave the
+    answers nothing to pay back with; once answers have been seen, the prompts aim lower and the run lands."""
+    m = gated(calibrated=True)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, VOCAB, (2, 120), generator=g) for _ in range(6)]
+    with torch.no_grad(), gateskip.skipping(m, saved=0.25, policy="threshold", prompt_boost=1.5) as plan:
+        for ids in prompts:
+            m.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        saved = gateskip.stats(m)["compute_saved"]
+        boost = gate_state(m).plan.budget.boost()
+    assert plan is not None and boost < 1.2  # answers are a few percent of a prompt's compute
+    assert saved == pytest.approx(0.25, abs=0.03)

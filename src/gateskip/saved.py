@@ -11,6 +11,8 @@ controller sits on the ratio ``q`` (one for every branch that may skip):
 - after each forward call of the model (a prefill, a decode step, a scored batch), the call's observed saving
   updates ``offset``: a FLOP-weighted running mean of ``observed - slope * q`` over the calls so far, the prior
   counting as ``PRIOR_CALLS`` calls of the first one's size.
+- with ``prompt_boost`` (generation) a prompt aims at that many times the target, capped at what the answers seen so
+  far can pay back (``SavedBudget.boost``), and the answer's steps make up the rest;
 - the next call's ``q`` is the one whose predicted saving pays the target plus the debt run up so far, spread over
   ``HORIZON`` calls of its own size (known before it runs: its tokens and their context), or over as many FLOPs as
   were run so far if that is more, and never aiming above ``CATCH_UP`` times the target. The budget is over the
@@ -85,7 +87,7 @@ class SavedBudget:
         # a prompt aims at prompt_boost times the target, a cached step at the target; both pay the debt run up so
         # far, spread over HORIZON calls of this one's size or over as many FLOPs as were run so far if that is more
         # (a long prompt is paid back by the answer's steps a little each, not by all of the next one)
-        boost = self.prompt_boost if prefill else 1.0
+        boost = self.boost() if prefill else 1.0
         debt = self.target * self.dense - (self.dense - self.executed)  # FLOPs still to save over the run
         # saved too much so far: skipping less is safe, so the next calls give it back at once
         horizon = HORIZON * size if debt < 0 else max(HORIZON * size, self.dense)
@@ -94,6 +96,17 @@ class SavedBudget:
         self.prefill = prefill
         self.q = min(MAX_RATIO, max(0.0, (want - self.offset[prefill]) / self.slope))
         return self.q
+
+    def boost(self) -> float:
+        """What a prompt aims at, in times the target: ``prompt_boost``, but never more than the answers can pay
+        back. With answers of A times a prompt's dense compute (seen so far here and in earlier contexts of this
+        setting), a prompt at (1 + A) times the target already leaves them nothing to save; a long prompt with a
+        short answer (extractive questions) then lands at the target instead of above it. Before any answer has
+        been seen: ``prompt_boost``."""
+        prompts, answers = self.memory.get((*self.key, "dense"), (0.0, 0.0))
+        if not answers:
+            return self.prompt_boost
+        return max(1.0, min(self.prompt_boost, 1.0 + answers / prompts))
 
     def observe(self, dense: float, executed: float) -> None:
         """Count the call just run (its dense and executed FLOPs): its kind's offset moves to the FLOP-weighted mean
@@ -111,6 +124,8 @@ class SavedBudget:
         self.executed += executed
         mean, weight = self.memory.get((*self.key, r), (0.0, 0.0))
         self.memory[(*self.key, r)] = ((mean * weight + implied * dense) / (weight + dense), weight + dense)
+        prompts, answers = self.memory.get((*self.key, "dense"), (0.0, 0.0))  # the answers' share, for boost()
+        self.memory[(*self.key, "dense")] = (prompts + dense, answers) if r else (prompts, answers + dense)
 
 
 def install_budget(st, plan, saved: float, prompt_boost: float | None, modules: tuple[str, ...]):
