@@ -209,8 +209,14 @@ def test_resume_keeps_measured_rows_and_merge_adds_tasks(monkeypatch, tmp_path):
     assert set(merged["tasks"]) == {"nq:fewshot", "nq:chat"}
     with pytest.raises(GateSkipError, match="also holds nq:chat"):
         g.merge(merged, [("b.json", other)])
-    with pytest.raises(GateSkipError, match="other settings"):
+    with pytest.raises(GateSkipError, match="another --limit"):
         g.merge(first, [("c.json", {**other, "limit": 9})])
+    # a rerun with fewer settings keeps the rows it shares with the partial file, measured with the same setting
+    calls.clear()
+    g.run(net, tok, settings, [("nq", "fewshot")], 4, batch=2, items=data, resume=(path, {"gates": "c"}))
+    dense_only = g.run(net, tok, settings[:1], [("nq", "fewshot")], 4, batch=2, items=data,
+                       resume=(path, {"gates": "c"}))
+    assert dense_only["resumed"] == 1 and len(calls) == 2
 
 
 def test_a_row_within_half_a_point_counts_as_at_the_level():

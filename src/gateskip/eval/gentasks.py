@@ -259,14 +259,20 @@ def _prepare(tok, specs, n, context, items, log) -> dict:
 
 
 def _load_partial(path: str | Path | None, fingerprint: dict) -> dict:
-    """The rows an interrupted run with the same ``fingerprint`` wrote to ``path`` (task key -> rows)."""
+    """The rows an interrupted run with the same ``fingerprint`` (model, gates folder, tasks, policy, limit) wrote
+    to ``path``: task key -> {setting (as JSON) -> row}. A row is kept for the setting it was measured with,
+    whichever other settings that run or this one has."""
     if path is None or not Path(path).is_file():
         return {}
     try:
         saved = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        own = {k: v for k, v in saved["fingerprint"].items() if k != "settings"}
+        by_row = {(s["method"], s["budget"]): json.dumps(s, sort_keys=True) for s in saved["fingerprint"]["settings"]}
+        if own != fingerprint:
+            return {}
+        return {key: {by_row[(r["method"], r["budget"])]: r for r in rows} for key, rows in saved["rows"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
         return {}  # a corrupt partial file is measured again, never trusted
-    return saved.get("rows", {}) if saved.get("fingerprint") == fingerprint else {}
 
 
 def _save_partial(path: str | Path | None, fingerprint: dict, res: dict) -> None:
@@ -290,18 +296,19 @@ def run(net, tok, settings: list[Setting], specs: list[tuple[str, str]], n: int 
     data = _prepare(tok, specs, n, getattr(net.config, "max_position_embeddings", None), items, log)
     res = {"limit": n, "settings": [asdict(s) for s in settings], "tasks": {}, "resumed": 0}
     path, fingerprint = resume or (None, {})
-    fingerprint = {**fingerprint, "limit": n, "settings": res["settings"]}
+    fingerprint = {**fingerprint, "limit": n}
     done = _load_partial(path, fingerprint)
-    for i, st in enumerate(settings):
+    fingerprint["settings"] = res["settings"]
+    for st in settings:
         for name, fmt in specs:
             key, task, its = f"{name}:{fmt}", TASKS[name], data[name]["items"]
             entry = res["tasks"].setdefault(key, {"task": name, "format": fmt, "metric": task.metric,
                                                    "items": len(its), "rows": []})
             if st.skip is not None and not entry["qualifies"]:
                 continue
-            kept = done.get(key, [])
-            if i < len(kept) and (kept[i]["method"], kept[i]["budget"]) == (st.method, st.budget):
-                row, res["resumed"] = kept[i], res["resumed"] + 1
+            kept = done.get(key, {}).get(json.dumps(asdict(st), sort_keys=True))
+            if kept is not None:
+                row, res["resumed"] = kept, res["resumed"] + 1
             else:
                 row = _answer(net, tok, st, task, fmt, data[name], batch)
             entry["rows"].append(row)
@@ -320,12 +327,12 @@ def run(net, tok, settings: list[Setting], specs: list[tuple[str, str]], n: int 
 
 
 def merge(res: dict, others: list[tuple[str, dict]]) -> dict:
-    """``res`` with the task/formats of ``others`` ((name, results) of gen runs with the same settings and
-    limit on other tasks) added, and analysed again over all of them."""
+    """``res`` with the task/formats of ``others`` ((name, results) of gen runs with the same limit on other tasks)
+    added, and analysed again over all of them (a method some task has no rows of is left out of the comparison
+    over tasks)."""
     for name, other in others:
-        if other.get("settings") != res["settings"] or other.get("limit") != res["limit"]:
-            raise GateSkipError(f"{name} ran other settings or another --limit than this run: merge gen runs "
-                                "of the same --gates, --saved/--ratios, --methods and --limit")
+        if other.get("limit") != res["limit"]:
+            raise GateSkipError(f"{name} ran another --limit than this run: merge gen runs of the same --limit")
         clash = set(other["tasks"]) & set(res["tasks"])
         if clash:
             raise GateSkipError(f"{name} also holds {', '.join(sorted(clash))}: merge runs on other tasks")
