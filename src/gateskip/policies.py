@@ -11,6 +11,7 @@ Every policy maps ``importance [B, T]`` and ``valid [B, T]`` (False for padding)
   its importance is below the branch's calibrated r-quantile. Each decision depends on that token
   alone, so batching does not change it and decode at batch 1 really skips.
 - ``random``: each valid token skipped with probability r (the baseline at matched ratio).
+- ``aligned``: ``threshold``, but in a decode step of a batch a branch skips for every row or none (by majority).
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ class Policy:
     ``thresholds``: the calibration record (a ``Loaded`` attribute) whose per-branch thresholds it compares each
     token against, or None. ``computes_branch``: a reference that computes every branch to score its tokens (the
     oracles: kv must be ``compute``). ``draws``: a seeded random draw per token. ``one_token``: a one-token decode
-    call can be decided on the host from the gate value alone (one_token.py).
+    call can be decided on the host from the gate value alone (one_token.py). ``aligned``: in a decode step of a
+    batch (one new token per row), a branch skips for every row or for none, by majority of the rows' own
+    decisions: rows that skip together let the branch not run at all, which a batch bound by reading the weights
+    needs to gain anything (an opt-in serving policy; at batch 1 it is ``threshold``).
     """
 
     name: str
@@ -40,6 +44,7 @@ class Policy:
     computes_branch: bool = False
     draws: bool = False
     one_token: bool = False
+    aligned: bool = False
 
     @property
     def needs_calibration(self) -> bool:
@@ -62,7 +67,8 @@ class Policy:
                 return (None, 0) if k == 0 else (quantile_skip(imp, valid, ratio, n_valid), k)
             return quantile_skip(imp, valid, ratio), None
         if self.thresholds is not None:
-            return threshold_skip(imp, valid, threshold), None
+            skip = threshold_skip(imp, valid, threshold)
+            return (aligned_rows(skip, valid) if self.aligned else skip), None
         return random_skip(imp, valid, ratio, generator), None
 
 
@@ -70,6 +76,7 @@ POLICY = {p.name: p for p in (
     Policy("quantile", ranks_call=True),
     Policy("threshold", thresholds="calibration", one_token=True),
     Policy("random", draws=True),
+    Policy("aligned", thresholds="calibration", one_token=True, aligned=True),
     # The oracles are references, not methods: they compute the branch and skip the tokens whose branch output
     # differs least from what they get when skipped (0 or the fallback), ranked per call like quantile ("oracle")
     # or per token against calibrated thresholds like threshold ("oracle_threshold", ``calibrate(score="oracle")``).
@@ -100,6 +107,15 @@ def quantile_skip(imp: torch.Tensor, valid: torch.Tensor, ratio: float, n_valid:
     ranks[order] = torch.arange(order.numel(), device=order.device)
     k = torch.round(valid.sum() * ratio) if n_valid is None else quantile_count(n_valid, ratio)
     return (ranks.view_as(imp) < k) & valid
+
+
+def aligned_rows(skip: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """A decode step of a batch (``skip`` [B, 1], B > 1): every valid row skips when more than half of them would,
+    none otherwise; any other call as it is."""
+    if skip.dim() != 2 or skip.shape[1] != 1 or skip.shape[0] < 2:
+        return skip
+    v = torch.ones_like(skip) if valid is None else valid
+    return v & (2 * (skip & v).sum() > v.sum())
 
 
 def quantile_count(n_valid: int, ratio: float) -> int:
