@@ -130,9 +130,10 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
     settings, ctxs = _settings(variants, ratio_list, saved_list, {"policy": policy, "kv": kv, "path": path})
     live = timing.live_models(m, variants, settings)
     phases = list(PHASES) + [f"decode_b{b}" for b in batch_list]
-    times, saved, skipped = _time_rounds(m, live, ctxs, settings, phases, prefill_ids, prompts, ta, json, batch_list)
+    times, saved_by, skipped = _time_rounds(m, live, ctxs, settings, phases, prefill_ids, prompts, ta, json,
+                                            batch_list)
     del live
-    results = _summarise(settings, phases, times, saved, skipped, prefill_batch * prefill_len, batch_list,
+    results = _summarise(settings, phases, times, saved_by, skipped, prefill_batch * prefill_len, batch_list,
                          new_tokens)
     report = {"command": _command(locals()), "machine": _machine(threads), "results": results}
     print(format_table(results, phases))
@@ -257,6 +258,8 @@ def _command(args: dict) -> str:
     keys = ["model", "gates", "random_gates", "gate", "rank", "ratios", "saved", "policy", "kv", "path", "prefill_batch",
             "prefill_len", "decode_batches", "prompt_len", "new_tokens", "repeats", "warmup", "threads", "clock", "seed", "quant",
             "decode_timing"]
+    if not args.get("random_gates"):  # a gates folder: the random gates' options do not apply
+        keys = [k for k in keys if k not in ("random_gates", "gate", "rank")]
     return "gateskip bench " + " ".join(_flag(k, args[k]) for k in keys if args.get(k) is not None)
 
 
