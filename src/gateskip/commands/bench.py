@@ -104,13 +104,8 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
     saved_list = as_list(saved, float, "--saved") if saved else []
     batch_list = as_list(decode_batches, int, "--decode-batches")
     kinds = as_list(gate, str, "--gate")
-    if gates is None and not random_gates:
-        raise GateSkipError("bench needs gates: pass --gates DIR (a trained run) or --random-gates")
-    if gates is not None and random_gates:
-        raise GateSkipError("--gates and --random-gates exclude each other: pass one of them")
+    _check_gates(gates, random_gates, fallback)
     fallbacks = fallback
-    if fallbacks != ["zero"] and gates is not None:
-        raise GateSkipError("--fallback applies to --random-gates: a gates folder brings its own fallback")
     torch.set_num_threads(threads)
     from gateskip.loading import load_named, quantize_for_run
     from gateskip.policies import resolve_policy
@@ -144,6 +139,15 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
 
         plot_speed(results, plot)
     return report
+
+
+def _check_gates(gates, random_gates: bool, fallback: list[str]) -> None:
+    if gates is None and not random_gates:
+        raise GateSkipError("bench needs gates: pass --gates DIR (a trained run) or --random-gates")
+    if gates is not None and random_gates:
+        raise GateSkipError("--gates and --random-gates exclude each other: pass one of them")
+    if fallback != ["zero"] and gates is not None:
+        raise GateSkipError("--fallback applies to --random-gates: a gates folder brings its own fallback")
 
 
 def _settings(variants, ratio_list, saved_list, plan: dict) -> tuple[list, dict]:
