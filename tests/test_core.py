@@ -441,6 +441,25 @@ def test_protect_first_comes_from_the_gates_config_and_ends_in_decode():
         pass
 
 
+def test_protect_tail_never_skips_a_prompts_last_tokens_and_ends_in_decode():
+    """protect_tail=N: in a call with nothing cached, each row's last N real tokens never skip (left padding
+    accounted for); a cached decode step is not protected."""
+    m = gateskip.add_gates(tiny_model("llama"), GateSkipConfig(init_std=0.3, init_bias=0.0))
+    ids, mask = left_padded([9, 6, 12])
+    with torch.no_grad(), gateskip.skipping(m, ratio=1.0, policy="quantile", protect_tail=3):
+        masks = _skip_masks(m, lambda: m(input_ids=ids, attention_mask=mask, use_cache=False))
+    real = mask.bool()
+    for s in masks:
+        assert not s[:, -3:].any() and s[:, :-3][real[:, :-3]].all()
+    with torch.no_grad(), gateskip.skipping(m, ratio=1.0, protect_tail=3):
+        out = m(input_ids=ids[:1], use_cache=True)
+        step = _skip_masks(m, lambda: m(input_ids=ids[:1, -1:], use_cache=True,
+                                        **{model_cache_arg(m): output_cache(out)}))
+        assert all(s.all() for s in step)
+    with pytest.raises(GateSkipError, match="protect_tail"), gateskip.skipping(m, ratio=0.2, protect_tail=-1):
+        pass
+
+
 def test_a_state_subclass_is_the_extension_point_for_other_deciders():
     """add_gates(state_cls=...): a GateState subclass that overrides on_gate decides which tokens skip; skipping,
     statistics and remove_gates stay the same (here: every odd position skips every branch)."""

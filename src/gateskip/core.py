@@ -137,7 +137,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
              sync_free: bool | None = None, protect_last: bool | None = None,
              protect_tokens: Iterable[int] | None = None, recheck_tokens: Iterable[int] | None = None,
              recheck_below: float = 0.0, saved: float | None = None, protect_prompt: bool = False,
-             prompt_boost: float | None = None):
+             prompt_boost: float | None = None, protect_tail: int = 0):
     """Run ``model`` with a per-layer skip budget inside the ``with`` block.
 
     Args:
@@ -164,6 +164,8 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         protect_last: never skip the last position of a prompt (a call with nothing cached): the one whose logits
             give the first generated token. Default: the gate config's.
         protect_prompt: never skip a prompt (a call with nothing cached) at all: only generated tokens skip.
+        protect_tail: never skip the last N positions of a prompt (in a long passage-then-question prompt: the
+            question and the template's end).
         protect_tokens: token ids never skipped (e.g. ``gateskip.special_token_ids(tok)``); default: the gate config's.
         recheck_tokens: generation: a forward call whose top next token is one of these ids (e.g. the stop tokens,
             ``gateskip.stop_ids(tok)``) is computed again for that row without skipping (recheck.py); its compute is
@@ -189,7 +191,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     previous = st.plan
     st.plan, modules = build_plan(model, st, ratio, policy, modules, kv, seed, path, allocation, protect_first,
                                   straight_through, sync_free, protect_last, protect_tokens, recheck_tokens,
-                                  recheck_below, saved, protect_prompt)
+                                  recheck_below, saved, protect_prompt, protect_tail)
     if saved is not None:
         st.plan = install_budget(st, st.plan, saved, prompt_boost, modules)
     st.reset_stats()

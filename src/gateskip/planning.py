@@ -25,7 +25,7 @@ def build_plan(model: nn.Module, st: GateState, ratio, policy: str | None, modul
                seed: int, path: str, allocation: str, protect_first: int | None, straight_through: bool,
                sync_free: bool | None, protect_last: bool | None, protect_tokens: Iterable[int] | None,
                recheck_tokens: Iterable[int] | None, recheck_below: float, saved: float | None,
-               protect_prompt: bool) -> tuple[Plan, tuple[str, ...]]:
+               protect_prompt: bool, protect_tail: int = 0) -> tuple[Plan, tuple[str, ...]]:
     """The plan of ``skipping(model, ...)`` (its arguments as given) and the branch kinds that skip; raises on an
     invalid argument. A ``saved`` budget is checked against ``ratio`` here but installed by the caller."""
     policy, modules, kv, path = _options(st, policy, modules, kv, path, allocation)
@@ -43,6 +43,7 @@ def build_plan(model: nn.Module, st: GateState, ratio, policy: str | None, modul
                 generator=torch.Generator().manual_seed(seed) if POLICY[policy].draws else None, path=path,
                 protect=protect, straight_through=bool(straight_through), sync_free=bool(sync_free),
                 protect_last=last, protect_prompt=bool(protect_prompt), protect_tokens=never,
+                protect_tail=_tail(protect_tail),
                 recheck_tokens=check_recheck_tokens(recheck_tokens),
                 recheck_below=check_recheck_below(recheck_below))
     return plan, modules
@@ -70,6 +71,12 @@ def _options(st: GateState, policy: str | None, modules: Iterable[str], kv: str 
             raise GateSkipError(f"policy {policy!r} needs gates placed after the branch (placement='after')")
         path = "masked"
     return policy, modules, kv, path
+
+
+def _tail(protect_tail) -> int:
+    if int(protect_tail) != protect_tail or protect_tail < 0:
+        raise GateSkipError(f"protect_tail={protect_tail!r} is invalid: use a whole number >= 0")
+    return int(protect_tail)
 
 
 def _rules(st: GateState, protect_first, protect_last, protect_tokens) -> tuple[int, bool, torch.Tensor | None]:

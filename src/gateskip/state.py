@@ -46,6 +46,7 @@ class Plan:
     protect: int = 0  # the first N tokens of each sequence never skip (GateSkipConfig.protect_first)
     protect_last: bool = False  # the last position of a prompt never skips (GateSkipConfig.protect_last)
     protect_prompt: bool = False  # no position of a prompt (a call with nothing cached) skips: only generated tokens
+    protect_tail: int = 0  # the last N positions of a prompt never skip (its question, in a long-passage prompt)
     protect_tokens: torch.Tensor | None = None  # token ids that never skip (GateSkipConfig.protect_tokens)
     # training: a skipped token's gate still gets the gradient it would get if it were kept (wrap.py)
     straight_through: bool = False
@@ -359,17 +360,19 @@ class GateState:
             elig = elig & (c.ctx.to(valid.device) > p.protect)
         if p.protect_prompt and c.prefill:
             elig = torch.zeros_like(valid)
-        elif p.protect_last and c.prefill:
-            elig = elig & ~last_real(valid)
+        elif (p.protect_last or p.protect_tail) and c.prefill:
+            elig = elig & ~last_real(valid, max(int(p.protect_last), p.protect_tail))
         if p.protect_tokens is not None and c.ids is not None and c.ids.shape == valid.shape:
-            if p.protect_tokens.device != c.ids.device:
-                p.protect_tokens = p.protect_tokens.to(c.ids.device)
-            elig = elig & ~torch.isin(c.ids, p.protect_tokens)
+            never = p.protect_tokens
+            if never.device != c.ids.device:  # once per plan and device, kept beside the plan
+                memo = plan_memo(p)
+                never = memo.setdefault(("never", c.ids.device), never.to(c.ids.device))
+            elig = elig & ~torch.isin(c.ids, never)
         c.eligible = (valid, elig)
         return elig
 
 
-def last_real(valid: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: each row's last True position of ``valid`` (a row without one has none)."""
+def last_real(valid: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """[B, T] bool: each row's last ``k`` True positions of ``valid`` (a row with fewer has them all)."""
     n = valid.long().cumsum(-1)
-    return valid & (n == n[:, -1:])
+    return valid & (n > n[:, -1:] - k)

@@ -26,6 +26,8 @@ class SkipArgs:
         protect_first: never skip the first N tokens (BOS, the attention sink); default: the gates'.
         protect_last: never skip a prompt's last position (its logits choose the first answer token); default:
             the gates'.
+        protect_tail: never skip the last N positions of a prompt (in a passage-then-question prompt: the
+            question); 0: off.
         recheck_stops: generation: a step whose top token ends the answer is computed again without skipping (its
             compute counted), so an answer ends only where the model without skipping ends it on the same text.
         recheck_below: generation: the same for steps whose top probability is below this value (0: off).
@@ -40,6 +42,7 @@ class SkipArgs:
     allocation: str = "uniform"
     protect_first: int | None = None
     protect_last: bool | None = None
+    protect_tail: int = 0
     recheck_stops: bool = True
     recheck_below: float = 0.0
     prompt_boost: float = GENERATION_PROMPT_BOOST
@@ -60,7 +63,7 @@ class SkipArgs:
             _choice("kv", self.kv, KV_MODES)
         check_allocation(self.allocation)
         check_recheck_below(self.recheck_below)
-        _at_least(self, protect_first=0)
+        _at_least(self, protect_first=0, protect_tail=0)
         if not self.prompt_boost > 0:
             raise GateSkipError(f"prompt_boost={self.prompt_boost} is invalid: use a positive factor (1: none)")
 
@@ -69,6 +72,7 @@ class SkipArgs:
         budget are the caller's)."""
         return {"policy": self.policy, "modules": self.modules, "kv": self.kv, "allocation": self.allocation,
                 "protect_first": self.protect_first, "protect_last": self.protect_last, "seed": self.seed,
+                "protect_tail": self.protect_tail,
                 "recheck_below": self.recheck_below}
 
 

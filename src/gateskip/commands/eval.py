@@ -111,7 +111,8 @@ def _run_suite(suite: str, gates: str | None, tasks: list[str], ratios: list[str
         return evaluate_gen(gates, model, None if tasks == DEFAULT_TASKS else tasks, ratios, random_ratios,
                             oracle_ratios, [] if chosen == ["none"] else chosen, policy, as_list(modules, str), kv,
                             limit, out, batch_size, protect_first, protect_last, seed, recheck_stops, recheck_below,
-                            saved, prompt_boost, as_list(compare_with, str, "--compare-with"), resume)
+                            saved, prompt_boost, as_list(compare_with, str, "--compare-with"), resume,
+                            protect_tail=sk.protect_tail)
     return evaluate_suite(gates=gates, suite=suite, ratios=ratios, random_ratios=random_ratios,
                           oracle_ratios=oracle_ratios, shortgpt_layers=su.shortgpt_layers,
                           methods=None if methods == DEFAULT_METHODS else methods, policy=policy, kv=kv,

@@ -11,8 +11,8 @@ from gateskip.eval.chat_fidelity import Setting, run, write
 
 def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, modules, kv, protect_first,
              protect_last, seed: int, recheck_stops: bool = False, recheck_below: float = 0.0,
-             saved: list[float] | None = None, protect_prompt: bool = False, prompt_boost: float | None = None
-             ) -> list[Setting]:
+             saved: list[float] | None = None, protect_prompt: bool = False, prompt_boost: float | None = None,
+             protect_tail: int = 0) -> list[Setting]:
     """The rows: dense, then gateskip (``policy``) at ``ratios``, random and oracle at theirs (default: ``ratios``);
     with ``saved``, every method at those compute-saved budgets instead (saved.py: matched by construction).
     ``recheck_stops`` / ``recheck_below``: the dense recheck (recheck.py), the same for every skipping row."""
@@ -23,6 +23,8 @@ def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, modules
         rules["recheck_below"] = recheck_below
     if protect_prompt:
         rules["protect_prompt"] = True
+    if protect_tail:
+        rules["protect_tail"] = protect_tail
     if saved and prompt_boost is not None:
         rules["prompt_boost"] = prompt_boost
     common = {"modules": tuple(modules), "kv": kv, **rules}

@@ -13,7 +13,8 @@ GEN_METHODS = ("gateskip", "random", "oracle")
 
 def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, methods, policy, modules, kv,
                  limit, out, batch_size, protect_first, protect_last, seed, recheck_stops=False,
-                 recheck_below=0.0, saved=None, prompt_boost=None, compare_with=(), resume=True) -> dict:
+                 recheck_below=0.0, saved=None, prompt_boost=None, compare_with=(), resume=True,
+                 protect_tail=0) -> dict:
     """The original model on every task/format of ``tasks`` (None: all of them), then the ``methods`` rows on
     the qualifying ones; no ``methods`` (``--methods none``): the qualification run alone. ``compare_with``:
     gen.json of runs with the same settings on other tasks, added to this report. ``resume``: rows are kept
@@ -34,7 +35,8 @@ def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, meth
         raise GateSkipError("--suite gen measures a gates folder: pass --gates DIR (or --methods none for "
                             "the qualification run of the original model)")
     rows = settings(ratios, random_ratios, oracle_ratios, methods, policy, modules, kv, protect_first,
-                    protect_last, seed, recheck_stops, recheck_below, saved, prompt_boost=prompt_boost)
+                    protect_last, seed, recheck_stops, recheck_below, saved, prompt_boost=prompt_boost,
+                    protect_tail=protect_tail)
     others = []
     for path in compare_with:  # fail now, not after the sweep
         try:
