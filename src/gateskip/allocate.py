@@ -32,7 +32,7 @@ def sensitivity(model, batches: Iterable, steps: Sequence[float] = STEPS, policy
     random). ``base``: CE with nothing skipped (the gates and fallbacks in place).
     """
     from gateskip.core import gate_state, skipping
-    from gateskip.eval.fidelity import language_ce
+    from gateskip.heldout import language_ce
 
     st = gate_state(model)
     batches = list(batches)

@@ -206,7 +206,7 @@ def held_out_score(net, held, metric: str = "ce"):
     gates off and, for a healed folder, the original backbone). ``score.metric`` names it, ``score.dense`` is
     the base model's value."""
     from gateskip.core import original_backbone
-    from gateskip.eval.fidelity import language_ce, language_kl, reference_logprobs
+    from gateskip.heldout import language_ce, language_kl, reference_logprobs
 
     if metric not in METRICS:
         raise GateSkipError(f"unknown metric {metric!r}: choose {' or '.join(METRICS)}")
