@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import gateskip
+from gateskip.args import SkipArgs
 from gateskip.chat import greedy_answers
 from gateskip.core import gate_state
 from gateskip.errors import GateSkipError
@@ -174,7 +175,7 @@ def test_chat_errors_are_one_line():
     from gateskip.commands.eval_chat import settings
 
     with pytest.raises(GateSkipError, match="unknown chat method"):
-        settings("0.5", None, None, ["gateskip", "best"], "threshold", ["mlp"], None, None, None, 0)
+        settings("0.5", None, None, ["gateskip", "best"], "threshold", SkipArgs(modules=("mlp",)))
 
 
 def test_chat_requests_are_split():
@@ -196,8 +197,7 @@ def test_chat_fidelity_run_writes_a_report(tmp_path):
     m = tiny_model("llama")
     m.config.max_position_embeddings = 2048  # character-level prompts of the chat template are long
     gateskip.add_gates(m, gateskip.GateSkipConfig(protect_last=True))
-    rows = settings("0.5", "0.5", "0.5", ["gateskip", "random", "oracle"], "quantile", ["attn", "mlp"], None, None,
-                    None, 0)
+    rows = settings("0.5", "0.5", "0.5", ["gateskip", "random", "oracle"], "quantile", SkipArgs(recheck_stops=False))
     res = run(m, tok, rows, n=4, max_new_tokens=4, batch=2)
     dense = res["rows"][0]
     assert dense["summary"]["overlap"] == 1.0 and dense["summary"]["nll_ratio"] == pytest.approx(1.0)
@@ -232,3 +232,21 @@ def test_chat_source_is_written_once_and_packed(tmp_path, monkeypatch):
     rows = [json.loads(line)["text"] for line in open(path)]
     assert len(rows) == 4 and all(r.startswith("<bos>user: ") and "<bos>assistant: " in r for r in rows)
     assert set(load_texts(path, split="train")) <= set(rows)
+
+
+def test_every_skipping_option_reaches_the_rows_and_the_core_suite_refuses_generation_options():
+    """``--suite chat`` / ``gen`` rows run with every option of the skip group set away from its default (they were
+    once dropped: --allocation, --protect-tail); the core suite, which scores given answers, names the ones it cannot
+    use instead of ignoring them."""
+    from gateskip.commands.eval import evaluate
+    from gateskip.commands.eval_chat import settings
+
+    sk = SkipArgs(allocation="global", protect_tail=8, execution="measured", protect_last=False, recheck_below=0.2)
+    rows = settings("0.5", None, None, ["gateskip", "random"], "threshold", sk, saved=[0.2])
+    for r in rows[1:]:
+        assert {"allocation": "global", "protect_tail": 8, "execution": "measured", "protect_last": False,
+                "recheck_below": 0.2, "prompt_boost": sk.prompt_boost, "saved": 0.2}.items() <= r.skip.items()
+    plain = settings("0.5", None, None, ["gateskip"], "threshold", SkipArgs())[1].skip
+    assert set(plain) == {"modules", "kv", "ratio", "policy"}  # defaults stay out: the resume keys do not move
+    with pytest.raises(GateSkipError, match="--protect-tail acts on generation"):
+        evaluate(suite="core", gates=None, protect_tail=4)

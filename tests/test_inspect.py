@@ -38,7 +38,7 @@ def test_importances_shape_range_and_dense(gated):
     assert names == [f"layers.{i}.{k}" for i in range(3) for k in ("attn", "mlp")]
     assert ((imp > 0) & (imp < 1)).all()
     st = gate_state(model)
-    assert not st.collect and st.call.gate_log == []  # nothing left switched on or held
+    assert st.taps.log is None and not st.taps.observers  # nothing left switched on or held
     with gateskip.skipping(model, ratio=0.5, policy="quantile"):  # importances are read densely anyway
         again, _, _ = gateskip.importances(model, tok, TEXT)
     torch.testing.assert_close(again, imp)

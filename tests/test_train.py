@@ -10,6 +10,7 @@ import gateskip
 from gateskip.core import gate_state
 from gateskip.errors import GateSkipError
 from gateskip.models import tiny_model, tiny_tokenizer
+from gateskip.taps import logging_gates
 from gateskip.train import fit, lr_at, ramp_ratio
 
 
@@ -21,14 +22,9 @@ def _stream(n_batches=200, seed=0):
 
 
 def _gate_mean(model, ids):
-    st = gate_state(model)
-    st.collect = True
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-        return float(torch.stack([g.mean() for g, _ in st.call.gate_log]).mean())
-    finally:
-        st.collect = False
+    with torch.no_grad(), logging_gates(model) as log:
+        model(input_ids=ids, use_cache=False)
+    return float(torch.stack([g.mean() for g, _ in log.entries]).mean())
 
 
 def _train(lam, steps=40, backbone="full", objective="ce", out=None, **kw):

@@ -33,6 +33,7 @@ from gateskip.recheck import after_call as recheck_after_call
 from gateskip.record import model_record, peek
 from gateskip.saved import after_call, before_call, install_budget
 from gateskip.state import GateState
+from gateskip.taps import gates_bypassed, recording_importance
 from gateskip.wrap import GatedBranch
 
 CALIBRATION_POINTS = 1001  # importance quantiles kept per branch: any ratio can be served afterwards
@@ -137,7 +138,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
              sync_free: bool | None = None, protect_last: bool | None = None,
              protect_tokens: Iterable[int] | None = None, recheck_tokens: Iterable[int] | None = None,
              recheck_below: float = 0.0, saved: float | None = None, protect_prompt: bool = False,
-             prompt_boost: float | None = None, protect_tail: int = 0):
+             prompt_boost: float | None = None, protect_tail: int = 0, execution="rule"):
     """Run ``model`` with a per-layer skip budget inside the ``with`` block.
 
     Args:
@@ -157,6 +158,9 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
         path: ``auto`` (physical unless gradients are needed, masked where measured faster: see
             ``physical.faster``), ``physical`` (skipped tokens are never computed), or ``masked`` (every
             token computed, skipped outputs zeroed: training, checks).
+        execution: how ``path="auto"`` chooses between gathering a call's kept tokens and computing all of them
+            (execution.py): ``rule`` (physical.py's, measured on SmolLM2-135M on a 2-core CPU), ``measured`` (timed
+            once on this model and machine, cached), or an ``ExecutionCosts``. Outputs are the same either way.
         allocation: ``uniform`` (paper: every branch skips ``ratio``) or ``global`` (one calibrated
             importance threshold for all branches, FLOP-weighted total ``ratio``; see budget.py).
         protect_first: never skip the first N tokens of each sequence (BOS, the attention sink);
@@ -191,7 +195,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     previous = st.plan
     st.plan, modules = build_plan(model, st, ratio, policy, modules, kv, seed, path, allocation, protect_first,
                                   straight_through, sync_free, protect_last, protect_tokens, recheck_tokens,
-                                  recheck_below, saved, protect_prompt, protect_tail)
+                                  recheck_below, saved, protect_prompt, protect_tail, execution)
     if saved is not None:
         st.plan = install_budget(st, st.plan, saved, prompt_boost, modules)
     st.reset_stats()
@@ -241,16 +245,14 @@ def calibrate(model: nn.Module, batches: Iterable, ratio: float | Mapping[str, f
 def record_quantiles(model: nn.Module, batches: Iterable, ratio: float, policy: str, modules: Iterable[str],
                      points: int, max_tokens_per_branch: int = 2_000_000, who: str = "calibrate"):
     """Run ``batches`` under ``skipping(ratio, policy)`` with the branches recording what they rank by
-    (``state.record``); returns (quantile grid [branches, points], tokens per branch, batches).
+    (``taps.recording_importance``); returns (quantile grid [branches, points], tokens per branch, batches).
 
     Shared by gate calibration and MoD's predictor calibration: each branch sees the hidden states
     it will see when skipping upstream is active.
     """
-    st = peek(model).state
-    st.record = [[] for _ in st.branches]
     device = next(model.parameters()).device
     n_batches = 0
-    try:
+    with recording_importance(model) as record:
         with skipping(model, ratio=ratio, policy=policy, modules=modules,
                       kv="compute" if POLICY[policy].computes_branch else None):  # the oracles keep skipped tokens' K/V
             for batch in batches:
@@ -260,14 +262,12 @@ def record_quantiles(model: nn.Module, batches: Iterable, ratio: float, policy: 
             raise GateSkipError(f"{who} got no batches: pass an iterable of input_ids tensors or tokenizer outputs")
         qs = torch.linspace(0, 1, points, dtype=torch.float64)
         grids = []
-        for rec in st.record:
+        for rec in record.per_branch:
             imp = torch.cat(rec).double()
             if imp.numel() > max_tokens_per_branch:
                 imp = imp[torch.randperm(imp.numel(), generator=torch.Generator().manual_seed(0))[:max_tokens_per_branch]]
             grids.append(torch.quantile(imp, qs).float())
-        tokens = int(sum(r.numel() for r in st.record[0]))
-    finally:
-        st.record = None
+        tokens = record.tokens()
     return torch.stack(grids), tokens, n_batches
 
 
@@ -336,17 +336,6 @@ def _end_call(model, args, kwargs, output):
 def _count_lm_rows(st: GateState, output: torch.Tensor) -> None:
     if st.stats is not None and st.plan is not None:  # not ``counts``: that would flush the queue every call
         st.stats.lm_rows += output.shape[:-1].numel()
-
-
-@contextlib.contextmanager
-def gates_bypassed(model: nn.Module):
-    """Run the gated model as if it had no gates (the dense teacher for self-distillation)."""
-    st = gate_state(model)
-    previous, st.bypass = st.bypass, True
-    try:
-        yield
-    finally:
-        st.bypass = previous
 
 
 @contextlib.contextmanager

@@ -51,8 +51,9 @@ def fit_gates(model, batches, ridge: float = 1e-2, open_logit: float = 8.0, spre
     layer follows a ReLU, so the logit cannot be set to a linear function of x).
     """
     from gateskip.arch import text_config
-    from gateskip.core import gate_state, gates_bypassed, skipping
+    from gateskip.core import gate_state, skipping
     from gateskip.fallback_fit import _collect
+    from gateskip.taps import gates_bypassed
 
     st = gate_state(model)
     if st.cfg.gate == "mlp":

@@ -55,8 +55,13 @@ MIN_TOKENS = 16
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # others (flash, flex) take the masked path
 
 
-def faster(kind: str, n_skip: int, n: int) -> bool:
-    """The measured rule of ``path="auto"``: is the physical path faster for this call?"""
+def faster(kind: str, n_skip: int, n: int, costs=None) -> bool:
+    """``path="auto"``: is the physical path faster for this call? From ``costs`` (execution.ExecutionCosts, measured
+    on this model and machine) when it has this kind, else the rule measured on SmolLM2-135M."""
+    if costs is not None:
+        choice = costs.gather_faster(kind, n_skip, n)
+        if choice is not None:
+            return choice
     return n >= MIN_TOKENS and n_skip >= MIN_SKIP[kind] * n
 
 

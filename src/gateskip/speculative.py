@@ -287,7 +287,7 @@ def _new_cache(model):
 @contextlib.contextmanager
 def _full(model, verify: str):
     """The verifier: no skipping plan; ``ungated`` also bypasses the gates."""
-    from gateskip.core import gates_bypassed
+    from gateskip.taps import gates_bypassed
 
     with gates_bypassed(model) if verify == "ungated" else contextlib.nullcontext():
         yield

@@ -4,8 +4,8 @@ One ``GateState`` lives on a gated model (``model.gateskip.state``, record.py). 
 and four parts, each with one job: the active skipping ``Plan`` (installed and removed by
 ``gateskip.skipping``), the current forward ``Call`` (valid-token mask with padding excluded, context
 lengths, the K/V of the previous attention layer for ``kv="copy"``), the ``Stats`` counted since the plan
-was installed, and what was ``Loaded`` (calibration, backbone backups, folder metadata); plus optional
-logs for training and calibration. Nothing is global: two gated models in one process do not interact.
+was installed, and what was ``Loaded`` (calibration, backbone backups, folder metadata); and the ``Taps``
+(taps.py: the training log, the calibration record and the teacher bypass, each its own object). Nothing is global: two gated models in one process do not interact.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from gateskip.config import GateSkipConfig
 from gateskip.flops import LayerFlops, branch_costs
 from gateskip.gates import importance
 from gateskip.policies import POLICY
+from gateskip.taps import Taps
 
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Plan -> values derived from it (plan_memo)
 
@@ -56,6 +57,7 @@ class Plan:
     # ``recheck_below``, are computed again without skipping
     recheck_tokens: torch.Tensor | None = None
     recheck_below: float = 0.0
+    execution: object | None = None  # execution.ExecutionCosts the auto path chooses by (None: physical.py's rule)
     budget: object | None = None  # saved.SavedBudget: the ratio is steered to a compute-saved target (saved.py)
     any_skip: bool = field(init=False, repr=False)  # some branch has a ratio above 0
 
@@ -181,7 +183,6 @@ class Call:
     valid: torch.Tensor | None = None  # [B, T] bool, False at padding
     ctx: torch.Tensor | None = None  # [B, T] float: context length each token attends to
     prev_kv: tuple | None = None  # (layer_idx, k, v) of the last attention layer run in this call
-    gate_log: list = field(default_factory=list)  # training (``collect``): (g, valid) per branch
     eligible: tuple | None = None  # (valid, valid minus the protected prefix): one mask for all branches
     n_eligible: tuple | None = None  # (eligible mask, its count read once per call): quantile counts on the host
     decided: tuple | None = None  # (skip, number skipped or None) of the last decision: see skip_count
@@ -208,10 +209,10 @@ class Loaded:
 
 @dataclass
 class GateState:
-    """The gated branches and four parts: the active ``plan`` (immutable while installed), this forward
-    ``call``'s masks, the ``stats`` since the plan was installed (None: not counting) and what was
-    ``loaded`` (calibration, backbone backups, folder metadata). ``collect``/``record``: logs for
-    training and calibration; ``bypass``: the gate-free teacher for distillation.
+    """The gated branches and the decision, with its parts: the active ``plan`` (immutable), this forward ``call``'s
+    masks, the ``stats`` since the plan was installed (None: not counting), what was ``loaded`` (calibration,
+    backbone backups, folder metadata) and the ``taps`` (taps.py: the training log, the calibration record and the
+    teacher bypass, each its own object, None when off).
 
     Extension point (``add_gates(state_cls=...)``): a subclass may decide differently in ``on_gate``,
     counting its decisions with ``count_decision``; one whose decision is not a gate threshold sets
@@ -224,12 +225,10 @@ class GateState:
     flops: LayerFlops
     branches: list = field(default_factory=list)  # GatedBranch, in execution order
     plan: Plan | None = None
-    bypass: bool = False  # run the branches without gates (the gate-free teacher for distillation)
     call: Call = field(default_factory=Call)
     stats: Stats | None = None
     loaded: Loaded = field(default_factory=Loaded)
-    collect: bool = False  # training: log every branch's gate values in ``call.gate_log``
-    record: list | None = None  # calibration: importances per branch
+    taps: Taps = field(default_factory=Taps)
     handles: list = field(default_factory=list)
     rechecking: bool = False  # inside a dense recheck (recheck.py)
 
@@ -241,8 +240,7 @@ class GateState:
         # not under sync_free: deciding one token on the host reads its gate value back (a GPU sync)
         self.call = c = Call(valid, ctx, ids=ids, prefill=prefill)
         c.one_token = (self.one_token_fast and p is not None and POLICY[p.policy].one_token and valid.numel() == 1
-                       and not self.collect
-                       and self.record is None and not p.sync_free and bool(self._eligible(valid)))
+                       and not self.taps.observers and not p.sync_free and bool(self._eligible(valid)))
         if self.stats is not None:
             if c.one_token:
                 c.ctx_one = float(ctx) if ctx.numel() == 1 else 1.0
@@ -280,20 +278,22 @@ class GateState:
 
     def on_gate(self, branch, x: torch.Tensor, g: torch.Tensor, imp: torch.Tensor | None = None
                 ) -> torch.Tensor | None:
-        """Decide which tokens of this call skip ``branch``; log for training/calibration/stats.
+        """Decide which tokens of this call skip ``branch``; show the gate to the taps; count for the statistics.
 
         ``imp``: per-token scores to rank by instead of the gate's importance (the oracle policy's)."""
         valid = self.valid_for(x)
-        if self.collect:
-            self.call.gate_log.append((g, valid))
-        if self.record is None and (self.plan is None or self.plan.ratios[branch.index] <= 0.0):
-            # nothing to decide: skip the importance computation too (decode is overhead-bound)
-            if self.plan is not None:
-                self.count_decision(branch, None, valid)
-            return None
+        observers = self.taps.observers
+        if self.plan is None or self.plan.ratios[branch.index] <= 0.0:
+            if not any(o.wants_importance for o in observers):
+                # nothing to decide: skip the importance computation too (decode is overhead-bound)
+                for o in observers:
+                    o.see(branch, g, valid, None)
+                if self.plan is not None:
+                    self.count_decision(branch, None, valid)
+                return None
         imp = importance(g.detach()) if imp is None else imp
-        if self.record is not None:
-            self.record[branch.index].append(imp[valid].float().cpu())
+        for o in observers:
+            o.see(branch, g, valid, imp)
         if self.plan is None:
             return None
         elig = self._eligible(valid)

@@ -28,7 +28,6 @@ from gateskip.checkpoint import atomic_write
 from gateskip.core import (
     gate_parameters,
     gate_state,
-    gates_bypassed,
     is_gated,
     skipping,
 )
@@ -36,6 +35,7 @@ from gateskip.errors import GateSkipError
 from gateskip.fallback import fallback_parameters
 from gateskip.lora import LoraDisabled, attach_lora
 from gateskip.losses import distillation_kl, next_token_ce, sparsity
+from gateskip.taps import gates_bypassed, logging_gates
 from gateskip.train_state import load_checkpoint, save_checkpoint
 
 BACKBONES = ("frozen", "lora", "full")
@@ -187,15 +187,11 @@ def _micro_step(net, model, teacher, peft_model, ids, a: TrainArgs, plan_ratio, 
                 with gates_bypassed(net), LoraDisabled(peft_model):
                     teacher_logits = net(input_ids=ids, use_cache=False).logits
     st = gate_state(net)
-    st.collect = True
-    try:
-        with skipping(net, ratio=plan_ratio, policy="quantile", modules=skip_modules,
-                      straight_through=a.straight_through):
-            logits = model(input_ids=ids, use_cache=False).logits
-            gate_log = st.call.gate_log
-            skipped = _skipped_fraction(st)
-    finally:
-        st.collect = False
+    with logging_gates(net) as log, skipping(net, ratio=plan_ratio, policy="quantile", modules=skip_modules,
+                                             straight_through=a.straight_through):
+        logits = model(input_ids=ids, use_cache=False).logits
+        skipped = _skipped_fraction(st)
+    gate_log = log.entries
     task = torch.zeros((), device=logits.device)
     if "ce" in a.objective.split("+"):
         task = task + _ce(logits, ids)

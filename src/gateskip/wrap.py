@@ -68,7 +68,7 @@ class GatedBranch(nn.Module):
         else:
             x = kwargs.pop("hidden_states")
         st = self.state
-        if st.bypass:
+        if st.taps.teacher is not None:
             return self.run_module(x, args, kwargs)
         if st.call.one_token and x.numel() == x.shape[-1] and self.placement == "after":
             return one_token.run(self, x, args, kwargs)  # decode at batch 1: one_token.py
@@ -88,7 +88,7 @@ class GatedBranch(nn.Module):
             n_skip = st.skip_count(skip)  # sizes the gather: host-known under quantile, else read (GPU: a sync)
             if n_skip is None:  # sync_free and a data-dependent count: reading it would be a sync, so run masked
                 st.count_path("masked")
-            elif plan.path == "physical" or n_skip in (0, n) or physical.faster(self.kind, n_skip, n):
+            elif plan.path == "physical" or n_skip in (0, n) or physical.faster(self.kind, n_skip, n, plan.execution):
                 st.count_path("physical")
                 if n_skip == 0:
                     skip = None  # nothing skipped: the plain (masked-path) call below is the fastest

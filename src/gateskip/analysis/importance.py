@@ -12,6 +12,7 @@ import torch
 from gateskip.core import gate_state, skipping
 from gateskip.errors import GateSkipError
 from gateskip.gates import importance
+from gateskip.taps import check_not_bypassed, logging_gates
 
 # Whitespace made visible in token labels: a leading space, a newline or a tab would otherwise be
 # invisible (or break the layout) in a plot or a page.
@@ -69,21 +70,14 @@ def branch_importances(model, input_ids: torch.Tensor, attention_mask: torch.Ten
                        ) -> torch.Tensor:
     """Importances ``[B, T, branches]`` (branches in execution order) from one dense forward."""
     st = gate_state(model)
-    if st.bypass:
-        raise GateSkipError("gates are bypassed (gates_bypassed is active): leave that context to read importances")
+    check_not_bypassed(st, "read importances")
     device = next(model.parameters()).device
     inputs = {"input_ids": input_ids.to(device)}
     if attention_mask is not None:
         inputs["attention_mask"] = attention_mask.to(device)
-    previous = st.collect
-    st.collect = True
-    try:
-        with skipping(model, ratio=0.0):  # a dense run, whatever context the caller is in
-            model(**inputs, use_cache=False)
-        log = st.call.gate_log
-    finally:
-        st.collect = previous
-        st.call.gate_log = []  # the gate values can be large: do not keep them on the model
+    with logging_gates(model) as gate_log, skipping(model, ratio=0.0):  # a dense run, whatever the caller's context
+        model(**inputs, use_cache=False)
+    log = gate_log.entries
     if len(log) != len(st.branches):
         raise GateSkipError(f"logged {len(log)} gate calls for {len(st.branches)} branches: "
                             "the model did not run every gated branch once")

@@ -33,6 +33,7 @@ from gateskip.errors import GateSkipError
 from gateskip.fallback import FALLBACK
 from gateskip.gates import importance
 from gateskip.policies import quantile_count
+from gateskip.taps import check_not_bypassed
 
 MEASURES = ("r2", "cost", "spearman", "overlap")
 KINDS = ("attn", "mlp")
@@ -157,8 +158,7 @@ def fallback_stats(model, batches, ratio: float = 0.3, protect_first: int | None
     from tqdm import tqdm
 
     st = gate_state(model)
-    if st.bypass:
-        raise GateSkipError("gates are bypassed (gates_bypassed is active): leave that context to measure them")
+    check_not_bypassed(st, "measure them")
     if not 0.0 < float(ratio) < 1.0:
         raise GateSkipError(f"ratio={ratio} is invalid for the overlap: use a share of tokens strictly between 0 and 1")
     first = int(getattr(st.cfg, "protect_first", 0) if protect_first is None else protect_first)

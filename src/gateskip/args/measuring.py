@@ -33,6 +33,9 @@ class SkipArgs:
         recheck_below: generation: the same for steps whose top probability is below this value (0: off).
         prompt_boost: generation with a compute-saved budget: the prompt aims at this times the budget, the
             answer makes up the rest.
+        execution: how a call with some tokens skipped runs, gathering its kept tokens or computing all and
+            blending (the same outputs): rule (built in, measured on SmolLM2-135M on a 2-core CPU) or measured (timed
+            once on this model and machine, about a minute, then cached; gateskip.execution_costs).
         seed: random seed of the random policy (and of sampling).
     """
 
@@ -46,11 +49,13 @@ class SkipArgs:
     recheck_stops: bool = True
     recheck_below: float = 0.0
     prompt_boost: float = GENERATION_PROMPT_BOOST
+    execution: str = "rule"
     seed: int = 0
 
     def __post_init__(self) -> None:
         from gateskip.budget import check_allocation
         from gateskip.config import KV_MODES, MODULE_KINDS
+        from gateskip.execution import check_execution
         from gateskip.policies import check_policy
         from gateskip.recheck import check_recheck_below
 
@@ -63,6 +68,7 @@ class SkipArgs:
             _choice("kv", self.kv, KV_MODES)
         check_allocation(self.allocation)
         check_recheck_below(self.recheck_below)
+        check_execution(self.execution)
         _at_least(self, protect_first=0, protect_tail=0)
         if not self.prompt_boost > 0:
             raise GateSkipError(f"prompt_boost={self.prompt_boost} is invalid: use a positive factor (1: none)")
@@ -72,7 +78,7 @@ class SkipArgs:
         budget are the caller's)."""
         return {"policy": self.policy, "modules": self.modules, "kv": self.kv, "allocation": self.allocation,
                 "protect_first": self.protect_first, "protect_last": self.protect_last, "seed": self.seed,
-                "protect_tail": self.protect_tail,
+                "protect_tail": self.protect_tail, "execution": self.execution,
                 "recheck_below": self.recheck_below}
 
 

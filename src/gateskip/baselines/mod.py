@@ -45,7 +45,6 @@ from gateskip.core import (
     add_gates,
     gate_parameters,
     gate_state,
-    gates_bypassed,
     record_quantiles,
     remove_gates,
     skipping,
@@ -54,6 +53,7 @@ from gateskip.errors import GateSkipError
 from gateskip.policies import quantile_skip, threshold_from_grid
 from gateskip.record import peek
 from gateskip.state import GateState
+from gateskip.taps import gates_bypassed
 
 MODES = ("predictor", "topk")
 GRID_POINTS = 1001
@@ -99,16 +99,17 @@ class MoDState(GateState):
 
     def on_gate(self, branch, x, g):
         valid = self.valid_for(x)
-        if self.collect:
-            self.call.gate_log.append((g, valid))
+        log, record = self.taps.log, self.taps.record
+        if log is not None:
+            log.see(branch, g, valid, None)
         plan = self.plan
         r = plan.ratios[branch.index] if plan is not None else 0.0
         topk = self.mode == "topk" or self.bce_log is not None
         logit = None
-        if self.record is not None or self.bce_log is not None or (r > 0 and not topk):
+        if record is not None or self.bce_log is not None or (r > 0 and not topk):
             logit = branch.gate.predict(x)
-        if self.record is not None:
-            self.record[branch.index].append(logit[valid].detach().float().cpu())
+        if record is not None:
+            record.see(branch, g, valid, logit)  # MoD's predictor is calibrated on its logits
         skip = None
         if plan is not None and r > 0:
             skip = row_topk_skip(g[..., 0].detach(), valid, r) if topk else \

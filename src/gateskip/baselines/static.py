@@ -14,22 +14,18 @@ from collections.abc import Iterable
 import torch
 
 from gateskip.core import gate_state, skipping
+from gateskip.taps import recording_importance
 
 
 @torch.no_grad()
 def mean_gate_values(model, batches: Iterable[torch.Tensor]) -> dict[str, float]:
     """Mean gate value (importance averaged over tokens) of every gated branch, no skipping."""
     st = gate_state(model)
-    st.record = [[] for _ in st.branches]  # the per-branch importance log that calibration uses
     device = next(model.parameters()).device
-    try:
-        with skipping(model, ratio=0.0):
-            for ids in batches:
-                model(input_ids=ids.to(device), use_cache=False)
-        means = {b.name: float(torch.cat(st.record[b.index]).double().mean()) for b in st.branches}
-    finally:
-        st.record = None
-    return means
+    with recording_importance(model) as record, skipping(model, ratio=0.0):
+        for ids in batches:
+            model(input_ids=ids.to(device), use_cache=False)
+    return {b.name: float(torch.cat(record.per_branch[b.index]).double().mean()) for b in st.branches}
 
 
 def lowest_first(means: dict[str, float]) -> list[str]:

@@ -66,8 +66,8 @@ def bench_speculative(m, tok, *, draft_ratios: str, ks: str, verify: str, policy
     what it reached."""
     from tqdm import tqdm
 
-    from gateskip.core import gates_bypassed
     from gateskip.speculative import speculative_generate
+    from gateskip.taps import gates_bypassed
 
     drafts = draft_list(draft_ratios)
     k_list = as_list(ks, int, "--k")

@@ -92,27 +92,22 @@ def _run_suite(suite: str, gates: str | None, tasks: list[str], ratios: list[str
                methods: list[str], limit: int | None, out: str, model, tokenizer, batch_size: int, threads: int,
                compare_with: list[str] | None, policy: str, sk: SkipArgs, su: SuiteArgs, ha: HarnessArgs) -> dict:
     """``evaluate`` with --suite (``policy`` resolved): chat, gen, or the paired sweep (``evaluate_suite``)."""
-    modules, kv, seed = list(sk.modules), sk.kv, sk.seed
-    protect_first, protect_last, recheck_stops, recheck_below, prompt_boost = (
-        sk.protect_first, sk.protect_last, sk.recheck_stops, sk.recheck_below, sk.prompt_boost)
+    modules, kv, seed, protect_first = list(sk.modules), sk.kv, sk.seed, sk.protect_first
     random_ratios, oracle_ratios, resume = su.random_ratios, su.oracle_ratios, su.resume
     if suite == "chat":
         from gateskip.commands.eval_chat import evaluate_chat
 
         return evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios,
                              ["gateskip", "random", "oracle"] if methods == DEFAULT_METHODS else as_list(methods, str),
-                             policy, as_list(modules, str), kv, limit, out, su.fidelity_tokens, batch_size,
-                             protect_first, protect_last, seed, recheck_stops, recheck_below, saved,
-                             su.protect_prompt, prompt_boost)
+                             policy, sk, limit, out, su.fidelity_tokens, batch_size, saved, su.protect_prompt)
     if suite == "gen":
         from gateskip.commands.eval_gen import GEN_METHODS, evaluate_gen
 
         chosen = list(GEN_METHODS) if methods == DEFAULT_METHODS else as_list(methods, str)
         return evaluate_gen(gates, model, None if tasks == DEFAULT_TASKS else tasks, ratios, random_ratios,
-                            oracle_ratios, [] if chosen == ["none"] else chosen, policy, as_list(modules, str), kv,
-                            limit, out, batch_size, protect_first, protect_last, seed, recheck_stops, recheck_below,
-                            saved, prompt_boost, as_list(compare_with, str, "--compare-with"), resume,
-                            protect_tail=sk.protect_tail)
+                            oracle_ratios, [] if chosen == ["none"] else chosen, policy, sk, limit, out,
+                            batch_size, saved, as_list(compare_with, str, "--compare-with"), resume)
+    _generation_only(sk, suite)
     return evaluate_suite(gates=gates, suite=suite, ratios=ratios, random_ratios=random_ratios,
                           oracle_ratios=oracle_ratios, shortgpt_layers=su.shortgpt_layers,
                           methods=None if methods == DEFAULT_METHODS else methods, policy=policy, kv=kv,
@@ -124,6 +119,15 @@ def _run_suite(suite: str, gates: str | None, tasks: list[str], ratios: list[str
                           fallback_batches=su.fallback_batches, compare_with=compare_with, reference=su.reference,
                           resume=resume, reuse_dense=su.reuse_dense, modules=modules, offset=su.offset,
                           saved=saved)
+
+
+def _generation_only(sk: SkipArgs, suite: str) -> None:
+    """The core suite scores given answers in whole calls: options that act on generation are an error there."""
+    default = SkipArgs()
+    for name in ("allocation", "protect_last", "protect_tail", "recheck_below", "prompt_boost", "execution"):
+        if getattr(sk, name) != getattr(default, name):
+            raise GateSkipError(f"--{name.replace('_', '-')} acts on generation: use it with --suite chat or gen, "
+                                f"not --suite {suite}")
 
 
 # ---- the sweep ---------------------------------------------------------------------------------

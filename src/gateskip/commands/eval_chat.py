@@ -5,29 +5,28 @@ from __future__ import annotations
 
 import time
 
+from gateskip.args import SkipArgs
 from gateskip.errors import GateSkipError
 from gateskip.eval.chat_fidelity import Setting, run, write
 
 
-def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, modules, kv, protect_first,
-             protect_last, seed: int, recheck_stops: bool = False, recheck_below: float = 0.0,
-             saved: list[float] | None = None, protect_prompt: bool = False, prompt_boost: float | None = None,
-             protect_tail: int = 0) -> list[Setting]:
+def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, skip: SkipArgs = SkipArgs(),
+             saved: list[float] | None = None, protect_prompt: bool = False) -> list[Setting]:
     """The rows: dense, then gateskip (``policy``) at ``ratios``, random and oracle at theirs (default: ``ratios``);
     with ``saved``, every method at those compute-saved budgets instead (saved.py: matched by construction).
-    ``recheck_stops`` / ``recheck_below``: the dense recheck (recheck.py), the same for every skipping row."""
+    ``skip`` (SkipArgs): how tokens skip, the same for every skipping row (the recheck of stops included); only the
+    options set away from their defaults are written into a row's setting (the resume key of a gen run)."""
     from gateskip.eval.sweep import parse_ratios
 
-    rules = {k: v for k, v in (("protect_first", protect_first), ("protect_last", protect_last)) if v is not None}
-    if recheck_below:
-        rules["recheck_below"] = recheck_below
+    default = SkipArgs()
+    rules = {k: v for k, v in skip.skipping().items() if k not in ("policy", "seed", "modules", "kv")
+             and v is not None and v != getattr(default, k)}
     if protect_prompt:
         rules["protect_prompt"] = True
-    if protect_tail:
-        rules["protect_tail"] = protect_tail
-    if saved and prompt_boost is not None:
-        rules["prompt_boost"] = prompt_boost
-    common = {"modules": tuple(modules), "kv": kv, **rules}
+    if saved:
+        rules["prompt_boost"] = skip.prompt_boost
+    policy, seed, recheck_stops = policy, skip.seed, skip.recheck_stops
+    common = {"modules": tuple(skip.modules), "kv": skip.kv, **rules}
     gates = parse_ratios(ratios)
     out = [Setting("dense", 0.0)]
     per = {"gateskip": (gates, {"policy": policy}),
@@ -42,9 +41,8 @@ def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, modules
     return out
 
 
-def evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios, methods, policy, modules, kv, limit, out,
-                  fidelity_tokens, batch_size, protect_first, protect_last, seed, recheck_stops=False,
-                  recheck_below=0.0, saved=None, protect_prompt=False, prompt_boost=None) -> dict:
+def evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios, methods, policy, skip: SkipArgs, limit, out,
+                  fidelity_tokens, batch_size, saved=None, protect_prompt=False) -> dict:
     from gateskip.eval.inputs import prepare_run
     from gateskip.loading import load_for_inference
 
@@ -52,17 +50,20 @@ def evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios, methods, p
         raise GateSkipError("--suite chat measures a gates folder: pass --gates DIR")
     prepare_run(limit, out)
     net, tok = load_for_inference(model, gates)
-    rows = settings(ratios, random_ratios, oracle_ratios, methods, policy, modules, kv, protect_first, protect_last,
-                    seed, recheck_stops, recheck_below, saved, protect_prompt, prompt_boost)
+    rows = settings(ratios, random_ratios, oracle_ratios, methods, policy, skip, saved, protect_prompt)
     t0 = time.perf_counter()
     res = run(net, tok, rows, n=limit or 200, max_new_tokens=fidelity_tokens, batch=max(batch_size, 16),
               log=lambda line: print(f"[gateskip eval chat] {line}", flush=True))
-    res["config"] = {"gates": gates, "model": model, "policy": policy, "modules": list(modules), "kv": kv,
-                     "protect_first": protect_first, "protect_last": protect_last, "seed": seed,
-                     "recheck_stops": recheck_stops, "recheck_below": recheck_below, "saved": saved,
-                     "protect_prompt": protect_prompt, "prompt_boost": prompt_boost,
-                     "seconds": round(time.perf_counter() - t0, 1)}
+    res["config"] = {"gates": gates, "model": model, **config(policy, skip), "saved": saved,
+                     "protect_prompt": protect_prompt, "seconds": round(time.perf_counter() - t0, 1)}
     path = write(res, out)
     print(path.read_text())
     print(f"[gateskip] wrote {out}/chat.md, chat.json, chat.png")
     return res
+
+
+def config(policy: str, skip: SkipArgs) -> dict:
+    """The run's skipping options as a report records them."""
+    import dataclasses
+
+    return {**dataclasses.asdict(skip), "policy": policy, "modules": list(skip.modules)}

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import time
 
+from gateskip.args import SkipArgs
 from gateskip.errors import GateSkipError
 from gateskip.eval import gentasks
 
 GEN_METHODS = ("gateskip", "random", "oracle")
 
 
-def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, methods, policy, modules, kv,
-                 limit, out, batch_size, protect_first, protect_last, seed, recheck_stops=False,
-                 recheck_below=0.0, saved=None, prompt_boost=None, compare_with=(), resume=True,
-                 protect_tail=0) -> dict:
+def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, methods, policy, skip: SkipArgs,
+                 limit, out, batch_size, saved=None, compare_with=(), resume=True) -> dict:
     """The original model on every task/format of ``tasks`` (None: all of them), then the ``methods`` rows on
     the qualifying ones; no ``methods`` (``--methods none``): the qualification run alone. ``compare_with``:
     gen.json of runs with the same settings on other tasks, added to this report. ``resume``: rows are kept
@@ -22,7 +21,7 @@ def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, meth
     import json
     import os
 
-    from gateskip.commands.eval_chat import settings
+    from gateskip.commands.eval_chat import config, settings
     from gateskip.eval.inputs import prepare_run
     from gateskip.loading import load_for_inference
 
@@ -34,9 +33,7 @@ def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, meth
     if methods and not gates:
         raise GateSkipError("--suite gen measures a gates folder: pass --gates DIR (or --methods none for "
                             "the qualification run of the original model)")
-    rows = settings(ratios, random_ratios, oracle_ratios, methods, policy, modules, kv, protect_first,
-                    protect_last, seed, recheck_stops, recheck_below, saved, prompt_boost=prompt_boost,
-                    protect_tail=protect_tail)
+    rows = settings(ratios, random_ratios, oracle_ratios, methods, policy, skip, saved)
     others = []
     for path in compare_with:  # fail now, not after the sweep
         try:
@@ -53,9 +50,7 @@ def evaluate_gen(gates, model, tasks, ratios, random_ratios, oracle_ratios, meth
                        log=lambda line: print(f"[gateskip eval gen] {line}", flush=True),
                        resume=(partial, fingerprint) if resume else None)
     res["config"] = {"gates": gates, "model": model, "tasks": [f"{t}:{f}" for t, f in specs],
-                     "policy": policy, "methods": list(methods), "modules": list(modules), "kv": kv,
-                     "protect_first": protect_first, "protect_last": protect_last, "seed": seed,
-                     "recheck_stops": recheck_stops, "recheck_below": recheck_below, "saved": saved,
+                     "methods": list(methods), **config(policy, skip), "saved": saved,
                      "seconds": round(time.perf_counter() - t0, 1)}
     path = gentasks.write(gentasks.merge(res, others) if others else res, out)
     if resume and os.path.isfile(partial):
