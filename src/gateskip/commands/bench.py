@@ -63,7 +63,7 @@ def _quiet_transformers(fn):
 @_quiet_transformers
 def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[float] = (0.0, 0.25, 0.5),
           saved: list[float] | None = None, policy: str | None = None, kv: str | None = None, path: str = "auto",
-          threads: int = 2, seed: int = 0, execution: str = "rule", json: str | None = None, quant: str = "none", plot: str | None = None, *,
+          threads: int = 2, seed: int = 0, execution: list[str] = ("rule",), json: str | None = None, quant: str = "none", plot: str | None = None, *,
           random: RandomGatesArgs = RandomGatesArgs(), timing_args: TimingArgs = TimingArgs(),
           speculation: SpeculativeArgs = SpeculativeArgs(), **flags) -> dict:
     """Measure prefill and decode speed of the dense and the gated model at several skip ratios.
@@ -85,7 +85,8 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
         threads: torch CPU threads.
         execution: how a call with some tokens skipped runs, gathering its kept tokens or computing all and
             blending (the same outputs): rule (built in, measured on SmolLM2-135M on a 2-core CPU) or measured (timed
-            once on this model and machine, about a minute, then cached; gateskip.execution_costs).
+            once on this model and machine, about a minute, then cached; gateskip.execution_costs). Both
+            (``rule,measured``): every setting timed each way in the same run, the second named ``...+measured``.
         seed: seed of the random prompts and random gates.
         json: write the results to this JSON file.
         quant: quantize the backbone's linear layers first (dense and gated settings alike): none, int4
@@ -93,6 +94,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
         plot: write a PNG of speed-up against compute saved, per phase, to this file; with --speculative,
             the acceptance every setting would need against what it reached (bench_plot.plot_speculative).
     """
+    from gateskip.execution import check_execution, execution_costs
     from gateskip.flags import apply
 
     groups = apply(flags, {"random": random, "timing_args": timing_args, "speculation": speculation},
@@ -125,8 +127,15 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
     prompts = {b: rand_ids(b, prompt_len) for b in batch_list}
     variants = timing.variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy, ratio_list,
                          fallbacks=fallbacks, fallback_rank=fallback_rank)
-    settings, ctxs = _settings(variants, ratio_list, saved_list, {"policy": policy, "kv": kv, "path": path})
+    executions = as_list(execution, str, "--execution")
+    for e in executions:
+        check_execution(e)
+    settings, ctxs = _settings(variants, ratio_list, saved_list, {"policy": policy, "kv": kv, "path": path},
+                               executions)
     live = timing.live_models(m, variants, settings)
+    for name, ctx in ctxs.items():  # measured (or read from the cache) once, before anything is timed
+        if ctx.get("execution") == "measured":
+            ctx["execution"] = execution_costs(live[name])
     phases = list(PHASES) + [f"decode_b{b}" for b in batch_list]
     times, saved_by, skipped = _time_rounds(m, live, ctxs, settings, phases, prefill_ids, prompts, ta, json,
                                             batch_list)
@@ -153,16 +162,20 @@ def _check_gates(gates, random_gates: bool, fallback: list[str]) -> None:
         raise GateSkipError("--fallback applies to --random-gates: a gates folder brings its own fallback")
 
 
-def _settings(variants, ratio_list, saved_list, plan: dict) -> tuple[list, dict]:
+def _settings(variants, ratio_list, saved_list, plan: dict, executions=("rule",)) -> tuple[list, dict]:
     """The timed settings, (name, gate variant, budget) from dense on, and each one's skipping arguments: every
-    variant at every ratio (``gate@0.25``) and every compute-saved budget (``gate@saved0.25``)."""
-    settings = [("dense", None, 0.0)] + [(f"{k}@{r:g}", k, r) for k in variants for r in ratio_list]
-    knob = {name: "ratio" for name, _, _ in settings}
-    for k in variants:
-        for r in saved_list:
-            settings.append((f"{k}@saved{r:g}", k, r))
-            knob[settings[-1][0]] = "saved"
-    return settings, {name: {} if kind is None else {knob[name]: ratio, **plan} for name, kind, ratio in settings}
+    variant at every ratio (``gate@0.25``) and every compute-saved budget (``gate@saved0.25``), once per execution
+    (after the first, named ``gate@0.25+measured``)."""
+    settings, ctxs = [("dense", None, 0.0)], {"dense": {}}
+    for i, e in enumerate(executions):
+        tag = f"+{e}" if i else ""
+        for k in variants:
+            for knob, values, label in (("ratio", ratio_list, ""), ("saved", saved_list, "saved")):
+                for r in values:
+                    name = f"{k}@{label}{r:g}{tag}"
+                    settings.append((name, k, r))
+                    ctxs[name] = {knob: r, **plan, "execution": e}
+    return settings, ctxs
 
 
 def _time_rounds(m, live, ctxs, settings, phases, prefill_ids, prompts, ta: TimingArgs, json, batch_list) -> tuple:
