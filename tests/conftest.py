@@ -9,6 +9,14 @@ TEXT = ("the cat sat on the mat. the dog sat on the log. a bird sang in the tree
         "the sun rose over the hill and the day began. ")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _execution_cache(tmp_path_factory):
+    """Measured execution tables (execution.py) go to a fresh folder, so a developer's own never steers a test."""
+    import os
+
+    os.environ["GATESKIP_EXECUTION_CACHE"] = str(tmp_path_factory.mktemp("execution"))
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads(request):
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ def test_every_execution_gives_the_masked_outputs(lengths):
     ids, mask = left_padded(lengths, seed=3)
     out, paths = {}, {}
     for name, opts in {"masked": {"path": "masked"}, "gather": {"execution": _always(True)},
-                       "blend": {"execution": _always(False)}, "rule": {}}.items():
+                       "blend": {"execution": _always(False)}, "rule": {"execution": "rule"}}.items():
         with torch.no_grad(), gateskip.skipping(m, ratio=0.4, policy="threshold", **opts):
             out[name] = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                                    pad_token_id=0, output_logits=True, return_dict_in_generate=True)
@@ -90,3 +90,25 @@ def test_a_bad_execution_is_a_clear_error():
     with pytest.raises(GateSkipError, match="execution='fast' is invalid"), gateskip.skipping(m, ratio=0.3,
                                                                                              execution="fast"):
         pass
+
+
+def test_cached_uses_a_valid_table_and_otherwise_the_rule_without_measuring(tmp_path, monkeypatch, capsys):
+    import gateskip.execution as ex
+
+    monkeypatch.setenv("GATESKIP_EXECUTION_CACHE", str(tmp_path))
+    monkeypatch.setattr(ex, "measure", lambda *a, **k: pytest.fail("cached mode measured"))
+    m = _calibrated()
+    ids, mask = left_padded([7, 10], seed=3)
+
+    def physical_calls():
+        with torch.no_grad(), gateskip.skipping(m, ratio=0.4, policy="threshold"):  # execution="cached"
+            m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            return gateskip.stats(m)["path_calls"].get("physical", 0)
+
+    rule = physical_calls()  # nothing cached: the rule
+    path = cache_path(cost_key(m))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**_always(True).to_json(), "key": cost_key(m)}))
+    assert physical_calls() > rule  # the cached table says gather everywhere
+    path.write_text("{corrupt")
+    assert physical_calls() == rule and "unreadable: using the built-in rule" in capsys.readouterr().err

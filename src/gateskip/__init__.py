@@ -15,6 +15,7 @@ from gateskip.checkpoint import load_gates, save_gates
 from gateskip.config import RECOMMENDED, GateSkipConfig, special_token_ids
 from gateskip.core import add_gates, calibrate, gate_parameters, is_gated, remove_gates, skipping, stats
 from gateskip.errors import GateSkipError
+from gateskip.execution import execution_costs
 from gateskip.fallback_fit import fit_fallback
 from gateskip.generation import generate
 from gateskip.speculative import speculative_generate
@@ -29,8 +30,8 @@ def load_model(*args, **kwargs):
 
 
 __all__ = [
-    "GateSkipConfig", "GateSkipError", "RECOMMENDED", "__version__", "add_gates", "calibrate", "fit_fallback", "gate_parameters",
-    "generate",
+    "GateSkipConfig", "GateSkipError", "RECOMMENDED", "__version__", "add_gates", "calibrate", "execution_costs", "fit_fallback",
+    "gate_parameters", "generate",
     "importances", "is_gated", "load_gates", "load_model", "remove_gates", "save_gates", "skipping",
     "special_token_ids", "speculative_generate", "stats", "stop_ids",
 ]

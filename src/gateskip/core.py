@@ -138,7 +138,7 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
              sync_free: bool | None = None, protect_last: bool | None = None,
              protect_tokens: Iterable[int] | None = None, recheck_tokens: Iterable[int] | None = None,
              recheck_below: float = 0.0, saved: float | None = None, protect_prompt: bool = False,
-             prompt_boost: float | None = None, protect_tail: int = 0, execution="rule"):
+             prompt_boost: float | None = None, protect_tail: int = 0, execution="cached"):
     """Run ``model`` with a per-layer skip budget inside the ``with`` block.
 
     Args:
@@ -159,8 +159,9 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
             ``physical.faster``), ``physical`` (skipped tokens are never computed), or ``masked`` (every
             token computed, skipped outputs zeroed: training, checks).
         execution: how ``path="auto"`` chooses between gathering a call's kept tokens and computing all of them
-            (execution.py): ``rule`` (physical.py's, measured on SmolLM2-135M on a 2-core CPU), ``measured`` (timed
-            once on this model and machine, cached), or an ``ExecutionCosts``. Outputs are the same either way.
+            (execution.py): ``cached`` (a table measured on this model and machine if one is cached, else physical.py's
+            rule, measured on SmolLM2-135M on a 2-core CPU), ``measured`` (timed once, about a minute, then cached),
+            ``rule``, or an ``ExecutionCosts``. Outputs are the same either way.
         allocation: ``uniform`` (paper: every branch skips ``ratio``) or ``global`` (one calibrated
             importance threshold for all branches, FLOP-weighted total ``ratio``; see budget.py).
         protect_first: never skip the first N tokens of each sequence (BOS, the attention sink);

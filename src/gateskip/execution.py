@@ -8,16 +8,21 @@ A branch call where some tokens skip can run three ways, all with the masked pat
 
 Between gather and blend the answer depends on the call's size, the share skipped, the branch kind, the model and the
 machine: a decode step of a few rows is bound by reading the weights, which gathering does not reduce, while a long
-prompt is bound by arithmetic. ``skipping(execution="rule")`` (the default) uses physical.py's rule, measured on
-SmolLM2-135M on a 2-core CPU. ``execution="measured"`` times both ways on this model, on this machine, for every
-gated kind, at decode sizes (rows of one new token against a short cache) and prompt sizes, at three shares skipped,
+prompt is bound by arithmetic, and a fallback computed for every row costs the blend more than the gather.
+
+``execution="measured"`` times both ways on this model, on this machine, for every gated kind, at decode sizes (rows
+of one new token against a short cache) and prompt sizes, at three shares skipped (about a minute for SmolLM2-135M),
 and keeps the table in ``~/.cache/gateskip/execution/`` (``GATESKIP_EXECUTION_CACHE``), keyed by the model's shape,
 gates and fallbacks and by the machine (processor, threads, torch). A cached table whose key does not match, or that
-cannot be read, is measured again, never trusted.
+cannot be read, is measured again, never trusted. ``execution="cached"`` (the default) uses such a table when one is
+there and valid, and physical.py's rule (measured on SmolLM2-135M on a 2-core CPU) otherwise; it never measures, so
+nothing stalls: ``gateskip bench --execution measured`` or ``gateskip.execution_costs(model)`` makes the table once.
+``execution="rule"``: the rule, whatever is cached.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -36,7 +41,7 @@ FORMAT = 1
 DECODE_SIZES = (2, 4, 8, 16, 32)  # rows of a decode step (one new token each)
 PROMPT_SIZES = (64, 256)  # tokens of a one-row prompt
 SHARES = (0.25, 0.5, 0.75)
-EXECUTIONS = ("rule", "measured")
+EXECUTIONS = ("cached", "measured", "rule")
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,8 @@ def _interpolate(pts: list[tuple[float, float]], x: float) -> float:
 
 def check_execution(execution) -> None:
     if not isinstance(execution, ExecutionCosts) and execution not in EXECUTIONS:
-        raise GateSkipError(f"execution={execution!r} is invalid: use rule (built in) or measured (timed once on this "
-                            "model and machine, cached)")
+        raise GateSkipError(f"execution={execution!r} is invalid: use cached (a measured table if this model and "
+                            "machine have one, else the rule), measured (timed once, then cached) or rule (built in)")
 
 
 def cost_key(model) -> dict:
@@ -98,6 +103,7 @@ def cost_key(model) -> dict:
     return {"model": shape, "dtype": str(p.dtype), "gates": gates, "machine": machine}
 
 
+@functools.lru_cache(maxsize=1)
 def _processor() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -114,9 +120,9 @@ def cache_path(key: dict, root: str | os.PathLike | None = None) -> Path:
     return root / f"{digest}.json"
 
 
-def read_cached(path: Path, key: dict) -> ExecutionCosts | None:
+def read_cached(path: Path, key: dict, then: str = "measuring again") -> ExecutionCosts | None:
     """The cached table at ``path`` if it is readable, complete and measured for ``key``; else None (with the reason
-    on stderr when a file was there)."""
+    and ``then`` on stderr when a file was there)."""
     if not path.exists():
         return None
     try:
@@ -129,9 +135,26 @@ def read_cached(path: Path, key: dict) -> ExecutionCosts | None:
     if not ok:
         why = "measured for another model or machine" if isinstance(data, dict) and data.get("key") != key else \
             "unreadable"
-        print(f"[gateskip] execution costs {path} are {why}: measuring again", file=sys.stderr)
+        print(f"[gateskip] execution costs {path} are {why}: {then}", file=sys.stderr)
         return None
     return ExecutionCosts(key=data["key"], table=data["table"])
+
+
+_SEEN: dict = {}  # cached mode: (path, mtime) -> the table read there, so a file is parsed once, not per plan
+
+
+def cached_costs(model, root: str | os.PathLike | None = None) -> ExecutionCosts | None:
+    """This model's measured table on this machine if one is cached and valid, else None (the rule); never measures."""
+    key = cost_key(model)
+    path = cache_path(key, root)
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return None
+    if (path, stamp) not in _SEEN:
+        _SEEN[(path, stamp)] = read_cached(path, key, "using the built-in rule (gateskip bench --execution measured "
+                                                     "measures it again)")
+    return _SEEN[(path, stamp)]
 
 
 def execution_costs(model, root: str | os.PathLike | None = None, repeats: int = 5,

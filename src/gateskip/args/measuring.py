@@ -34,8 +34,8 @@ class SkipArgs:
         prompt_boost: generation with a compute-saved budget: the prompt aims at this times the budget, the
             answer makes up the rest.
         execution: how a call with some tokens skipped runs, gathering its kept tokens or computing all and
-            blending (the same outputs): rule (built in, measured on SmolLM2-135M on a 2-core CPU) or measured (timed
-            once on this model and machine, about a minute, then cached; gateskip.execution_costs).
+            blending (the same outputs): cached (a table measured on this model and machine if one is cached, else the
+            built-in rule), measured (timed once, about a minute, then cached; gateskip.execution_costs) or rule.
         seed: random seed of the random policy (and of sampling).
     """
 
@@ -49,7 +49,7 @@ class SkipArgs:
     recheck_stops: bool = True
     recheck_below: float = 0.0
     prompt_boost: float = GENERATION_PROMPT_BOOST
-    execution: str = "rule"
+    execution: str = "cached"
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -63,7 +63,7 @@ def _quiet_transformers(fn):
 @_quiet_transformers
 def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[float] = (0.0, 0.25, 0.5),
           saved: list[float] | None = None, policy: str | None = None, kv: str | None = None, path: str = "auto",
-          threads: int = 2, seed: int = 0, execution: list[str] = ("rule",), json: str | None = None, quant: str = "none", plot: str | None = None, *,
+          threads: int = 2, seed: int = 0, execution: list[str] = ("cached",), json: str | None = None, quant: str = "none", plot: str | None = None, *,
           random: RandomGatesArgs = RandomGatesArgs(), timing_args: TimingArgs = TimingArgs(),
           speculation: SpeculativeArgs = SpeculativeArgs(), **flags) -> dict:
     """Measure prefill and decode speed of the dense and the gated model at several skip ratios.
@@ -84,9 +84,10 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
         path: auto / physical / masked (masked computes every token: no speed-up expected).
         threads: torch CPU threads.
         execution: how a call with some tokens skipped runs, gathering its kept tokens or computing all and
-            blending (the same outputs): rule (built in, measured on SmolLM2-135M on a 2-core CPU) or measured (timed
-            once on this model and machine, about a minute, then cached; gateskip.execution_costs). Both
-            (``rule,measured``): every setting timed each way in the same run, the second named ``...+measured``.
+            blending (the same outputs): cached (a table measured on this model and machine if one is cached, else the
+            built-in rule), measured (timed once, about a minute, then cached; gateskip.execution_costs) or rule.
+            Several (``rule,measured``): every setting timed each way in the same run, after the first named
+            ``...+measured``.
         seed: seed of the random prompts and random gates.
         json: write the results to this JSON file.
         quant: quantize the backbone's linear layers first (dense and gated settings alike): none, int4
