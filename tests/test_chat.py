@@ -242,10 +242,14 @@ def test_every_skipping_option_reaches_the_rows_and_the_core_suite_refuses_gener
     from gateskip.commands.eval_chat import settings
 
     sk = SkipArgs(allocation="global", protect_tail=8, execution="measured", protect_last=False, recheck_below=0.2)
-    rows = settings("0.5", None, None, ["gateskip", "random"], "threshold", sk, saved=[0.2])
+    rows = settings("0.5", None, None, ["gateskip", "random"], "threshold", sk)
     for r in rows[1:]:
         assert {"allocation": "global", "protect_tail": 8, "execution": "measured", "protect_last": False,
-                "recheck_below": 0.2, "prompt_boost": sk.prompt_boost, "saved": 0.2}.items() <= r.skip.items()
+                "recheck_below": 0.2, "ratio": 0.5}.items() <= r.skip.items()
+    with pytest.raises(GateSkipError, match="--saved steers one ratio"):
+        settings("0.5", None, None, ["gateskip"], "threshold", sk, saved=[0.2])
+    boosted = settings("0.5", None, None, ["gateskip"], "threshold", SkipArgs(protect_tail=8), saved=[0.2])[1].skip
+    assert boosted["prompt_boost"] == SkipArgs().prompt_boost and boosted["saved"] == 0.2
     plain = settings("0.5", None, None, ["gateskip"], "threshold", SkipArgs())[1].skip
     assert set(plain) == {"modules", "kv", "ratio", "policy"}  # defaults stay out: the resume keys do not move
     with pytest.raises(GateSkipError, match="--protect-tail acts on generation"):

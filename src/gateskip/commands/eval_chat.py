@@ -18,6 +18,9 @@ def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, skip: S
     options set away from their defaults are written into a row's setting (the resume key of a gen run)."""
     from gateskip.eval.sweep import parse_ratios
 
+    if saved and skip.allocation != "uniform":
+        raise GateSkipError("--saved steers one ratio for every branch: leave --allocation at uniform (or give "
+                            "--ratios for a global allocation)")
     default = SkipArgs()
     rules = {k: v for k, v in skip.skipping().items() if k not in ("policy", "seed", "modules", "kv")
              and v is not None and v != getattr(default, k)}
