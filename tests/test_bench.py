@@ -167,3 +167,18 @@ def test_bench_measures_compute_saved_budgets():
     # what its prompt (not counted in the phase) saved too little or too much: the budget is over the whole run
     assert row["prefill"]["compute_saved"] == pytest.approx(0.3, abs=0.03)
     assert row["decode_b2"]["compute_saved"] == pytest.approx(0.3, abs=0.06)
+
+
+def test_bench_times_each_execution_in_one_run_and_measures_once(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    report = bench(model="tiny-llama", random_gates=True, gate="vector", ratios="0.5", prefill_batch=1,
+                   prefill_len=16, decode_batches="2", prompt_len=4, new_tokens=3, repeats=1, warmup=0, threads=1,
+                   execution="rule,measured")
+    names = [r["setting"] for r in report["results"]]
+    assert names == ["dense", "vector@0.5", "vector@0.5+measured"]
+    assert report["results"][1]["prefill"]["tokens_skipped"] == report["results"][2]["prefill"]["tokens_skipped"]
+    assert len(list(Path(os.environ["GATESKIP_EXECUTION_CACHE"]).glob("*.json"))) >= 1  # the table, cached
+    with pytest.raises(GateSkipError, match="execution='fastest' is invalid"):
+        bench(model="tiny-llama", random_gates=True, execution="fastest")

@@ -95,7 +95,6 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
         plot: write a PNG of speed-up against compute saved, per phase, to this file; with --speculative,
             the acceptance every setting would need against what it reached (bench_plot.plot_speculative).
     """
-    from gateskip.execution import check_execution, execution_costs
     from gateskip.flags import apply
 
     groups = apply(flags, {"random": random, "timing_args": timing_args, "speculation": speculation},
@@ -128,15 +127,9 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
     prompts = {b: rand_ids(b, prompt_len) for b in batch_list}
     variants = timing.variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy, ratio_list,
                          fallbacks=fallbacks, fallback_rank=fallback_rank)
-    executions = as_list(execution, str, "--execution")
-    for e in executions:
-        check_execution(e)
     settings, ctxs = _settings(variants, ratio_list, saved_list, {"policy": policy, "kv": kv, "path": path},
-                               executions)
-    live = timing.live_models(m, variants, settings)
-    for name, ctx in ctxs.items():  # measured (or read from the cache) once, before anything is timed
-        if ctx.get("execution") == "measured":
-            ctx["execution"] = execution_costs(live[name])
+                               as_list(execution, str, "--execution"))
+    live = _live(m, variants, settings, ctxs)
     phases = list(PHASES) + [f"decode_b{b}" for b in batch_list]
     times, saved_by, skipped = _time_rounds(m, live, ctxs, settings, phases, prefill_ids, prompts, ta, json,
                                             batch_list)
@@ -144,14 +137,30 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
     results = _summarise(settings, phases, times, saved_by, skipped, prefill_batch * prefill_len, batch_list,
                          new_tokens)
     report = {"command": _command(locals()), "machine": _machine(threads), "results": results}
-    print(format_table(results, phases))
+    _write(report, phases, json, plot)
+    return report
+
+
+def _live(m, variants, settings, ctxs: dict) -> dict:
+    """The models to time (``bench_timing.live_models``); a ``measured`` execution is measured (or read from the
+    cache) here, once per setting, before anything is timed."""
+    from gateskip.execution import execution_costs
+
+    live = timing.live_models(m, variants, settings)
+    for name, ctx in ctxs.items():
+        if ctx.get("execution") == "measured":
+            ctx["execution"] = execution_costs(live[name])
+    return live
+
+
+def _write(report: dict, phases: list[str], json: str | None, plot: str | None) -> None:
+    print(format_table(report["results"], phases))
     if json:
         atomic_write(Path(json), lambda f: Path(f).write_text(jsonlib.dumps(report, indent=2)))
     if plot:
         from gateskip.commands.bench_plot import plot_speed
 
-        plot_speed(results, plot)
-    return report
+        plot_speed(report["results"], plot)
 
 
 def _check_gates(gates, random_gates: bool, fallback: list[str]) -> None:
@@ -167,8 +176,11 @@ def _settings(variants, ratio_list, saved_list, plan: dict, executions=("rule",)
     """The timed settings, (name, gate variant, budget) from dense on, and each one's skipping arguments: every
     variant at every ratio (``gate@0.25``) and every compute-saved budget (``gate@saved0.25``), once per execution
     (after the first, named ``gate@0.25+measured``)."""
+    from gateskip.execution import check_execution
+
     settings, ctxs = [("dense", None, 0.0)], {"dense": {}}
     for i, e in enumerate(executions):
+        check_execution(e)
         tag = f"+{e}" if i else ""
         for k in variants:
             for knob, values, label in (("ratio", ratio_list, ""), ("saved", saved_list, "saved")):
