@@ -201,7 +201,7 @@ def chat_data_file(net, tok, source: str, n: int = CHAT_TEXTS, max_new_tokens: i
                    log: Callable[[str], None] | None = None) -> Path:
     """The self-distillation texts of ``chat_texts`` as a ``.jsonl`` training file (field ``text``), written once per
     model, size and length into the gateskip cache and reused afterwards (write, then rename)."""
-    from gateskip.checkpoint import atomic_write
+    from gateskip.files import atomic_write
     from gateskip.models import cache_root
 
     folder = Path(cache_dir) if cache_dir else cache_root(None).parent / "chat"

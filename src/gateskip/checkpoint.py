@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from gateskip.config import GateSkipConfig
 from gateskip.core import add_gates, gate_modules, gate_state, is_gated, remove_gates
 from gateskip.errors import GateSkipError
 from gateskip.fallback import fallback_modules
+from gateskip.files import atomic_write
 from gateskip.quantize import is_quantized_linear, merge_delta
 from gateskip.record import peek
 from gateskip.version import __version__
@@ -46,34 +46,6 @@ def model_identity(model: nn.Module) -> dict:
         "num_layers": len(decoder_layers(model)),
         "vocab_size": c.vocab_size,
     }
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path`` (same folder, so the rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        _fsync(tmp)  # the bytes are on disk before the new name points at them (power loss)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)  # and the rename itself is durable
-
-
-def _fsync(path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. directories cannot be opened on Windows: best effort
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def pruning_meta(model) -> dict:

@@ -24,6 +24,7 @@ from gateskip.arch import arch_spec, decoder_layers, text_config
 from gateskip.compat import get_cache
 from gateskip.config import GateSkipConfig
 from gateskip.errors import GateSkipError
+from gateskip.execution import resolve_execution
 from gateskip.fallback import make_fallback
 from gateskip.flops import model_flops
 from gateskip.gates import Gate
@@ -196,7 +197,8 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
     previous = st.plan
     st.plan, modules = build_plan(model, st, ratio, policy, modules, kv, seed, path, allocation, protect_first,
                                   straight_through, sync_free, protect_last, protect_tokens, recheck_tokens,
-                                  recheck_below, saved, protect_prompt, protect_tail, execution)
+                                  recheck_below, saved, protect_prompt, protect_tail,
+                                  resolve_execution(model, execution, path))
     if saved is not None:
         st.plan = install_budget(st, st.plan, saved, prompt_boost, modules)
     st.reset_stats()

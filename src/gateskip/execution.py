@@ -22,6 +22,7 @@ nothing stalls: ``gateskip bench --execution measured`` or ``gateskip.execution_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -36,6 +37,9 @@ from pathlib import Path
 import torch
 
 from gateskip.errors import GateSkipError
+from gateskip.files import atomic_write
+from gateskip.planning import build_plan
+from gateskip.record import peek
 
 FORMAT = 1
 DECODE_SIZES = (2, 4, 8, 16, 32)  # rows of a decode step (one new token each)
@@ -86,11 +90,26 @@ def check_execution(execution) -> None:
                             "machine have one, else the rule), measured (timed once, then cached) or rule (built in)")
 
 
+def resolve_execution(model, execution, path: str) -> ExecutionCosts | None:
+    """``skipping(execution=...)``: the table ``path="auto"`` chooses by, None for physical.py's rule."""
+    check_execution(execution)
+    if isinstance(execution, ExecutionCosts):
+        return execution
+    if path != "auto" or execution == "rule":
+        return None
+    return execution_costs(model) if execution == "measured" else cached_costs(model)
+
+
+def _state(model):
+    st = peek(model).state
+    if st is None:
+        raise GateSkipError("this model has no gates: call gateskip.add_gates(model) or load_gates(model, dir) first")
+    return st
+
+
 def cost_key(model) -> dict:
     """What the costs depend on: the model's shape and dtype, its gates and fallbacks, and the machine."""
-    from gateskip.core import gate_state
-
-    st = gate_state(model)
+    st = _state(model)
     cfg = model.config
     p = next(model.parameters())
     shape = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -161,8 +180,6 @@ def execution_costs(model, root: str | os.PathLike | None = None, repeats: int =
                     decode_sizes=DECODE_SIZES, prompt_sizes=PROMPT_SIZES, shares=SHARES) -> ExecutionCosts:
     """This model's execution costs on this machine: from the cache when valid, else measured (about a minute for
     SmolLM2-135M on 2 CPU cores; progress on stderr) and cached (written, then renamed)."""
-    from gateskip.checkpoint import atomic_write
-
     key = cost_key(model)
     path = cache_path(key, root)
     costs = read_cached(path, key)
@@ -177,9 +194,7 @@ def measure(model, repeats: int = 5, decode_sizes=DECODE_SIZES, prompt_sizes=PRO
     """``ExecutionCosts.table``: per gated kind, size and share, the fastest of ``repeats`` forward calls with that kind
     skipping that share at random, blend (``path="masked"``) against gather (``path="physical"``), interleaved (the
     fastest: a call slowed by another job on the machine says nothing about the choice)."""
-    from gateskip.core import gate_state, skipping
-
-    st = gate_state(model)
+    st = _state(model)
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -196,7 +211,7 @@ def measure(model, repeats: int = 5, decode_sizes=DECODE_SIZES, prompt_sizes=PRO
                 times = {"masked": [], "physical": []}
                 for r in range(repeats + 1):
                     for path in ("masked", "physical") if r % 2 == 0 else ("physical", "masked"):
-                        with skipping(model, ratio=share, policy="random", modules=(kind,), path=path, seed=r):
+                        with _installed(model, st, share, kind, path, r):
                             t0 = time.perf_counter()
                             call()
                             if r > 0:  # the first round warms up
@@ -207,6 +222,22 @@ def measure(model, repeats: int = 5, decode_sizes=DECODE_SIZES, prompt_sizes=PRO
                       end="" if done < total else "\n", file=sys.stderr)
         table[kind] = rows
     return table
+
+
+@contextlib.contextmanager
+def _installed(model, st, share: float, kind: str, path: str, seed: int):
+    """``skipping(model, ratio=share, policy="random", modules=(kind,), path=path, seed=seed)``, statistics counted as
+    in a real run, built here from the plan (gateskip.skipping itself chooses by these costs)."""
+    plan, _ = build_plan(model, st, share, "random", (kind,), None, seed, path, "uniform", None, False, None, None,
+                         None, None, 0.0, None, False)
+    previous, stats = st.plan, st.stats
+    st.plan = plan
+    st.reset_stats()
+    st.call.one_token = False
+    try:
+        yield
+    finally:
+        st.plan, st.stats = previous, stats
 
 
 def _decode_call(model, rows: int, vocab: int, gen, device, cached: int = 16):

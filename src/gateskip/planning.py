@@ -15,7 +15,6 @@ from torch import nn
 from gateskip.budget import check_allocation, global_ratios
 from gateskip.config import GateSkipConfig
 from gateskip.errors import GateSkipError
-from gateskip.execution import ExecutionCosts, cached_costs, check_execution, execution_costs
 from gateskip.policies import POLICY, check_ratio, resolve_policy, threshold_from_grid
 from gateskip.recheck import check_recheck_below, check_recheck_tokens
 from gateskip.state import GateState, Plan
@@ -26,7 +25,7 @@ def build_plan(model: nn.Module, st: GateState, ratio, policy: str | None, modul
                seed: int, path: str, allocation: str, protect_first: int | None, straight_through: bool,
                sync_free: bool | None, protect_last: bool | None, protect_tokens: Iterable[int] | None,
                recheck_tokens: Iterable[int] | None, recheck_below: float, saved: float | None,
-               protect_prompt: bool, protect_tail: int = 0, execution="cached") -> tuple[Plan, tuple[str, ...]]:
+               protect_prompt: bool, protect_tail: int = 0, execution=None) -> tuple[Plan, tuple[str, ...]]:
     """The plan of ``skipping(model, ...)`` (its arguments as given) and the branch kinds that skip; raises on an
     invalid argument. A ``saved`` budget is checked against ``ratio`` here but installed by the caller."""
     policy, modules, kv, path = _options(st, policy, modules, kv, path, allocation)
@@ -46,18 +45,8 @@ def build_plan(model: nn.Module, st: GateState, ratio, policy: str | None, modul
                 protect_last=last, protect_prompt=bool(protect_prompt), protect_tokens=never,
                 protect_tail=_tail(protect_tail),
                 recheck_tokens=check_recheck_tokens(recheck_tokens),
-                recheck_below=check_recheck_below(recheck_below), execution=_execution(model, execution, path))
+                recheck_below=check_recheck_below(recheck_below), execution=execution)
     return plan, modules
-
-
-def _execution(model: nn.Module, execution, path: str):
-    """The measured costs the auto path chooses by (None: physical.py's rule)."""
-    check_execution(execution)
-    if isinstance(execution, ExecutionCosts):
-        return execution
-    if path != "auto" or execution == "rule":
-        return None
-    return execution_costs(model) if execution == "measured" else cached_costs(model)
 
 
 def _options(st: GateState, policy: str | None, modules: Iterable[str], kv: str | None, path: str,

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from gateskip import distributed as gdist
-from gateskip.checkpoint import atomic_write
 from gateskip.errors import GateSkipError
+from gateskip.files import atomic_write
 
 # A training checkpoint is ``checkpoint/step-00000050.pt`` (a torch.save dict of tensors and plain
 # values, read back with weights_only=True so a crafted pickle cannot run code) plus

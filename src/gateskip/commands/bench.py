@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from gateskip.args import RandomGatesArgs, SpeculativeArgs, TimingArgs
-from gateskip.checkpoint import atomic_write
 from gateskip.commands import bench_timing as timing
 from gateskip.errors import GateSkipError
+from gateskip.files import atomic_write
 from gateskip.options import as_list
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

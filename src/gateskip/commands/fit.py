@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from gateskip.args import AllocateArgs, CompareArgs, StartArgs
-from gateskip.checkpoint import atomic_write
 from gateskip.config import RECOMMENDED, GateSkipConfig
 from gateskip.errors import GateSkipError
+from gateskip.files import atomic_write
 from gateskip.flags import FALLBACK_FIELDS, apply, fit_ranks, given_fields, start_config
 from gateskip.options import as_list
 

@@ -31,8 +31,9 @@ def quantize_command(model: str | None = None, gates: str | None = None, bits: i
     import json as jsonlib
     from pathlib import Path
 
-    from gateskip.checkpoint import atomic_write, load_gates
+    from gateskip.checkpoint import load_gates
     from gateskip.core import gate_state
+    from gateskip.files import atomic_write
     from gateskip.loading import base_model_name, load_named
 
     _quanto()  # fail before loading anything

@@ -17,10 +17,11 @@ import torch
 from gateskip import distributed as gdist
 from gateskip.args import CalibrationArgs, RunArgs, StartArgs, TextArgs, TrainArgs
 from gateskip.chat import resolve_chat_source
-from gateskip.checkpoint import SAVE_DTYPES, atomic_write, save_gates
+from gateskip.checkpoint import SAVE_DTYPES, save_gates
 from gateskip.config import RECOMMENDED, GateSkipConfig, special_token_ids
 from gateskip.core import add_gates, calibrate, gate_state
 from gateskip.errors import GateSkipError
+from gateskip.files import atomic_write
 from gateskip.flags import apply, fit_ranks, given_fields, start_config
 from gateskip.lora import attach_lora, merge_lora
 from gateskip.train import fit

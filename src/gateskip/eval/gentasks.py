@@ -278,7 +278,7 @@ def _load_partial(path: str | Path | None, fingerprint: dict) -> dict:
 def _save_partial(path: str | Path | None, fingerprint: dict, res: dict) -> None:
     if path is None:
         return
-    from gateskip.checkpoint import atomic_write
+    from gateskip.files import atomic_write
 
     rows = {k: t["rows"] for k, t in res["tasks"].items()}
     atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps({"fingerprint": fingerprint, "rows": rows})))

@@ -12,7 +12,7 @@ def write_run(out: str | Path, stem: str, res: dict, markdown: str,
               plot: Callable[[dict, Path], None] | None = None) -> Path:
     """The results, their report and their plot (``plot(res, path)``; skipped when None or matplotlib is missing)
     in ``out``; returns the report's path."""
-    from gateskip.checkpoint import atomic_write
+    from gateskip.files import atomic_write
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from gateskip.checkpoint import atomic_write
+from gateskip.files import atomic_write
 from gateskip.reproduce.curve import Z, acc_at, curve_of, overall, pair_verdict, saved_at_level
 from gateskip.reproduce.grid import BASE, COMPARISONS, GATESKIP_AT_30, TARGETS
 
