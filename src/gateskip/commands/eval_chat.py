@@ -28,7 +28,7 @@ def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, skip: S
         rules["protect_prompt"] = True
     if saved:
         rules["prompt_boost"] = skip.prompt_boost
-    policy, seed, recheck_stops = policy, skip.seed, skip.recheck_stops
+    seed, recheck_stops = skip.seed, skip.recheck_stops
     common = {"modules": tuple(skip.modules), "kv": skip.kv, **rules}
     gates = parse_ratios(ratios)
     out = [Setting("dense", 0.0)]
