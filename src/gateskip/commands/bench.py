@@ -110,6 +110,8 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
     batch_list = as_list(decode_batches, int, "--decode-batches")
     kinds = as_list(gate, str, "--gate")
     _check_gates(gates, random_gates, fallback)
+    executions = as_list(execution, str, "--execution")
+    _settings({}, [], [], {}, executions)  # checks every execution before the model loads
     fallbacks = fallback
     torch.set_num_threads(threads)
     from gateskip.loading import load_named, quantize_for_run
@@ -128,7 +130,7 @@ def bench(model: str = "smollm2-135m", gates: str | None = None, ratios: list[fl
     variants = timing.variants(m, gates, kinds, rank, seed, rand_ids, min(256, prefill_len), policy, ratio_list,
                          fallbacks=fallbacks, fallback_rank=fallback_rank)
     settings, ctxs = _settings(variants, ratio_list, saved_list, {"policy": policy, "kv": kv, "path": path},
-                               as_list(execution, str, "--execution"))
+                               executions)
     live = _live(m, variants, settings, ctxs)
     phases = list(PHASES) + [f"decode_b{b}" for b in batch_list]
     times, saved_by, skipped = _time_rounds(m, live, ctxs, settings, phases, prefill_ids, prompts, ta, json,
