@@ -207,8 +207,20 @@ def test_resume_keeps_measured_rows_and_merge_adds_tasks(monkeypatch, tmp_path):
     other = g.run(net, tok, settings, [("nq", "chat")], 4, batch=2, items=data)
     merged = g.merge(first, [("b.json", other)])
     assert set(merged["tasks"]) == {"nq:fewshot", "nq:chat"}
-    with pytest.raises(GateSkipError, match="also holds nq:chat"):
-        g.merge(merged, [("b.json", other)])
+    import copy
+
+    assert g.merge(copy.deepcopy(merged), [("b.json", other)])["tasks"] == merged["tasks"]  # nothing new to add
+    # the same task from two runs (the same dense answers): their rows are paired as one run's
+    rows = first["tasks"]["nq:fewshot"]["rows"]
+    part_a, part_b = copy.deepcopy(first), copy.deepcopy(first)
+    part_a["tasks"]["nq:fewshot"]["rows"] = rows[:2]
+    part_b["tasks"]["nq:fewshot"]["rows"] = [rows[0]] + rows[2:]
+    whole = g.merge(part_a, [("b.json", part_b)])
+    assert whole["tasks"]["nq:fewshot"]["rows"] == rows and whole["analysis"] == g.analyse(first)
+    changed = copy.deepcopy(other)
+    changed["tasks"]["nq:chat"]["rows"][0]["per_prompt"]["score"][0] += 1.0
+    with pytest.raises(GateSkipError, match="also holds nq:chat, with other dense answers"):
+        g.merge(merged, [("b.json", changed)])
     with pytest.raises(GateSkipError, match="another --limit"):
         g.merge(first, [("c.json", {**other, "limit": 9})])
     # a rerun with fewer settings keeps the rows it shares with the partial file, measured with the same setting

@@ -327,16 +327,29 @@ def run(net, tok, settings: list[Setting], specs: list[tuple[str, str]], n: int 
 
 
 def merge(res: dict, others: list[tuple[str, dict]]) -> dict:
-    """``res`` with the task/formats of ``others`` ((name, results) of gen runs with the same limit on other tasks)
-    added, and analysed again over all of them (a method some task has no rows of is left out of the comparison
-    over tasks)."""
+    """``res`` with the task/formats of ``others`` ((name, results) of gen runs with the same limit) added, and
+    analysed again over all of them (a method some task has no rows of is left out of the comparison over tasks).
+    A task both hold is one task when its dense rows scored every item alike (the same items, model and answers):
+    the other run's rows of methods and budgets this one lacks are added to it, so that rows measured in separate
+    runs are paired over the same items."""
     for name, other in others:
         if other.get("limit") != res["limit"]:
             raise GateSkipError(f"{name} ran another --limit than this run: merge gen runs of the same --limit")
-        clash = set(other["tasks"]) & set(res["tasks"])
-        if clash:
-            raise GateSkipError(f"{name} also holds {', '.join(sorted(clash))}: merge runs on other tasks")
-        res["tasks"].update(other["tasks"])
+        for task, theirs in other["tasks"].items():
+            ours = res["tasks"].get(task)
+            if ours is None:
+                res["tasks"][task] = theirs
+                continue
+            if _dense_scores(ours) != _dense_scores(theirs):
+                raise GateSkipError(f"{name} also holds {task}, with other dense answers: merge runs of the same "
+                                    "items and model, or on other tasks")
+            have = {(r["method"], r["budget"]) for r in ours["rows"]}
+            ours["rows"] += [r for r in theirs["rows"] if (r["method"], r["budget"]) not in have]
     res["analysis"] = analyse(res)
     return res
+
+
+def _dense_scores(task: dict) -> list | None:
+    dense = next((r for r in task["rows"] if r["method"] == "dense"), None)
+    return None if dense is None else dense["per_prompt"]["score"]
 
