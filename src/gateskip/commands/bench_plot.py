@@ -28,7 +28,7 @@ def plot_speed(results: list[dict], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     phases = [p for p in results[0] if p == "prefill" or p.startswith("decode_b")]
-    kinds = list(dict.fromkeys(r["gate"] for r in results if r["gate"] is not None))
+    kinds = list(dict.fromkeys(_series(r) for r in results if r["gate"] is not None))
     fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.9), squeeze=False)
     for ax, phase in zip(axes[0], phases):
         top = max(0.05, max(r[phase]["compute_saved"] for r in results))
@@ -36,7 +36,8 @@ def plot_speed(results: list[dict], path: str | Path) -> None:
         ax.plot([100 * x for x in xs], [1 / (1 - x) for x in xs], "k--", linewidth=1, label="ideal 1/(1-saved)")
         ax.axhline(1.0, color="grey", linewidth=1, label="dense")
         for kind in kinds:
-            rows = sorted((r for r in results if r["gate"] == kind), key=lambda r: r["ratio"])
+            rows = sorted((r for r in results if r["gate"] is not None and _series(r) == kind),
+                          key=lambda r: r[phase]["compute_saved"])
             ax.plot([100 * r[phase]["compute_saved"] for r in rows], [r[phase]["speedup"] for r in rows],
                     marker="o", label=f"{kind} gates")
             for r in rows:
@@ -50,6 +51,13 @@ def plot_speed(results: list[dict], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _series(row: dict) -> str:
+    """One line per gate kind and execution: ``lowrank``, ``lowrank, execution measured`` (settings named
+    ``lowrank@saved0.25+measured``)."""
+    tail = row["setting"].rsplit("@", 1)[-1]
+    return row["gate"] + (f", execution {tail.split('+', 1)[1]}" if "+" in tail else "")
 
 
 def plot_speculative(rows: list[dict], path: str | Path) -> None:
