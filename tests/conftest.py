@@ -11,10 +11,12 @@ TEXT = ("the cat sat on the mat. the dog sat on the log. a bird sang in the tree
 
 @pytest.fixture(autouse=True, scope="session")
 def _execution_cache(tmp_path_factory):
-    """Measured execution tables (execution.py) go to a fresh folder, so a developer's own never steers a test."""
+    """Measured execution tables (execution.py) and self-distillation answers (chat.py) go to fresh folders: a
+    developer's own never steer a test, and tests leave nothing in the user's cache."""
     import os
 
     os.environ["GATESKIP_EXECUTION_CACHE"] = str(tmp_path_factory.mktemp("execution"))
+    os.environ["GATESKIP_CHAT_CACHE"] = str(tmp_path_factory.mktemp("chat"))
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,11 +201,12 @@ def pad_id(tok) -> int:
 def chat_data_file(net, tok, source: str, n: int = CHAT_TEXTS, max_new_tokens: int = CHAT_TOKENS, cache_dir: str | Path | None = None,
                    log: Callable[[str], None] | None = None) -> Path:
     """The self-distillation texts of ``chat_texts`` as a ``.jsonl`` training file (field ``text``), written once per
-    model, size and length into the gateskip cache and reused afterwards (write, then rename)."""
+    model, size and length into the gateskip cache (``GATESKIP_CHAT_CACHE``, else ``chat/`` beside the models) and
+    reused afterwards (write, then rename)."""
     from gateskip.files import atomic_write
     from gateskip.models import cache_root
 
-    folder = Path(cache_dir) if cache_dir else cache_root(None).parent / "chat"
+    folder = Path(cache_dir or os.environ.get("GATESKIP_CHAT_CACHE") or cache_root(None).parent / "chat")
     name = "".join(c if c.isalnum() or c in "-._" else "_" for c in str(source))
     path = folder / f"{name}-n{n}-t{max_new_tokens}.jsonl"
     if path.is_file():
