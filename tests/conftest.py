@@ -9,14 +9,13 @@ TEXT = ("the cat sat on the mat. the dog sat on the log. a bird sang in the tree
         "the sun rose over the hill and the day began. ")
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _execution_cache(tmp_path_factory):
-    """Measured execution tables (execution.py) and self-distillation answers (chat.py) go to fresh folders: a
-    developer's own never steer a test, and tests leave nothing in the user's cache."""
-    import os
-
-    os.environ["GATESKIP_EXECUTION_CACHE"] = str(tmp_path_factory.mktemp("execution"))
-    os.environ["GATESKIP_CHAT_CACHE"] = str(tmp_path_factory.mktemp("chat"))
+@pytest.fixture(autouse=True)
+def _private_caches(tmp_path_factory, monkeypatch):
+    """Measured execution tables (execution.py) and self-distillation answers (chat.py) go to fresh folders, one per
+    test: neither a developer's own nor another test's table steers a test, and tests leave nothing in the user's
+    cache."""
+    monkeypatch.setenv("GATESKIP_EXECUTION_CACHE", str(tmp_path_factory.mktemp("execution")))
+    monkeypatch.setenv("GATESKIP_CHAT_CACHE", str(tmp_path_factory.mktemp("chat")))
 
 
 @pytest.fixture(autouse=True)

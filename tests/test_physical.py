@@ -238,3 +238,22 @@ def test_gates_on_mlp_branches_only(family):
     assert max((a - b).abs().max() for a, b in zip(gm.logits, gp.logits)) < TOL
     assert s["path_calls"]["physical"] > 0 and s["mlp_skipped"] > 0.2
     assert s["attn_skipped"] == 0 and set(s["per_module"]) == {f"layers.{i}.mlp" for i in range(len(s["per_module"]))}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_prompt_into_an_empty_cache_object_takes_the_physical_path(family):
+    """``DynamicCache()`` passed in by the caller has no layers until the first call fills them: the physical
+    attention's mask is built before its layer exists (once an IndexError) and must equal the masked path's."""
+    from transformers import DynamicCache
+
+    m = _calibrated(family)
+    ids = torch.randint(1, VOCAB, (1, 24), generator=torch.Generator().manual_seed(5))
+    out, paths = {}, {}
+    for path in ("masked", "physical"):
+        with torch.no_grad(), gateskip.skipping(m, ratio=0.5, policy="quantile", path=path):
+            res = m(input_ids=ids, use_cache=True, **{model_cache_arg(m): DynamicCache()})
+            out[path] = (res.logits, output_cache(res).layers[-1].keys)
+            paths[path] = gateskip.stats(m)["path"]
+    assert paths == {"masked": "masked", "physical": "physical"}
+    for a, b in zip(out["masked"], out["physical"]):
+        torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)

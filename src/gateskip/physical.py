@@ -195,7 +195,10 @@ def causal_mask(attn, cache, t: int, window: int | None, device, dtype) -> torch
     Boolean for sdpa, additive float for eager.
     """
     layers = getattr(cache, "layers", None)
-    kv_len, offset = layers[attn.layer_idx].get_mask_sizes(t) if layers is not None else (t, 0)
+    if layers is not None and attn.layer_idx < len(layers):
+        kv_len, offset = layers[attn.layer_idx].get_mask_sizes(t)
+    else:  # no cache, or a cache built empty (``DynamicCache()``) whose layer this call creates: nothing before
+        kv_len, offset = t, 0
     q = torch.arange(kv_len - t, kv_len, device=device)[:, None] + offset
     k = torch.arange(kv_len, device=device)[None, :] + offset
     allowed = k <= q
