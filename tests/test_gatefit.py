@@ -353,3 +353,24 @@ def test_fit_compare_scores_kl_to_the_dense_model(tmp_path):
         assert language_kl(net, held, ref) == pytest.approx(half["oracle"], rel=1e-5)
     with pytest.raises(GateSkipError, match="compare_metric='bpb'"):
         fit_command(model=str(d), out=str(tmp_path / "b"), compare_metric="bpb", **kw)
+
+
+def test_fit_command_resolves_the_chat_source(tmp_path, monkeypatch):
+    """``gateskip fit --data mix,chat`` fits on the model's own chat answers, as ``gateskip train`` does (it once
+    stopped with "the chat source is ..."): the file is written once and the summary names it."""
+    pytest.importorskip("pyarrow")
+    from conftest import tiny_folder
+    from test_chat import chat_tokenizer
+
+    from gateskip.commands.fit import fit as fit_command
+
+    monkeypatch.setenv("GATESKIP_CACHE", str(tmp_path / "models"))
+    d, data = tiny_folder(tmp_path)
+    chat_tokenizer().save_pretrained(d)
+    s = fit_command(model=str(d), out=str(tmp_path / "c"), fallback="lowrank", fallback_rank=8, fallback_batches=2,
+                    seq_len=32, batch_size=2, compare="0.3", compare_batches=1, data=f"{data},chat", chat_texts=3,
+                    modules="mlp")
+    used = s["compare"]["data"].split(",")
+    assert used[0] == str(data) and used[1].endswith(".jsonl") and len(open(used[1]).readlines()) == 3
+    with pytest.raises(GateSkipError, match="chat_texts=0"):
+        fit_command(model=str(d), out=str(tmp_path / "z"), data="chat", chat_texts=0)

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from gateskip.args import AllocateArgs, CompareArgs, StartArgs
+from gateskip.args import AllocateArgs, CompareArgs, StartArgs, TextArgs
 from gateskip.config import RECOMMENDED, GateSkipConfig
 from gateskip.errors import GateSkipError
 from gateskip.files import atomic_write
@@ -27,7 +27,8 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
         start: StartArgs = StartArgs(), comparison: CompareArgs = CompareArgs(),
         allocation: AllocateArgs = AllocateArgs(), fit_gates: bool = True, seq_len: int = 256, batch_size: int = 4,
         ridge: float = 1e-3, gate_ridge: float = 1e-2, under_ratio: float = 0.0, threads: int = 0,
-        data: str = "mix", fit_budget: str | None = None, save_dtype: str = "float32", **flags) -> dict:
+        data: str = "mix", chat_texts: int = TextArgs.chat_texts, fit_budget: str | None = None,
+        save_dtype: str = "float32", **flags) -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
     The gates are ``gates`` (gateskip.GateSkipConfig, default ``config.RECOMMENDED``: its fields are flags, e.g.
@@ -48,7 +49,9 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
         gate_ridge: gate fit ridge penalty.
         under_ratio: fit each fallback under random skipping of this ratio upstream (0: on the dense model).
         threads: torch CPU threads (0: leave as is).
-        data: text source for calibration and the held-out comparison (built-in name or file).
+        data: text source for calibration and the held-out comparison (built-in name or file; ``chat``: the
+            model's own answers to chat requests, written once, as ``gateskip train --data chat``).
+        chat_texts: with --data chat: how many self-distillation answers to write (once per model and number).
         fit_budget: refit under this JSON file of per-branch ratios (e.g. an alloc_<t>.json) instead of
             --fit-ratio's uniform ratio.
         save_dtype: how the gates and fallbacks are stored: float32, or float16 / bfloat16 (half the size;
@@ -75,7 +78,9 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
         raise GateSkipError(f"unknown --save-dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
     scopes = _scopes(cmp.compare_scopes, cfg.modules)
     t0 = time.perf_counter()
-    net, tok, cal, summary = _fitted(model, cfg, given, start, keep, data, seq_len, batch_size, ridge, gate_ridge,
+    if chat_texts < 1:
+        raise GateSkipError(f"chat_texts={chat_texts} is invalid: give a number of answers of at least 1")
+    net, tok, cal, summary, data = _fitted(model, cfg, given, start, keep, (data, chat_texts), seq_len, batch_size, ridge, gate_ridge,
                                      fit_gates, under_ratio, fit_budget)
     st = gate_state(net)
     allocs = _allocations(net, cal, alloc, seq_len, summary, t0)
@@ -98,10 +103,12 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
     return summary
 
 
-def _fitted(model, cfg, given, start, keep, data, seq_len, batch_size, ridge, gate_ridge, fit_gates, under_ratio,
-            fit_budget) -> tuple:
-    """(model, tokenizer, calibration batches, summary): the gates (new or the folder's) with their fallbacks
-    and gates fitted in closed form (``gatefit.fit_closed_form``)."""
+def _fitted(model, cfg, given, start, keep, data: tuple[str, int], seq_len, batch_size, ridge, gate_ridge, fit_gates,
+            under_ratio, fit_budget) -> tuple:
+    """(model, tokenizer, calibration batches, summary, the text source): the gates (new or the folder's) with their
+    fallbacks and gates fitted in closed form (``gatefit.fit_closed_form``). ``data`` is (source, chat_texts); a
+    ``chat`` part of the source is resolved to the model's own answers (``chat.resolve_chat_source``)."""
+    from gateskip.chat import resolve_chat_source
     from gateskip.checkpoint import load_gates, read_meta
     from gateskip.core import add_gates, gate_state
     from gateskip.data import fixed_batches, load_texts
@@ -111,6 +118,9 @@ def _fitted(model, cfg, given, start, keep, data, seq_len, batch_size, ridge, ga
     if start.folder:
         model = read_meta(start.folder)["base_model"].get("source") or model
     net, tok = load_model(model)
+    # the model's own chat answers are made before any gates are added (as `gateskip train --data chat` does)
+    data = resolve_chat_source(data[0], net, tok, model, n=data[1],
+                               log=lambda line: print(f"[gateskip fit] {line}", flush=True))
     if start.folder:
         load_gates(net, start.folder)
     else:
@@ -136,7 +146,7 @@ def _fitted(model, cfg, given, start, keep, data, seq_len, batch_size, ridge, ga
                               log=lambda line: print(f"[gateskip fit] {line}", flush=True))
     if keep:
         summary["fallback"]["kept"] = start.folder
-    return net, tok, cal, summary
+    return net, tok, cal, summary, data
 
 
 def _allocations(net, cal, alloc: AllocateArgs, seq_len: int, summary: dict, t0: float) -> dict:
