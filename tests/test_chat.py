@@ -254,3 +254,50 @@ def test_every_skipping_option_reaches_the_rows_and_the_core_suite_refuses_gener
     assert set(plain) == {"modules", "kv", "ratio", "policy"}  # defaults stay out: the resume keys do not move
     with pytest.raises(GateSkipError, match="--protect-tail acts on generation"):
         evaluate(suite="core", gates=None, protect_tail=4)
+
+
+def test_answer_markers_from_the_template_and_training_scores_answers_only(tmp_path):
+    """``loss_on="answers"``: the header is the template's generation prompt; the distillation loss of a batch is the
+    KL at the answer positions only, a batch without an answer gives no task gradient, and a tokenizer without a
+    template or a call without markers is refused in one line."""
+    from gateskip.chat import answer_markers
+    from gateskip.data import pack
+    from gateskip.losses import answer_positions
+    from gateskip.train import fit
+
+    tok = chat_tokenizer()
+    header, ends = answer_markers(tok)
+    assert tok.decode(header) == "<bos>assistant: " and tok.eos_token_id in ends
+    with pytest.raises(GateSkipError, match="no chat template"):
+        answer_markers(tiny_tokenizer())
+    texts = [tok.apply_chat_template([{"role": "user", "content": f"question {i}?"}], tokenize=False,
+                                     add_generation_prompt=True) + f"answer number {i} is here" for i in range(40)]
+    stream = pack(tok, texts, seq_len=96, batch_size=2, seed=0)
+    ids = next(pack(tok, texts, seq_len=96, batch_size=2, seed=0))
+    pos = answer_positions(ids, header, ends)
+    assert 0 < int(pos.sum()) < pos.numel()
+    m = gateskip.add_gates(tiny_model("llama"), gateskip.GateSkipConfig(init_bias=2.0))
+    with pytest.raises(GateSkipError, match="answer markers"):
+        fit(m, stream, steps=1, loss_on="answers")
+    plain = pack(tok, ["plain text without any turn. " * 8] * 8, seq_len=96, batch_size=2, seed=0)
+    import json
+
+    def tasks(data, out, objective):
+        fit(m, data, steps=2, lr=1e-2, loss_on="answers", answer_markers=(header, ends), max_ratio=0.3, warmup=1,
+            objective=objective, out=tmp_path / out)
+        return [json.loads(r)["task"] for r in (tmp_path / out / "train_log.jsonl").read_text().splitlines()]
+
+    for objective in ("distill", "ce"):
+        assert tasks(plain, "plain" + objective, objective) == [0.0, 0.0]  # nothing scored, no task gradient
+    ce = tasks(stream, "chat", "ce")
+    assert all(t > 0 for t in ce)
+    mask = torch.cat([torch.zeros_like(pos[:, :1]), pos[:, :-1]], 1)  # the scored positions' next tokens
+    from gateskip.losses import next_token_ce
+
+    m2 = gateskip.add_gates(tiny_model("llama"), gateskip.GateSkipConfig(init_bias=2.0))
+    with torch.no_grad(), gateskip.skipping(m2, ratio=0.0):
+        logits = m2(input_ids=ids, use_cache=False).logits
+    fit(m2, pack(tok, texts, seq_len=96, batch_size=2, seed=0), steps=1, lr=0.0, loss_on="answers",
+        answer_markers=(header, ends), objective="ce", warmup=1, out=tmp_path / "one")
+    first = json.loads((tmp_path / "one" / "train_log.jsonl").read_text().splitlines()[0])["task"]
+    assert first == pytest.approx(float(next_token_ce(logits, ids, mask)), abs=1e-4)  # step 1 skips nothing

@@ -66,3 +66,22 @@ def test_distillation_kl_is_zero_against_itself_and_matches_the_definition():
     valid = torch.tensor([[True, False, True]])
     ref_v = (p * (p.log() - q.log())).sum(-1)[valid].mean() * 4
     assert distillation_kl(s, t, valid, temperature=2.0).item() == pytest.approx(ref_v.item(), rel=1e-5)
+
+
+def test_answer_positions_score_each_answer_and_its_end():
+    """Positions whose next token is an answer token or the end-of-turn that closes it; a request, the text before a
+    row's first header (an answer cut by packing) and what follows an end are not scored."""
+    from gateskip.losses import answer_positions
+
+    H, E = [1, 5, 6], [2]
+    ids = torch.tensor([[9, 9, 2, 1, 5, 6, 7, 8, 2, 1, 4, 4, 2, 1, 5, 6, 3],
+                        [1, 5, 6, 1, 5, 7, 7, 2, 4, 4, 4, 4, 4, 4, 4, 4, 4]])
+    got = answer_positions(ids, H, E)
+    want = torch.zeros_like(ids, dtype=torch.bool)
+    want[0, 5:8] = True  # header ends at 5: predicts 7, 8 and the end (2 at 8)
+    want[0, 15:] = True  # an answer running past the row's end
+    want[1, 2:7] = True  # 1 5 (a broken header) 7 7 are answer text, then the end at 7
+    assert torch.equal(got, want)
+    assert not answer_positions(torch.tensor([[1, 5]]), H, E).any()  # shorter than the header
+    with pytest.raises(GateSkipError, match="header"):
+        answer_positions(ids, [], E)

@@ -194,6 +194,23 @@ def stop_ids(tok) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def answer_markers(tok) -> tuple[list[int], list[int]]:
+    """(header, ends): the token ids that open an assistant answer in ``tok``'s chat template (its generation prompt,
+    e.g. ``<|im_start|>assistant\\n``) and the ids that end one (``stop_ids``): what ``losses.answer_positions``
+    finds answers by."""
+    if not getattr(tok, "chat_template", None):
+        raise GateSkipError("loss_on='answers' scores the assistant's answers of chat-formatted text, but the "
+                            "tokenizer has no chat template: use loss_on='all'")
+    msgs = [{"role": "user", "content": "x"}]
+    asked = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    plain = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    if not asked.startswith(plain) or asked == plain:
+        raise GateSkipError("the tokenizer's chat template has no generation prompt that opens an answer: use "
+                            "loss_on='all'")
+    header = tok(asked[len(plain):], add_special_tokens=False)["input_ids"]
+    return header, stop_ids(tok)
+
+
 def pad_id(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 

@@ -65,6 +65,28 @@ def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Te
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
 
+def answer_positions(ids: torch.Tensor, header: list[int], ends: list[int]) -> torch.Tensor:
+    """[B, T] True at the positions whose next token belongs to an assistant answer of chat-formatted text: from the
+    last token of ``header`` (the template's generation prompt, e.g. ``<|im_start|>assistant\\n``) up to the position
+    before the first of ``ends`` (end-of-turn ids) after it, so that the end of the answer is predicted too. What
+    generation is judged on: ``TrainArgs.loss_on="answers"`` scores these positions only. Text before a row's first
+    header (a request, plain text, or an answer cut by packing) is not an answer."""
+    if not header:
+        raise GateSkipError("answer_positions needs the header that opens an answer (the chat template's generation "
+                            "prompt)")
+    b, t = ids.shape
+    n = len(header)
+    at = torch.zeros(b, t, dtype=torch.bool, device=ids.device)
+    if t >= n:  # the header's last token at position i + n - 1
+        win = ids.unfold(1, n, 1)  # [B, T - n + 1, n]
+        at[:, n - 1:] = (win == torch.tensor(header, device=ids.device)).all(-1)
+    pos = torch.arange(t, device=ids.device).expand(b, t)
+    none = torch.full_like(pos, -1)
+    last_header = torch.where(at, pos, none).cummax(1).values
+    last_end = torch.where(torch.isin(ids, torch.tensor(ends, device=ids.device)), pos, none).cummax(1).values
+    return (last_header >= 0) & (last_header > last_end)
+
+
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor | None = None,
                     temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher || student) per token, averaged over valid tokens (scaled by T^2 as usual)."""

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from gateskip import distributed as gdist
 from gateskip.args import TrainArgs
-from gateskip.checkpoint import atomic_write
 from gateskip.core import (
     gate_parameters,
     gate_state,
@@ -33,8 +32,9 @@ from gateskip.core import (
 )
 from gateskip.errors import GateSkipError
 from gateskip.fallback import fallback_parameters
+from gateskip.files import atomic_write
 from gateskip.lora import LoraDisabled, attach_lora
-from gateskip.losses import distillation_kl, next_token_ce, sparsity
+from gateskip.losses import answer_positions, distillation_kl, next_token_ce, sparsity
 from gateskip.taps import gates_bypassed, logging_gates
 from gateskip.train_state import load_checkpoint, save_checkpoint
 
@@ -67,13 +67,14 @@ def ramp_ratio(step: int, ramp_steps: int, max_ratio: float, min_ratio: float | 
 
 def fit(net, stream, args: TrainArgs | None = None, *, out: Path | None = None,
         modules: tuple[str, ...] | None = None, fitted: bool = False, dist: gdist.Dist | None = None,
-        fsdp: bool = False, **overrides):
+        fsdp: bool = False, answer_markers: tuple[list[int], list[int]] | None = None, **overrides):
     """The training loop on a gated model and an iterator of ``input_ids`` batches.
 
     ``args`` (``gateskip.args.TrainArgs``, whose defaults are ``gateskip train``'s) with ``overrides``
     (its fields, e.g. ``steps=200``) replaced. ``modules``: the branch kinds that skip (default: every gated
     kind). ``fitted``: the gates start fitted (closed form or a folder), so an unset ``ramp_steps`` is the short
-    ramp (``TrainArgs.ramp``).
+    ramp (``TrainArgs.ramp``). ``answer_markers``: (header, end ids) of the tokenizer's chat template
+    (``chat.answer_markers``), needed by ``loss_on="answers"``.
 
     Returns the model with LoRA layers still attached (or None): ``train`` merges them. Writes
     ``train_log.jsonl`` and resumable checkpoints under ``out`` when given. With ``dist`` (several
@@ -87,6 +88,10 @@ def fit(net, stream, args: TrainArgs | None = None, *, out: Path | None = None,
         raise GateSkipError("fit() needs a gated model: call gateskip.add_gates(model) first")
     if fsdp:
         _check_fsdp(net, d, a.backbone, a.objective)
+    if a.loss_on == "answers" and answer_markers is None:
+        raise GateSkipError("loss_on='answers' needs the chat template's answer markers: pass "
+                            "answer_markers=gateskip.chat.answer_markers(tokenizer)")
+    scored = (lambda ids: answer_positions(ids, *answer_markers)) if a.loss_on == "answers" else None
     skip_modules = tuple(modules) if modules is not None else tuple(gate_state(net).cfg.modules)
     teacher = copy.deepcopy(net) if "distill" in a.objective and a.backbone == "full" else None  # the backbone moves
     peft_model, opt = _trainable(net, a, fsdp)
@@ -116,7 +121,7 @@ def fit(net, stream, args: TrainArgs | None = None, *, out: Path | None = None,
         totals = {"loss": 0.0, "task": 0.0, "sparsity": 0.0, "gate_mean": 0.0, "skipped": 0.0}
         for micro in range(a.grad_accum):
             ids = gdist.shard(next(stream), d).to(next(net.parameters()).device)
-            for k, v in _micro_step(net, model, teacher, peft_model, ids, a, plan_ratio, skip_modules, step,
+            for k, v in _micro_step(net, model, teacher, peft_model, ids, scored, a, plan_ratio, skip_modules, step,
                                     ckpt, last_good, sync=d.enabled and not fsdp and micro < a.grad_accum - 1,
                                     d=d).items():
                 totals[k] += v
@@ -173,10 +178,11 @@ def _trainable(net, a: TrainArgs, fsdp: bool) -> tuple:
     return peft_model, torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.001)
 
 
-def _micro_step(net, model, teacher, peft_model, ids, a: TrainArgs, plan_ratio, skip_modules, step: int, ckpt,
-                last_good: int, sync: bool, d) -> dict[str, float]:
+def _micro_step(net, model, teacher, peft_model, ids, scored, a: TrainArgs, plan_ratio, skip_modules, step: int,
+                ckpt, last_good: int, sync: bool, d) -> dict[str, float]:
     """One micro-batch: the teacher's logits (distillation), the forward pass under skipping, the loss
-    (objective + lam * sparsity) backward; returns its share of the step's logged values."""
+    (objective + lam * sparsity) backward; returns its share of the step's logged values. ``scored``: ids -> the
+    [B, T] positions the objective scores (None: all)."""
     teacher_logits = None
     if "distill" in a.objective:
         with torch.no_grad():
@@ -193,10 +199,14 @@ def _micro_step(net, model, teacher, peft_model, ids, a: TrainArgs, plan_ratio, 
         skipped = _skipped_fraction(st)
     gate_log = log.entries
     task = torch.zeros((), device=logits.device)
-    if "ce" in a.objective.split("+"):
-        task = task + _ce(logits, ids)
-    if teacher_logits is not None:
-        task = task + distillation_kl(logits, teacher_logits)
+    pos = None if scored is None else scored(ids)
+    if pos is not None and not bool(pos.any()):
+        task = task + 0.0 * logits.sum()  # nothing to score in this micro-batch (no answer): no task gradient
+    else:
+        if "ce" in a.objective.split("+"):
+            task = task + _ce(logits, ids, pos)
+        if teacher_logits is not None:
+            task = task + distillation_kl(logits, teacher_logits, pos)
     sp = sparsity(gate_log, a.sparsity_kind, a.kl_target)
     loss = (task + a.lam * sp) / a.grad_accum
     # Decided together, so that no rank waits forever in an all-reduce its peers left.
@@ -240,9 +250,11 @@ def _check_fsdp(net, d: gdist.Dist, backbone: str, objective: str) -> None:
                             "use --objective ce or --backbone lora")
 
 
-def _ce(logits, ids):
-    # Indirection so that tests can inject a non-finite loss.
-    return next_token_ce(logits, ids)
+def _ce(logits, ids, pos=None):
+    # Indirection so that tests can inject a non-finite loss. ``pos``: scored positions (their next tokens)
+    if pos is None:
+        return next_token_ce(logits, ids)
+    return next_token_ce(logits, ids, torch.cat([torch.zeros_like(pos[:, :1]), pos[:, :-1]], 1))
 
 
 def _last_good(ckpt: Path | None, step: int) -> str:

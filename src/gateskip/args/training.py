@@ -10,6 +10,7 @@ from gateskip.errors import GateSkipError
 
 BACKBONES = ("frozen", "lora", "full")
 OBJECTIVES = ("ce", "distill", "ce+distill")
+LOSS_ON = ("all", "answers")
 NEW_GATES_RAMP, FITTED_GATES_RAMP = 0.8, 0.1  # share of the steps the skip ratio ramps over
 
 
@@ -87,6 +88,8 @@ class TrainArgs:
         backbone_lr: learning rate of LoRA / backbone weights.
         lora_rank: LoRA rank for ``backbone=lora``.
         objective: ce, distill (KL to the gate-free model) or ce+distill.
+        loss_on: the positions the objective scores: all, or answers (the assistant's answers in chat-formatted
+            text, e.g. ``--data chat``: where generation is judged; other text counts for nothing).
         sparsity_kind: l2 (paper), l1 or kl (to ``kl_target`` open rate).
         lam: weight of the sparsity penalty.
         kl_target: target open rate for ``sparsity_kind=kl``.
@@ -118,6 +121,7 @@ class TrainArgs:
     backbone_lr: float = 1e-3
     lora_rank: int = 8
     objective: str = "distill"
+    loss_on: str = "all"
     sparsity_kind: str = "l2"
     lam: float = 0.0
     kl_target: float = 0.5
@@ -136,6 +140,7 @@ class TrainArgs:
     def __post_init__(self) -> None:
         _choice("backbone", self.backbone, BACKBONES)
         _choice("objective", self.objective, OBJECTIVES)
+        _choice("loss_on", self.loss_on, LOSS_ON)
         from gateskip.losses import check_sparsity_kind
 
         check_sparsity_kind(self.sparsity_kind)

@@ -16,7 +16,7 @@ import torch
 
 from gateskip import distributed as gdist
 from gateskip.args import CalibrationArgs, RunArgs, StartArgs, TextArgs, TrainArgs
-from gateskip.chat import resolve_chat_source
+from gateskip.chat import answer_markers, resolve_chat_source
 from gateskip.checkpoint import SAVE_DTYPES, save_gates
 from gateskip.config import RECOMMENDED, GateSkipConfig, special_token_ids
 from gateskip.core import add_gates, calibrate, gate_state
@@ -76,8 +76,9 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", *, text: TextArg
         # Every rank reads the same global batches (world x batch_size rows) and keeps its own slice.
         stream = pack(tok, load_texts(data, split="train", limit=text.limit_texts), seq_len=text.seq_len,
                       batch_size=text.batch_size * d.world, seed=loop.seed)
+        markers = answer_markers(tok) if loop.loss_on == "answers" else None
         peft_model = fit(net, stream, loop, out=out_dir, modules=skip_modules, fitted=start.fitted, dist=d,
-                         fsdp=run.fsdp)
+                         fsdp=run.fsdp, answer_markers=markers)
         if run.fsdp:  # gather the sharded weights (a collective); rank 0 calibrates an unsharded copy
             net, peft_model = _gathered(net, model, run, cfg, loop, d)
         if not d.is_main:  # rank 0 alone calibrates and writes the gates folder
@@ -85,7 +86,7 @@ def train(model: str = "smollm2-135m", out: str = "runs/gates", *, text: TextArg
             return out_dir
         meta = {"quant": run.quant, "data": text.data, "steps": loop.steps, "seq_len": text.seq_len,
                 "batch_size": text.batch_size, "world_size": d.world, "grad_accum": loop.grad_accum, "lr": loop.lr,
-                "objective": loop.objective, "sparsity": loop.sparsity_kind, "lam": loop.lam,
+                "objective": loop.objective, "loss_on": loop.loss_on, "sparsity": loop.sparsity_kind, "lam": loop.lam,
                 "max_ratio": loop.max_ratio, "min_ratio": loop.min_ratio, "ramp_steps": loop.ramp(start.fitted),
                 "seed": loop.seed, "straight_through": loop.straight_through, "init": start.init,
                 "budget": loop.budget, "train_fallback": loop.train_fallback, "modules": list(skip_modules)}
