@@ -301,3 +301,34 @@ def test_answer_markers_from_the_template_and_training_scores_answers_only(tmp_p
         answer_markers=(header, ends), objective="ce", warmup=1, out=tmp_path / "one")
     first = json.loads((tmp_path / "one" / "train_log.jsonl").read_text().splitlines()[0])["task"]
     assert first == pytest.approx(float(next_token_ce(logits, ids, mask)), abs=1e-4)  # step 1 skips nothing
+
+
+def test_compare_with_adds_another_runs_rows_paired_and_refuses_other_requests():
+    """``--suite chat --compare-with``: another run's rows on the same requests are added, named by its gates, and
+    the report pairs this run's gateskip rows with them; other requests or other dense answers are refused."""
+    from gateskip.eval.chat_fidelity import merge, report
+
+    def row(method, saved, overlap, answers=("a", "b")):
+        per = {"empty": [0.0, 0.0], "early": [0.0, 0.0], "empty_or_early": [0.0, 0.0], "overlap": list(overlap),
+               "nll": [1.0, 1.2], "first_agree": [1.0, 1.0]}
+        return {"method": method, "budget": saved, "compute_saved": saved, "tokens_skipped": saved, "seconds": 1.0,
+                "new_tokens": 2, "summary": {"empty": 0.0, "early": 0.0, "empty_or_early": 0.0,
+                                             "overlap": sum(overlap) / 2, "nll": 1.1, "nll_ratio": 1.1,
+                                             "length_ratio": 1.0, "first_agree": 1.0},
+                "per_prompt": per, "answers": list(answers)}
+
+    def run(overlap):
+        return {"prompts": 2, "max_new_tokens": 8, "requests": ["q1", "q2"],
+                "rows": [row("dense", 0.0, (1.0, 1.0)), row("gateskip", 0.15, overlap), row("gateskip", 0.25, overlap)]}
+
+    merged = merge(run((0.6, 0.4)), [run((0.5, 0.3))], ["other"])
+    assert [r["method"] for r in merged["rows"]] == ["dense", "gateskip", "gateskip", "gateskip (other)",
+                                                     "gateskip (other)"]
+    text = report(merged)
+    assert "| 15% | gateskip (other) | +0.000 [+0.000, +0.000] | +0.100 [+0.100, +0.100] |" in text
+    with pytest.raises(GateSkipError, match="another set of requests"):
+        merge(run((0.6, 0.4)), [{**run((0.5, 0.3)), "requests": ["q1", "q3"]}], ["other"])
+    other = run((0.5, 0.3))
+    other["rows"][0] = row("dense", 0.0, (1.0, 1.0), answers=("x", "y"))
+    with pytest.raises(GateSkipError, match="dense answers differ"):
+        merge(run((0.6, 0.4)), [other], ["other"])

@@ -69,7 +69,9 @@ def evaluate(gates: str | None = None, tasks: list[str] = DEFAULT_TASKS,
             report and curve, e.g. ``--quant int4 --compare-with runs/eval/results.json``. Suite: one or
             more suite results.json on the same tasks and items; their rows follow this run's (their dense
             dropped), a method name this run already has suffixed with @<folder of that results.json>. Suite
-            gen: gen.json of runs with the same settings on other tasks, whose task/formats are added.
+            gen: gen.json of runs with the same settings on other tasks, whose task/formats are added. Suite
+            chat: chat.json of runs on the same requests (e.g. another gates folder), whose rows are added as
+            "method (their gates)" and paired with this run's gateskip rows.
     """
     from gateskip.flags import apply
 
@@ -99,7 +101,8 @@ def _run_suite(suite: str, gates: str | None, tasks: list[str], ratios: list[str
 
         return evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios,
                              ["gateskip", "random", "oracle"] if methods == DEFAULT_METHODS else as_list(methods, str),
-                             policy, sk, limit, out, su.fidelity_tokens, batch_size, saved, su.protect_prompt)
+                             policy, sk, limit, out, su.fidelity_tokens, batch_size, saved, su.protect_prompt,
+                             as_list(compare_with, str, "--compare-with"))
     if suite == "gen":
         from gateskip.commands.eval_gen import GEN_METHODS, evaluate_gen
 

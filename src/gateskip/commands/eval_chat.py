@@ -45,12 +45,25 @@ def settings(ratios, random_ratios, oracle_ratios, methods, policy: str, skip: S
 
 
 def evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios, methods, policy, skip: SkipArgs, limit, out,
-                  fidelity_tokens, batch_size, saved=None, protect_prompt=False) -> dict:
+                  fidelity_tokens, batch_size, saved=None, protect_prompt=False, compare_with=None) -> dict:
+    """The chat suite; ``compare_with``: chat.json files of other runs on the same requests (e.g. another gates
+    folder), whose rows are added and paired with this run's gateskip rows."""
+    import json
+    from pathlib import Path
+
+    from gateskip.eval.chat_fidelity import merge
     from gateskip.eval.inputs import prepare_run
     from gateskip.loading import load_for_inference
 
     if not gates:
         raise GateSkipError("--suite chat measures a gates folder: pass --gates DIR")
+    others = []
+    for path in compare_with or []:
+        try:
+            others.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            raise GateSkipError(f"--compare-with {path}: not a readable chat.json ({e.__class__.__name__}); give the "
+                                "chat.json of a `gateskip eval --suite chat` run") from None
     prepare_run(limit, out)
     net, tok = load_for_inference(model, gates)
     rows = settings(ratios, random_ratios, oracle_ratios, methods, policy, skip, saved, protect_prompt)
@@ -58,7 +71,10 @@ def evaluate_chat(gates, model, ratios, random_ratios, oracle_ratios, methods, p
     res = run(net, tok, rows, n=limit or 200, max_new_tokens=fidelity_tokens, batch=max(batch_size, 16),
               log=lambda line: print(f"[gateskip eval chat] {line}", flush=True))
     res["config"] = {"gates": gates, "model": model, **config(policy, skip), "saved": saved,
-                     "protect_prompt": protect_prompt, "seconds": round(time.perf_counter() - t0, 1)}
+                     "protect_prompt": protect_prompt, "seconds": round(time.perf_counter() - t0, 1),
+                     "compare_with": list(compare_with or [])}
+    labels = [str(o.get("config", {}).get("gates") or p) for o, p in zip(others, compare_with or [])]
+    res = merge(res, others, labels)
     path = write(res, out)
     print(path.read_text())
     print(f"[gateskip] wrote {out}/chat.md, chat.json, chat.png")

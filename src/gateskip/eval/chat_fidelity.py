@@ -201,6 +201,20 @@ def paired(x: list[float], y: list[float], iters: int = 2000, seed: int = 0) -> 
     return float(d.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
 
 
+def merge(res: dict, others: list[dict], labels: list[str]) -> dict:
+    """``res`` with the skipping rows of other chat runs (``--compare-with``) added, each method named
+    ``"method (label)"``: runs of the same requests whose dense answers are the same, so rows pair prompt by prompt."""
+    rows = list(res["rows"])
+    for other, label in zip(others, labels, strict=True):
+        if other["requests"] != res["requests"] or other["max_new_tokens"] != res["max_new_tokens"]:
+            raise GateSkipError(f"--compare-with {label}: another set of requests or answer length; run both with the "
+                                "same --limit and --fidelity-tokens")
+        if other["rows"][0]["answers"] != rows[0]["answers"]:
+            raise GateSkipError(f"--compare-with {label}: its dense answers differ from this run's (another model?)")
+        rows += [{**r, "method": f"{r['method']} ({label})"} for r in other["rows"][1:]]
+    return {**res, "rows": rows}
+
+
 def report(res: dict, reference: str = "gateskip") -> str:
     rows = res["rows"]
     dense = rows[0]["summary"]
@@ -249,6 +263,21 @@ def report(res: dict, reference: str = "gateskip") -> str:
                 if len(other_means) == 2 and other_means["oracle"] != other_means["random"]:
                     gap = f"{(sum(me) / len(me) - other_means['random']) / (other_means['oracle'] - other_means['random']):.0%}"
                 lines.append(f"| {level:.0%} | {metric} | {cells[0]} | {cells[1]} | {gap} |")
+    compared = [m for m in methods if m.startswith(f"{reference} (")]
+    if reference in methods and compared:
+        lines += ["", f"## {reference} against the compared runs (--compare-with), paired over prompts", "",
+                  "| level | compared with | empty or early [95%] | overlap [95%] | NLL [95%] |", "|---|---|---|---|---|"]
+        for level in LEVELS:
+            for other in compared:
+                cells = []
+                for metric in ("empty_or_early", "overlap", "nll"):
+                    me, o = matched(rows, reference, level, metric), matched(rows, other, level, metric)
+                    if me is None or o is None:
+                        break
+                    d, lo, hi = paired(me, o)
+                    cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+                if len(cells) == 3:
+                    lines.append(f"| {level:.0%} | {other} | {' | '.join(cells)} |")
     lines += ["", "## Sample answers (first three requests)", ""]
     for i in range(min(3, res["prompts"])):
         lines.append(f"**{res['requests'][i]}**")
