@@ -117,8 +117,9 @@ class NeuronFallback(nn.Module):
         flat = x.reshape(-1, x.shape[-1]).to(a.dtype)
         k = self.GU.shape[1] // 2
         gu = flat @ self.GU
-        z = torch.cat([flat, self.act(gu[:, :k]) * gu[:, k:]], 1)
-        return torch.addmm(self.bias, z @ a, self.B).to(x.dtype).view(x.shape)
+        h = flat.shape[1]
+        za = torch.addmm(flat @ a[:h], self.act(gu[:, :k]) * gu[:, k:], a[h:])  # [x, n] A without building [x, n]
+        return torch.addmm(self.bias, za, self.B).to(x.dtype).view(x.shape)
 
     @property
     def G(self) -> torch.Tensor:

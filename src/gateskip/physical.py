@@ -81,8 +81,9 @@ def run(branch, x: torch.Tensor, g: torch.Tensor | None, skip: torch.Tensor, n_s
     if n_skip == skip.numel():
         return skip_all(branch, x, kwargs, skip, g)
     if branch.kind == "mlp":
-        out = _mlp(branch, x, g, skip, n_skip, args, kwargs, static)
-        return out if branch.fast_fallback is None else _with_fallback(branch, out, x, g, skip, n_skip, static)
+        fb = branch.fast_fallback
+        out = _mlp(branch, x, g, skip, n_skip, args, kwargs, static, filled=fb is not None)
+        return out if fb is None else _with_fallback(branch, out, x, g, skip, n_skip, static)
     out, w = _attention(branch, x, g, skip, n_skip, kwargs, static)
     return (out if branch.fast_fallback is None else _with_fallback(branch, out, x, g, skip, n_skip, static)), w
 
@@ -101,7 +102,9 @@ def _with_fallback(branch, out, x, g, skip, n_skip, static):
     return out.view(b * t, h).index_copy_(0, sidx, v.to(out.dtype)).view(b, t, h)
 
 
-def _mlp(branch, x, g, skip, n_skip, args, kwargs, static):
+def _mlp(branch, x, g, skip, n_skip, args, kwargs, static, filled: bool = False):
+    """The kept tokens' gated outputs in a [B, T, H] tensor, 0 at the skipped ones; ``filled``: the caller writes
+    every skipped token (a fallback), so they are left unset instead of zeroed (one B x T x H fill less)."""
     b, t, h = x.shape
     if static:  # kept tokens first, in order: the first b*t - n_skip of a stable sort of the mask
         idx = torch.argsort(skip.reshape(-1).to(torch.uint8), stable=True)[:b * t - n_skip]
@@ -110,7 +113,8 @@ def _mlp(branch, x, g, skip, n_skip, args, kwargs, static):
     o = branch.run_module(x.reshape(b * t, h).index_select(0, idx).unsqueeze(0), args, kwargs)[0]
     if g is not None:
         o = o * g.reshape(b * t, -1).index_select(0, idx)
-    return x.new_zeros(b * t, h).index_copy_(0, idx, o).view(b, t, h)
+    out = x.new_empty(b * t, h) if filled else x.new_zeros(b * t, h)
+    return out.index_copy_(0, idx, o).view(b, t, h)
 
 
 def skip_all(branch, x: torch.Tensor, kwargs, skip: torch.Tensor, g: torch.Tensor | None = None):
