@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateskip.args.checks import _at_least, _choice, _ratio
+from gateskip.chat import CHAT_TEXTS
 from gateskip.errors import GateSkipError
 
 BACKBONES = ("frozen", "lora", "full")
@@ -32,7 +33,7 @@ class TextArgs:
     seq_len: int = 256
     batch_size: int = 4
     limit_texts: int | None = None
-    chat_texts: int = 1200
+    chat_texts: int = CHAT_TEXTS
 
     def __post_init__(self) -> None:
         _at_least(self, seq_len=2, batch_size=1, limit_texts=1, chat_texts=1)
