@@ -118,11 +118,11 @@ def test_pickle_posing_as_checkpoint_never_runs(tmp_path, capsys):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = gtrain.next_token_ce
+    real = gtrain._ce
 
-    def poisoned(logits, ids):
+    def poisoned(logits, ids, pos=None):
         calls["n"] += 1
-        loss = real(logits, ids)
+        loss = real(logits, ids, pos)
         return loss * float("nan") if calls["n"] == 5 else loss
 
     monkeypatch.setattr(gtrain, "_ce", poisoned)

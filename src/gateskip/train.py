@@ -204,7 +204,7 @@ def _micro_step(net, model, teacher, peft_model, ids, scored, a: TrainArgs, plan
         task = task + 0.0 * logits.sum()  # nothing to score in this micro-batch (no answer): no task gradient
     else:
         if "ce" in a.objective.split("+"):
-            task = task + _ce(logits, ids, pos)
+            task = task + (_ce(logits, ids) if pos is None else _ce(logits, ids, pos))
         if teacher_logits is not None:
             task = task + distillation_kl(logits, teacher_logits, pos)
     sp = sparsity(gate_log, a.sparsity_kind, a.kl_target)
