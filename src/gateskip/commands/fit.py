@@ -78,10 +78,9 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
         raise GateSkipError(f"unknown --save-dtype {save_dtype!r}: choose from {', '.join(SAVE_DTYPES)}")
     scopes = _scopes(cmp.compare_scopes, cfg.modules)
     t0 = time.perf_counter()
-    if chat_texts < 1:
-        raise GateSkipError(f"chat_texts={chat_texts} is invalid: give a number of answers of at least 1")
-    net, tok, cal, summary, data = _fitted(model, cfg, given, start, keep, (data, chat_texts), seq_len, batch_size, ridge, gate_ridge,
-                                     fit_gates, under_ratio, fit_budget)
+    TextArgs(data=data, chat_texts=chat_texts)  # checks them as gateskip train does
+    net, tok, cal, summary, data = _fitted(model, cfg, given, start, keep, data, chat_texts, seq_len, batch_size,
+                                           ridge, gate_ridge, fit_gates, under_ratio, fit_budget)
     st = gate_state(net)
     allocs = _allocations(net, cal, alloc, seq_len, summary, t0)
     targets = list(allocs)
@@ -103,11 +102,11 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
     return summary
 
 
-def _fitted(model, cfg, given, start, keep, data: tuple[str, int], seq_len, batch_size, ridge, gate_ridge, fit_gates,
+def _fitted(model, cfg, given, start, keep, data, chat_texts, seq_len, batch_size, ridge, gate_ridge, fit_gates,
             under_ratio, fit_budget) -> tuple:
     """(model, tokenizer, calibration batches, summary, the text source): the gates (new or the folder's) with their
-    fallbacks and gates fitted in closed form (``gatefit.fit_closed_form``). ``data`` is (source, chat_texts); a
-    ``chat`` part of the source is resolved to the model's own answers (``chat.resolve_chat_source``)."""
+    fallbacks and gates fitted in closed form (``gatefit.fit_closed_form``). A ``chat`` part of ``data`` is resolved
+    to the model's own answers (``chat.resolve_chat_source``)."""
     from gateskip.chat import resolve_chat_source
     from gateskip.checkpoint import load_gates, read_meta
     from gateskip.core import add_gates, gate_state
@@ -119,7 +118,7 @@ def _fitted(model, cfg, given, start, keep, data: tuple[str, int], seq_len, batc
         model = read_meta(start.folder)["base_model"].get("source") or model
     net, tok = load_model(model)
     # the model's own chat answers are made before any gates are added (as `gateskip train --data chat` does)
-    data = resolve_chat_source(data[0], net, tok, model, n=data[1],
+    data = resolve_chat_source(data, net, tok, model, n=chat_texts,
                                log=lambda line: print(f"[gateskip fit] {line}", flush=True))
     if start.folder:
         load_gates(net, start.folder)
