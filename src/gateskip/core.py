@@ -150,7 +150,8 @@ def skipping(model: nn.Module, ratio: float | Mapping[str, float] = 0.0, policy:
             ceiling for measuring gates, not a method (it computes every branch, then skips, per batch
             like quantile, the tokens whose output differs least from their fallback; kv="compute");
             ``oracle_threshold``: the same scores compared per token with thresholds fitted by
-            ``calibrate(score="oracle")``, as ``threshold`` compares the gates' importance. Default
+            ``calibrate(score="oracle")``, as ``threshold`` compares the gates' importance; ``oracle_given``: ranked
+            per call by scores measured on the batch beforehand (``oracle_scores.given_scores``). Default
             (``policies.resolve_policy``): ``threshold`` when the gates are calibrated (a loaded gates folder),
             else ``quantile``.
         modules: branch kinds that skip; the others are gated but never skipped.

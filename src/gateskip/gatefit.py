@@ -215,6 +215,58 @@ def refit_under_plan(model, batches, under_plan: dict, ridge: float = 1e-3, gate
     return {"fallback_r2": fb_r2, "gate_r2": gate_r2, "tokens": tokens}
 
 
+@torch.no_grad()
+def fit_gates_to_scores(model, batches, scores: list[dict], ridge: float = 1e-2, open_logit: float = 8.0,
+                        spread: float = 1.0, exclude_first: int | None = None, eps: float = 1e-6) -> dict:
+    """Fit every gate to rank tokens by given per-token costs instead of the fallback's residual: ``scores[k]`` is
+    batch k's ``{branch index: [B, T]}`` (e.g. ``oracle_scores.marginal_scores``, what skipping each token alone
+    changes downstream); each gate regresses ``log(score + eps)`` on its branch input (the gated model's, nothing
+    skipped), over the tokens with a finite score past the protected prefix, and is written as ``fit_gates``
+    writes it. ``batches``: ``input_ids`` [B, T] without padding. Returns ``{"tokens", "r2"}``."""
+    from gateskip.arch import text_config
+    from gateskip.core import gate_state
+    from gateskip.moments import Moments
+
+    st = gate_state(model)
+    if st.cfg.gate == "mlp" or st.cfg.placement != "after" or st.cfg.shared:
+        raise GateSkipError("fit_gates_to_scores writes a linear cost predictor into one gate per branch placed "
+                            "after it: build the gates with gate='vector', 'lowrank' or 'scalar', unshared")
+    batches = list(batches)
+    if len(scores) != len(batches) or not batches:
+        raise GateSkipError(f"fit_gates_to_scores got {len(batches)} batches and {len(scores)} score sets: "
+                            "give one scores dict per batch")
+    first = st.cfg.protect_first if exclude_first is None else int(exclude_first)
+    hidden = text_config(model).hidden_size
+    moments = {b.index: Moments(hidden, True, next(model.parameters()).device, 1) for b in st.branches}
+    seen: dict[int, torch.Tensor] = {}
+
+    def take(branch):
+        def hook(_mod, args, kwargs):
+            seen[branch.index] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    for ids, sc in zip(batches, scores):
+        handles = [b.register_forward_pre_hook(take(b), with_kwargs=True) for b in st.branches]
+        try:
+            model(input_ids=ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        for b in st.branches:
+            cost = sc[b.index].to(seen[b.index].device)
+            use = torch.isfinite(cost)
+            use[:, :first] = False
+            moments[b.index].add(seen[b.index][use], torch.log(cost[use] + eps).unsqueeze(-1))
+    was_training = model.training
+    model.eval()
+    try:
+        r2: dict = {}
+        tokens = _solve(st.branches, moments, ridge, open_logit, spread, r2)
+    finally:
+        model.train(was_training)
+    return {"tokens": tokens, "r2": r2}
+
+
 _fit_every_gate = fit_gates  # fit_closed_form's flag of the same name shadows it
 
 
@@ -222,7 +274,7 @@ def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: in
                     gate_ridge: float = 1e-2, fit_gates: bool = True, under_plan: dict | None = None,
                     sequential: float | dict = 0.3, sequential_batches: int = 8, log=None,
                     fallback_mlp: str | None = None, fallback_neurons: int | None = None,
-                    fallback_rank_mlp: int | None = None) -> dict:
+                    fallback_rank_mlp: int | None = None, gate_target: str = "residual", horizon: int = 32) -> dict:
     """The closed-form recipe on a gated model (``gateskip fit``'s, and ``gateskip train``'s start): no backprop.
 
     1. ``fit_fallback`` (kind ``fallback``, the MLP branches' ``fallback_mlp`` if given; or ``"keep"``: the
@@ -233,6 +285,10 @@ def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: in
        quantile skipping, so each is fitted on the inputs it sees when skipping is on. It replaces 1-2 (a
        branch's inputs depend only on the branches before it, which are refitted first), so 1-2 are not run:
        the fallbacks are only installed (``install_fallbacks``) and every fit is the refit's.
+
+    ``gate_target="marginal"``: step 2 fits the gates to the marginal oracle's scores instead (what skipping each
+    token alone changes over the next ``horizon`` predictions, ``oracle_scores.marginal_scores``: a forward pass per
+    token and branch, so give a few short rows), with the fallbacks of step 1; not with ``sequential``.
 
     ``log``: a function called with one progress line per stage. Returns a summary (R^2 per branch, tokens).
     """
@@ -259,7 +315,20 @@ def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: in
                           mlp_kind=fallback_mlp, neurons=fallback_neurons, mlp_rank=fallback_rank_mlp)
         summary = {"fallback": {k: v for k, v in fb.items() if k != "r2"}, "fallback_r2": fb["r2"]}
         say(f"fallback R^2 {by_kind(fb['r2'])}  ({time.perf_counter() - t0:.0f} s)")
-    if fit_gates and not sequential:
+    if gate_target not in ("residual", "marginal"):
+        raise GateSkipError(f"gate_target={gate_target!r} is not supported: choose residual or marginal")
+    if gate_target == "marginal" and sequential:
+        raise GateSkipError("gate_target='marginal' fits the gates once on the model's own inputs: pass "
+                            "sequential=0 (gateskip fit --fit-ratio 0)")
+    if fit_gates and gate_target == "marginal":
+        from gateskip.oracle_scores import marginal_scores
+
+        say(f"marginal oracle scores of {len(batches)} batches (horizon {horizon})")
+        gf = fit_gates_to_scores(model, batches, [marginal_scores(model, b, horizon) for b in batches],
+                                 ridge=gate_ridge)
+        summary["gate_r2"] = gf["r2"]
+        say(f"gate log-cost R^2 {by_kind(gf['r2'])}  ({time.perf_counter() - t0:.0f} s)")
+    elif fit_gates and not sequential:
         gf = _fit_every_gate(model, batches, ridge=gate_ridge)
         summary["gate_r2"] = gf["r2"]
         say(f"gate log-cost R^2 {by_kind(gf['r2'])}  ({time.perf_counter() - t0:.0f} s)")

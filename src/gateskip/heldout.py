@@ -4,6 +4,8 @@ with (run them inside ``gateskip.skipping``); eval/fidelity.py re-exports them."
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -14,21 +16,27 @@ def _rows(ids: torch.Tensor) -> torch.Tensor:
     return ids if ids.dim() == 2 else ids.unsqueeze(0)
 
 
+def _around(each, i: int):
+    return contextlib.nullcontext() if each is None else each(i)
+
+
 def _next_token_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """float32 logits predicting tokens 1.. of each row of ``ids`` (no cache)."""
     return model(input_ids=ids, use_cache=False).logits[:, :-1].float()
 
 
 @torch.no_grad()
-def language_ce(model, batches) -> float:
+def language_ce(model, batches, each=None) -> float:
     """Mean next-token cross-entropy (nats per token) of ``model`` on ``batches`` of ``input_ids``, token-weighted.
 
     Run it inside ``gateskip.skipping`` to measure a setting on held-out text (the fast local
-    reference that commands such as ``gateskip fit`` report between random and oracle choice)."""
+    reference that commands such as ``gateskip fit`` report between random and oracle choice). ``each(i)``: a
+    context manager entered around batch i (e.g. the Fisher oracle's scores of that batch, oracle_scores.py)."""
     total, count = 0.0, 0
-    for ids in batches:
+    for i, ids in enumerate(batches):
         ids = _rows(ids)
-        logits = _next_token_logits(model, ids)
+        with _around(each, i):
+            logits = _next_token_logits(model, ids)
         target = ids[:, 1:].to(logits.device)
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
         count += target.numel()
@@ -47,18 +55,19 @@ def reference_logprobs(model, batches) -> list[torch.Tensor]:
     return out
 
 
-def language_kl(model, batches, reference: list[torch.Tensor]) -> float:
+def language_kl(model, batches, reference: list[torch.Tensor], each=None) -> float:
     """Mean KL(reference || model) per predicted token (nats) on ``batches``, against ``reference_logprobs`` of
     the same batches. Needs no labels and does not reward fitting the text itself: a setting that makes the model
     better at the held-out text than the dense model (a healed backbone on its own domain) scores above 0, not
-    below the dense model as CE would have it."""
+    below the dense model as CE would have it. ``each``: as ``language_ce``'s."""
     if len(reference) != len(batches):
         raise GateSkipError(f"language_kl got {len(batches)} batches and {len(reference)} references: "
                             "compute reference_logprobs on the same batches")
     total, count = 0.0, 0
     with torch.no_grad():
-        for ids, ref in zip(batches, reference):
-            logp = F.log_softmax(_next_token_logits(model, _rows(ids)), dim=-1)
+        for i, (ids, ref) in enumerate(zip(batches, reference)):
+            with _around(each, i):
+                logp = F.log_softmax(_next_token_logits(model, _rows(ids)), dim=-1)
             if logp.shape != ref.shape:
                 raise GateSkipError(f"language_kl: reference of shape {tuple(ref.shape)} for logits of shape "
                                     f"{tuple(logp.shape)}: compute reference_logprobs on the same batches")

@@ -45,6 +45,7 @@ class Policy:
     draws: bool = False
     one_token: bool = False
     aligned: bool = False
+    given_scores: bool = False
 
     @property
     def needs_calibration(self) -> bool:
@@ -83,6 +84,9 @@ POLICY = {p.name: p for p in (
     # See wrap.GatedBranch.
     Policy("oracle", ranks_call=True, computes_branch=True),
     Policy("oracle_threshold", thresholds="oracle_calibration", computes_branch=True),
+    # stronger ceilings: each token's effect on the outputs (second-order or exact), measured on the text being
+    # scored before it runs (oracle_scores.py), ranked per call like quantile
+    Policy("oracle_given", ranks_call=True, computes_branch=True, given_scores=True),
 )}
 POLICIES = tuple(POLICY)
 ORACLES = tuple(name for name, p in POLICY.items() if p.computes_branch)

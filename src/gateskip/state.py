@@ -231,6 +231,7 @@ class GateState:
     taps: Taps = field(default_factory=Taps)
     handles: list = field(default_factory=list)
     rechecking: bool = False  # inside a dense recheck (recheck.py)
+    given_scores: dict | None = None  # branch index -> [B, T] scores of policy oracle_given (oracle_scores.given_scores)
 
     def begin_call(self, valid: torch.Tensor, ctx: torch.Tensor, ids: torch.Tensor | None = None,
                    prefill: bool = False) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from gateskip import one_token, physical
 from gateskip.compat import cache_key
+from gateskip.errors import GateSkipError
 from gateskip.fallback import gated_fallback
 from gateskip.kv import KVProxy
 from gateskip.policies import POLICY
@@ -112,13 +113,25 @@ class GatedBranch(nn.Module):
         o = out[0] if isinstance(out, tuple) else out
         fb = self.fast_fallback
         alt = None if fb is None else fb(x)
-        diff = (o if alt is None else o - alt) * g
-        skip = st.on_gate(self, x, g, imp=diff.detach().float().norm(dim=-1))
+        if POLICY[st.plan.policy].given_scores:
+            imp = self._given_scores(x)
+        else:
+            imp = ((o if alt is None else o - alt) * g).detach().float().norm(dim=-1)
+        skip = st.on_gate(self, x, g, imp=imp)
         st.count_path("masked")
         o = o * g
         if skip is not None:
             o = o.masked_fill(skip.unsqueeze(-1), 0.0) if alt is None else torch.where(skip.unsqueeze(-1), alt * g, o)
         return (o, *out[1:]) if isinstance(out, tuple) else o
+
+    def _given_scores(self, x) -> torch.Tensor:
+        """This branch's [B, T] scores installed by ``oracle_scores.given_scores`` for the batch being run."""
+        scores = self.state.given_scores
+        imp = None if scores is None else scores.get(self.index)
+        if imp is None or tuple(imp.shape) != tuple(x.shape[:2]):
+            raise GateSkipError(f"policy {self.state.plan.policy!r} ranks by scores measured on the batch being run: "
+                                "wrap the call in gateskip.oracle_scores.given_scores(model, fisher_scores(model, ids))")
+        return imp.to(x.device)
 
     def gated_call(self, x, g, skip, args, kwargs):
         """The masked path: the branch on every token, times the gate (``g``, None if applied before), 0 where

@@ -179,6 +179,12 @@ class CompareArgs:
         compare_data: held-out text of the comparison (default: --data), e.g. qa: question-answer text from sets
             the evaluation suite does not score.
         compare_budgets: JSON files of per-branch ratios also compared (random / gates / oracle).
+        scored_oracle: also measure an oracle that ranks each branch's tokens by their measured effect on the
+            outputs (gateskip.oracle_scores): fisher (second order, four backward passes per batch) or marginal
+            (exact KL of skipping each token alone: a forward pass per token and branch, for short text only).
+            Whether better token choice than the residual oracle's has room to gain. Empty: off.
+        oracle_horizon: the marginal oracle's horizon: each token's KL summed over this many predictions from it
+            on (the same for every token; the last ones of a row, with fewer after them, are never skipped by it).
         baselines: ShortGPT layer counts, e.g. 3,6,9: after the comparison, the same held-out CE for ShortGPT
             (lowest Block Influence layers removed) and ShortGPT with each removed layer replaced by a fitted
             linear map (baselines.shortgpt.linear_replaced, fitted on the --fallback-batches calibration
@@ -192,12 +198,15 @@ class CompareArgs:
     compare_metric: str = "ce"
     compare_data: str | None = None
     compare_budgets: list[str] = ()
+    scored_oracle: str = ""
+    oracle_horizon: int = 32
     baselines: list[int] = ()
 
     def __post_init__(self) -> None:
         _choice("compare_policy", self.compare_policy, ("quantile", "threshold"))
         _choice("compare_metric", self.compare_metric, ("ce", "kl"))
-        _at_least(self, compare_batches=1)
+        _choice("scored_oracle", self.scored_oracle, ("", "fisher", "marginal"))
+        _at_least(self, compare_batches=1, oracle_horizon=1)
 
 
 @dataclass(frozen=True)

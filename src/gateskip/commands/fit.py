@@ -28,7 +28,7 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
         allocation: AllocateArgs = AllocateArgs(), fit_gates: bool = True, seq_len: int = 256, batch_size: int = 4,
         ridge: float = 1e-3, gate_ridge: float = 1e-2, under_ratio: float = 0.0, threads: int = 0,
         data: str = "mix", chat_texts: int = TextArgs.chat_texts, fit_budget: str | None = None,
-        save_dtype: str = "float32", **flags) -> dict:
+        save_dtype: str = "float32", gate_target: str = "residual", **flags) -> dict:
     """Fit fallbacks and gates in closed form, save a gates folder, and report held-out CE between random and oracle.
 
     The gates are ``gates`` (gateskip.GateSkipConfig, default ``config.RECOMMENDED``: its fields are flags, e.g.
@@ -56,6 +56,10 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
             --fit-ratio's uniform ratio.
         save_dtype: how the gates and fallbacks are stored: float32, or float16 / bfloat16 (half the size;
             loading casts them back).
+        gate_target: what the gates are fitted to rank tokens by: residual (the fallback's residual, the residual
+            oracle's choice) or marginal (the marginal oracle's scores over --oracle-horizon predictions,
+            gateskip.oracle_scores: a forward pass per token and branch, so a few short calibration rows, e.g.
+            --fallback-batches 8 --batch-size 1 --seq-len 128; with --fit-ratio 0).
     """
     import torch
 
@@ -80,7 +84,8 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
     t0 = time.perf_counter()
     TextArgs(data=data, chat_texts=chat_texts)  # checks them as gateskip train does
     net, tok, cal, summary, data = _fitted(model, cfg, given, start, keep, data, chat_texts, seq_len, batch_size,
-                                           ridge, gate_ridge, fit_gates, under_ratio, fit_budget)
+                                           ridge, gate_ridge, fit_gates, under_ratio, fit_budget,
+                                           {"gate_target": gate_target, "horizon": cmp.oracle_horizon})
     st = gate_state(net)
     allocs = _allocations(net, cal, alloc, seq_len, summary, t0)
     targets = list(allocs)
@@ -91,8 +96,8 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
     fb = st.cfg
     save_gates(net, out, dtype=save_dtype, extra_meta={"fit": {
         "command": "gateskip fit", "fallback": "keep" if keep else fb.fallback, "fallback_rank": fb.fallback_rank,
-        "fit_gates": bool(fit_gates), "batches": start.fallback_batches, "seq_len": seq_len,
-        "batch_size": batch_size, "under_ratio": under_ratio, "data": data}})
+        "fit_gates": bool(fit_gates), "gate_target": gate_target, "batches": start.fallback_batches,
+        "seq_len": seq_len, "batch_size": batch_size, "under_ratio": under_ratio, "data": data}})
     for t, r in allocs.items():
         atomic_write(Path(out, f"alloc_{t:g}.json"), lambda p, r=r: Path(p).write_text(json.dumps(r, indent=0)))
     _compare(net, tok, cal, cmp, scopes, allocs, data, seq_len, batch_size, out, summary)
@@ -103,7 +108,7 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
 
 
 def _fitted(model, cfg, given, start, keep, data, chat_texts, seq_len, batch_size, ridge, gate_ridge, fit_gates,
-            under_ratio, fit_budget) -> tuple:
+            under_ratio, fit_budget, target: dict) -> tuple:
     """(model, tokenizer, calibration batches, summary, the text source): the gates (new or the folder's) with their
     fallbacks and gates fitted in closed form (``gatefit.fit_closed_form``). A ``chat`` part of ``data`` is resolved
     to the model's own answers (``chat.resolve_chat_source``)."""
@@ -141,7 +146,7 @@ def _fitted(model, cfg, given, start, keep, data, chat_texts, seq_len, batch_siz
                               sequential=under, sequential_batches=start.fallback_batches,
                               fallback_mlp=None if keep else fb.fallback_mlp,
                               fallback_neurons=None if keep else fb.fallback_neurons,
-                              fallback_rank_mlp=None if keep else fb.fallback_rank_mlp,
+                              fallback_rank_mlp=None if keep else fb.fallback_rank_mlp, **target,
                               log=lambda line: print(f"[gateskip fit] {line}", flush=True))
     if keep:
         summary["fallback"]["kept"] = start.folder
@@ -185,7 +190,8 @@ def _compare(net, tok, cal, cmp: CompareArgs, scopes, allocs: dict, data, seq_le
                          cmp.compare_batches)
     score = held_out_score(net, held, cmp.compare_metric)
     summary["compare"] = compare_choices(net, held, ratios, scopes=scopes, allocs=allocs,
-                                         gates_policy=cmp.compare_policy, score=score)
+                                         gates_policy=cmp.compare_policy, score=score,
+                                         scored_oracle=cmp.scored_oracle, oracle_horizon=cmp.oracle_horizon)
     summary["compare"]["data"] = cmp.compare_data or data
     if layers:
         summary["compare"]["baselines"] = static_baselines(net, cal, held, layers, score=score)
@@ -225,15 +231,16 @@ def held_out_score(net, held, metric: str = "ce"):
         else:
             ref, dense = reference_logprobs(net, held), 0.0
 
-    def score() -> float:
-        return language_ce(net, held) if metric == "ce" else language_kl(net, held, ref)
+    def score(each=None) -> float:
+        return language_ce(net, held, each) if metric == "ce" else language_kl(net, held, ref, each)
 
     score.metric, score.dense = metric, dense
     return score
 
 
 def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dict | None = None,
-                    gates_policy: str = "quantile", score=None) -> dict:
+                    gates_policy: str = "quantile", score=None, scored_oracle: str = "",
+                    oracle_horizon: int = 32) -> dict:
     """Held-out CE (or ``score``'s metric, from ``held_out_score``): dense, and per scope and ratio the three ways of choosing tokens with the model's fallback.
 
     Gates and oracle skip exactly ``ratio`` of the eligible tokens of each branch in scope, per batch (quantile
@@ -241,7 +248,9 @@ def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dic
     ``ratio``. The oracle keeps skipped tokens' own K/V (kv="compute"); the others use the gates' kv mode.
     ``allocs``: {target: per-branch ratios} compared the same way (scope ``alloc <target>``). ``gates_policy``
     "threshold": the gates rows use the calibrated thresholds instead (causal; the ratio skipped follows the
-    text, so read those rows at matched compute, not at matched ratio)."""
+    text, so read those rows at matched compute, not at matched ratio). ``scored_oracle`` (fisher or marginal): a fourth
+    choice, "scored", the oracle that ranks by each token's measured effect on the outputs (oracle_scores.py);
+    ``scored_gap_closed`` is the gates' share of the random-to-scored gap; ``oracle_horizon``: the marginal one's."""
     from tqdm.auto import tqdm
 
     from gateskip.core import skipping, stats
@@ -250,21 +259,37 @@ def compare_choices(net, held, ratios, scopes=SCOPES, seed: int = 0, allocs: dic
     res = {"metric": score.metric, "dense": score.dense, "rows": []}
     settings = [(scope, modules, r, r) for scope, modules in scopes.items() for r in ratios]
     settings += [(f"alloc {t:g}" if isinstance(t, float) else t, ("attn", "mlp"), t, a) for t, a in (allocs or {}).items()]
-    bar = tqdm(total=len(settings) * len(CHOICES), desc=f"held-out {score.metric.upper()}", unit="setting")
+    if scored_oracle:
+        res["scored_oracle"] = scored_oracle if scored_oracle == "fisher" else f"{scored_oracle} (horizon {oracle_horizon})"
+    choices = CHOICES + (("scored",) if scored_oracle else ())
+    each = _scored_batches(net, held, scored_oracle, seed, oracle_horizon) if scored_oracle else None
+    bar = tqdm(total=len(settings) * len(choices), desc=f"held-out {score.metric.upper()}", unit="setting")
     for scope, modules, label, ratio in settings:
         row = {"scope": scope, "ratio": label}
-        for choice in CHOICES:
-            policy = {"random": "random", "gates": gates_policy, "oracle": "oracle"}[choice]
+        for choice in choices:
+            policy = {"random": "random", "gates": gates_policy, "oracle": "oracle", "scored": "oracle_given"}[choice]
             with skipping(net, ratio=ratio, policy=policy, modules=modules, seed=seed,
-                          kv="compute" if choice == "oracle" else None):
-                row[choice] = score()
+                          kv="compute" if choice in ("oracle", "scored") else None):
+                row[choice] = score(each if choice == "scored" else None)
                 row[f"{choice}_saved"] = stats(net)["compute_saved"]
             bar.update(1)
-        gap = row["random"] - row["oracle"]
-        row["gap_closed"] = (row["random"] - row["gates"]) / gap if gap > 0 else None
+        for ceiling, key in (("oracle", "gap_closed"), ("scored", "scored_gap_closed")):
+            if ceiling in row:
+                gap = row["random"] - row[ceiling]
+                row[key] = (row["random"] - row["gates"]) / gap if gap > 0 else None
         res["rows"].append(row)
     bar.close()
     return res
+
+
+def _scored_batches(net, held, scorer: str, seed: int, horizon: int):
+    """The scored oracle's scores of every held-out batch (measured once), as ``each(i)`` for the score functions:
+    a context that installs batch i's."""
+    from gateskip.oracle_scores import fisher_scores, given_scores, marginal_scores
+
+    scores = [fisher_scores(net, ids, seed=seed + i) if scorer == "fisher" else marginal_scores(net, ids, horizon)
+              for i, ids in enumerate(held)]
+    return lambda i: given_scores(net, scores[i])
 
 
 def static_baselines(net, cal, held, layers, score=None) -> list[dict]:
@@ -297,14 +322,20 @@ def compare_markdown(res: dict) -> str:
     name = "next-token CE" if metric == "ce" else "KL(dense || setting) per token"
     what = f"dense {res['dense']:.3f}" if metric == "ce" else "the dense model scores 0"
     src = f" on held-out `{res['data']}`" if res.get("data") else ""
+    scored = res.get("scored_oracle")
     out = [f"Held-out {name}{src} ({what}); each branch in scope skips the ratio of its tokens "
-           "per batch; gap closed = (random - gates) / (random - oracle).", "",
-           "| scope | ratio | random | gates | oracle | gap closed | compute saved (gates) |", "|---|---|---|---|---|---|---|"]
+           "per batch; gap closed = (random - gates) / (random - oracle)"
+           + (f" (the residual oracle; then of the {scored} oracle's gap, oracle_scores.py)" if scored else "")
+           + ".", "",
+           "| scope | ratio | random | gates | oracle | " + (f"{scored} oracle | " if scored else "") + "gap closed | "
+           + (f"of {scored}'s | " if scored else "") + "compute saved (gates) |",
+           "|---|---|---|---|---|---|---|" + ("---|---|" if scored else "")]
     for r in res["rows"]:
-        gc = "-" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
         ratio = f"{r['ratio']:g}" if isinstance(r["ratio"], float) else "file"
-        out.append(f"| {r['scope']} | {ratio} | {r['random']:.3f} | {r['gates']:.3f} | {r['oracle']:.3f} | {gc} "
-                   f"| {100 * r['gates_saved']:.1f}% |")
+        f_cols = f"{r['scored']:.3f} | " if scored else ""
+        gc = _share(r["gap_closed"]) + (f" | {_share(r.get('scored_gap_closed'))}" if scored else "")
+        out.append(f"| {r['scope']} | {ratio} | {r['random']:.3f} | {r['gates']:.3f} | {r['oracle']:.3f} | {f_cols}"
+                   f"{gc} | {100 * r['gates_saved']:.1f}% |")
     if res.get("baselines"):
         out += ["", "Static baselines on the same text:", "", f"| method | layers removed | {metric.upper()} | compute saved |",
                 "|---|---|---|---|"]
@@ -320,6 +351,10 @@ def compare_markdown(res: dict) -> str:
         for m, c in curves.items():
             out.append(f"| {m} | " + " | ".join("-" if c[lv] is None else f"{c[lv]:.3f}" for lv in levels) + " |")
     return "\n".join(out) + "\n"
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def matched_ce(res: dict, levels=(0.1, 0.2, 0.3, 0.4)) -> dict[str, dict[float, float | None]]:
