@@ -131,3 +131,20 @@ def test_gates_fitted_to_given_scores_rank_tokens_by_them():
             imp = importance(b.gate(x))
         ranks = torch.stack([imp.argsort().argsort(), cost.argsort().argsort()]).float()
         assert float(torch.corrcoef(ranks)[0, 1]) > 0.95
+
+
+def test_closed_form_fit_to_the_marginal_oracle_and_its_one_line_errors():
+    from gateskip.gatefit import fit_closed_form
+
+    m = gateskip.add_gates(tiny_model("llama"), GateSkipConfig(init_std=0.3, modules=("mlp",)))
+    rows = [_ids(t=16, seed=s) for s in (8, 9)]
+    before = {b.index: [t.clone() for t in b.gate.state_dict().values()] for b in gate_state(m).branches}
+    with pytest.raises(GateSkipError, match="fit-ratio 0"):
+        fit_closed_form(m, rows, gate_target="marginal", sequential=0.3)
+    with pytest.raises(GateSkipError, match="residual or marginal"):
+        fit_closed_form(m, rows, gate_target="loss", sequential=0)
+    out = fit_closed_form(m, rows, fallback="lowrank", fallback_rank=4, gate_target="marginal", horizon=4,
+                          sequential=0)
+    assert set(out["gate_r2"]) == {b.name for b in gate_state(m).branches}
+    for b in gate_state(m).branches:  # every gate rewritten
+        assert any(not torch.equal(x, y) for x, y in zip(before[b.index], b.gate.state_dict().values()))

@@ -245,26 +245,37 @@ def fit_gates_to_scores(model, batches, scores: list[dict], ridge: float = 1e-2,
             seen[branch.index] = args[0] if args else kwargs["hidden_states"]
         return hook
 
-    for ids, sc in zip(batches, scores):
-        handles = [b.register_forward_pre_hook(take(b), with_kwargs=True) for b in st.branches]
-        try:
-            model(input_ids=ids, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        for b in st.branches:
-            cost = sc[b.index].to(seen[b.index].device)
-            use = torch.isfinite(cost)
-            use[:, :first] = False
-            moments[b.index].add(seen[b.index][use], torch.log(cost[use] + eps).unsqueeze(-1))
     was_training = model.training
     model.eval()
     try:
+        for ids, sc in zip(batches, scores):
+            handles = [b.register_forward_pre_hook(take(b), with_kwargs=True) for b in st.branches]
+            try:
+                model(input_ids=ids, use_cache=False)
+            finally:
+                for h in handles:
+                    h.remove()
+            for b in st.branches:
+                cost = sc[b.index].to(seen[b.index].device)
+                use = torch.isfinite(cost)
+                use[:, :first] = False
+                moments[b.index].add(seen[b.index][use], torch.log(cost[use] + eps).unsqueeze(-1))
         r2: dict = {}
         tokens = _solve(st.branches, moments, ridge, open_logit, spread, r2)
     finally:
         model.train(was_training)
     return {"tokens": tokens, "r2": r2}
+
+
+GATE_TARGETS = ("residual", "marginal")  # what fit_closed_form fits the gates to rank tokens by
+
+
+def check_gate_target(gate_target: str, sequential) -> None:
+    if gate_target not in GATE_TARGETS:
+        raise GateSkipError(f"gate_target={gate_target!r} is not supported: choose {' or '.join(GATE_TARGETS)}")
+    if gate_target == "marginal" and sequential:
+        raise GateSkipError("gate_target='marginal' fits the gates once on the model's own inputs: pass "
+                            "sequential=0 (gateskip fit --fit-ratio 0)")
 
 
 _fit_every_gate = fit_gates  # fit_closed_form's flag of the same name shadows it
@@ -297,6 +308,7 @@ def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: in
     from gateskip.core import gate_state
     from gateskip.fallback_fit import fit_fallback, install_fallbacks
 
+    check_gate_target(gate_target, sequential)
     say = log or (lambda _line: None)
     t0 = time.perf_counter()
     st = gate_state(model)
@@ -315,11 +327,6 @@ def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: in
                           mlp_kind=fallback_mlp, neurons=fallback_neurons, mlp_rank=fallback_rank_mlp)
         summary = {"fallback": {k: v for k, v in fb.items() if k != "r2"}, "fallback_r2": fb["r2"]}
         say(f"fallback R^2 {by_kind(fb['r2'])}  ({time.perf_counter() - t0:.0f} s)")
-    if gate_target not in ("residual", "marginal"):
-        raise GateSkipError(f"gate_target={gate_target!r} is not supported: choose residual or marginal")
-    if gate_target == "marginal" and sequential:
-        raise GateSkipError("gate_target='marginal' fits the gates once on the model's own inputs: pass "
-                            "sequential=0 (gateskip fit --fit-ratio 0)")
     if fit_gates and gate_target == "marginal":
         from gateskip.oracle_scores import marginal_scores
 

@@ -65,6 +65,7 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
 
     from gateskip.checkpoint import SAVE_DTYPES, save_gates
     from gateskip.core import calibrate, gate_state
+    from gateskip.gatefit import check_gate_target
 
     if threads:
         torch.set_num_threads(threads)
@@ -83,6 +84,7 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
     scopes = _scopes(cmp.compare_scopes, cfg.modules)
     t0 = time.perf_counter()
     TextArgs(data=data, chat_texts=chat_texts)  # checks them as gateskip train does
+    check_gate_target(gate_target, fit_budget or start.fit_ratio)  # fail now, not after a fit
     net, tok, cal, summary, data = _fitted(model, cfg, given, start, keep, data, chat_texts, seq_len, batch_size,
                                            ridge, gate_ridge, fit_gates, under_ratio, fit_budget,
                                            {"gate_target": gate_target, "horizon": cmp.oracle_horizon})
