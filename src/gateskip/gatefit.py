@@ -56,13 +56,7 @@ def fit_gates(model, batches, ridge: float = 1e-2, open_logit: float = 8.0, spre
     from gateskip.taps import gates_bypassed
 
     st = gate_state(model)
-    if st.cfg.gate == "mlp":
-        raise GateSkipError("fit_gates cannot write a linear cost predictor into gate='mlp' gates: build the gates "
-                            "with gate='vector', 'lowrank' or 'scalar'")
-    if st.cfg.placement != "after":
-        raise GateSkipError("fit_gates needs gates placed after the branch (placement='after')")
-    if st.cfg.shared:
-        raise GateSkipError("fit_gates fits one gate per branch: build the gates with shared=False")
+    _check_fittable(st, "fit_gates")
     if ridge < 0 or spread <= 0:
         raise GateSkipError(f"fit_gates: ridge={ridge} must be >= 0 and spread={spread} > 0")
     hidden = text_config(model).hidden_size
@@ -92,6 +86,17 @@ def fit_gates(model, batches, ridge: float = 1e-2, open_logit: float = 8.0, spre
     finally:
         model.train(was_training)
     return {"tokens": tokens, "r2": r2}
+
+
+def _check_fittable(st, who: str) -> None:
+    """The gates can hold a linear cost predictor, one per branch, placed after it (``_write_gate``)."""
+    if st.cfg.gate == "mlp":
+        raise GateSkipError(f"{who} cannot write a linear cost predictor into gate='mlp' gates: build the gates "
+                            "with gate='vector', 'lowrank' or 'scalar'")
+    if st.cfg.placement != "after":
+        raise GateSkipError(f"{who} needs gates placed after the branch (placement='after')")
+    if st.cfg.shared:
+        raise GateSkipError(f"{who} fits one gate per branch: build the gates with shared=False")
 
 
 def _inputs(model, batches, who: str) -> list[dict]:
@@ -228,9 +233,7 @@ def fit_gates_to_scores(model, batches, scores: list[dict], ridge: float = 1e-2,
     from gateskip.moments import Moments
 
     st = gate_state(model)
-    if st.cfg.gate == "mlp" or st.cfg.placement != "after" or st.cfg.shared:
-        raise GateSkipError("fit_gates_to_scores writes a linear cost predictor into one gate per branch placed "
-                            "after it: build the gates with gate='vector', 'lowrank' or 'scalar', unshared")
+    _check_fittable(st, "fit_gates_to_scores")
     batches = list(batches)
     if len(scores) != len(batches) or not batches:
         raise GateSkipError(f"fit_gates_to_scores got {len(batches)} batches and {len(scores)} score sets: "
