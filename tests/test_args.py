@@ -28,6 +28,8 @@ def test_groups_check_their_own_values():
         TrainArgs(steps=0)
     with pytest.raises(GateSkipError, match="policy='best'"):
         SkipArgs(policy="best")
+    with pytest.raises(GateSkipError, match="scored-oracle"):  # its scores come from oracle_scores, not a flag
+        SkipArgs(policy="oracle_given")
     with pytest.raises(GateSkipError, match="modules='attn,ffn'"):
         SkipArgs(modules="attn,ffn")
     with pytest.raises(GateSkipError, match="offset=-1"):

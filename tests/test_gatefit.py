@@ -174,6 +174,16 @@ def test_fit_gates_errors():
         fit_gates(_model(), [])
 
 
+def test_a_gate_fit_on_few_tokens_for_its_width_warns():
+    import warnings
+
+    with pytest.warns(UserWarning, match="tokens for 64-wide inputs"):
+        fit_gates(_model(), _data(1, 1, 32))  # 31 tokens past BOS for 64-wide inputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_gates(_model(), _data(4, 4, 32))  # 496 tokens
+
+
 def test_fitted_gates_survive_save_and_load(tmp_path):
     m = _model()
     fit_gates(m, _data())

@@ -63,6 +63,25 @@ def test_marginal_scores_share_one_horizon_and_never_skip_the_row_end():
         marginal_scores(m, ids, horizon=ids.shape[1], progress=False)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_packed_marginal_scores_equal_one_copy_of_the_row_per_token(family):
+    """The packed measurement (windows after the row's prefix, a custom 4-D mask) gives the plain one's scores, with
+    sliding-window layers (gemma3: a window of 16 on 40 tokens) and windows split over several sequences."""
+    cfg = GateSkipConfig(init_std=0.3, fallback="lowrank", fallback_rank=8, modules=("mlp",))
+    m = gateskip.add_gates(tiny_model(family), cfg)
+    gateskip.fit_fallback(m, [torch.randint(1, VOCAB, (4, 32), generator=torch.Generator().manual_seed(2))])
+    ids = _ids(t=40)
+    for horizon in (1, 5):
+        plain = marginal_scores(m, ids, horizon=horizon, chunk=9, progress=False, method="copies")
+        packed = marginal_scores(m, ids, horizon=horizon, progress=False, pack_tokens=70)
+        for i in plain:
+            assert torch.equal(torch.isinf(plain[i]), torch.isinf(packed[i]))
+            finite = torch.isfinite(plain[i])
+            torch.testing.assert_close(packed[i][finite], plain[i][finite], rtol=0.03, atol=2e-6)
+    with pytest.raises(GateSkipError, match="method"):
+        marginal_scores(m, ids, progress=False, method="rows")
+
+
 def test_fisher_score_is_twice_the_kl_of_a_small_skip():
     """Where what skipping adds is small (gates nearly shut), KL ~ delta' F delta / 2: the Fisher estimate, from many
     sampled labels, is twice the exact marginal KL over every later prediction, token by token."""

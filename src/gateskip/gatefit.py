@@ -23,6 +23,8 @@ End-to-end training can start from these gates.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from gateskip.errors import GateSkipError
@@ -115,6 +117,12 @@ def _log_cost(fb, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.log(r.norm(dim=-1, keepdim=True) + eps)
 
 
+# A gate regresses on its branch input: with fewer tokens than a few times its width the fit generalises badly
+# (SmolLM2, 714 tokens for 576-wide inputs: held-out KL 20% above the same fit on 8,192 tokens; benchmark-history.md,
+# "Which tokens").
+FEW_TOKENS_PER_INPUT = 4
+
+
 def _solve(chosen, moments, ridge, open_logit, spread, r2) -> int:
     tokens = 0
     for b in chosen:
@@ -124,6 +132,10 @@ def _solve(chosen, moments, ridge, open_logit, spread, r2) -> int:
         w, bias, r2[b.name] = m.solve(True, None, ridge)
         w = w[:, 0]
         n = m.n
+        if not tokens and n < FEW_TOKENS_PER_INPUT * w.numel():
+            warnings.warn(f"the gates are fitted on {n:.0f} tokens for {w.numel()}-wide inputs: a closed-form gate fit "
+                          f"needs at least {FEW_TOKENS_PER_INPUT} tokens per input to generalise; give more or longer "
+                          "calibration rows", stacklevel=3)
         mx = m.sx / n
         cxx = m.xx - n * torch.outer(mx, mx)
         sd = float((w @ cxx @ w / n).clamp_min(0.0)) ** 0.5  # std of the prediction on the calibration tokens
@@ -301,8 +313,8 @@ def fit_closed_form(model, batches, fallback: str = "lowrank", fallback_rank: in
        the fallbacks are only installed (``install_fallbacks``) and every fit is the refit's.
 
     ``gate_target="marginal"``: step 2 fits the gates to the marginal oracle's scores instead (what skipping each
-    token alone changes over the next ``horizon`` predictions, ``oracle_scores.marginal_scores``: a forward pass per
-    token and branch, so give a few short rows), with the fallbacks of step 1; not with ``sequential``.
+    token alone changes over the next ``horizon`` predictions, ``oracle_scores.marginal_scores``: about
+    ``horizon`` tokens of compute per token and branch), with the fallbacks of step 1; not with ``sequential``.
 
     ``log``: a function called with one progress line per stage. Returns a summary (R^2 per branch, tokens).
     """

@@ -45,7 +45,8 @@ MAX_RATIO = 0.95
 
 def check_saved(saved: float) -> float:
     if not 0.0 < float(saved) < 1.0:
-        raise GateSkipError(f"saved={saved!r} is invalid: give the fraction of compute to save, e.g. 0.25")
+        raise GateSkipError(f"saved={saved!r} is invalid: give the fraction of compute to save, e.g. 0.25 (for nothing "
+                            "skipped: ratio 0, --ratio 0)")
     return float(saved)
 
 

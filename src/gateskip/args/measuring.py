@@ -56,7 +56,7 @@ class SkipArgs:
         from gateskip.budget import check_allocation
         from gateskip.config import KV_MODES, MODULE_KINDS
         from gateskip.execution import check_execution
-        from gateskip.policies import check_policy
+        from gateskip.policies import POLICY, check_policy
         from gateskip.recheck import check_recheck_below
 
         modules = self.modules.split(",") if isinstance(self.modules, str) else self.modules
@@ -64,6 +64,9 @@ class SkipArgs:
         if not self.modules or set(self.modules) - set(MODULE_KINDS):
             raise GateSkipError(f"modules={','.join(self.modules)!r} is invalid: use attn, mlp or attn,mlp")
         check_policy(self.policy)
+        if self.policy is not None and POLICY[self.policy].given_scores:
+            raise GateSkipError(f"--policy {self.policy} ranks tokens by scores measured on each batch beforehand, "
+                                "which a command cannot give: compare it with gateskip fit --scored-oracle marginal")
         if self.kv is not None:
             _choice("kv", self.kv, KV_MODES)
         check_allocation(self.allocation)
@@ -181,7 +184,7 @@ class CompareArgs:
         compare_budgets: JSON files of per-branch ratios also compared (random / gates / oracle).
         scored_oracle: also measure an oracle that ranks each branch's tokens by their measured effect on the
             outputs (gateskip.oracle_scores): fisher (second order, four backward passes per batch) or marginal
-            (exact KL of skipping each token alone: a forward pass per token and branch, for short text only).
+            (exact KL of skipping each token alone: about --oracle-horizon tokens of compute per token and branch).
             Whether better token choice than the residual oracle's has room to gain. Empty: off.
         oracle_horizon: the marginal oracle's horizon: each token's KL summed over this many predictions from it
             on (the same for every token; the last ones of a row, with fewer after them, are never skipped by it).

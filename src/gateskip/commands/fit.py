@@ -58,8 +58,8 @@ def fit(model: str = "smollm2-135m", out: str = "runs/fit", *, gates: GateSkipCo
             loading casts them back).
         gate_target: what the gates are fitted to rank tokens by: residual (the fallback's residual, the residual
             oracle's choice) or marginal (the marginal oracle's scores over --oracle-horizon predictions,
-            gateskip.oracle_scores: a forward pass per token and branch, so a few short calibration rows, e.g.
-            --fallback-batches 8 --batch-size 1 --seq-len 128; with --fit-ratio 0).
+            gateskip.oracle_scores: about --oracle-horizon tokens of compute per token and branch, 12 s per
+            128-token row of SmolLM2 at horizon 1 on 2 threads; with --fit-ratio 0).
     """
     import torch
 
