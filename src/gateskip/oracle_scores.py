@@ -151,6 +151,16 @@ def marginal_scores(model, ids: torch.Tensor, horizon: int = 32, chunk: int = 16
     return scores
 
 
+def _skipping_where(branch, where: torch.Tensor):
+    """A forward hook on ``branch``: the tokens where ``where`` ([B, T] bool) is True get what skipping gives them."""
+    def swap(_module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        o = output[0] if isinstance(output, tuple) else output
+        o = torch.where(where.unsqueeze(-1).to(o.device), o + _delta(branch, x, o), o)
+        return (o, *output[1:]) if isinstance(output, tuple) else o
+    return swap
+
+
 def _skip_one_each(model, branch, row: torch.Tensor, pos: torch.Tensor, ref: torch.Tensor, horizon: int
                    ) -> torch.Tensor:
     """[len(pos)]: copies of ``row``, copy j with token ``pos[j]`` skipping ``branch`` alone; each copy's KL from
@@ -163,13 +173,7 @@ def _skip_one_each(model, branch, row: torch.Tensor, pos: torch.Tensor, ref: tor
     where = torch.zeros(n, row.numel(), dtype=torch.bool, device=row.device)
     where[torch.arange(n), pos.to(row.device)] = True
 
-    def swap(_module, args, kwargs, output):
-        x = args[0] if args else kwargs["hidden_states"]
-        o = output[0] if isinstance(output, tuple) else output
-        o = torch.where(where.unsqueeze(-1).to(o.device), o + _delta(branch, x, o), o)
-        return (o, *output[1:]) if isinstance(output, tuple) else o
-
-    handle = branch.register_forward_hook(swap, with_kwargs=True)
+    handle = branch.register_forward_hook(_skipping_where(branch, where), with_kwargs=True)
     try:
         logits = model(input_ids=row.expand(n, -1), use_cache=False).logits[:, :-1].float()
     finally:
@@ -209,13 +213,7 @@ def _skip_one_each_packed(model, branch, row: torch.Tensor, pos: torch.Tensor, r
     where = torch.zeros(1, length, dtype=torch.bool, device=row.device)
     where[0, lead + torch.arange(n, device=row.device) * h] = True
 
-    def swap(_module, args, kwargs, output):
-        x = args[0] if args else kwargs["hidden_states"]
-        o = output[0] if isinstance(output, tuple) else output
-        o = torch.where(where.unsqueeze(-1).to(o.device), o + _delta(branch, x, o), o)
-        return (o, *output[1:]) if isinstance(output, tuple) else o
-
-    handle = branch.register_forward_hook(swap, with_kwargs=True)
+    handle = branch.register_forward_hook(_skipping_where(branch, where), with_kwargs=True)
     try:
         logits = model(input_ids=tokens.unsqueeze(0), attention_mask=mask, position_ids=positions.unsqueeze(0),
                        use_cache=False).logits[0, lead:].float().view(n, h, -1)
@@ -231,8 +229,10 @@ def _skip_one_each_packed(model, branch, row: torch.Tensor, pos: torch.Tensor, r
 def _packed_masks(model, allowed: torch.Tensor, positions: torch.Tensor):
     """The additive 4-D mask of a packed sequence (``allowed``: [L, L] query by key), with each sliding-window
     layer's window applied by position: one mask, or one per layer type for models that take them so."""
-    cfg = model.config
-    dtype = next(model.parameters()).dtype
+    from gateskip.arch import text_config
+
+    cfg = text_config(model)
+    dtype = model.dtype
 
     def additive(ok):
         return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill(~ok, torch.finfo(dtype).min)[None, None]
