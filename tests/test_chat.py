@@ -326,6 +326,13 @@ def test_compare_with_adds_another_runs_rows_paired_and_refuses_other_requests()
                                                      "gateskip (other)"]
     text = report(merged)
     assert "| 15% | gateskip (other) | +0.000 [+0.000, +0.000] | +0.100 [+0.100, +0.100] |" in text
+    off = run((0.5, 0.3))  # one --saved row each, landing off the level: paired at the budget both asked for
+    mine = run((0.6, 0.4))
+    off["rows"], mine["rows"] = off["rows"][:2], mine["rows"][:2]
+    off["rows"][1]["compute_saved"], mine["rows"][1]["compute_saved"] = 0.141, 0.138
+    text = report(merge(mine, [off], ["other"]))
+    assert "| budget 0.15 (13.8% / 14.1% saved) | gateskip (other) | +0.000 [+0.000, +0.000] | +0.100 [+0.100, +0.100] |" in text
+    assert "| 15% | gateskip (other) |" not in text
     with pytest.raises(GateSkipError, match="another set of requests"):
         merge(run((0.6, 0.4)), [{**run((0.5, 0.3)), "requests": ["q1", "q3"]}], ["other"])
     other = run((0.5, 0.3))

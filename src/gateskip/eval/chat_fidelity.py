@@ -215,6 +215,16 @@ def merge(res: dict, others: list[dict], labels: list[str]) -> dict:
     return {**res, "rows": rows}
 
 
+PAIRED = ("empty_or_early", "overlap", "nll")  # the metrics paired against --compare-with runs
+
+
+def _paired_cells(mine: list, theirs: list) -> list[str]:
+    """``paired`` of each metric (lists per prompt) as table cells; [] when a side is missing."""
+    if any(v is None for v in (*mine, *theirs)):
+        return []
+    return [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in (paired(a, b) for a, b in zip(mine, theirs))]
+
+
 def report(res: dict, reference: str = "gateskip") -> str:
     rows = res["rows"]
     dense = rows[0]["summary"]
@@ -267,17 +277,24 @@ def report(res: dict, reference: str = "gateskip") -> str:
     if reference in methods and compared:
         lines += ["", f"## {reference} against the compared runs (--compare-with), paired over prompts", "",
                   "| level | compared with | empty or early [95%] | overlap [95%] | NLL [95%] |", "|---|---|---|---|---|"]
+        at_level = set()
         for level in LEVELS:
             for other in compared:
-                cells = []
-                for metric in ("empty_or_early", "overlap", "nll"):
-                    me, o = matched(rows, reference, level, metric), matched(rows, other, level, metric)
-                    if me is None or o is None:
-                        break
-                    d, lo, hi = paired(me, o)
-                    cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-                if len(cells) == 3:
+                cells = _paired_cells([matched(rows, reference, level, k) for k in PAIRED],
+                                      [matched(rows, other, level, k) for k in PAIRED])
+                if cells:
+                    at_level.add((other, level))
                     lines.append(f"| {level:.0%} | {other} | {' | '.join(cells)} |")
+        # rows that land off every level and bracket none (one --saved row each): paired at the budget both asked for
+        for other in compared:
+            for mine in (r for r in rows if r["method"] == reference):
+                theirs = next((r for r in rows if r["method"] == other and r["budget"] == mine["budget"]), None)
+                nearest = min(LEVELS, key=lambda v: abs(v - mine["compute_saved"]))
+                if theirs is None or (other, nearest) in at_level:
+                    continue
+                cells = _paired_cells([mine["per_prompt"][k] for k in PAIRED], [theirs["per_prompt"][k] for k in PAIRED])
+                lines.append(f"| budget {mine['budget']:g} ({mine['compute_saved']:.1%} / {theirs['compute_saved']:.1%}"
+                             f" saved) | {other} | {' | '.join(cells)} |")
     lines += ["", "## Sample answers (first three requests)", ""]
     for i in range(min(3, res["prompts"])):
         lines.append(f"**{res['requests'][i]}**")
