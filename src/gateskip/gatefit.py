@@ -118,8 +118,8 @@ def _log_cost(fb, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # A gate regresses on its branch input: with fewer tokens than a few times its width the fit generalises badly
-# (SmolLM2, 714 tokens for 576-wide inputs: held-out KL 20% above the same fit on 8,192 tokens; benchmark-history.md,
-# "Which tokens").
+# (SmolLM2's 576-wide MLP inputs: refitted on 714 tokens, held-out KL 14-20% above the default gates; on 12,288 tokens,
+# level with them; benchmark-history.md, "Which tokens" and "A causal ceiling, on more text").
 FEW_TOKENS_PER_INPUT = 4
 
 
@@ -135,7 +135,7 @@ def _solve(chosen, moments, ridge, open_logit, spread, r2) -> int:
         if not tokens and n < FEW_TOKENS_PER_INPUT * w.numel():
             warnings.warn(f"the gates are fitted on {n:.0f} tokens for {w.numel()}-wide inputs: a closed-form gate fit "
                           f"needs at least {FEW_TOKENS_PER_INPUT} tokens per input to generalise; give more or longer "
-                          "calibration rows", stacklevel=3)
+                          "calibration rows", stacklevel=2)
         mx = m.sx / n
         cxx = m.xx - n * torch.outer(mx, mx)
         sd = float((w @ cxx @ w / n).clamp_min(0.0)) ** 0.5  # std of the prediction on the calibration tokens
